@@ -1,0 +1,43 @@
+"""lorakit: LoRA fine-tuning for PyTorch, drop-in for PEFT's LoRA API and adapter format."""
+
+from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
+from .errors import LoraWarning
+from .kinds import Kind, register_kind
+from .layer import LoraLayer
+from .model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+from .tuner import LoraModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BdLoraConfig",
+    "CordaConfig",
+    "EvaConfig",
+    "Kind",
+    "LoftQConfig",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "LoraRuntimeConfig",
+    "LoraWarning",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_peft_model",
+    "register_kind",
+]

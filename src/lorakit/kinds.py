@@ -1,0 +1,198 @@
+"""Registry of base-layer kinds: how LoRA attaches to each type of frozen layer.
+
+A ``Kind`` says, for one base type, how big the layer is, how to build its two factors, how the LoRA
+branch maps an input, and what dense update ``ΔW = B A`` means in the base weight's own layout.
+``LoraLayer`` holds a Kind and never branches on the base type itself.
+
+    Linear      W: (out, in)        A: Linear(in, r)        B: Linear(r, out)        ΔW = B A
+    Conv1D      W: (in, out)        A: Linear(in, r)        B: Linear(r, out)        ΔW = (B A)ᵀ     (GPT-2)
+    Embedding   W: (num, dim)       A: (r, num)             B: (dim, r)              ΔW = (B A)ᵀ
+    ConvNd      W: (out, in/g, *k)  A: ConvNd(in, r, k)     B: ConvNd(r, out, 1)     ΔW = B ×₁ A
+
+Third-party layers register their own Kind with ``register_kind``; no edit of lorakit is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import explain
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How LoRA wraps one base-layer type.
+
+    Attributes:
+        name: label used in messages and in ``LoraLayer.__repr__``.
+        features: base -> (in_features, out_features) as PEFT reports them.
+        make_factors: (base, r, lora_bias) -> (A, B): modules, or Parameters when ``embedding``.
+        branch: (base, x, A, B) -> B A x, unscaled; x is already dropped out.
+        delta_weight: (base, A, B) -> ΔW in the base weight's layout, unscaled (weights as tensors).
+        embedding: factors live in ``lora_embedding_A/B`` (Parameters) and the branch has no dropout.
+        weight_is_in_out: the base weight is stored (in, out), PEFT's ``fan_in_fan_out=True``.
+    """
+
+    name: str
+    features: Callable[[nn.Module], tuple[int, int]]
+    make_factors: Callable[[nn.Module, int, bool], tuple]
+    branch: Callable[[nn.Module, Tensor, object, object], Tensor]
+    delta_weight: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    embedding: bool = False
+    weight_is_in_out: bool = False
+
+
+KINDS: dict[type, Kind] = {}
+# Kinds keyed by "module.QualName" for classes of optional packages (transformers' Conv1D), so that
+# lorakit never imports a package just to look a type up.
+KINDS_BY_NAME: dict[str, Kind] = {}
+
+
+def register_kind(layer_type: type | str, kind: Kind) -> None:
+    """Register ``kind`` for ``layer_type`` (a class, or its 'module.QualName' to avoid an import)."""
+    if isinstance(layer_type, str):
+        KINDS_BY_NAME[layer_type] = kind
+    else:
+        KINDS[layer_type] = kind
+
+
+def supported_types() -> list[str]:
+    """Names of every registered base type, for error messages."""
+    return [t.__name__ for t in KINDS] + [name.rsplit(".", 1)[-1] + " (transformers)" for name in KINDS_BY_NAME]
+
+
+def find_kind(module: nn.Module) -> Kind | None:
+    """The Kind of ``module``'s class or its nearest registered base class, or None."""
+    for cls in type(module).__mro__:
+        if cls in KINDS:
+            return KINDS[cls]
+        kind = KINDS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if kind is not None:
+            return kind
+    return None
+
+
+def kind_for(module: nn.Module, path: str) -> Kind:
+    """The Kind of ``module`` at ``path``.
+
+    Raises:
+        ValueError: no Kind is registered for the module's type; the message names the supported types.
+    """
+    kind = find_kind(module)
+    if kind is None:
+        raise ValueError(
+            explain(
+                f"target module {path!r} has unsupported type {type(module).__name__}",
+                got=type(module).__name__,
+                expected=f"one of {', '.join(supported_types())}",
+                fix="narrow target_modules (e.g. to the Linear leaves inside it) or register_kind() your type",
+            )
+        )
+    return kind
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for nn.Linear and transformers' Conv1D: the layers "all-linear" selects."""
+    kind = find_kind(module)
+    return kind is not None and kind.name in ("Linear", "Conv1D")
+
+
+# ---- Linear and GPT-2 Conv1D: the same factors, the weight stored the other way round ---------------------
+def _linear_factors(in_features: int, out_features: int, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
+    return nn.Linear(in_features, r, bias=False), nn.Linear(r, out_features, bias=lora_bias)
+
+
+def _linear_branch(base: nn.Module, x: Tensor, A: nn.Module, B: nn.Module) -> Tensor:
+    return B(A(x))  # (..., out) = (..., in) Aᵀ Bᵀ
+
+
+register_kind(
+    nn.Linear,
+    Kind(
+        name="Linear",
+        features=lambda m: (m.in_features, m.out_features),
+        make_factors=lambda m, r, bias: _linear_factors(m.in_features, m.out_features, r, bias),
+        branch=_linear_branch,
+        delta_weight=lambda m, A, B: B @ A,  # (out, in)
+    ),
+)
+
+register_kind(
+    "transformers.pytorch_utils.Conv1D",
+    Kind(
+        name="Conv1D",
+        features=lambda m: (m.weight.shape[0], m.weight.shape[1]),  # weight is (in, out)
+        make_factors=lambda m, r, bias: _linear_factors(m.weight.shape[0], m.weight.shape[1], r, bias),
+        branch=_linear_branch,
+        delta_weight=lambda m, A, B: (B @ A).T,  # (in, out)
+        weight_is_in_out=True,
+    ),
+)
+
+
+# ---- Embedding: A is a lookup table of rank-r codes, B maps them to the embedding dimension ---------------
+def _embedding_factors(m: nn.Embedding, r: int, lora_bias: bool) -> tuple[nn.Parameter, nn.Parameter]:
+    if lora_bias:
+        raise ValueError(
+            explain("lora_bias=True is not supported", where="an nn.Embedding target", got=True,
+                    expected="lora_bias=False", fix="an embedding lookup has no bias to learn")
+        )
+    # PEFT creates both factors with randn; init_lora_weights=True then zeroes A.
+    return nn.Parameter(torch.randn(r, m.num_embeddings)), nn.Parameter(torch.randn(m.embedding_dim, r))
+
+
+def _embedding_branch(m: nn.Embedding, ids: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    codes = F.embedding(ids, A.T, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+    return codes @ B.T  # (..., r) @ (r, dim)
+
+
+register_kind(
+    nn.Embedding,
+    Kind(
+        name="Embedding",
+        features=lambda m: (m.num_embeddings, m.embedding_dim),
+        make_factors=_embedding_factors,
+        branch=_embedding_branch,
+        delta_weight=lambda m, A, B: (B @ A).T,  # (num, dim)
+        embedding=True,
+    ),
+)
+
+
+# ---- ConvNd: A convolves like the base (kernel, stride, padding, dilation), B mixes channels 1x1 ----------
+def _conv_factors(m: nn.modules.conv._ConvNd, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
+    conv = type(m) if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else _CONV_BY_DIMS[len(m.kernel_size)]
+    # Dilation follows the base so both paths see the same receptive field (PEFT 0.21.2 drops it, which
+    # misaligns outputs for dilated convs); groups on B follow PEFT so the factor shapes are identical.
+    A = conv(m.in_channels, r, m.kernel_size, m.stride, m.padding, dilation=m.dilation, bias=False)
+    B = conv(r, m.out_channels, 1, 1, groups=m.groups, bias=lora_bias)
+    return A, B
+
+
+def _conv_delta_weight(m: nn.modules.conv._ConvNd, A: Tensor, B: Tensor) -> Tensor:
+    """ΔW[o, i, *k] = Σ_r B[o, r] A[r, i, *k]  (B is 1x1, so the composition is a contraction over r)."""
+    if m.groups != 1:
+        raise ValueError(
+            explain("cannot form ΔW", where=f"a {type(m).__name__} with groups={m.groups}",
+                    expected="groups=1", fix="keep this adapter unmerged; merging grouped convs is not defined")
+        )
+    return torch.tensordot(B.flatten(1), A, dims=1)  # (out, in, *k)
+
+
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_kind(
+        _conv,
+        Kind(
+            name=_conv.__name__,
+            features=lambda m: (m.in_channels, m.out_channels),
+            make_factors=_conv_factors,
+            branch=_linear_branch,
+            delta_weight=_conv_delta_weight,
+        ),
+    )

@@ -1,0 +1,259 @@
+"""One LoRA layer for every base kind: forward, merge, unmerge and the dense update.
+
+For an input x and each active adapter a with factors A_a (r, in), B_a (out, r) and scaling s_a:
+
+    y = base(x) + Σ_a s_a · B_a A_a dropout_a(x)            (shapes: x (..., in) -> y (..., out))
+
+with ``s = lora_alpha / r`` or ``lora_alpha / √r`` (rsLoRA). Merging folds ``s·ΔW`` into the base weight,
+``W ← W + s·ΔW`` computed in float32 and cast once; unmerging subtracts in reverse order. What ``ΔW``
+and the branch mean for a given base type comes from its ``Kind`` (kinds.py), so this file never
+branches on the base type. Quantized bases (issue 6) only change how W is read and written.
+
+The attribute names (``base_layer``, ``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_embedding_B``,
+``lora_magnitude_vector``, ``lora_dropout``, ``r``, ``lora_alpha``, ``scaling``) are PEFT's, so state-dict
+keys match PEFT's key for key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import InitMethod
+from .errors import explain
+from .inits import INITS, InitRequest
+from .kinds import Kind
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything one layer needs to hold one adapter; built by targeting.py from a LoraConfig."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    lora_bias: bool = False
+    init: InitMethod = InitMethod("default")
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r, or alpha / √r with rsLoRA (arXiv:2312.03732)."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """float32 for half-precision or non-float (quantized) bases, else the base's own dtype (PEFT's autocast)."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is None or not weight.is_floating_point() or weight.dtype in HALF_DTYPES:
+        return torch.float32
+    return weight.dtype
+
+
+class LoraLayer(nn.Module):
+    """Wraps a frozen ``base_layer`` and adds one low-rank update per adapter (see the module docstring).
+
+    Raises:
+        ValueError: from ``update_layer`` for an invalid adapter (duplicate name, lora_bias on an Embedding).
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: Kind) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m, filled by issue 5
+        self.kind = kind
+        self.in_features, self.out_features = kind.features(base_layer)
+        self.fan_in_fan_out = kind.weight_is_in_out
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+
+    def _get_name(self) -> str:  # repr as PEFT prints it: lora.Linear(...)
+        return f"lora.{self.kind.name}"
+
+    # ---- adapters ----------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, spec: LayerSpec, *, autocast_adapter_dtype: bool = True) -> None:
+        """Create adapter ``adapter_name``: factors, dropout, scaling, initialised per ``spec.init``.
+
+        The factors live on the base layer's device, in float32 when the base is half precision (or in the
+        base dtype when ``autocast_adapter_dtype`` is False), in the base dtype otherwise.
+        """
+        if adapter_name in self.r:
+            raise ValueError(
+                explain(f"adapter {adapter_name!r} already exists", where=f"lora.{self.kind.name}",
+                        fix="pick another adapter_name or delete_adapter() the old one first")
+            )
+        A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
+        result = INITS[spec.init.name](
+            InitRequest(
+                A_shape=tuple(A.shape if self.kind.embedding else A.weight.shape),
+                B_shape=tuple(B.shape if self.kind.embedding else B.weight.shape),
+                r=spec.r,
+                scaling=spec.scaling,
+                embedding=self.kind.embedding,
+                options=spec.init.options,
+            )
+        )
+        with torch.no_grad():
+            A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
+            if result is not None:
+                A_weight.copy_(result.A)
+                B_weight.copy_(result.B)
+                if getattr(B, "bias", None) is not None:
+                    B.bias.zero_()
+        reference = next(self.base_layer.parameters(), None)
+        dtype = adapter_dtype(self.base_layer)
+        if not autocast_adapter_dtype and reference is not None and reference.is_floating_point():
+            dtype = reference.dtype
+        placement = dict(device=reference.device if reference is not None else None, dtype=dtype)
+        if self.kind.embedding:
+            self.lora_embedding_A[adapter_name] = nn.Parameter(A.detach().to(**placement))
+            self.lora_embedding_B[adapter_name] = nn.Parameter(B.detach().to(**placement))
+        else:
+            self.lora_A[adapter_name] = A.to(**placement)
+            self.lora_B[adapter_name] = B.to(**placement)
+        self.lora_dropout[adapter_name] = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = spec.r
+        self.lora_alpha[adapter_name] = spec.lora_alpha
+        self.scaling[adapter_name] = spec.scaling
+        self.use_dora[adapter_name] = False
+        self.lora_bias[adapter_name] = spec.lora_bias
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The trainable tensors of one adapter in this layer."""
+        if adapter_name not in self.r:
+            return []
+        containers = (self.lora_A, self.lora_B, self.lora_magnitude_vector)
+        params = [p for c in containers if adapter_name in c for p in c[adapter_name].parameters()]
+        params += [c[adapter_name] for c in (self.lora_embedding_A, self.lora_embedding_B) if adapter_name in c]
+        return params
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove every tensor and setting of ``adapter_name`` from this layer."""
+        for container in (self.lora_dropout, self.lora_A, self.lora_B, self.lora_embedding_A,
+                          self.lora_embedding_B, self.lora_magnitude_vector):
+            if adapter_name in container:
+                del container[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias):
+            table.pop(adapter_name, None)
+        self._active_adapter = [name for name in self._active_adapter if name != adapter_name]
+
+    def set_adapter(self, adapter_names: str | list[str], *, trainable: bool = True) -> None:
+        """Make ``adapter_names`` the active adapters; only theirs train (when ``trainable``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.r:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(trainable and name in names)
+        self._active_adapter = names
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the LoRA branch on or off; trainability is left as it is."""
+        self._disable_adapters = not enabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight, so code that reads ``module.weight`` keeps working (as with PEFT)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def factors(self, adapter_name: str) -> tuple:
+        """(A, B) of one adapter: modules for linear and conv kinds, Parameters for embeddings."""
+        if self.kind.embedding:
+            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return self.lora_A[adapter_name], self.lora_B[adapter_name]
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        """y = base(x) + Σ_active s · B A dropout(x); the base output alone when disabled or merged."""
+        if self._disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        if self.merged_adapters:
+            return y
+        result_dtype = y.dtype
+        for name in self._active_adapter:
+            if name not in self.scaling:
+                continue
+            A, B = self.factors(name)
+            if self.kind.embedding:  # PEFT applies no dropout to embedding ids
+                branch = self.kind.branch(self.base_layer, x, A, B)
+            else:
+                inputs = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
+                branch = self.kind.branch(self.base_layer, self.lora_dropout[name](inputs), A, B)
+            y = y + branch * self.scaling[name]
+        return y if y.dtype == result_dtype else y.to(result_dtype)
+
+    # ---- merge -------------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        """s · ΔW in the base weight's layout, in float32."""
+        A, B = self.factors(adapter_name)
+        A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
+        return self.kind.delta_weight(self.base_layer, A_weight.float(), B_weight.float()) * self.scaling[adapter_name]
+
+    def _apply_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            new_weight = weight.float() + sign * self.get_delta_weight(adapter_name).to(weight.device)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(
+                    explain(f"merging adapter {adapter_name!r} gives NaN or inf weights",
+                            where=f"lora.{self.kind.name}", fix="the adapter is broken; retrain or reload it")
+                )
+            weight.copy_(new_weight.to(weight.dtype))
+            if self.lora_bias.get(adapter_name):
+                bias = self.base_layer.bias
+                if bias is None:
+                    raise ValueError(
+                        explain(f"adapter {adapter_name!r} has lora_bias but the base layer has no bias",
+                                where=f"lora.{self.kind.name}", fix="keep the adapter unmerged")
+                    )
+                B = self.lora_B[adapter_name]
+                bias.copy_((bias.float() + sign * B.bias.float() * self.scaling[adapter_name]).to(bias.dtype))
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W ← W + s·ΔW for each adapter (default: the active ones), in float32, cast once."""
+        for name in adapter_names if adapter_names is not None else self._active_adapter:
+            if name in self.scaling and name not in self.merged_adapters:
+                self._apply_delta(name, +1.0, safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo merges, last merged first: W ← W − s·ΔW."""
+        while self.merged_adapters:
+            self._apply_delta(self.merged_adapters.pop(), -1.0)

@@ -1,0 +1,242 @@
+"""PeftModel and get_peft_model: the user-facing wrapper, drop-in for PEFT's.
+
+``get_peft_model(model, config)`` returns a ``PeftModel`` (or the task-specific class named by
+``config.task_type``) whose ``base_model`` is the ``LoraModel`` tuner. Attributes it does not have are
+looked up on the tuner, then on the user's model, so ``peft_model.generate``, ``peft_model.config`` and
+``peft_model.merge_and_unload()`` work as with PEFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .config import LoraConfig, TaskType
+from .errors import explain, warn
+from .layer import LoraLayer
+from .tuner import LoraModel
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, each shared tensor once; a 4-bit weight counts numel·2·bytes."""
+    trainable = total = 0
+    for _, param in module.named_parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
+            count *= 2 * param.element_size()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters: ``base_model`` is the tuner, ``base_model.model`` the user's model.
+
+    Raises:
+        ValueError: invalid config, adapter name or targets (see ``targeting.resolve_targets``).
+        NotImplementedError: the config sets a PEFT feature lorakit does not run yet, naming it.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        super().__init__()
+        _check_config(peft_config)
+        self.peft_type = "LORA"
+        self.special_peft_forward_args = {"adapter_names"}
+        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
+        if _is_checkpointing(model):
+            self._enable_input_grads()
+
+    # Only here does lorakit forward attribute lookups (STYLE.md section 3): tuner first, then the model.
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+        tuner = super().__getattr__("base_model")
+        try:
+            return getattr(tuner, name)
+        except AttributeError:
+            return getattr(tuner.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_mixed_batch(kwargs)
+        return self.base_model(*args, **kwargs)
+
+    # ---- PEFT's read-only views ----------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
+        return names or None
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with LoRA layers in it)."""
+        return self.base_model.model
+
+    # ---- parameters ----------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameters, counted as PEFT counts them (contract section 3)."""
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: ``trainable params: 3,584 || all params: 110,400 || trainable%: 3.2464``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- adapters ------------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a frozen, inactive adapter; ``set_adapter`` makes it the one that runs and trains."""
+        _check_config(peft_config)
+        self.base_model.inject_adapter(adapter_name, peft_config)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the ``with`` block (merged adapters are unmerged first)."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    # ---- training helpers passed through to a transformers model -----------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on the model's activation checkpointing and make its inputs require grad.
+
+        With a frozen embedding, reentrant checkpointing sees no input that requires grad and would drop
+        every LoRA gradient; PEFT calls ``enable_input_require_grads`` for the same reason.
+        """
+        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self._enable_input_grads()
+
+    def _enable_input_grads(self) -> None:
+        model = self.get_base_model()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, then 4
+        if isinstance(getattr(type(model), name, None), property):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return bool(getattr(model, name))
+    return False
+
+
+def _refuse_mixed_batch(kwargs: dict) -> None:
+    if kwargs.get("adapter_names") is not None:
+        raise NotImplementedError("adapter_names (mixed-adapter batches) is not implemented yet (issue 3)")
+    kwargs.pop("adapter_names", None)
+
+
+def _check_config(config: object) -> None:
+    if not isinstance(config, LoraConfig):
+        raise ValueError(explain("lorakit implements LoRA only", got=type(config).__name__,
+                                 expected="a lorakit.LoraConfig", fix="build the config with lorakit.LoraConfig"))
+    missing = config.not_yet_supported()
+    if missing:
+        raise NotImplementedError(f"LoraConfig sets features lorakit does not run yet: {'; '.join(missing)}")
+
+
+# PEFT's task classes. They subclass PeftModel (our one exception to "no subclasses of our own classes")
+# because user code tests isinstance(model, PeftModel) and reads the class name; all behaviour stays above.
+class PeftModelForCausalLM(PeftModel):
+    """Causal language models: forward and ``generate`` pass through to the wrapped model."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_mixed_batch(kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+    """Encoder-decoder language models."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classifiers; ``classifier`` / ``score`` are trained in full (modules_to_save)."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classifiers; ``classifier`` / ``score`` are trained in full (modules_to_save)."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive QA; ``qa_outputs`` is trained in full (modules_to_save)."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoders used for their hidden states."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str | None, type[PeftModel]] = {
+    None: PeftModel,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Inject LoRA into ``model`` (in place) and wrap it in the PeftModel class of ``peft_config.task_type``.
+
+    Raises:
+        ValueError: a non-LoRA config, a model that already is a PeftModel, an adapter name already in use,
+            or any targeting error (nothing matched, unsupported type, ...).
+        NotImplementedError: ``mixed=True`` or a PEFT feature lorakit does not run yet.
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError(explain("model is already a PeftModel", got=type(model).__name__,
+                                 fix="call model.add_adapter(name, config) to add another adapter"))
+    if mixed:
+        raise NotImplementedError("mixed=True (PeftMixedModel, several adapter types) is not supported: "
+                                  "lorakit implements LoRA only, and several LoRA adapters need no mixed model")
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        warn("the model already contains LoRA layers (get_peft_model was called on it before); "
+                      "the new adapter is added next to the existing ones")
+    _check_config(peft_config)
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if peft_config.base_model_name_or_path is None and name_or_path:
+        peft_config = _replace(peft_config, base_model_name_or_path=name_or_path)
+    if revision is not None:
+        peft_config = _replace(peft_config, revision=revision)
+    task = getattr(peft_config.task_type, "value", peft_config.task_type)
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def _replace(config: LoraConfig, **changes: Any) -> LoraConfig:
+    return dataclasses.replace(config, **changes)

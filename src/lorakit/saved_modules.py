@@ -1,0 +1,70 @@
+"""``modules_to_save``: modules trained in full next to the adapters, and saved with them.
+
+The wrapper keeps the frozen ``original_module`` and one trainable copy per adapter in
+``modules_to_save[adapter_name]`` (PEFT's names, so state-dict keys match). The forward pass uses the
+active adapter's copy, or the original when adapters are disabled or the active adapter has no copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """``original_module`` (frozen) + ``modules_to_save[name]`` (a trainable deep copy per adapter)."""
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+        self.set_adapter(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name``."""
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    def set_adapter(self, adapter_names: str | list[str], *, trainable: bool = True) -> None:
+        """Route forward through the copy of the first active adapter that has one; only that copy trains."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(trainable and name in names)
+        self._active_adapter = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        self._active_adapter = [name for name in self._active_adapter if name != adapter_name]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def active_module(self) -> nn.Module:
+        """The module forward runs: the active adapter's copy, else the original."""
+        if not self._disable_adapters:
+            for name in self._active_adapter:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    @property
+    def weight(self) -> Tensor:
+        return self.active_module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.active_module, "bias", None)
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.active_module(*args, **kwargs)

@@ -1,0 +1,273 @@
+"""Which modules get LoRA, with which rank and alpha: (model, LoraConfig) -> TargetPlan.
+
+Rules (PEFT 0.21.2, contract section 4), applied to every ``named_modules()`` name of the user's model:
+
+1. A module named by ``modules_to_save`` (``name.endswith(entry)``), or inside one, is trained in full
+   and never gets LoRA.
+2. ``exclude_modules`` wins: a string is ``re.fullmatch``; a list matches exactly or as a dot-bounded suffix.
+3. ``target_modules``: a string is ``re.fullmatch`` on the full name; a list matches the exact full name
+   (no layer filter) or a dot-bounded suffix ``name.endswith("." + t)``; ``"all-linear"`` is every Linear /
+   GPT-2 Conv1D but the output head; ``None`` is the architecture's default (``DEFAULT_TARGETS``).
+4. ``layers_to_transform`` keeps suffix matches whose layer index (the ``.<digits>.`` after
+   ``layers_pattern``, or after the first dotted segment) is selected; no index means not targeted.
+5. ``rank_pattern`` / ``alpha_pattern``: the first key with ``re.match(rf"(.*\\.)?({key})$", name)`` sets
+   r / alpha; the rest use ``r`` / ``lora_alpha``.
+
+Targeting never mutates the model; ``model.py`` applies the plan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import LoraConfig, TaskType
+from .errors import explain, warn
+from .kinds import Kind, find_kind, is_linear_like, kind_for
+from .layer import LayerSpec, LoraLayer
+from .saved_modules import ModulesToSaveWrapper
+
+# config.model_type -> default target_modules (PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "opt",
+         "bart", "gptj", "gpt_neo", "stablelm", "qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite", "cohere",
+         "starcoder2", "phi3_small", "mllama"],
+        ["q_proj", "v_proj"],
+    ),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "layoutlm"], ["query", "value"]),
+    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+    **dict.fromkeys(["bloom", "gpt_neox", "falcon", "blip-2"], ["query_key_value"]),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"],
+    "chatglm": ["query_key_value"],
+}
+
+# Task types whose head is trained in full (PEFT adds these to modules_to_save).
+TASK_MODULES_TO_SAVE: dict[str, list[str]] = {
+    TaskType.SEQ_CLS.value: ["classifier", "score"],
+    TaskType.TOKEN_CLS.value: ["classifier", "score"],
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """What to inject: a LayerSpec per module path, the modules_to_save paths, the resolved targets."""
+
+    layers: dict[str, LayerSpec]
+    kinds: dict[str, Kind]
+    modules_to_save: list[str]
+    target_modules: set[str] | str  # what the saved config records ("all-linear" expanded to full names)
+
+
+def task_modules_to_save(config: LoraConfig) -> list[str] | None:
+    """``config.modules_to_save`` plus the task head names (a new list; the config is not touched)."""
+    task = getattr(config.task_type, "value", config.task_type)
+    extra = TASK_MODULES_TO_SAVE.get(task, [])
+    if not extra:
+        return config.modules_to_save
+    return list(config.modules_to_save or []) + [name for name in extra if name not in (config.modules_to_save or [])]
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules()`` without lorakit's own internals (an existing LoraLayer counts as its base)."""
+    found, hidden = [], []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in hidden):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            hidden.append(name + ".")
+        found.append((name, module))
+    return found
+
+
+def _in_list(name: str, names: Iterable[str]) -> bool:
+    return any(name == entry or name.endswith("." + entry) for entry in names)
+
+
+def _excluded(name: str, exclude: set[str] | str | None) -> bool:
+    if exclude is None:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, name) is not None
+    return _in_list(name, exclude)
+
+
+def layer_index(name: str, patterns: list[str] | str | None) -> int | None:
+    """The layer number in ``name``: the ``.<digits>.`` after a layers_pattern (or after any segment)."""
+    if not patterns:
+        match = re.match(r".*\.[^.]*\.(\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+            if match:
+                break
+    return int(match.group(1)) if match else None
+
+
+def _selected_layer(name: str, config: LoraConfig) -> bool:
+    if config.layers_to_transform is None:
+        return True
+    index = layer_index(name, config.layers_pattern)
+    wanted = config.layers_to_transform
+    return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Paths of the output embedding (lm_head) that "all-linear" leaves alone."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return set()
+    return {name for name, module in model.named_modules() if module is head}
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ValueError(
+        explain(
+            "target_modules=None but lorakit has no default targets for this model",
+            where=type(model).__name__,
+            got=model_type,
+            expected=f"a config.model_type among {sorted(DEFAULT_TARGETS)}",
+            fix=f"pass target_modules explicitly, e.g. {usable_names(model)[:4]} or 'all-linear'",
+        )
+    )
+
+
+def usable_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of modules LoRA can wrap, Linear-like first: what target_modules could say."""
+    linear, other = {}, {}
+    for name, module in candidate_modules(model):
+        if find_kind(module) is not None:
+            (linear if is_linear_like(module) else other).setdefault(name.rsplit(".", 1)[-1], None)
+    return list(linear) + list(other)
+
+
+def _matches(name: str, targets: set[str] | str, config: LoraConfig) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:  # an exact full name is taken as is, without the layer filter
+        return True
+    return any(name.endswith("." + t) for t in targets) and _selected_layer(name, config)
+
+
+def _first_pattern(name: str, patterns: dict) -> object | None:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return None
+
+
+def _spec(name: str, config: LoraConfig) -> LayerSpec:
+    r = _first_pattern(name, config.rank_pattern)
+    alpha = _first_pattern(name, config.alpha_pattern)
+    return LayerSpec(
+        r=config.r if r is None else r,
+        lora_alpha=config.lora_alpha if alpha is None else alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        lora_bias=config.lora_bias,
+        init=config.init_method,
+    )
+
+
+def _warn_unused_patterns(config: LoraConfig, names: list[str]) -> None:
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_name):
+            if not any(re.match(rf"(.*\.)?({key})$", name) for name in names):
+                warn(
+                    f"{field_name} entry {key!r} matches no targeted module; targeted modules look like "
+                    f"{names[:3]}. Fix the regex or remove the entry."
+                )
+
+
+def _saved_paths(candidates: list[tuple[str, nn.Module]], entries: list[str] | None) -> list[str]:
+    """Outermost modules whose name ends with a modules_to_save entry (PEFT: plain ``endswith``)."""
+    paths: list[str] = []
+    for name, _ in candidates:
+        if entries and any(name.endswith(entry) for entry in entries):
+            if not any(name.startswith(path + ".") for path in paths):
+                paths.append(name)
+    return paths
+
+
+def _warn_unmatched_saves(config: LoraConfig, paths: list[str]) -> None:
+    for entry in config.modules_to_save or []:
+        if not any(path.endswith(entry) for path in paths):
+            warn(f"modules_to_save entry {entry!r} matches no module; it is ignored")
+
+
+def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: list) -> set[str] | str:
+    targets = config.target_modules
+    if targets is None:
+        return set(_default_targets(model))
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        heads = _output_head_names(model)
+        return {name for name, module in candidates if is_linear_like(module) and name not in heads}
+    return targets
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> TargetPlan:
+    """Apply the module docstring's rules to ``model``.
+
+    Raises:
+        ValueError: nothing matched (listing names that would), everything matched was excluded, a
+            matched module has an unsupported type, or target_modules=None on an unknown architecture.
+    """
+    candidates = candidate_modules(model)
+    save_entries = task_modules_to_save(config)
+    saved = _saved_paths(candidates, save_entries)
+    _warn_unmatched_saves(config, saved)
+    targets = _resolve_target_modules(model, config, candidates)
+    layers: dict[str, LayerSpec] = {}
+    kinds: dict[str, Kind] = {}
+    excluded_hits = []
+    for name, module in candidates:
+        if any(name == path or name.startswith(path + ".") for path in saved):
+            continue
+        if not _matches(name, targets, config):
+            continue
+        if _excluded(name, config.exclude_modules):
+            excluded_hits.append(name)
+            continue
+        kinds[name] = module.kind if isinstance(module, LoraLayer) else kind_for(module, name)
+        layers[name] = _spec(name, config)
+    if not layers:
+        raise _nothing_matched(model, config, targets, excluded_hits)
+    _warn_unused_patterns(config, list(layers))
+    return TargetPlan(layers=layers, kinds=kinds, modules_to_save=saved, target_modules=targets)
+
+
+def _nothing_matched(model: nn.Module, config: LoraConfig, targets: object, excluded: list[str]) -> ValueError:
+    if excluded:
+        return ValueError(
+            explain(
+                "every module matched by target_modules is excluded by exclude_modules",
+                where=type(model).__name__,
+                got=sorted(excluded)[:5],
+                fix="narrow exclude_modules so at least one target remains",
+            )
+        )
+    shown = sorted(targets) if isinstance(targets, set) else targets
+    layer_note = ""
+    if config.layers_to_transform is not None:
+        layer_note = (f" (with layers_to_transform={config.layers_to_transform} and "
+                      f"layers_pattern={config.layers_pattern}: check the layer indices and pattern)")
+    return ValueError(
+        f"Target modules {shown} not found in the base model {type(model).__name__}{layer_note}. "
+        f"Modules LoRA can wrap here have names ending in: {usable_names(model)[:20]}. "
+        "Please check the target modules and try again."
+    )

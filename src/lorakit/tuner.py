@@ -1,0 +1,185 @@
+"""LoraModel: the tuner that applies a TargetPlan to the user's model and manages its adapters.
+
+``PeftModel.base_model`` is a LoraModel and ``LoraModel.model`` is the user's model, mutated in place:
+each targeted module is swapped for a ``LoraLayer`` holding it as ``base_layer``, each modules_to_save
+module for a ``ModulesToSaveWrapper``. That nesting is what makes state-dict keys read
+``base_model.model.<path>.lora_A.<adapter>.weight`` exactly as in PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import explain, warn
+from .layer import LoraLayer
+from .saved_modules import ModulesToSaveWrapper
+from .targeting import TargetPlan, resolve_targets, task_modules_to_save
+
+RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def check_adapter_name(name: object) -> None:
+    """Adapter names become module keys and folder names: refuse anything that could break either.
+
+    Raises:
+        ValueError: not a non-empty string of letters, digits, '_' and '-', or a reserved name.
+    """
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name in RESERVED_ADAPTER_NAMES:
+        raise ValueError(
+            explain("invalid adapter_name", got=name,
+                    expected="a non-empty name of letters, digits, '_' and '-' other than '__base__'",
+                    fix="e.g. adapter_name='default' or 'my_task'")
+        )
+
+
+class LoraModel(nn.Module):
+    """The LoRA tuner (PEFT's ``LoraModel``): ``self.model`` is the user's model with adapters injected.
+
+    Raises:
+        ValueError: from ``inject_adapter`` (see ``resolve_targets``) or for an invalid adapter name.
+    """
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, config: LoraConfig | dict[str, LoraConfig], adapter_name: str = "default",
+                 *, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.targeted_module_names: list[str] = []
+        self.active_adapter: str | list[str] = adapter_name
+        # low_cpu_mem_usage only saves the brief allocation of the factors before they are initialised;
+        # lorakit allocates them once, on the base's device, so the flag needs no separate path.
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        config = config[adapter_name] if isinstance(config, dict) else config
+        self.inject_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.model(*args, **kwargs)
+
+    # ---- injection ---------------------------------------------------------------------------------------
+    def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
+                                     fix="pick another adapter_name or delete_adapter() it first"))
+        plan = resolve_targets(self.model, config)
+        for path, spec in plan.layers.items():
+            module = self.model.get_submodule(path)
+            if not isinstance(module, LoraLayer):
+                module = LoraLayer(module, plan.kinds[path])
+                self.model.set_submodule(path, module)
+            module.update_layer(adapter_name, spec, autocast_adapter_dtype=self.autocast_adapter_dtype)
+            for param in module.adapter_parameters(adapter_name):
+                param.requires_grad_(False)
+        for path in plan.modules_to_save:
+            module = self.model.get_submodule(path)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                self.model.set_submodule(path, ModulesToSaveWrapper(module, adapter_name))
+        self.peft_config[adapter_name] = self._recorded_config(config, plan)
+        self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
+        if len(self.peft_config) == 1:
+            self.model.requires_grad_(False)  # the base is frozen; set_adapter re-enables what trains
+
+    def _recorded_config(self, config: LoraConfig, plan: TargetPlan) -> LoraConfig:
+        """A copy of ``config`` saying what was applied (the user's object is never changed)."""
+        kinds_in_out = {plan.kinds[p].weight_is_in_out for p in plan.layers}
+        fan_in_fan_out = config.fan_in_fan_out
+        if True in kinds_in_out and not fan_in_fan_out:
+            warn("fan_in_fan_out=False but the targets are GPT-2 Conv1D layers, whose weight is stored "
+                          "(in, out); lorakit handles them correctly and records fan_in_fan_out=True")
+            fan_in_fan_out = True
+        elif fan_in_fan_out and False in kinds_in_out:
+            warn("fan_in_fan_out=True but some targets are nn.Linear-like layers storing their weight "
+                          "(out, in); lorakit ignores the flag for them")
+        return dataclasses.replace(
+            config,
+            target_modules=plan.target_modules,
+            modules_to_save=task_modules_to_save(config),
+            fan_in_fan_out=fan_in_fan_out,
+        )
+
+    # ---- adapters ----------------------------------------------------------------------------------------
+    def lora_layers(self) -> Iterator[LoraLayer]:
+        return (m for m in self.model.modules() if isinstance(m, LoraLayer))
+
+    def _adapter_modules(self) -> Iterator[LoraLayer | ModulesToSaveWrapper]:
+        return (m for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper)))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter or several (their outputs add); only active, non-inference adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(explain(f"unknown adapter(s) {unknown}", got=unknown,
+                                     expected=f"one of {list(self.peft_config)}"))
+        trainable = not any(self.peft_config[name].inference_mode for name in names)
+        for module in self._adapter_modules():
+            module.set_adapter(names, trainable=trainable)
+        self._set_bias_trainable(names, trainable)
+        self.active_adapter = adapter_name
+
+    def _set_bias_trainable(self, names: list[str], trainable: bool) -> None:
+        """bias="all": every bias trains; "lora_only": the biases of adapted layers train."""
+        biases = {self.peft_config[name].bias for name in names}
+        if "all" in biases:
+            for param_name, param in self.model.named_parameters():
+                if "bias" in param_name:
+                    param.requires_grad_(trainable)
+        elif "lora_only" in biases:
+            for layer in self.lora_layers():
+                if getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(trainable)
+
+    def enable_adapter_layers(self) -> None:
+        for module in self._adapter_modules():
+            module.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for module in self._adapter_modules():
+            module.enable_adapters(False)
+
+    # ---- merge -------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the (active) adapters into the base weights: W ← W + s·ΔW."""
+        for layer in self.lora_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.lora_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, LoraLayer):
+                if merge:
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                else:
+                    module.unmerge()
+                self.model.set_submodule(path, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper):
+                self.model.set_submodule(path, module.active_module)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain model (no LoRA layers left)."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model with the adapters removed, unmerged."""
+        return self._unload(merge=False)
