@@ -106,7 +106,7 @@ DTYPE_CASES = [
     ("gpt2-fp16", "gpt2", CAUSAL, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), torch.float16),
     ("bert-features-bf16", "bert", FEATURES, dict(target_modules=["query", "value", "word_embeddings"]), torch.bfloat16),
     ("bert-seq-cls-fp16", "bert_seq_cls", SEQ_CLS, dict(target_modules="all-linear", lora_alpha=32), torch.float16),
-    ("mlp-bf16", "mlp", None, dict(target_modules=["emb", "conv", "lin1"]), torch.bfloat16),
+    ("mlp-bf16", "mlp", None, dict(target_modules=["emb", "conv", "lin1"], lora_alpha=32), torch.bfloat16),
 ]
 
 # Dtype tolerances: a correct but differently ordered computation in fp16/bf16 is off by ~3e-3 at most on

@@ -122,14 +122,22 @@ class PeftModel(nn.Module):
             self.base_model.enable_adapter_layers()
 
     # ---- training helpers passed through to a transformers model -----------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """Turn on the model's activation checkpointing and make its inputs require grad.
 
         With a frozen embedding, reentrant checkpointing sees no input that requires grad and would drop
-        every LoRA gradient; PEFT calls ``enable_input_require_grads`` for the same reason.
+        every LoRA gradient; PEFT calls ``enable_input_require_grads`` for the same reason. transformers 5
+        renamed the method ``activation_checkpointing_enable``; both names work here, on both versions.
         """
-        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model = self.get_base_model()
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         self._enable_input_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     def _enable_input_grads(self) -> None:
         model = self.get_base_model()
