@@ -98,23 +98,44 @@ def test_to_dict_equals_peft(name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_save_pretrained_round_trip_and_peft_reads_it(name, tmp_path):
+def test_from_dict_and_json_string_round_trip(name):
     cfg = LoraConfig(**CONFIGS[name])
-    cfg.save_pretrained(str(tmp_path / "ours"))
-    loaded = LoraConfig.from_pretrained(str(tmp_path / "ours"))
-    assert norm_config(loaded.to_dict()) == norm_config(cfg.to_dict())
+    expected = norm_config(cfg.to_dict())
+    assert norm_config(LoraConfig.from_dict(cfg.to_dict()).to_dict()) == expected
+    text = cfg.to_json_string()
+    assert json.loads(text) == json.loads(json.dumps(json.loads(text), sort_keys=True))
+    assert norm_config(LoraConfig.from_json_string(text).to_dict()) == expected
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_json_moves_between_lorakit_and_peft(name):
+    ours = LoraConfig(**CONFIGS[name])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        by_peft = peft.LoraConfig.from_pretrained(str(tmp_path / "ours"))
-    expected = norm_config(cfg.to_dict())
+        by_peft = peft.LoraConfig(**json.loads(ours.to_json_string()))
+    expected = norm_config(ours.to_dict())
     got = norm_config(by_peft.to_dict())
     expected.pop("peft_version"), got.pop("peft_version")
     assert got == expected
-    # and the other way round: a config written by peft loads into lorakit unchanged
-    peft.LoraConfig(**CONFIGS[name]).save_pretrained(str(tmp_path / "theirs"))
-    ours = norm_config(LoraConfig.from_pretrained(str(tmp_path / "theirs")).to_dict())
-    ours.pop("peft_version")
-    assert ours == expected
+    # and the other way round: a config dict written by peft loads into lorakit unchanged
+    theirs = json.loads(json.dumps(peft.LoraConfig(**CONFIGS[name]).to_dict(), default=sorted))
+    back = norm_config(LoraConfig.from_dict(theirs).to_dict())
+    back.pop("peft_version")
+    assert back == expected
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_save_pretrained_from_pretrained(name, tmp_path):
+    # PEFT's public PeftConfig API: adapter_config.json in a folder, read back by lorakit and by peft
+    cfg = LoraConfig(**CONFIGS[name])
+    cfg.save_pretrained(str(tmp_path))
+    expected = norm_config(cfg.to_dict())
+    assert norm_config(LoraConfig.from_pretrained(str(tmp_path)).to_dict()) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = norm_config(peft.LoraConfig.from_pretrained(str(tmp_path)).to_dict())
+    expected.pop("peft_version"), got.pop("peft_version")
+    assert got == expected
 
 
 # ------------------------------------------------------------------ TaskType --------------------------------
@@ -198,6 +219,8 @@ INVALID = [  # kwargs, field the message must name, text of the bad value the me
     (dict(rank_pattern={"q_proj": -1}), "rank_pattern", None),
     (dict(rank_pattern={"q_proj": 2.5}), "rank_pattern", None),
     (dict(rank_pattern={"q_proj": "4"}), "rank_pattern", None),
+    (dict(lora_alpha=0), "lora_alpha", None),
+    (dict(lora_alpha=float("nan")), "lora_alpha", None),
     (dict(alpha_pattern={"q_proj": 0}), "alpha_pattern", None),
     (dict(alpha_pattern={"q_proj": -3.0}), "alpha_pattern", None),
     (dict(alpha_pattern={"q_proj": "16"}), "alpha_pattern", None),

@@ -7,8 +7,6 @@ whole output tensor (and gradients) with reference.py computed in float64.
 
 import copy
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -18,8 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import LoraWarning
 
-sys.path.insert(0, os.path.dirname(__file__))
-import reference as ref  # noqa: E402
+import reference as ref  # tests/ is on pythonpath (pyproject.toml)
 
 TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),

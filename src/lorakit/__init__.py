@@ -2,6 +2,7 @@
 
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .errors import LoraWarning
+from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from .kinds import Kind, register_kind
 from .layer import LoraLayer
 from .model import (
@@ -15,10 +16,14 @@ from .model import (
     get_peft_model,
 )
 from .tuner import LoraModel
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "AdapterLoadError",
+    "__version__",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
     "BdLoraConfig",
     "CordaConfig",
     "EvaConfig",

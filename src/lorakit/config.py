@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -289,6 +290,24 @@ class LoraConfig:
             found.append(f"init_lora_weights={self.init_lora_weights!r} (arrives with {INITS_NOT_YET[method]})")
         return found
 
+    # ---- files ---------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``<save_directory>/adapter_config.json`` (atomically), as PEFT's ``PeftConfig`` does."""
+        from .atomic import write_file_atomically  # keeps config importable without the I/O modules
+
+        write_file_atomically(os.path.join(save_directory, "adapter_config.json"), self.to_json_string().encode())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
+                        **kwargs: Any) -> LoraConfig:
+        """Read ``adapter_config.json`` from a local folder (there is no hub access)."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        path = os.path.join(folder, "adapter_config.json")
+        if not os.path.isfile(path):
+            raise ValueError(explain("no adapter_config.json", where=folder, fix="pass a local adapter folder"))
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json_string(handle.read(), source=path)
+
     # ---- JSON form -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: every field but ``runtime_config``, JSON-ready (41 keys)."""
@@ -372,8 +391,9 @@ def _check_types(config: LoraConfig) -> None:
 def _check_numbers(config: LoraConfig) -> None:
     if not _is_int(config.r) or config.r <= 0:
         raise _fail("r", config.r, "a positive integer (the LoRA rank)", "use e.g. r=8")
-    if not _is_number(config.lora_alpha):
-        raise _fail("lora_alpha", config.lora_alpha, "a finite number (the scaling numerator)")
+    if not _is_number(config.lora_alpha) or config.lora_alpha <= 0:
+        raise _fail("lora_alpha", config.lora_alpha, "a positive finite number (the scaling numerator)",
+                    "alpha <= 0 silences or flips the adapter; use e.g. lora_alpha=2*r")
     if not _is_number(config.lora_dropout) or not 0.0 <= config.lora_dropout < 1.0:
         raise _fail("lora_dropout", config.lora_dropout, "a probability in [0, 1)")
     if config.bias not in ("none", "all", "lora_only"):
@@ -426,7 +446,7 @@ def _check_layers(config: LoraConfig) -> None:
 def _check_patterns(config: LoraConfig) -> None:
     for name, valid, expected in (
         ("rank_pattern", lambda v: _is_int(v) and v > 0, "positive int ranks"),
-        ("alpha_pattern", _is_number, "finite numbers"),
+        ("alpha_pattern", lambda v: _is_number(v) and v > 0, "positive finite numbers"),
     ):
         pattern = getattr(config, name)
         if not isinstance(pattern, dict):

@@ -55,6 +55,24 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     return weight.dtype
 
 
+def expand_rows(rows: Tensor, batch: int, routed_batch: int) -> Tensor:
+    """Rows of a batch routed as ``routed_batch`` rows, seen in a batch of ``batch = routed_batch·k`` rows.
+
+    ``generate`` repeats each row k times for beams / num_return_sequences (``repeat_interleave``), so
+    routed row i becomes rows i·k ... i·k + k − 1.
+
+    Raises:
+        ValueError: ``batch`` is not a multiple of ``routed_batch``.
+    """
+    if batch == routed_batch:
+        return rows
+    if batch % routed_batch:
+        raise ValueError(explain("adapter_names does not fit the batch", got=f"{routed_batch} names",
+                                 expected=f"one name per row of the batch ({batch} rows)"))
+    k = batch // routed_batch
+    return (rows[:, None] * k + torch.arange(k, device=rows.device)).flatten()
+
+
 class LoraLayer(nn.Module):
     """Wraps a frozen ``base_layer`` and adds one low-rank update per adapter (see the module docstring).
 
@@ -82,6 +100,8 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._active_adapter: list[str] = []
         self._disable_adapters = False
+        # mixed batch, set by the tuner: (rows in the routed batch, [(adapter name, row indices)])
+        self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None
 
     def _get_name(self) -> str:  # repr as PEFT prints it: lora.Linear(...)
         return f"lora.{self.kind.name}"
@@ -206,18 +226,32 @@ class LoraLayer(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
             return y
+        if self._routes is not None:
+            return self._mixed_batch(x, y)
         result_dtype = y.dtype
         for name in self._active_adapter:
-            if name not in self.scaling:
-                continue
-            A, B = self.factors(name)
-            if self.kind.embedding:  # PEFT applies no dropout to embedding ids
-                branch = self.kind.branch(self.base_layer, x, A, B)
-            else:
-                inputs = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
-                branch = self.kind.branch(self.base_layer, self.lora_dropout[name](inputs), A, B)
-            y = y + branch * self.scaling[name]
+            if name in self.scaling:
+                y = y + self._branch(name, x) * self.scaling[name]
         return y if y.dtype == result_dtype else y.to(result_dtype)
+
+    def _branch(self, adapter_name: str, x: Tensor) -> Tensor:
+        """B A dropout(x), unscaled, in the adapter's dtype."""
+        A, B = self.factors(adapter_name)
+        if self.kind.embedding:  # PEFT applies no dropout to embedding ids
+            return self.kind.branch(self.base_layer, x, A, B)
+        inputs = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
+        return self.kind.branch(self.base_layer, self.lora_dropout[adapter_name](inputs), A, B)
+
+    def _mixed_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        """Each row gets its own adapter: y[rows_a] += s_a · B_a A_a x[rows_a], one sub-batch per adapter."""
+        routed_batch, routes = self._routes
+        for name, rows in routes:
+            if name not in self.scaling:  # "__base__", or an adapter that does not target this layer
+                continue
+            rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
+            delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
+            y = y.index_add(0, rows, delta.to(y.dtype))
+        return y
 
     # ---- merge -------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> Tensor:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .config import LoraConfig, TaskType
 from .errors import explain, warn
 from .layer import LoraLayer
-from .tuner import LoraModel
+from . import io
+from .tuner import LoraModel, check_adapter_name
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -67,9 +70,19 @@ class PeftModel(nn.Module):
         except AttributeError:
             return getattr(tuner.model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        _refuse_mixed_batch(kwargs)
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; ``adapter_names`` (one per row) runs a mixed-adapter batch."""
+        with self._routing(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def _routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        batch = _batch_size(args, kwargs)
+        if batch is not None and len(adapter_names) != batch:
+            raise ValueError(explain("adapter_names needs one name per row", got=f"{len(adapter_names)} names",
+                                     expected=f"{batch} (the batch size)"))
+        return self.base_model.routed(list(adapter_names))
 
     # ---- PEFT's read-only views ----------------------------------------------------------------------------
     @property
@@ -110,7 +123,73 @@ class PeftModel(nn.Module):
         self.base_model.inject_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or several whose outputs add."""
         self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    # ---- adapters on disk ----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+                        **kwargs: Any) -> None:
+        """Write the adapters as PEFT does: "default" in ``save_directory``, others in ``<dir>/<name>``.
+
+        The folder is replaced atomically: a crash leaves the previous adapter or the new one, whole.
+
+        Raises:
+            ValueError: an unknown adapter in ``selected_adapters``.
+            NotImplementedError: ``path_initial_model_for_weight_conversion`` (residual inits, issue 5).
+        """
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA/LoftQ/CorDA "
+                                      "adapters, which arrive with issue 5")
+        if is_main_process:
+            io.save_adapters(self, save_directory, selected_adapters, safe_serialization, save_embedding_layers)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+                        subfolder: str | None = None, **kwargs: Any) -> PeftModel:
+        """Load an adapter folder (PEFT's or lorakit's) onto ``model``; frozen and in eval mode unless trainable.
+
+        The folder is validated against the model before anything changes: one error lists every problem.
+
+        Raises:
+            lorakit.io.AdapterLoadError: a missing, corrupted or mismatched adapter (a ValueError).
+        """
+        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+        check_adapter_name(adapter_name)
+        disk_config, tensors = io.prepare_load(model, folder, adapter_name, is_trainable)
+        if config is not None:
+            disk_config = dataclasses.replace(config, inference_mode=not is_trainable)
+        task = getattr(disk_config.task_type, "value", disk_config.task_type)
+        wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
+        peft_model = wrapper(model, disk_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        io.load_tensors(peft_model.get_base_model(), tensors)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+                     subfolder: str | None = None, **kwargs: Any) -> None:
+        """Add the adapter in ``model_id`` as ``adapter_name`` (inactive until ``set_adapter``).
+
+        Raises:
+            lorakit.io.AdapterLoadError: the folder does not fit this model; nothing was changed.
+        """
+        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(explain(f"adapter {adapter_name!r} already exists", fix="pick another adapter_name"))
+        config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable)
+        self.base_model.inject_adapter(adapter_name, config)
+        io.load_tensors(self.get_base_model(), tensors)
+        if not is_trainable:
+            self.eval()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -156,10 +235,11 @@ def _is_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _refuse_mixed_batch(kwargs: dict) -> None:
-    if kwargs.get("adapter_names") is not None:
-        raise NotImplementedError("adapter_names (mixed-adapter batches) is not implemented yet (issue 3)")
-    kwargs.pop("adapter_names", None)
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 def _check_config(config: object) -> None:
@@ -176,9 +256,10 @@ def _check_config(config: object) -> None:
 class PeftModelForCausalLM(PeftModel):
     """Causal language models: forward and ``generate`` pass through to the wrapped model."""
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        _refuse_mixed_batch(kwargs)
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names`` gives each row (and its beams) its adapter."""
+        with self._routing(adapter_names, args, kwargs):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

@@ -11,6 +11,8 @@ import copy
 
 from torch import Tensor, nn
 
+from .layer import expand_rows
+
 
 class ModulesToSaveWrapper(nn.Module):
     """``original_module`` (frozen) + ``modules_to_save[name]`` (a trainable deep copy per adapter)."""
@@ -21,6 +23,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._active_adapter: list[str] = []
         self._disable_adapters = False
+        self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # mixed batch, set by the tuner
         self.update(adapter_name)
         self.set_adapter(adapter_name)
 
@@ -66,5 +69,20 @@ class ModulesToSaveWrapper(nn.Module):
     def bias(self) -> Tensor | None:
         return getattr(self.active_module, "bias", None)
 
-    def forward(self, *args: object, **kwargs: object) -> object:
-        return self.active_module(*args, **kwargs)
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> object:
+        if self._routes is None:
+            return self.active_module(x, *args, **kwargs)
+        return self._mixed_batch(x, *args, **kwargs)
+
+    def _mixed_batch(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        """Each routed sub-batch runs through its adapter's copy ("__base__": the original module)."""
+        routed_batch, routes = self._routes
+        out = None
+        for name, rows in routes:
+            rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            part = module(x.index_select(0, rows), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
+        return out

@@ -8,10 +8,12 @@ module for a ``ModulesToSaveWrapper``. That nesting is what makes state-dict key
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
@@ -144,6 +146,60 @@ class LoraModel(nn.Module):
             for layer in self.lora_layers():
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` everywhere; layers left without adapters go back to their base module.
+
+        Raises:
+            ValueError: an unknown name, or the only adapter (use ``unload()`` to drop LoRA altogether).
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(explain(f"unknown adapter {adapter_name!r}", expected=f"one of {list(self.peft_config)}"))
+        if len(self.peft_config) == 1:
+            raise ValueError(explain(f"cannot delete {adapter_name!r}, the only adapter",
+                                     fix="call unload() to get the base model back"))
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                if isinstance(module, LoraLayer) and adapter_name in module.merged_adapters:
+                    module.unmerge()
+                module.delete_adapter(adapter_name)
+                if isinstance(module, LoraLayer) and not module.r:
+                    self.model.set_submodule(path, module.base_layer)
+                elif isinstance(module, ModulesToSaveWrapper) and not len(module.modules_to_save):
+                    self.model.set_submodule(path, module.original_module)
+        del self.peft_config[adapter_name]
+        alive = {p for p, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        self.targeted_module_names = [p for p in self.targeted_module_names if p in alive]
+        remaining = [n for n in self.active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
+        self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+
+    @contextlib.contextmanager
+    def routed(self, adapter_names: list[str]) -> Iterator[None]:
+        """Inside the block, row i of the batch uses adapter ``adapter_names[i]`` ("__base__": none).
+
+        Raises:
+            ValueError: unknown names, a model in training mode, or merged adapters.
+        """
+        unknown = sorted({n for n in adapter_names if n not in self.peft_config and n != "__base__"})
+        if unknown:
+            raise ValueError(explain(f"adapter_names has unknown adapter(s) {unknown}",
+                                     expected=f"names among {list(self.peft_config)} or '__base__'"))
+        if self.model.training:
+            raise ValueError("adapter_names (mixed-adapter batches) is for inference only; call model.eval() first")
+        if any(layer.merged for layer in self.lora_layers()):
+            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        rows: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows.setdefault(name, []).append(row)
+        routes = (len(adapter_names), [(name, torch.tensor(r)) for name, r in rows.items()])
+        modules = list(self._adapter_modules())
+        for module in modules:
+            module._routes = routes
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._routes = None
 
     def enable_adapter_layers(self) -> None:
         for module in self._adapter_modules():

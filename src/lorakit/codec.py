@@ -1,0 +1,206 @@
+"""The PEFT adapter format as an explicit codec: model state-dict keys <-> adapter file keys.
+
+In memory an adapter tensor carries its adapter's name; on disk it does not (PEFT 0.21.2):
+
+    base_model.model.<P>.lora_A.<name>.weight            <->  base_model.model.<P>.lora_A.weight
+    base_model.model.<P>.lora_B.<name>.{weight,bias}     <->  base_model.model.<P>.lora_B.{weight,bias}
+    base_model.model.<P>.lora_embedding_{A,B}.<name>     <->  base_model.model.<P>.lora_embedding_{A,B}
+    base_model.model.<P>.lora_magnitude_vector.<name>.weight <-> base_model.model.<P>.lora_magnitude_vector
+    base_model.model.<W>.modules_to_save.<name>.<rest>   <->  base_model.model.<W>.<rest>
+
+where <P> is a LoRA layer's path and <W> a modules_to_save wrapper's path. Base tensors saved by the bias
+rules (bias="all": every key containing "bias"; "lora_only": ``<P>.base_layer.bias``) and by
+``save_embedding_layers`` keep their key, minus any ``.<name>`` segment, as PEFT writes them.
+
+Both directions work on a ``Layout``: the paths of the LoRA layers and wrappers and the shape of every
+state-dict key. A layout can describe a model as it is, or as it will be once an adapter is injected
+(``planned_layout``), which is how a load is validated before the model is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layer import LoraLayer
+from .saved_modules import ModulesToSaveWrapper
+from .targeting import TargetPlan
+
+PREFIX = "base_model.model."
+FACTOR_CONTAINERS = ("lora_A", "lora_B")  # modules: the key goes on with .weight / .bias
+PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")  # bare Parameters
+MAGNITUDE = "lora_magnitude_vector"  # a module holding .weight, written without ".weight"
+ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,)
+WRAPPER_PARTS = ("original_module", "modules_to_save")
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the codec needs to know of a model: structure paths and every state-dict key's shape."""
+
+    lora_paths: frozenset[str]
+    saved_paths: frozenset[str]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The layout of the user's model as it is now (keys carry the ``base_model.model.`` prefix)."""
+    lora, saved = set(), set()
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            lora.add(path)
+        elif isinstance(module, ModulesToSaveWrapper):
+            saved.add(path)
+    shapes = {PREFIX + k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    return Layout(frozenset(lora), frozenset(saved), shapes)
+
+
+def planned_layout(model: nn.Module, plan: TargetPlan, adapter_name: str) -> Layout:
+    """The layout ``model`` will have once ``plan`` is injected as ``adapter_name`` (nothing is changed)."""
+    now = layout_of(model)
+    shapes = dict(now.shapes)
+    for path, spec in plan.layers.items():
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not isinstance(module, LoraLayer):
+            _move_under(shapes, PREFIX + path, "base_layer")
+        with torch.device("meta"):
+            A, B = plan.kinds[path].make_factors(base, spec.r, spec.lora_bias)
+        containers = PARAMETER_CONTAINERS if plan.kinds[path].embedding else FACTOR_CONTAINERS
+        for container, factor in zip(containers, (A, B), strict=True):
+            stem = f"{PREFIX}{path}.{container}.{adapter_name}"
+            if isinstance(factor, nn.Parameter):
+                shapes[stem] = tuple(factor.shape)
+            else:
+                shapes.update({f"{stem}.{k}": tuple(v.shape) for k, v in factor.state_dict().items()})
+    for path in plan.modules_to_save:
+        if path not in now.saved_paths:
+            _move_under(shapes, PREFIX + path, "original_module")
+        original = f"{PREFIX}{path}.original_module."
+        for key in [k for k in shapes if k.startswith(original)]:
+            shapes[f"{PREFIX}{path}.modules_to_save.{adapter_name}.{key[len(original):]}"] = shapes[key]
+    return Layout(now.lora_paths | set(plan.layers), now.saved_paths | set(plan.modules_to_save), shapes)
+
+
+def _move_under(shapes: dict, stem: str, child: str) -> None:
+    for key in [k for k in shapes if k.startswith(stem + ".")]:
+        shapes[f"{stem}.{child}.{key[len(stem) + 1:]}"] = shapes.pop(key)
+
+
+# ---- classifying a model key ----------------------------------------------------------------------------------
+def _adapter_part(key: str, layout: Layout) -> tuple[str, str, str, str] | None:
+    """(path, container, adapter, rest) when ``key`` is a LoRA tensor, else None."""
+    parts = key[len(PREFIX):].split(".")
+    for i, part in enumerate(parts):
+        if part in ADAPTER_CONTAINERS and ".".join(parts[:i]) in layout.lora_paths and i + 1 < len(parts):
+            return ".".join(parts[:i]), part, parts[i + 1], ".".join(parts[i + 2:])
+    return None
+
+
+def _saved_part(key: str, layout: Layout) -> tuple[str, str, str] | None:
+    """(wrapper path, adapter, rest) when ``key`` is a modules_to_save copy, else None."""
+    parts = key[len(PREFIX):].split(".")
+    for i, part in enumerate(parts):
+        if part == "modules_to_save" and ".".join(parts[:i]) in layout.saved_paths and i + 2 < len(parts):
+            return ".".join(parts[:i]), parts[i + 1], ".".join(parts[i + 2:])
+    return None
+
+
+def _strip(key: str, adapter_name: str) -> str:
+    return ".".join(part for part in key.split(".") if part != adapter_name)
+
+
+# ---- encode: model keys -> file keys -----------------------------------------------------------------------
+def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[str] = ()) -> dict[str, str]:
+    """{model key: file key} of everything PEFT writes for ``adapter_name``."""
+    mapping: dict[str, str] = {}
+    for key in layout.shapes:
+        adapter = _adapter_part(key, layout)
+        saved = _saved_part(key, layout) if adapter is None else None
+        if adapter is not None:
+            path, container, name, rest = adapter
+            if name == adapter_name:
+                tail = "" if container in PARAMETER_CONTAINERS or container == MAGNITUDE else "." + rest
+                mapping[key] = f"{PREFIX}{path}.{container}{tail}"
+        elif saved is not None and saved[1] == adapter_name:
+            mapping[key] = f"{PREFIX}{saved[0]}.{saved[2]}"
+        elif bias == "all" and "bias" in key and (saved is None or saved[1] == adapter_name):
+            mapping[key] = _strip(key, adapter_name)
+    if bias == "lora_only":
+        for path in layout.lora_paths:
+            key = f"{PREFIX}{path}.base_layer.bias"
+            if key in layout.shapes:
+                mapping[key] = key
+    for path in embedding_paths:
+        stem = f"{PREFIX}{path}.base_layer." if path in layout.lora_paths else f"{PREFIX}{path}."
+        for key in layout.shapes:
+            if key.startswith(stem) and not any(part in key[len(stem):].split(".") for part in ADAPTER_CONTAINERS):
+                mapping[key] = key
+    return mapping
+
+
+def embedding_paths(model: nn.Module, target_modules: object, save_embedding_layers: bool | str) -> list[str]:
+    """Paths of the embedding layers whose base weights PEFT saves (``save_embedding_layers``).
+
+    "auto" means True when ``target_modules`` names ``embed_tokens`` or ``lm_head``; then only the LoRA-wrapped
+    input/output embeddings are saved. True saves the input and output embeddings whatever they are.
+    """
+    named = not isinstance(target_modules, str) and any(n in (target_modules or ()) for n in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = named
+    if not save_embedding_layers:
+        return []
+    layers = [getattr(model, getter)() for getter in ("get_input_embeddings", "get_output_embeddings")
+              if callable(getattr(model, getter, None))]
+    paths = []
+    for path, module in model.named_modules():
+        wraps = module.base_layer if isinstance(module, LoraLayer) else None
+        if any(layer is not None and (layer is module or layer is wraps) for layer in layers):
+            if not named or isinstance(module, LoraLayer):
+                paths.append(path)
+    return paths
+
+
+# ---- decode: file keys -> model keys -----------------------------------------------------------------------
+def decode(file_keys: list[str], layout: Layout, adapter_name: str) -> tuple[dict[str, str], list[str]]:
+    """({file key: model key}, [file keys with no place in the model]) for loading into ``adapter_name``."""
+    mapping, unexpected = {}, []
+    for key in file_keys:
+        model_key = _decode_one(key, layout, adapter_name) if key.startswith(PREFIX) else None
+        if model_key is None:
+            unexpected.append(key)
+        else:
+            mapping[key] = model_key
+    return mapping, unexpected
+
+
+def _decode_one(key: str, layout: Layout, adapter_name: str) -> str | None:
+    parts = key[len(PREFIX):].split(".")
+    for i, part in enumerate(parts):
+        path = ".".join(parts[:i])
+        if part in ADAPTER_CONTAINERS and path in layout.lora_paths:
+            rest = parts[i + 1:]
+            if part == MAGNITUDE and rest in ([], ["weight"]):
+                rest = ["weight"]
+            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or part in PARAMETER_CONTAINERS \
+                else None
+        if path in layout.saved_paths and part not in WRAPPER_PARTS:
+            return f"{PREFIX}{path}.modules_to_save.{adapter_name}.{'.'.join(parts[i:])}"
+    if key in layout.shapes:
+        return key
+    for i in range(len(parts)):  # a base tensor written without ".base_layer" (older PEFT)
+        path = ".".join(parts[:i])
+        candidate = f"{PREFIX}{path}.base_layer.{'.'.join(parts[i:])}"
+        if path in layout.lora_paths and candidate in layout.shapes:
+            return candidate
+        if path in layout.saved_paths and parts[i] == "modules_to_save":  # PEFT's bias="all" quirk
+            return f"{PREFIX}{path}.modules_to_save.{adapter_name}.{'.'.join(parts[i + 1:])}"
+    return None
+
+
+def required_keys(layout: Layout, adapter_name: str) -> set[str]:
+    """Model keys an adapter file must provide: every LoRA tensor and modules_to_save copy of the adapter."""
+    return {key for key in encode(layout, adapter_name, bias="none")}

@@ -1,0 +1,214 @@
+"""Adapter folders on disk: PEFT-format save, and a load that validates everything before it touches the model.
+
+A folder holds ``adapter_config.json`` (``json.dumps(indent=2, sort_keys=True)``) and
+``adapter_model.safetensors`` (metadata ``{"format": "pt"}``); the adapter named "default" lives in the
+folder itself, any other in ``<folder>/<name>/``. Writes are atomic (atomic.py); reads never unpickle
+(``.bin`` only through ``torch.load(weights_only=True)``); key mapping is codec.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .version import __version__ as _lorakit_version
+from .atomic import replace_folder
+from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, planned_layout, required_keys
+from .config import PEFT_VERSION_WRITTEN, LoraConfig
+from .errors import explain
+from .targeting import resolve_targets
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+# PEP 440 local label: PEFT reads it as its own version, and the file still says who wrote it.
+PEFT_VERSION_TAG = f"{PEFT_VERSION_WRITTEN}+lorakit.{_lorakit_version}"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder that cannot be loaded onto this model; the message lists every problem."""
+
+
+# ---- config -------------------------------------------------------------------------------------------------
+def config_json(config: LoraConfig, model: nn.Module) -> str:
+    """adapter_config.json as PEFT writes it: every field, inference_mode true, auto_mapping without a task."""
+    data = config.to_dict()
+    data["inference_mode"] = True
+    data["peft_version"] = PEFT_VERSION_TAG
+    if data.get("task_type") is None:
+        data["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def read_config(folder: str | os.PathLike) -> LoraConfig:
+    """Read and validate ``<folder>/adapter_config.json``.
+
+    Raises:
+        AdapterLoadError: missing, unreadable, not JSON, not LoRA, or with an invalid field.
+    """
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterLoadError(explain(f"no {CONFIG_NAME}", where=str(folder), fix="point at a folder written by "
+                                       "save_pretrained (an adapter not named 'default' sits in <folder>/<name>)"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        return LoraConfig.from_dict(data, source=str(path))
+    except (ValueError, TypeError, UnicodeDecodeError) as error:
+        raise AdapterLoadError(f"cannot read adapter config {path}: {error}") from None
+
+
+# ---- weights ------------------------------------------------------------------------------------------------
+def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """The adapter tensors of ``folder``: safetensors if present, else ``.bin`` without unpickling code.
+
+    Raises:
+        AdapterLoadError: no weights file, a truncated or corrupted file, or non-tensor content.
+    """
+    folder = Path(folder)
+    if (folder / SAFETENSORS_NAME).is_file():
+        path = folder / SAFETENSORS_NAME
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise AdapterLoadError(f"{path} is truncated or corrupted ({error}); re-save or re-download it") from None
+    elif (folder / BIN_NAME).is_file():
+        path = folder / BIN_NAME
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+            raise AdapterLoadError(f"{path} is not a plain tensor file ({type(error).__name__}: {error}); lorakit "
+                                   "loads .bin files with weights_only=True and never runs pickled code") from None
+    else:
+        raise AdapterLoadError(explain("no adapter weights", where=str(folder),
+                                       expected=f"{SAFETENSORS_NAME} or {BIN_NAME}"))
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise AdapterLoadError(f"{path} does not hold a flat dict of tensors")
+    return tensors
+
+
+def adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default",
+                       save_embedding_layers: bool | str = "auto") -> dict[str, Tensor]:
+    """The tensors PEFT writes for ``adapter_name``, under their file keys (PEFT's get_peft_model_state_dict)."""
+    model = peft_model.base_model.model
+    config = peft_model.peft_config[adapter_name]
+    mapping = encode(layout_of(model), adapter_name, config.bias,
+                     embedding_paths(model, config.target_modules, save_embedding_layers))
+    state = {PREFIX + k: v for k, v in model.state_dict().items()}
+    seen, out = set(), {}
+    for model_key, file_key in mapping.items():
+        tensor = state[model_key].detach()
+        pointer = tensor.untyped_storage().data_ptr()
+        # safetensors refuses shared or strided storage; copy only when needed (tied weights, views)
+        out[file_key] = tensor.contiguous().clone() if pointer in seen or not tensor.is_contiguous() else tensor
+        seen.add(pointer)
+    return out
+
+
+def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None,
+                  safe_serialization: bool, save_embedding_layers: bool | str) -> None:
+    """Write the selected adapters (default: all) into one folder, atomically (PEFT's save_pretrained)."""
+    names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in peft_model.peft_config]
+    if unknown:
+        raise ValueError(explain(f"cannot save unknown adapter(s) {unknown}",
+                                 expected=f"names among {list(peft_model.peft_config)}"))
+    model = peft_model.base_model.model
+    files = {}
+    for name in names:
+        tensors = {k: v.to("cpu") for k, v in adapter_state_dict(peft_model, name, save_embedding_layers).items()}
+        files[name] = (config_json(peft_model.peft_config[name], model), tensors)
+
+    def write(folder: Path) -> None:
+        for name, (config_text, tensors) in files.items():
+            target = folder if name == "default" else folder / name
+            target.mkdir(parents=True, exist_ok=True)
+            (target / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+            if safe_serialization:
+                save_file(tensors, str(target / SAFETENSORS_NAME), metadata={"format": "pt"})
+            else:
+                torch.save(tensors, target / BIN_NAME)
+
+    replace_folder(save_directory, write, owned=(CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME))
+
+
+# ---- load ---------------------------------------------------------------------------------------------------
+def validate(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, source: str) -> dict[str, str]:
+    """{file key: model key} after checking every key and shape; one error lists every problem.
+
+    Raises:
+        AdapterLoadError: unexpected keys, missing adapter tensors, shape mismatches or non-float tensors.
+    """
+    mapping, unexpected = decode(list(tensors), layout, adapter_name)
+    problems = [f"unexpected key {key} (no such module or tensor in this model)" for key in sorted(unexpected)]
+    missing = required_keys(layout, adapter_name) - set(mapping.values())
+    problems += [f"missing tensor for {key}" for key in sorted(missing)]
+    for file_key, model_key in sorted(mapping.items()):
+        got, want = tuple(tensors[file_key].shape), layout.shapes[model_key]
+        if got != want:
+            problems.append(f"{file_key}: the adapter holds {_shape(got)}, this model needs {_shape(want)} "
+                            f"(trained for a different base model, or a different r)")
+        if not tensors[file_key].is_floating_point():
+            problems.append(f"{file_key}: dtype {tensors[file_key].dtype} is not a floating-point type")
+    if problems:
+        shown = problems[:25] + ([f"... and {len(problems) - 25} more"] if len(problems) > 25 else [])
+        raise AdapterLoadError(f"cannot load adapter {source!r} as {adapter_name!r}; nothing was changed. "
+                               f"{len(problems)} problem(s):\n  " + "\n  ".join(shown))
+    return mapping
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "a scalar"
+
+
+def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str,
+                 is_trainable: bool) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """Read and check an adapter folder against ``model`` (the user's model) without changing it.
+
+    Returns the config (``inference_mode = not is_trainable``) and the tensors keyed by model key.
+    """
+    config = dataclasses.replace(read_config(folder), inference_mode=not is_trainable)
+    tensors = read_weights(folder)
+    plan = resolve_targets(model, config)
+    mapping = validate(tensors, planned_layout(model, plan, adapter_name), adapter_name, str(folder))
+    return config, {mapping[k][len(PREFIX):]: v for k, v in tensors.items()}
+
+
+def load_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Copy validated tensors into ``model`` (cast to each parameter's dtype and device)."""
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # validate() guarantees this
+
+
+# ---- PEFT's functional API ------------------------------------------------------------------------------------
+def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, adapter_name: str = "default",
+                              save_embedding_layers: bool | str = "auto", **kwargs: object) -> dict[str, Tensor]:
+    """PEFT's ``get_peft_model_state_dict``: the adapter's tensors under their file keys.
+
+    Raises:
+        NotImplementedError: an explicit ``state_dict`` (lorakit always reads the live model).
+    """
+    if state_dict is not None:
+        raise NotImplementedError("get_peft_model_state_dict(state_dict=...) is not supported; pass the model")
+    return adapter_state_dict(model, adapter_name, save_embedding_layers)
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
+                              adapter_name: str = "default", **kwargs: object) -> None:
+    """PEFT's ``set_peft_model_state_dict``: load file-keyed tensors into an existing adapter, validated first.
+
+    Raises:
+        AdapterLoadError: unknown keys, missing tensors or shape mismatches; nothing is changed then.
+    """
+    user_model = model.base_model.model
+    layout = layout_of(user_model)
+    mapping = validate(peft_model_state_dict, layout, adapter_name, "state dict")
+    load_tensors(user_model, {mapping[k][len(PREFIX):]: v for k, v in peft_model_state_dict.items()})
