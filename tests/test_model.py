@@ -164,8 +164,6 @@ def test_guards():
     model = get_peft_model(tiny_llama(), LoraConfig())
     with pytest.raises(ValueError, match="already a PeftModel"):
         get_peft_model(model, LoraConfig())
-    with pytest.raises(NotImplementedError, match="adapter_names"):
-        model(input_ids=IDS, adapter_names=["default", "default"])
     with pytest.raises(ValueError, match="LoRA only"):
         get_peft_model(tiny_llama(), {"r": 8})
 
