@@ -75,6 +75,18 @@ class PeftModel(nn.Module):
         with self._routing(adapter_names, args, kwargs):
             return self.base_model(*args, **kwargs)
 
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names`` gives each row (and its beams) its adapter.
+
+        Raises:
+            AttributeError: the wrapped model cannot generate.
+        """
+        generate = getattr(self.get_base_model(), "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.get_base_model()).__name__} has no generate()")
+        with self._routing(adapter_names, args, kwargs):
+            return generate(*args, **kwargs)
+
     def _routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
         if adapter_names is None:
             return contextlib.nullcontext()
@@ -255,11 +267,6 @@ def _check_config(config: object) -> None:
 # because user code tests isinstance(model, PeftModel) and reads the class name; all behaviour stays above.
 class PeftModelForCausalLM(PeftModel):
     """Causal language models: forward and ``generate`` pass through to the wrapped model."""
-
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The wrapped model's ``generate``; ``adapter_names`` gives each row (and its beams) its adapter."""
-        with self._routing(adapter_names, args, kwargs):
-            return self.get_base_model().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

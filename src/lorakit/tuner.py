@@ -239,3 +239,15 @@ class LoraModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the plain base model with the adapters removed, unmerged."""
         return self._unload(merge=False)
+
+    # ---- combining adapters --------------------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``; see ``combine.add_weighted_adapter``."""
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method)
