@@ -154,7 +154,7 @@ def test_print_trainable_parameters_line(capsys):
     assert trainable == 2 * 4 * (32 + 32)  # two layers of q_proj, A (4, 32) + B (32, 4)
 
 
-@pytest.mark.parametrize("bad_name", ["", "a.b", "../x", "/abs", "__base__", 3])
+@pytest.mark.parametrize("bad_name", ["", "a.b", "../x", "/abs", "__base__", 3, "training", "q_proj", "layers"])
 def test_invalid_adapter_names(bad_name):
     with pytest.raises(ValueError, match="adapter_name"):
         get_peft_model(tiny_llama(), LoraConfig(), adapter_name=bad_name)

@@ -110,7 +110,10 @@ def _saved_part(key: str, layout: Layout) -> tuple[str, str, str] | None:
 
 
 def _strip(key: str, adapter_name: str) -> str:
-    return ".".join(part for part in key.split(".") if part != adapter_name)
+    """Drop the adapter-name segment that follows "modules_to_save" (PEFT's bias="all" keys keep the rest)."""
+    parts = key.split(".")
+    keep = [p for i, p in enumerate(parts) if not (p == adapter_name and i and parts[i - 1] == "modules_to_save")]
+    return ".".join(keep)
 
 
 # ---- encode: model keys -> file keys -----------------------------------------------------------------------

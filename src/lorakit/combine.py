@@ -327,23 +327,28 @@ def check_layers(tuner: LoraModel, adapters: Sequence[str], combination: Combina
     if problems:
         raise ValueError(
             explain("these layers cannot be combined", where=WHERE, got=problems,
-                    fix="use combination_type='cat' (any ranks) or exclude those layers")
+                    fix="pick a combination_type the layers allow (see each reason)")
         )
 
 
 def _same_shapes(factors: dict[str, tuple[Tensor, Tensor]]) -> str | None:
     shapes = {name: tuple(A.shape) for name, (A, _) in factors.items()}
-    return f"factor-wise merging needs equal shapes, got lora_A {shapes}" if len(set(shapes.values())) > 1 else None
+    if len(set(shapes.values())) == 1:
+        return None
+    return f"factor-wise merging needs equal lora_A shapes, got {shapes}; 'cat' and '*_svd' types allow any ranks"
 
 
 def _composable(factors: dict[str, tuple[Tensor, Tensor]]) -> str | None:
     bad = {name: (tuple(B.shape), tuple(A.shape)) for name, (A, B) in factors.items()
            if B.flatten(1).shape[1] != A.shape[0]}  # grouped convs: B holds r/groups channels per group
-    return f"ΔW = B A is not a matrix product for (B, A) shapes {bad}" if bad else None
+    if not bad:
+        return None
+    return f"(B, A) shapes {bad} do not compose as a matrix product B A (grouped conv); only factor-wise types apply"
 
 
 LAYER_CHECKS: dict[Callable, Callable[[dict[str, tuple[Tensor, Tensor]]], "str | None"]] = {
     combine_factors: _same_shapes,
+    concat_factors: _composable,  # the rank channels of B's groups would no longer line up with A's
     combine_svd: _composable,
 }
 

@@ -173,7 +173,7 @@ class PeftModel(nn.Module):
             lorakit.io.AdapterLoadError: a missing, corrupted or mismatched adapter (a ValueError).
         """
         folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-        check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name, model)
         disk_config, tensors = io.prepare_load(model, folder, adapter_name, is_trainable)
         if config is not None:
             disk_config = dataclasses.replace(config, inference_mode=not is_trainable)
@@ -194,9 +194,9 @@ class PeftModel(nn.Module):
             lorakit.io.AdapterLoadError: the folder does not fit this model; nothing was changed.
         """
         folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", fix="pick another adapter_name"))
+        check_adapter_name(adapter_name, self.get_base_model())
         config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable)
         self.base_model.inject_adapter(adapter_name, config)
         io.load_tensors(self.get_base_model(), tensors)

@@ -20,24 +20,31 @@ from .config import LoraConfig
 from .errors import explain, warn
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
-from .targeting import TargetPlan, resolve_targets, task_modules_to_save
+from .targeting import TargetPlan, candidate_modules, resolve_targets, task_modules_to_save
 
 RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
-def check_adapter_name(name: object) -> None:
-    """Adapter names become module keys and folder names: refuse anything that could break either.
+def check_adapter_name(name: object, model: nn.Module | None = None) -> None:
+    """Adapter names become module keys, state-dict key segments and folder names: refuse what breaks any.
 
     Raises:
-        ValueError: not a non-empty string of letters, digits, '_' and '-', or a reserved name.
+        ValueError: not a non-empty string of letters, digits, '_' and '-'; '__base__'; an attribute name of
+            torch's module containers (e.g. 'training'); or a module name inside ``model`` (e.g. 'q_proj'),
+            which would make state-dict keys ambiguous.
     """
-    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name in RESERVED_ADAPTER_NAMES:
+    valid = isinstance(name, str) and _ADAPTER_NAME.fullmatch(name) and name not in RESERVED_ADAPTER_NAMES
+    if not valid or hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
         raise ValueError(
             explain("invalid adapter_name", got=name,
-                    expected="a non-empty name of letters, digits, '_' and '-' other than '__base__'",
+                    expected="a non-empty name of letters, digits, '_' and '-', not '__base__' and not an "
+                             "attribute of torch.nn.ModuleDict",
                     fix="e.g. adapter_name='default' or 'my_task'")
         )
+    if model is not None and any(name in path.split(".") for path, _ in candidate_modules(model)):
+        raise ValueError(explain(f"adapter_name {name!r} is also a module name in {type(model).__name__}",
+                                 fix="pick a name that is not part of any module path, e.g. 'task_a'"))
 
 
 class LoraModel(nn.Module):
@@ -69,10 +76,10 @@ class LoraModel(nn.Module):
     # ---- injection ---------------------------------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates."""
-        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
                                      fix="pick another adapter_name or delete_adapter() it first"))
+        check_adapter_name(adapter_name, self.model)
         plan = resolve_targets(self.model, config)
         for path, spec in plan.layers.items():
             module = self.model.get_submodule(path)
