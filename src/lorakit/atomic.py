@@ -96,7 +96,7 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None], *, 
     Raises:
         OSError: the parent folder is not writable (nothing has changed then).
     """
-    target = Path(target).absolute()
+    target = Path(os.path.realpath(target))  # write through a symlinked folder, as a plain write would
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.lorakit-tmp-", dir=target.parent))
     try:

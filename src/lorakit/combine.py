@@ -19,10 +19,19 @@ for every kind, Linear, GPT-2 Conv1D, Embedding and ConvNd alike):
         B A = Σ w_i s_i B_i A_i only for one adapter; otherwise cross terms B_i A_j appear (PEFT's approximation)
     cat          new rank Σ r_i, exact:  A = [w_1 s_1 A_1; ...; w_n s_n A_n],  B = [B_1 ... B_n],  B A = Σ w_i s_i B_i A_i
     *_svd        new rank svd_rank or max r_i:  ΔW = C({s_i B̄_i Ā_i}, {w_i}) (out, in·k) ≈ U_r S_r V_rᵀ,
-                 B = U_r S_r,  A = V_rᵀ,  both clamped to ±quantile(B ∪ A, svd_clamp) when svd_clamp is set
+                 B = U_r S_r,  A = V_rᵀ;  with svd_clamp = q both are clamped to [-h, h], h = the q-quantile
+                 of all entries of B and A together. C runs on ΔW in the base weight's layout, so DARE
+                 draws PEFT's masks from the same seed.
 
 The new adapter has r = lora_alpha = its rank and no rsLoRA, so its scaling is 1: the weights above carry
-every source scaling. A rank-pattern layer whose new factors are smaller than the new rank is zero-padded.
+every source scaling. Factors smaller than the new rank (rank_pattern layers, svd_rank > min(out, in·k))
+are zero-padded. A single adapter is always combined "linear" (exact), as in PEFT.
+
+Where lorakit differs from PEFT 0.21.2, on purpose: an existing ``adapter_name`` raises (PEFT returns
+silently); rsLoRA sources give the exact update (PEFT keeps use_rslora and scales the result by √rank);
+lora_bias is combined as Σ w_i s_i b_i (PEFT leaves the new bias as initialised); svd_rank above
+min(out, in·k) and layers no source adapts work (zero padding / zero factors) where PEFT fails; invalid
+arguments, unequal layer ranks and grouped convs are refused up front, before anything is changed.
 """
 
 from __future__ import annotations
@@ -160,7 +169,7 @@ def combine_factors(sources: Sequence[Source], options: CombineOptions) -> tuple
     """A = C({A_i}, {sign(w_i s_i)√|w_i s_i|}), B = C({B_i}, {√|w_i s_i|}); C = COMBINERS[options.combiner]."""
     products = [source.weight * source.scaling for source in sources]
     roots = [math.sqrt(abs(p)) for p in products]
-    signed_roots = [root if p >= 0 else -root for root, p in zip(roots, products)]
+    signed_roots = [root if p >= 0 else -root for root, p in zip(roots, products, strict=True)]
     combine = COMBINERS[options.combiner]
     A = combine([s.A for s in sources], signed_roots, options.density, options.majority_sign_method)
     B = combine([s.B for s in sources], roots, options.density, options.majority_sign_method)
@@ -321,7 +330,7 @@ def check_layers(tuner: LoraModel, adapters: Sequence[str], combination: Combina
     problems = []
     for path, layer in named_lora_layers(tuner):
         factors = {name: factor_weights(layer, name) for name in adapters if name in layer.r}
-        problem = LAYER_CHECKS.get(combination.build, lambda factors: None)(factors)
+        problem = LAYER_CHECKS[combination.build](factors)
         if problem:
             problems.append(f"{path}: {problem}")
     if problems:
@@ -333,7 +342,7 @@ def check_layers(tuner: LoraModel, adapters: Sequence[str], combination: Combina
 
 def _same_shapes(factors: dict[str, tuple[Tensor, Tensor]]) -> str | None:
     shapes = {name: tuple(A.shape) for name, (A, _) in factors.items()}
-    if len(set(shapes.values())) == 1:
+    if len(set(shapes.values())) <= 1:
         return None
     return f"factor-wise merging needs equal lora_A shapes, got {shapes}; 'cat' and '*_svd' types allow any ranks"
 
@@ -346,7 +355,7 @@ def _composable(factors: dict[str, tuple[Tensor, Tensor]]) -> str | None:
     return f"(B, A) shapes {bad} do not compose as a matrix product B A (grouped conv); only factor-wise types apply"
 
 
-LAYER_CHECKS: dict[Callable, Callable[[dict[str, tuple[Tensor, Tensor]]], "str | None"]] = {
+LAYER_CHECKS: dict[Callable, Callable[[dict[str, tuple[Tensor, Tensor]]], str | None]] = {
     combine_factors: _same_shapes,
     concat_factors: _composable,  # the rank channels of B's groups would no longer line up with A's
     combine_svd: _composable,
@@ -414,7 +423,7 @@ def fill_layer(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], wei
     sources = [
         Source(A.detach().float(), B.detach().float(), layer.scaling[name], weight,
                stored_in_out=layer.kind.weight_is_in_out or layer.kind.embedding)
-        for name, weight in zip(adapters, weights) if name in layer.r
+        for name, weight in zip(adapters, weights, strict=True) if name in layer.r
         for A, B in [factor_weights(layer, name)]
     ]
     A_new, B_new = factor_weights(layer, adapter_name)
@@ -434,7 +443,7 @@ def fill_bias(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], weig
     if bias is None:
         return
     bias.zero_()
-    for name, weight in zip(adapters, weights):
+    for name, weight in zip(adapters, weights, strict=True):
         source_bias = getattr(layer.lora_B[name], "bias", None) if name in layer.lora_B else None
         if source_bias is not None:
             bias.add_((weight * layer.scaling[name] * source_bias.float()).to(bias.dtype))

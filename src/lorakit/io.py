@@ -22,7 +22,7 @@ from .version import __version__ as _lorakit_version
 from .atomic import replace_folder
 from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, planned_layout, required_keys
 from .config import PEFT_VERSION_WRITTEN, LoraConfig
-from .errors import explain
+from .errors import explain, warn
 from .targeting import resolve_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -90,8 +90,9 @@ def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
     else:
         raise AdapterLoadError(explain("no adapter weights", where=str(folder),
                                        expected=f"{SAFETENSORS_NAME} or {BIN_NAME}"))
-    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
-        raise AdapterLoadError(f"{path} does not hold a flat dict of tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in tensors.items()):
+        raise AdapterLoadError(f"{path} does not hold a flat dict of named tensors")
     return tensors
 
 
@@ -158,6 +159,10 @@ def validate(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, sour
                             f"(trained for a different base model, or a different r)")
         if not tensors[file_key].is_floating_point():
             problems.append(f"{file_key}: dtype {tensors[file_key].dtype} is not a floating-point type")
+    non_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if non_finite and not problems:
+        warn(f"adapter {source!r} holds NaN or inf values in {len(non_finite)} tensor(s), e.g. {non_finite[:3]}; "
+             "the model's outputs will be NaN/inf where they are used (PEFT loads such files silently too)")
     if problems:
         shown = problems[:25] + ([f"... and {len(problems) - 25} more"] if len(problems) > 25 else [])
         raise AdapterLoadError(f"cannot load adapter {source!r} as {adapter_name!r}; nothing was changed. "
@@ -177,7 +182,10 @@ def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str,
     """
     config = dataclasses.replace(read_config(folder), inference_mode=not is_trainable)
     tensors = read_weights(folder)
-    plan = resolve_targets(model, config)
+    try:
+        plan = resolve_targets(model, config)
+    except ValueError as error:
+        raise AdapterLoadError(f"cannot load adapter {str(folder)!r}: {error}") from None
     mapping = validate(tensors, planned_layout(model, plan, adapter_name), adapter_name, str(folder))
     return config, {mapping[k][len(PREFIX):]: v for k, v in tensors.items()}
 

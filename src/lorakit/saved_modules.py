@@ -24,8 +24,7 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # mixed batch, set by the tuner
-        self.update(adapter_name)
-        self.set_adapter(adapter_name)
+        self.update(adapter_name)  # inactive and frozen until the tuner's set_adapter
 
     def update(self, adapter_name: str) -> None:
         """Add a trainable copy of the original module for ``adapter_name``."""

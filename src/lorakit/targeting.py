@@ -171,7 +171,8 @@ def _first_pattern(name: str, patterns: dict) -> object | None:
     return None
 
 
-def _spec(name: str, config: LoraConfig) -> LayerSpec:
+def layer_spec(name: str, config: LoraConfig) -> LayerSpec:
+    """The r, alpha and other settings ``config`` gives the module at ``name`` (rank/alpha patterns applied)."""
     r = _first_pattern(name, config.rank_pattern)
     alpha = _first_pattern(name, config.alpha_pattern)
     return LayerSpec(
@@ -216,6 +217,9 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: li
         return set(_default_targets(model))
     if isinstance(targets, str) and targets.lower() == "all-linear":
         heads = _output_head_names(model)
+        task = getattr(config.task_type, "value", config.task_type)
+        if not heads and task == TaskType.SEQ_CLS.value:  # a classifier head is trained in full, not adapted
+            heads = {name for name, _ in candidates if name.rsplit(".", 1)[-1] in ("classifier", "score")}
         return {name for name, module in candidates if is_linear_like(module) and name not in heads}
     return targets
 
@@ -244,7 +248,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> TargetPlan:
             excluded_hits.append(name)
             continue
         kinds[name] = module.kind if isinstance(module, LoraLayer) else kind_for(module, name)
-        layers[name] = _spec(name, config)
+        layers[name] = layer_spec(name, config)
     if not layers:
         raise _nothing_matched(model, config, targets, excluded_hits)
     _warn_unused_patterns(config, list(layers))

@@ -94,7 +94,9 @@ class LoraModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)
             else:
-                self.model.set_submodule(path, ModulesToSaveWrapper(module, adapter_name))
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                wrapper.set_adapter(self.active_adapters, trainable=False)  # follows the model, new copy frozen
+                self.model.set_submodule(path, wrapper)
         self.peft_config[adapter_name] = self._recorded_config(config, plan)
         self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
         if len(self.peft_config) == 1:
