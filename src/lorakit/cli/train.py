@@ -1,0 +1,184 @@
+"""``lorakit train``: fine-tune a causal LM with LoRA on chat data, end to end.
+
+With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct on the English chatterbot-corpus
+pairs with the common SFT recipe (r=64, alpha=16, dropout 0.1, all seven projections, rsLoRA), loss on
+the replies only; evaluates held-out loss and prints two sample answers before and after; saves the
+adapter (PEFT format), a loss-curve PNG and metrics.json into --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..model import get_peft_model
+from ..training import (
+    TrainSettings,
+    TrainState,
+    evaluate,
+    load_checkpoint,
+    make_optimizer,
+    peak_rss_mb,
+    plot_losses,
+    sample_answers,
+    save_checkpoint,
+    should_save,
+    throughput,
+)
+from .common import CliError, Command, add_lora_flags, lora_config, register
+
+SFT_RECIPE = dict(task_type="CAUSAL_LM", r=64, lora_alpha=16, lora_dropout=0.1, use_rslora=True,
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+SAMPLE_PROMPTS = ["What is a computer virus?", "Do you like to read books?"]
+HELD_OUT = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="a local transformers model folder (default: embedded SmolLM2)")
+    parser.add_argument("--data", type=Path, help="JSONL of {prompt, response} or {messages} rows "
+                                                  "(default: English chatterbot-corpus)")
+    parser.add_argument("--output", type=Path, default=Path("out/lorakit-train"), help="output folder")
+    parser.add_argument("--max-steps", type=int, default=120, help="optimizer steps (default 120)")
+    parser.add_argument("--epochs", type=float, help="train this many passes over the data instead of --max-steps")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (longer are cut)")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantize the frozen base to 4 bits")
+    parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint")
+    parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--samples", type=int, default=2, help="sample answers printed before and after (0: none)")
+    add_lora_flags(parser)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("max_steps", "batch_size", "grad_accum", "max_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise CliError(f"--epochs must be positive, got {args.epochs}")
+    if args.lr <= 0:
+        raise CliError(f"--lr must be positive, got {args.lr}")
+    if args.load_in_4bit:
+        raise CliError("--load-in-4bit needs the QLoRA backend, which is not built yet (issue 6); "
+                       "train without it for now")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        raise CliError(f"--model {args.model} is not a transformers model folder (no config.json)")
+
+
+def _load(args: argparse.Namespace) -> tuple[object, object, Path]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..embedded import default_model_folder
+
+    folder = args.model if args.model is not None else default_model_folder()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise CliError(f"cannot load a causal LM and tokenizer from {folder}: {error}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.gradient_checkpointing:
+        model.config.use_cache = False
+    return model, tokenizer, folder
+
+
+def _rows(args: argparse.Namespace) -> list[dict]:
+    from ..embedded import chatterbot_pairs
+    from ..sft import read_jsonl
+
+    return read_jsonl(args.data) if args.data is not None else chatterbot_pairs()
+
+
+def _print_samples(label: str, prompts: list[str], answers: list[str]) -> None:
+    for prompt, answer in zip(prompts, answers, strict=True):
+        print(f"  [{label}] Q: {prompt}\n  [{label}] A: {answer}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..sft import encode_all, split
+
+    _check(args)
+    baseline = peak_rss_mb()
+    rows = _rows(args)
+    model, tokenizer, folder = _load(args)
+    config = lora_config(args, SFT_RECIPE)
+    peft_model = get_peft_model(model, config)
+    if args.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    print(f"model {folder}: {type(model).__name__}; LoRA r={config.r} alpha={config.lora_alpha} "
+          f"dropout={config.lora_dropout} rslora={config.use_rslora} targets={sorted(config.target_modules)}")
+    peft_model.print_trainable_parameters()
+
+    train_rows, held_rows = split(rows, HELD_OUT, args.seed)
+    train_set = encode_all(tokenizer, train_rows, args.max_length)
+    held_set = encode_all(tokenizer, held_rows, args.max_length)
+    if not train_set:
+        raise CliError("no training example has a reply token left after --max-length truncation")
+    steps = args.max_steps
+    if args.epochs is not None:
+        steps = max(1, round(args.epochs * len(train_set) / (args.batch_size * args.grad_accum)))
+    settings = TrainSettings(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                             seed=args.seed, save_every=args.save_every)
+    print(f"data: {len(train_set)} training and {len(held_set)} held-out examples; {steps} steps of "
+          f"{args.batch_size}x{args.grad_accum} examples ({steps * args.batch_size * args.grad_accum / len(train_set):.2f} epochs)")
+
+    torch.manual_seed(args.seed)
+    optimizer, scheduler = make_optimizer(peft_model, settings)
+    output = args.output
+    state = TrainState()
+    if args.resume:
+        if not (output / "checkpoint" / "trainer_state.pt").is_file():
+            raise CliError(f"--resume: no checkpoint in {output / 'checkpoint'}")
+        state = load_checkpoint(peft_model, optimizer, scheduler, output / "checkpoint")
+        print(f"resumed from {output / 'checkpoint'} at step {state.step}")
+
+    prompts = SAMPLE_PROMPTS[: args.samples]
+    loss_before = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id)
+    print(f"held-out loss before training: {loss_before:.4f}")
+    _print_samples("before", prompts, sample_answers(peft_model, tokenizer, prompts))
+
+    def checkpoint(current: TrainState) -> None:
+        if should_save(current.step, settings.save_every, settings.max_steps):
+            save_checkpoint(peft_model, optimizer, scheduler, current, output / "checkpoint")
+
+    with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True) as bar:
+        from ..training import train_loop
+
+        train_loop(peft_model, train_set, settings, tokenizer.pad_token_id, state, optimizer, scheduler,
+                   progress=bar, on_step=checkpoint)
+
+    loss_after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id)
+    print(f"held-out loss after training: {loss_after:.4f} (before: {loss_before:.4f})")
+    _print_samples("after", prompts, sample_answers(peft_model, tokenizer, prompts))
+    _finish(peft_model, state, output, loss_before, loss_after, baseline, folder)
+    return 0
+
+
+def _finish(peft_model: object, state: TrainState, output: Path, before: float, after: float, baseline: float,
+            folder: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(output / "adapter")
+    plot_losses(state.losses, [(0, before), (state.step, after)], output / "loss.png",
+                f"LoRA on {Path(folder).name}")
+    metrics = {"held_out_loss_before": before, "held_out_loss_after": after, "steps": state.step,
+               "tokens": state.tokens, "train_seconds": state.seconds, "peak_rss_mib": peak_rss_mb(),
+               "baseline_rss_mib": baseline, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"training: {throughput(state)}; peak memory {metrics['peak_rss_mib']:.0f} MiB")
+    print(f"adapter (PEFT format): {output / 'adapter'}")
+    print(f"loss curve: {output / 'loss.png'}")
+    print(f"metrics: {output / 'metrics.json'}")
+
+
+COMMAND = register("train", Command(help="fine-tune a causal LM with LoRA (default: SmolLM2-135M on chatterbot)",
+                                    add_arguments=add_arguments, run=run))

@@ -1,0 +1,132 @@
+"""Supervised fine-tuning data: chat rows -> token ids with the loss on the replies only.
+
+A row is ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role", "content"}, ...]}``. It is
+rendered with the tokenizer's chat template; label ``i`` is the token id where token ``i`` belongs to an
+assistant turn (its text and end-of-turn marker) and -100 elsewhere, so the loss
+``L = −Σ_{i∈replies} log p(x_i | x_<i) / |replies|`` ignores the system prompt and the user turns.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file, each checked to be a prompt/response or messages row.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: a malformed line, naming the file and line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data file {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            problem = row_problem(row)
+            if problem:
+                raise ValueError(f"{path}:{number}: {problem}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows; expected JSONL lines like "
+                         '{"prompt": "...", "response": "..."}')
+    return rows
+
+
+def row_problem(row: object) -> str | None:
+    """What is wrong with a row, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty list of {\"role\", \"content\"} objects"
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
+                    or message.get("role") not in ("system", "user", "assistant"):
+                return f"bad message {message!r}: needs role system/user/assistant and string content"
+        if not any(m["role"] == "assistant" for m in messages):
+            return "'messages' has no assistant turn to learn from"
+        return None
+    if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+        return "expected string fields 'prompt' and 'response', or a 'messages' list"
+    return None
+
+
+def to_messages(row: dict) -> list[dict[str, str]]:
+    if "messages" in row:
+        return row["messages"]
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+
+
+def _render(tokenizer: object, messages: list[dict], generation_prompt: bool) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                              return_dict=False))
+
+
+def encode(tokenizer: object, messages: list[dict[str, str]], max_length: int) -> Example:
+    """Token ids of a conversation and labels that keep only the assistant turns (truncated to max_length)."""
+    input_ids = _render(tokenizer, messages, generation_prompt=False)
+    labels = [IGNORE] * len(input_ids)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:turn], generation_prompt=True))
+        end = len(_render(tokenizer, messages[: turn + 1], generation_prompt=False))
+        labels[start:end] = input_ids[start:end]
+    return Example(input_ids[:max_length], labels[:max_length])
+
+
+def encode_all(tokenizer: object, rows: list[dict], max_length: int) -> list[Example]:
+    """Encode every row, dropping those whose replies were truncated away entirely."""
+    examples = [encode(tokenizer, to_messages(row), max_length) for row in rows]
+    return [e for e in examples if any(label != IGNORE for label in e.labels)]
+
+
+def split(rows: list, held_out: int, seed: int) -> tuple[list, list]:
+    """A seeded shuffle, then (train, held-out) with ``held_out`` rows held out."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = min(held_out, max(1, len(rows) // 10))
+    return [rows[i] for i in order[held:]], [rows[i] for i in order[:held]]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a batch: input_ids with pad_id, labels with -100, and the attention mask."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
+    """One epoch of shuffled batches (the last may be smaller)."""
+    order = list(range(len(examples)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [[examples[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]

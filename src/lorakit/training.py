@@ -1,0 +1,218 @@
+"""A plain training loop for LoRA fine-tuning, with held-out evaluation, samples, checkpoints and a plot.
+
+Per optimizer step t (AdamW on the trainable parameters only), with ``grad_accum`` micro-batches:
+
+    g_t = Σ_k ∇ L(batch_k) / grad_accum,   clip ‖g_t‖ ≤ 1,   lr_t = lr · warmup-then-linear-decay(t)
+
+The loop is deliberately small: it is what the ``lorakit train`` command runs, and what a user can read
+to see what a LoRA training step is. ``transformers.Trainer`` works on lorakit models too (see README).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .sft import Example, batches, collate
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    seed: int = 0
+    warmup_steps: int = 10
+    save_every: int = 50
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainState:
+    """Where training stands: enough to resume exactly (optimizer and schedule live beside it)."""
+
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def schedule(settings: TrainSettings) -> Callable[[int], float]:
+    """lr multiplier: linear warmup over warmup_steps, then linear decay to 10% at max_steps."""
+    warmup = max(1, min(settings.warmup_steps, settings.max_steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, settings.max_steps - warmup)
+        return 1.0 - 0.9 * min(1.0, progress)
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> tuple[torch.optim.Optimizer, object]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: nothing would train (is the adapter frozen? "
+                         "load it with is_trainable=True)")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
+
+
+def micro_batches(examples: list[Example], settings: TrainSettings, skip: int) -> "iter":
+    """Endless seeded epochs of micro-batches, skipping the first ``skip`` (to resume in place)."""
+    epoch, seen = 0, 0
+    while True:
+        for batch in batches(examples, settings.batch_size, settings.seed, epoch):
+            if seen >= skip:
+                yield batch
+            seen += 1
+        epoch += 1
+
+
+def train_loop(model: nn.Module, examples: list[Example], settings: TrainSettings, pad_id: int,
+               state: TrainState, optimizer: torch.optim.Optimizer, scheduler: object,
+               progress: object = None, on_step: Callable[[TrainState], None] | None = None) -> TrainState:
+    """Run optimizer steps from ``state.step`` to ``settings.max_steps``; ``progress`` is a tqdm bar or None."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    stream = micro_batches(examples, settings, skip=state.step * settings.grad_accum)
+    smoothed = None
+    while state.step < settings.max_steps:
+        start, step_loss, step_tokens = time.perf_counter(), 0.0, 0
+        for _ in range(settings.grad_accum):
+            batch = collate(next(stream), pad_id)
+            loss = model(**batch).loss / settings.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            step_tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += step_tokens
+        state.seconds += time.perf_counter() - start
+        state.losses.append((state.step, step_loss))
+        smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
+        if progress is not None:
+            progress.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
+            progress.update(1)
+        if on_step is not None:
+            on_step(state)
+    return state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> float:
+    """Mean loss per reply token over ``examples`` (token-weighted across batches)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total += model(**batch).loss.item() * tokens
+        count += tokens
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample_answers(model: nn.Module, tokenizer: object, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    """Greedy answers to ``prompts`` through the chat template."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                            add_generation_prompt=True, return_dict=False, return_tensors="pt")
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
+def plot_losses(losses: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path, title: str) -> None:
+    """Training loss per step (raw and smoothed) and held-out loss points, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*losses, strict=True) if losses else ((), ())
+    window = max(1, len(values) // 20)
+    smoothed = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                for i in range(len(values))]
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    axes.plot(steps, values, color="#9ecae1", linewidth=0.8, label="train loss (per step)")
+    axes.plot(steps, smoothed, color="#3182bd", linewidth=1.8, label=f"train loss (mean of {window})")
+    if evals:
+        axes.plot(*zip(*evals, strict=True), "o--", color="#e6550d", label="held-out loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (reply tokens)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def throughput(state: TrainState) -> str:
+    if not state.seconds:
+        return "no steps run"
+    return (f"{state.step} steps, {state.tokens:,d} tokens in {state.seconds:.0f} s "
+            f"({state.tokens / state.seconds:.0f} tokens/s, {state.seconds / max(state.step, 1):.2f} s/step)")
+
+
+def should_save(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0 and not math.isclose(step, 0))
+
+
+# ---- checkpoints: the adapter in PEFT format plus the optimizer, schedule and position -----------------------
+def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, state: TrainState,
+                    folder: Path) -> None:
+    """Write ``folder`` atomically: adapter files and ``trainer_state.pt`` (tensors and numbers only)."""
+    from .atomic import replace_folder
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging / "adapter")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": state.step,
+                    "tokens": state.tokens, "seconds": state.seconds, "losses": state.losses},
+                   staging / "trainer_state.pt")
+
+    replace_folder(folder, write)
+
+
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, folder: Path,
+                    adapter_name: str = "default") -> TrainState:
+    """Restore adapter weights, optimizer and schedule from ``folder`` (validated; no pickled code runs).
+
+    Raises:
+        ValueError: the checkpoint does not match this model or is damaged.
+    """
+    from .io import read_weights, set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, read_weights(folder / "adapter"), adapter_name)
+    try:
+        saved = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise ValueError(f"checkpoint {folder} is damaged or from another configuration ({error})") from None
+    return TrainState(saved["step"], saved["tokens"], saved["seconds"], [tuple(x) for x in saved["losses"]])
