@@ -125,8 +125,21 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
-    """One epoch of shuffled batches (the last may be smaller)."""
+def batches(examples: list[Example], batch_size: int, seed: int, epoch: int,
+            bucket: int = 16) -> list[list[Example]]:
+    """One epoch of shuffled, length-bucketed batches (the last may be smaller).
+
+    Examples are shuffled, cut into windows of ``bucket`` batches, sorted by length inside each window and
+    batched, and the batches shuffled again: batches stay random but hold similar lengths, so little
+    compute goes to padding (a step costs ~ batch · longest example).
+    """
+    rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(examples)))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return [[examples[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
+    rng.shuffle(order)
+    window = batch_size * bucket
+    grouped = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i].input_ids))
+        grouped += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(grouped)
+    return [[examples[i] for i in batch] for batch in grouped]

@@ -11,7 +11,9 @@ to see what a LoRA training step is. ``transformers.Trainer`` works on lorakit m
 from __future__ import annotations
 
 import math
+import os
 import resource
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ class TrainSettings:
     warmup_steps: int = 10
     save_every: int = 50
     max_grad_norm: float = 1.0
+    time_limit: float | None = None  # seconds of training; stop early (and say so) rather than overrun
 
 
 @dataclass
@@ -43,11 +46,49 @@ class TrainState:
     tokens: int = 0
     seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    stopped_early: str | None = None
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MiB (from /proc/self/statm; 0 where it does not exist)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class PeakMemory:
+    """Samples resident memory every ``interval`` seconds in a thread; ``peak`` is the largest seen (MiB).
+
+    ru_maxrss covers the whole process life (model loading briefly holds weights twice), so the training
+    phase is measured on its own: this is the number ``lorakit plan`` estimates.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
 
 
 def schedule(settings: TrainSettings) -> Callable[[int], float]:
@@ -90,8 +131,13 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     stream = micro_batches(examples, settings, skip=state.step * settings.grad_accum)
-    smoothed = None
+    smoothed, first_step, first_seconds = None, state.step, state.seconds
     while state.step < settings.max_steps:
+        spent, run = state.seconds - first_seconds, state.step - first_step
+        if settings.time_limit is not None and run and spent + spent / run > settings.time_limit:
+            state.stopped_early = (f"stopped after {state.step} of {settings.max_steps} steps: the next step would "
+                                   f"pass the {settings.time_limit:.0f} s training time limit (--time-limit)")
+            break
         start, step_loss, step_tokens = time.perf_counter(), 0.0, 0
         for _ in range(settings.grad_accum):
             batch = collate(next(stream), pad_id)

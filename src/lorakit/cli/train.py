@@ -17,6 +17,7 @@ import torch
 
 from ..model import get_peft_model
 from ..training import (
+    PeakMemory,
     TrainSettings,
     TrainState,
     evaluate,
@@ -24,10 +25,12 @@ from ..training import (
     make_optimizer,
     peak_rss_mb,
     plot_losses,
+    rss_mb,
     sample_answers,
     save_checkpoint,
     should_save,
     throughput,
+    train_loop,
 )
 from .common import CliError, Command, add_lora_flags, lora_config, register
 
@@ -42,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="JSONL of {prompt, response} or {messages} rows "
                                                   "(default: English chatterbot-corpus)")
     parser.add_argument("--output", type=Path, default=Path("out/lorakit-train"), help="output folder")
-    parser.add_argument("--max-steps", type=int, default=120, help="optimizer steps (default 120)")
+    parser.add_argument("--max-steps", type=int, default=80, help="optimizer steps (default 80)")
     parser.add_argument("--epochs", type=float, help="train this many passes over the data instead of --max-steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -52,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantize the frozen base to 4 bits")
     parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint")
+    parser.add_argument("--time-limit", type=float, default=420.0,
+                        help="seconds of training before stopping early with a note (default 420; 0: none)")
     parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--samples", type=int, default=2, help="sample answers printed before and after (0: none)")
     add_lora_flags(parser)
@@ -74,10 +79,12 @@ def _check(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[object, object, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from ..embedded import default_model_folder
 
     folder = args.model if args.model is not None else default_model_folder()
+    transformers_logging.disable_progress_bar()  # loading a local fp32 folder takes a second; keep stderr clean
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -108,10 +115,13 @@ def run(args: argparse.Namespace) -> int:
     from ..sft import encode_all, split
 
     _check(args)
-    baseline = peak_rss_mb()
+    config = lora_config(args, SFT_RECIPE)  # invalid LoRA settings fail before anything is loaded
     rows = _rows(args)
+    import transformers  # noqa: F401  (imported before the baseline so only model memory is counted)
+
+    baseline = rss_mb()
     model, tokenizer, folder = _load(args)
-    config = lora_config(args, SFT_RECIPE)
+    torch.manual_seed(args.seed)  # the adapter's random init is part of the run's reproducibility
     peft_model = get_peft_model(model, config)
     if args.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -128,11 +138,10 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         steps = max(1, round(args.epochs * len(train_set) / (args.batch_size * args.grad_accum)))
     settings = TrainSettings(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                             seed=args.seed, save_every=args.save_every)
+                             seed=args.seed, save_every=args.save_every, time_limit=args.time_limit or None)
     print(f"data: {len(train_set)} training and {len(held_set)} held-out examples; {steps} steps of "
           f"{args.batch_size}x{args.grad_accum} examples ({steps * args.batch_size * args.grad_accum / len(train_set):.2f} epochs)")
 
-    torch.manual_seed(args.seed)
     optimizer, scheduler = make_optimizer(peft_model, settings)
     output = args.output
     state = TrainState()
@@ -151,30 +160,35 @@ def run(args: argparse.Namespace) -> int:
         if should_save(current.step, settings.save_every, settings.max_steps):
             save_checkpoint(peft_model, optimizer, scheduler, current, output / "checkpoint")
 
-    with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True) as bar:
-        from ..training import train_loop
-
+    with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True) as bar, \
+            PeakMemory() as memory:
         train_loop(peft_model, train_set, settings, tokenizer.pad_token_id, state, optimizer, scheduler,
                    progress=bar, on_step=checkpoint)
 
+    if state.stopped_early:
+        print(f"note: {state.stopped_early}; the adapter is saved as trained so far (a 2-core CPU does about "
+              "2-4 s per step of the default recipe)")
+        save_checkpoint(peft_model, optimizer, scheduler, state, output / "checkpoint")
     loss_after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id)
     print(f"held-out loss after training: {loss_after:.4f} (before: {loss_before:.4f})")
     _print_samples("after", prompts, sample_answers(peft_model, tokenizer, prompts))
-    _finish(peft_model, state, output, loss_before, loss_after, baseline, folder)
+    _finish(peft_model, state, output, loss_before, loss_after, (baseline, memory.peak), folder)
     return 0
 
 
-def _finish(peft_model: object, state: TrainState, output: Path, before: float, after: float, baseline: float,
-            folder: Path) -> None:
+def _finish(peft_model: object, state: TrainState, output: Path, before: float, after: float,
+            memory: tuple[float, float], folder: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(output / "adapter")
     plot_losses(state.losses, [(0, before), (state.step, after)], output / "loss.png",
                 f"LoRA on {Path(folder).name}")
     metrics = {"held_out_loss_before": before, "held_out_loss_after": after, "steps": state.step,
-               "tokens": state.tokens, "train_seconds": state.seconds, "peak_rss_mib": peak_rss_mb(),
-               "baseline_rss_mib": baseline, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+               "tokens": state.tokens, "train_seconds": state.seconds, "baseline_rss_mib": memory[0],
+               "train_peak_rss_mib": memory[1], "train_memory_mib": memory[1] - memory[0],
+               "process_peak_rss_mib": peak_rss_mb(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"training: {throughput(state)}; peak memory {metrics['peak_rss_mib']:.0f} MiB")
+    print(f"training: {throughput(state)}; memory while training {metrics['train_memory_mib']:.0f} MiB "
+          f"above the {memory[0]:.0f} MiB before the model was loaded")
     print(f"adapter (PEFT format): {output / 'adapter'}")
     print(f"loss curve: {output / 'loss.png'}")
     print(f"metrics: {output / 'metrics.json'}")
