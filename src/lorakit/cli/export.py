@@ -108,8 +108,8 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     # vLLM's PEFTHelper rejects modules_to_save and DoRA; its loader reads only LoRA factor tensors.
     "vllm": Engine(("residual_init", "bdlora", "dora", "modules_to_save", "lora_bias", "base_bias", "conv"), True,
-                   "vLLM applies LoRA on embed_tokens / lm_head only for models that declare embedding LoRA "
-                   "support; start it with --max-lora-rank at least {r}"),
+                   "start vLLM with --max-lora-rank of at least {r} (LoRA on embed_tokens / lm_head also needs "
+                   "a model class that declares embedding-LoRA support)"),
     # llama.cpp's convert_lora_to_gguf.py exits on any tensor but lora_A/lora_B/lora_embedding_* (and norms).
     "llama.cpp": Engine(("residual_init", "bdlora", "dora", "modules_to_save", "lora_bias", "base_bias", "conv"),
                         True, "convert with: python convert_lora_to_gguf.py --base BASE_FOLDER {out}"),
