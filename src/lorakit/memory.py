@@ -10,7 +10,7 @@ the compute dtype (4 for fp32; 2 for bf16 and for 4-bit bases, which compute in 
     adapter weights  4P          adapters stay fp32 over a half or 4-bit base (PEFT's autocast_adapter_dtype)
     gradients        4P          only trainable tensors get a .grad
     optimizer state  8P          AdamW keeps exp_avg and exp_avg_sq, fp32
-    activations      T · bytes_per_token · (1 + ALLOCATOR_SLACK)          (see ``activation_terms``)
+    activations      T · bytes per token, + ALLOCATOR_SLACK × all but the loss  (see ``activation_terms``)
     runtime          RUNTIME_MIB, a measured constant: libraries and the tokenizer loaded with the model
 
 NF4 (QLoRA, arXiv:2305.14314) stores 4 bits per weight, one 8-bit absmax per block of 64 weights and, with
@@ -36,24 +36,23 @@ heads, s the sequence length, V the vocabulary and r each adapter's rank:
                     logits), and at the start of backward two more V-sized fp32 tensors are alive (the NLL
                     gradient and the logits' gradient): 3·V·4 bytes per token at the peak
 
-A pre-norm block's first norm in block 0 reads the frozen embedding, which needs no gradient: it saves nothing.
+A tensor is counted once however many ops save it: o_proj's LoRA input is the SDPA output the fused kernel
+already saves. Tensors that need no gradient save nothing: block 0 reads the frozen embedding, so a pre-norm
+model's first norm saves nothing and LoRA dropout on block 0's attention input keeps no noise.
 With gradient checkpointing, each block keeps only its input (d) and one block is recomputed at a time in
 backward. Sequence-level terms (rotary tables, the classifier's pooled vector) are below 0.1% and left out.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .config import LoraConfig
-from .kinds import find_kind, is_linear_like
-from .targeting import layer_index, resolve_targets, task_modules_to_save
+from .kinds import is_linear_like
+from .targeting import layer_index, resolve_targets
 
 MIB = 2**20
 BASE_DTYPES = ("fp32", "bf16", "4bit")
@@ -63,13 +62,19 @@ NF4_BYTES = 1 / 2 + 1 / 64 + 4 / (64 * 256)  # 4-bit code + 8-bit absmax per 64 
 ADAPTER_BYTES = 4  # fp32 adapter weights, and their gradients
 ADAMW_STATES = 2  # exp_avg, exp_avg_sq
 LOSS_COPIES = 3  # saved log_softmax, its incoming gradient, the logits' gradient (all T·V fp32)
-# Measured with `lorakit train` on the SmolLM2 tokenizer: loading the tokenizer imports ~970 transformers
-# modules (+135 MiB resident), the model's Python objects and lorakit another ~15 MiB.
+# Measured in `lorakit train` with SmolLM2's tokenizer: loading the tokenizer imports ~970 transformers
+# modules (+135 MiB resident); the model's Python objects and lorakit add ~15 MiB.
 RUNTIME_MIB = 150.0
-# glibc serves tensors below its mmap threshold (up to 32 MiB) from heaps it does not give back, so resident
-# memory exceeds the live-tensor peak. Measured: torch.profiler's live-tensor peak matched this module's
-# activation count within 1%, resident memory was above it by ALLOCATOR_SLACK × activations (see tests).
-ALLOCATOR_SLACK = 0.0
+# glibc serves tensors below its mmap threshold (at most 32 MiB) from heaps whose freed blocks stay resident
+# and fragment, so resident memory exceeds the live-tensor peak. torch.profiler's live-tensor peak matched
+# this module's count within 3% (lower by the adapter gradients, which appear after the peak), and in one run
+# with MALLOC_MMAP_THRESHOLD_=65536 (no heap reuse) resident memory matched count + RUNTIME_MIB within 1%.
+# With glibc's defaults, the excess over count + RUNTIME_MIB, divided by the activations other than the
+# loss's vocabulary-sized tensors (those are mmapped and given back), was 0.35-1.56, median 0.85, over 17
+# `lorakit train` runs: Llama models of 16, 28, 49 and 135 M parameters (vocab 49,152), r 8-64, q/v or all
+# seven projections, dropout 0 or 0.1, batch x length 4x128, 8x128, 2x512. With gradient checkpointing the
+# ratio was higher (1.7 and 3.1; the totals came out 3% and 10% low).
+ALLOCATOR_SLACK = 0.85
 
 
 @dataclass(frozen=True)
@@ -135,11 +140,19 @@ class Shapes:
 
 
 def read_shapes(config: object) -> Shapes:
-    """Shapes from a transformers config; missing sizes take the usual defaults (f = 4d, g = h, e = d/h)."""
+    """Shapes from a transformers config; missing sizes take the usual defaults (f = 4d, g = h, e = d/h).
+
+    Raises:
+        ValueError: the config names no hidden size, layer count, head count or vocabulary size.
+    """
     found = {}
     for name, attributes in CONFIG_FIELDS.items():
         values = [getattr(config, attribute, None) for attribute in attributes]
         found[name] = next((value for value in values if value is not None), None)
+    missing = [CONFIG_FIELDS[name][0] for name in ("hidden", "layers", "heads", "vocab") if not found[name]]
+    if missing:
+        raise ValueError(f"cannot estimate activations: the {type(config).__name__} has no {', '.join(missing)}; "
+                         "lorakit.memory reads transformer decoder and encoder configs")
     hidden, heads = found["hidden"], found["heads"]
     found["intermediate"] = found["intermediate"] or 4 * hidden
     found["kv_heads"] = found["kv_heads"] or heads
@@ -275,15 +288,25 @@ def _attention_flash(s: Shapes, setup: Setup, a: int) -> float:
 
 
 def _attention_math(s: Shapes, setup: Setup, a: int) -> float:
-    """Eager or SDPA's math path: q, k, v (h·e each) and probabilities h·s (3·h·s with attention dropout)."""
-    probabilities = s.heads * setup.max_length * (3 if s.attention_dropout > 0 else 1)
-    return a * (3 * s.heads * s.head_dim + probabilities)
+    """Eager or SDPA's math path: q, k, v (h·e each), probabilities h·s, and with attention dropout its noise
+    and the dropped probabilities (2·h·s). On CPU, SDPA's math path computes in fp32 whatever the dtype;
+    eager's softmax saves fp32 probabilities and, below fp32, its matmul saves a copy in the compute dtype."""
+    probabilities = s.heads * setup.max_length
+    dropout = 2 * probabilities if s.attention_dropout > 0 else 0
+    if setup.attention == "sdpa":
+        return 4 * (3 * s.heads * s.head_dim + probabilities + dropout)
+    copy = a if a != 4 else 0
+    return a * (3 * s.heads * s.head_dim + dropout) + (4 + copy) * probabilities
+
+
+def uses_flash(s: Shapes, setup: Setup) -> bool:
+    """SDPA runs its fused CPU kernel unless attention dropout is on (then its math path, like eager)."""
+    return setup.attention == "sdpa" and s.attention_dropout == 0
 
 
 def attention_bytes(s: Shapes, setup: Setup, a: int) -> float:
-    """Bytes per token one attention saves; SDPA falls back to its math path when attention dropout is on."""
-    math_path = setup.attention == "eager" or s.attention_dropout > 0
-    return (_attention_math if math_path else _attention_flash)(s, setup, a)
+    """Bytes per token one attention saves."""
+    return (_attention_flash if uses_flash(s, setup) else _attention_math)(s, setup, a)
 
 
 def mlp_bytes(s: Shapes, a: int) -> float:
@@ -295,9 +318,8 @@ def mlp_bytes(s: Shapes, a: int) -> float:
 
 def block_bytes(s: Shapes, setup: Setup, a: int) -> dict[str, float]:
     """Bytes per token one block saves besides its LoRA branches, by part."""
-    norm = (s.hidden + s.family.norm_stats) * (4 if s.family.norm_fp32 else a)
     return {
-        "norms": 2 * norm,
+        "norms": 2 * _norm_bytes(s, a),
         "attention": attention_bytes(s, setup, a),
         "mlp": mlp_bytes(s, a),
         "hidden dropout": 2 * s.hidden * a if s.hidden_dropout > 0 else 0.0,
@@ -310,7 +332,7 @@ def _input_name(path: str, family: Family) -> str:
     return family.lora_inputs[max(suffixes, key=len)] if suffixes else path
 
 
-def lora_bytes(model: nn.Module, lora: LoraConfig, s: Shapes, a: int) -> dict[int | None, float]:
+def lora_bytes(model: nn.Module, lora: LoraConfig, s: Shapes, setup: Setup) -> dict[int | None, float]:
     """Bytes per token the LoRA branches save, per block index (None: outside the blocks).
 
     Per module: B saves x·Aᵀ (r); A saves its input (in, see ``_saved_input``); all fp32, the adapter's
@@ -322,28 +344,35 @@ def lora_bytes(model: nn.Module, lora: LoraConfig, s: Shapes, a: int) -> dict[in
     """
     plan = resolve_targets(model, lora)
     modules = dict(model.named_modules())
+    shared = COMPUTE_BYTES[setup.base_dtype] == ADAPTER_BYTES  # else each module casts x to fp32 itself
+    # SDPA's fused kernel already saves its output, which o_proj reads: the same storage, counted once.
+    seen = {(block, "attention output") for block in range(s.layers)} if uses_flash(s, setup) else set()
     per_block: dict[int | None, float] = {}
-    seen: set[tuple[int | None, str]] = set()
     for path, spec in plan.layers.items():
         kind, block = plan.kinds[path], layer_index(path, None)
         in_features, out_features = kind.features(modules[path])
         saved = spec.r + (2 * out_features if lora.use_dora else 0)
         if not kind.embedding:
-            shared = (block, _input_name(path, s.family)) if a == ADAPTER_BYTES else None
-            saved += _saved_input(in_features, spec.lora_dropout, shared, seen)
+            tensor = (block, _input_name(path, s.family))
+            saved += _saved_input(in_features, spec.lora_dropout, tensor if shared else None, seen,
+                                  frozen=tensor == (0, "attention input"))
         per_block[block] = per_block.get(block, 0.0) + ADAPTER_BYTES * saved
     return per_block
 
 
-def _saved_input(in_features: int, dropout: float, shared: tuple | None, seen: set) -> int:
-    """What A saves of its input: 2·in with dropout (torch's CPU dropout keeps its noise, A the dropped copy);
-    else the input itself, once per distinct tensor (``shared``; None: cast to fp32 per module, not shared)."""
+def _saved_input(in_features: int, dropout: float, tensor: tuple | None, seen: set, frozen: bool) -> int:
+    """What A saves of its input x.
+
+    With dropout: the dropped copy (in) and torch's CPU dropout noise (in), but no noise when x needs no
+    gradient (``frozen``: block 0's attention input comes from the frozen embedding). Without dropout: x
+    itself, once per distinct ``tensor`` (None: not shared with other modules).
+    """
     if dropout > 0:
-        return 2 * in_features
-    if shared is not None:
-        if shared in seen:
+        return in_features if frozen else 2 * in_features
+    if tensor is not None:
+        if tensor in seen:
             return 0
-        seen.add(shared)
+        seen.add(tensor)
     return in_features
 
 
@@ -356,9 +385,10 @@ def activation_terms(model: nn.Module, lora: LoraConfig, setup: Setup, s: Shapes
 
     Without checkpointing: T·(L·block + Σ LoRA + final norm − block 0's first norm) + T·3·V·4 for the loss.
     With checkpointing: T·L·d·a for the block inputs, plus one block recomputed at a time, plus the loss.
+    Then ALLOCATOR_SLACK × everything but the loss (heap-allocated tensors; see the constant).
     """
     a, tokens = COMPUTE_BYTES[setup.base_dtype], setup.tokens
-    block, branches = block_bytes(s, setup, a), lora_bytes(model, lora, s, a)
+    block, branches = block_bytes(s, setup, a), lora_bytes(model, lora, s, setup)
     norm = _norm_bytes(s, a) if s.family.pre_norm else 0.0  # block 0's first norm and the final norm
     outside = branches.pop(None, 0.0)
     if setup.gradient_checkpointing:
@@ -370,6 +400,7 @@ def activation_terms(model: nn.Module, lora: LoraConfig, setup: Setup, s: Shapes
         terms["lora"] = tokens * sum(branches.values())
     terms["final norm and head LoRA"] = tokens * (norm + outside)
     terms["loss"] = tokens * LOSS_COPIES * s.vocab * 4 if setup.causal_lm else 0.0
+    terms["allocator slack"] = ALLOCATOR_SLACK * (sum(terms.values()) - terms["loss"])
     return terms
 
 
@@ -387,7 +418,7 @@ def estimate_memory(model: nn.Module, lora: LoraConfig, setup: Setup) -> MemoryE
         adapter_weights=adapter,
         gradients=adapter,
         optimizer_state=ADAMW_STATES * adapter,
-        activations=sum(detail.values()) * (1 + ALLOCATOR_SLACK),
+        activations=sum(detail.values()),
         runtime=RUNTIME_MIB * MIB,
         parameters=counts,
         activation_detail=detail,

@@ -19,7 +19,7 @@ __all__ = ["COMMANDS", "CliError", "Command", "main"]
 
 
 # Subcommand modules, in the order --help lists them; each registers itself in COMMANDS on import.
-COMMAND_MODULES = ("train", "inspect", "merge", "export")
+COMMAND_MODULES = ("train", "plan", "inspect", "merge", "export")
 
 
 def _load_commands() -> None:
