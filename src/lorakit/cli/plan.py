@@ -66,7 +66,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
 TASKS = {"causal-lm": ("CAUSAL_LM", "AutoModelForCausalLM"),
          "classification": ("SEQ_CLS", "AutoModelForSequenceClassification")}
 ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta", "deberta-v2", "distilbert"}
-DEFAULT_EXAMPLES = 2393  # lorakit train's default data: the English chatterbot-corpus pairs
+DEFAULT_EXAMPLES = 2361  # lorakit train's default data: the non-empty English chatterbot-corpus pairs
 
 # Starting points: PEFT's defaults (targets by architecture), and lorakit train's SFT recipe.
 LIBRARY_DEFAULT = dict(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=None)
