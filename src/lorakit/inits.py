@@ -28,6 +28,9 @@ class InitRequest:
         B_shape: shape of B: (out, r), (out, r/groups, 1, ...) or (dim, r).
         r: the rank. scaling: s. embedding: the layer is an Embedding (PEFT inits it differently).
         options: the method's parsed options (e.g. {"niter": 16}).
+        weight: the base weight as an (out, in·k) float32 matrix (``Kind.matrix``), only for methods
+            registered with ``needs_weight=True``; A and B results are in that layout, (r, in·k) and (out, r),
+            and the layer reshapes them to the factors' shapes.
     """
 
     A_shape: tuple[int, ...]
@@ -36,6 +39,7 @@ class InitRequest:
     scaling: float
     embedding: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    weight: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -49,13 +53,16 @@ class InitResult:
 
 InitFn = Callable[[InitRequest], "InitResult | None"]
 INITS: dict[str, InitFn] = {}
+NEEDS_WEIGHT: set[str] = set()  # methods that read the base weight (the layer passes it only to these)
 
 
-def register_init(name: str) -> Callable[[InitFn], InitFn]:
+def register_init(name: str, *, needs_weight: bool = False) -> Callable[[InitFn], InitFn]:
     """Decorator: register an init method under the name ``config.parse_init`` produces."""
 
     def decorate(fn: InitFn) -> InitFn:
         INITS[name] = fn
+        if needs_weight:
+            NEEDS_WEIGHT.add(name)
         return fn
 
     return decorate

@@ -36,6 +36,9 @@ class Kind:
         delta_weight: (base, A, B) -> ΔW in the base weight's layout, unscaled (weights as tensors).
         embedding: factors live in ``lora_embedding_A/B`` (Parameters) and the branch has no dropout.
         weight_is_in_out: the base weight is stored (in, out), PEFT's ``fan_in_fan_out=True``.
+        matrix: base -> W as an (out, in·k) matrix, the layout in which ΔW = B A for every kind (a view
+            where possible); inits that decompose W (PiSSA, OLoRA, LoftQ) read it.
+        set_matrix: (base, M) -> None, writes an (out, in·k) matrix back into the base weight's own layout.
     """
 
     name: str
@@ -45,6 +48,8 @@ class Kind:
     delta_weight: Callable[[nn.Module, Tensor, Tensor], Tensor]
     embedding: bool = False
     weight_is_in_out: bool = False
+    matrix: Callable[[nn.Module], Tensor] = lambda m: m.weight
+    set_matrix: Callable[[nn.Module, Tensor], None] = lambda m, M: m.weight.copy_(M.reshape(m.weight.shape))
 
 
 KINDS: dict[type, Kind] = {}
@@ -131,6 +136,8 @@ register_kind(
         branch=_linear_branch,
         delta_weight=lambda m, A, B: (B @ A).T,  # (in, out)
         weight_is_in_out=True,
+        matrix=lambda m: m.weight.T,
+        set_matrix=lambda m, M: m.weight.copy_(M.T),
     ),
 )
 
@@ -160,6 +167,8 @@ register_kind(
         branch=_embedding_branch,
         delta_weight=lambda m, A, B: (B @ A).T,  # (num, dim)
         embedding=True,
+        matrix=lambda m: m.weight.T,  # (dim, num): "out" is the embedding dimension
+        set_matrix=lambda m, M: m.weight.copy_(M.T),
     ),
 )
 
@@ -194,5 +203,6 @@ for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             make_factors=_conv_factors,
             branch=_linear_branch,
             delta_weight=_conv_delta_weight,
+            matrix=lambda m: m.weight.flatten(1),  # (out, in/groups · k...)
         ),
     )

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .config import InitMethod
 from .errors import explain
-from .inits import INITS, InitRequest
+from .inits import INITS, NEEDS_WEIGHT, InitRequest
 from .kinds import Kind
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -119,6 +119,9 @@ class LoraLayer(nn.Module):
                         fix="pick another adapter_name or delete_adapter() the old one first")
             )
         A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
+        weight = None
+        if spec.init.name in NEEDS_WEIGHT:
+            weight = self.kind.matrix(self.base_layer).detach().float()
         result = INITS[spec.init.name](
             InitRequest(
                 A_shape=tuple(A.shape if self.kind.embedding else A.weight.shape),
@@ -127,15 +130,19 @@ class LoraLayer(nn.Module):
                 scaling=spec.scaling,
                 embedding=self.kind.embedding,
                 options=spec.init.options,
+                weight=weight,
             )
         )
         with torch.no_grad():
             A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
             if result is not None:
-                A_weight.copy_(result.A)
-                B_weight.copy_(result.B)
+                A_weight.copy_(result.A.reshape(A_weight.shape))
+                B_weight.copy_(result.B.reshape(B_weight.shape))
                 if getattr(B, "bias", None) is not None:
                     B.bias.zero_()
+                if result.base_weight is not None:  # residual inits: W <- W_res, cast once to the base dtype
+                    base_weight = self.kind.matrix(self.base_layer)
+                    self.kind.set_matrix(self.base_layer, result.base_weight.to(base_weight.dtype))
         reference = next(self.base_layer.parameters(), None)
         dtype = adapter_dtype(self.base_layer)
         if not autocast_adapter_dtype and reference is not None and reference.is_floating_point():
