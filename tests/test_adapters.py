@@ -156,3 +156,12 @@ def test_save_load_round_trip_keeps_every_adapter(tmp_path):
         loaded.set_adapter(name)
         torch.testing.assert_close(run(loaded, inputs), output, **ATOL)
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+
+
+def test_second_all_linear_adapter_sees_through_existing_lora_layers():
+    model = get_peft_model(build("llama", seed=0), LoraConfig(target_modules="all-linear"), adapter_name="a")
+    first = set(model.base_model.targeted_module_names)
+    model.add_adapter("b", LoraConfig(target_modules="all-linear", r=2))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == len(first) and all("b" in layer.r for layer in layers)
+    assert model.peft_config["b"].target_modules == first

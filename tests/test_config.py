@@ -293,12 +293,6 @@ class Net(nn.Module):
 
 
 LATER = [  # accepted and stored by LoraConfig, NotImplementedError at get_peft_model naming the field
-    (dict(use_dora=True), "use_dora"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights"),
-    (dict(init_lora_weights="pissa_niter_4"), "init_lora_weights"),
-    (dict(init_lora_weights="olora"), "init_lora_weights"),
-    (dict(init_lora_weights="orthogonal"), "init_lora_weights"),
-    (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1}), "init_lora_weights"),
     (dict(init_lora_weights="eva"), "init_lora_weights"),
     (dict(init_lora_weights="corda"), "init_lora_weights"),
     (dict(use_bdlora={"target_modules_bd_a": ["layer"], "target_modules_bd_b": [], "nblocks": 2}), "use_bdlora"),

@@ -468,3 +468,24 @@ def test_reference_delta_weight_is_consistent_with_forward(kind):
         Wm = W + ref.delta_weight_convNd(A, B, s)
         merged = ref.lora_convNd(x.double(), Wm, bias, A, B, 0.0, base.stride, base.padding, base.dilation)
     torch.testing.assert_close(merged, lora_out, **TOL[torch.float64])
+
+
+def test_embedding_branch_follows_embed_scale():
+    """Scaled embeddings (Gemma) multiply their output by embed_scale; the LoRA update must be scaled too."""
+
+    class ScaledEmbedding(nn.Embedding):
+        def __init__(self, *args, scale: float):
+            super().__init__(*args)
+            self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    net = get_peft_model(Net(ScaledEmbedding(12, 6, scale=3.0)), LoraConfig(target_modules=["layer"],
+                                                                           init_lora_weights=False)).eval()
+    layer = net.base_model.model.layer
+    ids = torch.tensor([[1, 4, 7]])
+    expected = (layer.base_layer.weight + layer.get_delta_weight("default"))[ids] * 3.0
+    torch.testing.assert_close(net(ids), expected, atol=1e-5, rtol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(net(ids), expected, atol=1e-5, rtol=1e-5)

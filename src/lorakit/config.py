@@ -150,7 +150,6 @@ def parse_init(value: bool | str) -> InitMethod:
 # Options PEFT has that lorakit accepts and stores but does not run yet, with the value that means "off".
 # get_peft_model raises NotImplementedError naming any of them that is set (never a silent no-op).
 NOT_YET = {
-    "use_dora": (False, "DoRA arrives with issue 5"),
     "use_bdlora": (None, "BD-LoRA arrives with issue 5"),
     "megatron_config": (None, "Megatron parallel layers are not supported"),
     "trainable_token_indices": (None, "trainable token indices are not supported"),
@@ -166,10 +165,6 @@ NOT_YET = {
     "ensure_weight_tying": (False, "ensure_weight_tying arrives with issue 7"),
 }
 INITS_NOT_YET = {
-    "orthogonal": "issue 5",
-    "pissa": "issue 5",
-    "olora": "issue 5",
-    "loftq": "issue 5",
     "eva": "issue 5",
     "corda": "issue 5",
 }
@@ -271,8 +266,12 @@ class LoraConfig:
 
     @property
     def init_method(self) -> InitMethod:
-        """``init_lora_weights`` parsed (see ``parse_init``)."""
-        return parse_init(self.init_lora_weights)
+        """``init_lora_weights`` parsed (see ``parse_init``); "loftq" carries {"bits", "iters"} of loftq_config."""
+        method = parse_init(self.init_lora_weights)
+        if method.name == "loftq" and self.loftq_config:
+            loftq = _loftq_dict(self.loftq_config)
+            return InitMethod("loftq", {"bits": loftq.get("loftq_bits", 4), "iters": loftq.get("loftq_iter", 1)})
+        return method
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -366,6 +365,11 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---- validation: one small function per rule, run in order by __post_init__ -------------------------------
+def _loftq_dict(value: LoftQConfig | dict) -> dict[str, Any]:
+    """loftq_config as a dict: PEFT stores a dict, lorakit accepts either."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+
+
 def _fail(field_name: str, got: object, expected: str, fix: str = "") -> ValueError:
     return ValueError(explain(f"invalid {field_name}", where="LoraConfig", got=got, expected=expected, fix=fix))
 
@@ -469,6 +473,11 @@ def _check_combinations(config: LoraConfig) -> None:
     method = config.init_method.name
     if method == "loftq" and not config.loftq_config:
         raise _fail("loftq_config", config.loftq_config, "a LoftQConfig when init_lora_weights='loftq'")
+    if method == "loftq":
+        loftq = _loftq_dict(config.loftq_config)
+        bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+        if bits not in (4, 8) or not _is_int(iters) or iters < 1:
+            raise _fail("loftq_config", loftq, "loftq_bits 4 or 8 and loftq_iter >= 1 (as in PEFT)")
     if config.use_dora and config.use_bdlora is not None:
         raise _fail("use_bdlora", config.use_bdlora, "use_bdlora=None with use_dora=True")
 

@@ -4,8 +4,10 @@ Each function receives an ``InitRequest`` and returns an ``InitResult`` (or None
 created). It touches no module and no adapter-name dict; ``LoraLayer`` copies the result in. A new
 method is one registered function plus a test of its invariant; ``layer.py`` does not change.
 
-Methods registered later (PiSSA, OLoRA, LoftQ, EVA, CorDA, orthogonal) arrive with issue 5; until then
-``LoraConfig.not_yet_supported`` makes get_peft_model refuse them by name.
+Weight-reading methods (PiSSA, OLoRA, LoftQ) decompose W as an (out, in·k) matrix and return a residual
+base weight; like PEFT 0.21.2 they run on Linear and GPT-2 Conv1D layers only: an Embedding gets LoRA's
+embedding init (PEFT silently does the same; lorakit warns), a convolution is refused. EVA and CorDA
+(calibrate.py) arrive with issue 5; until then ``LoraConfig.not_yet_supported`` refuses them by name.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import explain, warn
+from .nf4 import fake_quantize
+
 
 @dataclass(frozen=True)
 class InitRequest:
@@ -27,10 +32,12 @@ class InitRequest:
         A_shape: shape of A: (r, in) for linear kinds, (r, in, *kernel) for convs, (r, num) for embeddings.
         B_shape: shape of B: (out, r), (out, r/groups, 1, ...) or (dim, r).
         r: the rank. scaling: s. embedding: the layer is an Embedding (PEFT inits it differently).
-        options: the method's parsed options (e.g. {"niter": 16}).
+        options: the method's parsed options (e.g. {"niter": 16}, or {"bits": 4, "iters": 1} for LoftQ).
         weight: the base weight as an (out, in·k) float32 matrix (``Kind.matrix``), only for methods
             registered with ``needs_weight=True``; A and B results are in that layout, (r, in·k) and (out, r),
             and the layer reshapes them to the factors' shapes.
+        kind: the base layer's Kind name ("Linear", "Conv2d", ...), for messages; empty when the caller
+            does not say (then it is inferred from A_shape).
     """
 
     A_shape: tuple[int, ...]
@@ -40,6 +47,7 @@ class InitRequest:
     embedding: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     weight: Tensor | None = None
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,3 +104,141 @@ def gaussian(request: InitRequest) -> InitResult:
 def keep(request: InitRequest) -> None:
     """``init_lora_weights=False``: keep the factors as created (random, so B A != 0; for tests)."""
     return None
+
+
+# ---- inits that read W: PiSSA, OLoRA, LoftQ (and orthogonal, which only needs the shapes) ------------------
+def _layer_name(request: InitRequest) -> str:
+    if request.kind:
+        return request.kind
+    if request.embedding:
+        return "Embedding"
+    return f"Conv{len(request.A_shape) - 2}d" if len(request.A_shape) > 2 else "Linear"
+
+
+def _refuse_conv(request: InitRequest, method: str) -> None:
+    """PEFT 0.21.2 raises "Unknown initialization" for these inits on ConvNd layers; so do we, clearly."""
+    if len(request.A_shape) > 2 and not request.embedding:
+        raise ValueError(explain(f"init_lora_weights={method!r} is not supported", where=f"a {_layer_name(request)} "
+                                 "target", expected="Linear or Conv1D (GPT-2) targets, as in PEFT",
+                                 fix="exclude the convolution (exclude_modules) or use init_lora_weights=True"))
+
+
+def _embedding_fallback(request: InitRequest, method: str) -> InitResult:
+    """PEFT 0.21.2 gives an Embedding LoRA's embedding init for these methods, silently; we say so."""
+    warn(f"init_lora_weights={method!r} does not apply to Embedding layers; an Embedding target gets LoRA's "
+         "embedding init (A = 0, B ~ N(0, 1)) instead, as in PEFT")
+    return default(request)
+
+
+def _matrix(request: InitRequest, method: str) -> Tensor:
+    """The base weight (out, in) after the checks every decomposition needs."""
+    _refuse_conv(request, method)
+    W = request.weight
+    assert W is not None, f"{method} is registered with needs_weight=True"
+    if request.r > min(W.shape):
+        raise ValueError(explain(f"r={request.r} is too large for init_lora_weights={method!r}",
+                                 where=f"a {_layer_name(request)} with weight {tuple(W.shape)}",
+                                 expected=f"r <= min(out, in) = {min(W.shape)}", fix="lower r (or its rank_pattern)"))
+    return W
+
+
+def _split(U: Tensor, S: Tensor, Vh: Tensor, r: int, s: float) -> tuple[Tensor, Tensor]:
+    """(A, B) with s·B A = U_r S_r V_rᵀ: B = U_r √(S_r/s)  (out, r),  A = √(S_r/s) V_rᵀ  (r, in)."""
+    root = torch.sqrt(S[:r] / s)
+    return root[:, None] * Vh[:r], U[:, :r] * root
+
+
+@register_init("orthogonal")
+def orthogonal(request: InitRequest) -> InitResult:
+    """Orthogonal init (datta0.github.io/posts/rethink-lora-init), PEFT's "orthogonal": B A = 0, both non-zero.
+
+    Q = qr(X), X ~ N(0, 1) (r, r); rows of Q split into odd Q_o and even Q_e (r/2, r) each, Q_e Q_oᵀ = 0:
+    A = (G_A Q_o)ᵀ / 10  (r, in),  B = G_Bᵀ Q_e / 10  (out, r),  G_A ~ N(0, 1) (in, r/2), G_B (r/2, out),
+    so B A = G_Bᵀ (Q_e Q_oᵀ) G_Aᵀ / 100 = 0 (up to rounding). Draws in PEFT's order, so a seed gives PEFT's A, B.
+
+    Raises:
+        ValueError: r is odd; or the target is a convolution (as in PEFT).
+    """
+    if request.embedding:
+        return _embedding_fallback(request, "orthogonal")
+    _refuse_conv(request, "orthogonal")
+    r = request.r
+    if r % 2:
+        raise ValueError(explain("init_lora_weights='orthogonal' needs an even rank", where=_layer_name(request),
+                                 got=r, expected="an even r", fix="use an even r (or rank_pattern entry)"))
+    Q, _ = torch.linalg.qr(torch.randn(r, r))
+    A = torch.randn(request.A_shape[1], r // 2).mm(Q[0::2, :]).T / 10.0
+    B = torch.randn(r // 2, request.B_shape[0]).T.mm(Q[1::2, :]) / 10.0
+    return InitResult(A=A.contiguous(), B=B.contiguous())
+
+
+@register_init("pissa", needs_weight=True)
+def pissa(request: InitRequest) -> InitResult:
+    """PiSSA (arXiv:2404.02948): the principal singular triplets of W become the adapter.
+
+    W = U S Vᵀ (full SVD; with options {"niter": N} the randomised torch.svd_lowrank(W, q=r, niter=N)),
+    B = U_r √(S_r/s)  (out, r),  A = √(S_r/s) V_rᵀ  (r, in),  W_res = W − s·B A  (out, in).
+    Invariant: W_res + s·B A == W. As in PEFT, 1/s sits under the root, so s·B A = U_r S_r V_rᵀ for any s.
+
+    Raises:
+        ValueError: r > min(out, in), or a convolution target (PEFT refuses those too).
+    """
+    if request.embedding:
+        return _embedding_fallback(request, "pissa")
+    W = _matrix(request, "pissa")
+    niter = request.options.get("niter")
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    else:
+        U, S, V = torch.svd_lowrank(W, q=request.r, niter=niter)
+        Vh = V.T
+    A, B = _split(U, S, Vh, request.r, request.scaling)
+    return InitResult(A=A.contiguous(), B=B.contiguous(), base_weight=W - request.scaling * B @ A)
+
+
+@register_init("olora", needs_weight=True)
+def olora(request: InitRequest) -> InitResult:
+    """OLoRA (arXiv:2406.01775): an orthonormal basis of W's column space becomes B.
+
+    W = Q R (reduced QR; Q (out, k) orthonormal columns, R (k, in) upper triangular, k = min(out, in)),
+    B = Q[:, :r]  (out, r),  A = R[:r]  (r, in),  W_res = W − s·B A. Invariant: W_res + s·B A == W.
+    No 1/s in the factors (PEFT's convention). For GPT-2 Conv1D W is taken as (out, in) like every kind;
+    PEFT 0.21.2 decomposes the stored (in, out) weight there and its forward then fails on shapes.
+
+    Raises:
+        ValueError: r > min(out, in), or a convolution target.
+    """
+    if request.embedding:
+        return _embedding_fallback(request, "olora")
+    W = _matrix(request, "olora")
+    Q, R = torch.linalg.qr(W)
+    B, A = Q[:, : request.r].contiguous(), R[: request.r].contiguous()
+    return InitResult(A=A, B=B, base_weight=W - request.scaling * B @ A)
+
+
+@register_init("loftq", needs_weight=True)
+def loftq(request: InitRequest) -> InitResult:
+    """LoftQ (arXiv:2310.08659, Algorithm 1): a quantised base plus the adapter that best repairs it.
+
+    Start with T = W; repeat ``iters`` times (options {"bits": 4|8, "iters": N}):
+        Q = deq(quantize(T))   (NF4 blocks of 64, or int8 rows; nf4.py),
+        U S Vᵀ = svd(W − Q),   B = U_r √(S_r/s),  A = √(S_r/s) V_rᵀ,   T = W − s·B A.
+    base_weight = Q (out, in), kept as float values: the layer does not re-quantise the base.
+    After the first step ‖W − (Q + s·B A)‖ < ‖W − deq(quantize(W))‖ unless W − Q is already 0.
+    PEFT puts no 1/s in the factors (peft issue #1982), so only at s = 1 does it make s·B A fit W − Q;
+    lorakit fits for every s, and equals PEFT at s = 1.
+
+    Raises:
+        ValueError: an Embedding or convolution target (PEFT fails on both), r > min(out, in), bits not 4 or 8.
+    """
+    if request.embedding:
+        raise ValueError(explain("init_lora_weights='loftq' is not supported", where="an Embedding target",
+                                 expected="Linear or Conv1D (GPT-2) targets", fix="exclude the embedding"))
+    W = _matrix(request, "loftq")
+    target = W
+    for _ in range(request.options.get("iters", 1)):
+        quantized = fake_quantize(target, request.options.get("bits", 4))
+        U, S, Vh = torch.linalg.svd(W - quantized, full_matrices=False)
+        A, B = _split(U, S, Vh, request.r, request.scaling)
+        target = W - request.scaling * B @ A
+    return InitResult(A=A.contiguous(), B=B.contiguous(), base_weight=quantized)

@@ -154,8 +154,12 @@ def _embedding_factors(m: nn.Embedding, r: int, lora_bias: bool) -> tuple[nn.Par
 
 
 def _embedding_branch(m: nn.Embedding, ids: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """A.T[ids] Bᵀ, times the base's ``embed_scale`` when it has one (Gemma's scaled embeddings scale their
+    output, so the update of W[ids] must be scaled the same way: (W + ΔW)[ids]·c = base + ΔW[ids]·c)."""
     codes = F.embedding(ids, A.T, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
-    return codes @ B.T  # (..., r) @ (r, dim)
+    out = codes @ B.T  # (..., r) @ (r, dim)
+    scale = getattr(m, "embed_scale", None)
+    return out if scale is None else out * scale.to(out.dtype)
 
 
 register_kind(

@@ -9,6 +9,10 @@ with ``s = lora_alpha / r`` or ``lora_alpha / √r`` (rsLoRA). Merging folds ``s
 and the branch mean for a given base type comes from its ``Kind`` (kinds.py), so this file never
 branches on the base type. Quantized bases (issue 6) only change how W is read and written.
 
+An adapter created with a variant (``LayerSpec.variant``, e.g. "dora") is handed to that ``Variant``
+(variants.py) for its forward and merge; ``_variants`` maps such adapters to their strategy, and plain
+adapters never look it up beyond an empty-dict check.
+
 The attribute names (``base_layer``, ``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_embedding_B``,
 ``lora_magnitude_vector``, ``lora_dropout``, ``r``, ``lora_alpha``, ``scaling``) are PEFT's, so state-dict
 keys match PEFT's key for key.
@@ -26,6 +30,7 @@ from .config import InitMethod
 from .errors import explain
 from .inits import INITS, NEEDS_WEIGHT, InitRequest
 from .kinds import Kind
+from .variants import VARIANTS, Variant
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -40,6 +45,7 @@ class LayerSpec:
     use_rslora: bool = False
     lora_bias: bool = False
     init: InitMethod = InitMethod("default")
+    variant: str | None = None  # a key of variants.VARIANTS ("dora" for use_dora), None for plain LoRA
 
     @property
     def scaling(self) -> float:
@@ -88,7 +94,7 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m, filled by issue 5
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m (variants.Magnitude)
         self.kind = kind
         self.in_features, self.out_features = kind.features(base_layer)
         self.fan_in_fan_out = kind.weight_is_in_out
@@ -97,6 +103,7 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
+        self._variants: dict[str, Variant] = {}  # adapters that run through a variant strategy
         self.merged_adapters: list[str] = []
         self._active_adapter: list[str] = []
         self._disable_adapters = False
@@ -131,6 +138,7 @@ class LoraLayer(nn.Module):
                 embedding=self.kind.embedding,
                 options=spec.init.options,
                 weight=weight,
+                kind=self.kind.name,
             )
         )
         with torch.no_grad():
@@ -149,16 +157,22 @@ class LoraLayer(nn.Module):
             dtype = reference.dtype
         placement = dict(device=reference.device if reference is not None else None, dtype=dtype)
         if self.kind.embedding:
-            self.lora_embedding_A[adapter_name] = nn.Parameter(A.detach().to(**placement))
-            self.lora_embedding_B[adapter_name] = nn.Parameter(B.detach().to(**placement))
+            A, B = nn.Parameter(A.detach().to(**placement)), nn.Parameter(B.detach().to(**placement))
         else:
-            self.lora_A[adapter_name] = A.to(**placement)
-            self.lora_B[adapter_name] = B.to(**placement)
+            A, B = A.to(**placement), B.to(**placement)
+        variant = VARIANTS[spec.variant] if spec.variant is not None else None
+        if variant is not None:  # it may refuse this layer, so it runs before anything is registered
+            variant.init(self, adapter_name, *((A, B) if self.kind.embedding else (A.weight, B.weight)), spec.scaling)
+            self._variants[adapter_name] = variant
+        if self.kind.embedding:
+            self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name] = A, B
+        else:
+            self.lora_A[adapter_name], self.lora_B[adapter_name] = A, B
         self.lora_dropout[adapter_name] = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = spec.r
         self.lora_alpha[adapter_name] = spec.lora_alpha
         self.scaling[adapter_name] = spec.scaling
-        self.use_dora[adapter_name] = False
+        self.use_dora[adapter_name] = spec.variant == "dora"
         self.lora_bias[adapter_name] = spec.lora_bias
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
@@ -176,7 +190,7 @@ class LoraLayer(nn.Module):
                           self.lora_embedding_B, self.lora_magnitude_vector):
             if adapter_name in container:
                 del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias):
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias, self._variants):
             table.pop(adapter_name, None)
         self._active_adapter = [name for name in self._active_adapter if name != adapter_name]
 
@@ -236,9 +250,13 @@ class LoraLayer(nn.Module):
         if self._routes is not None:
             return self._mixed_batch(x, y)
         result_dtype = y.dtype
+        variants = self._variants
         for name in self._active_adapter:
             if name in self.scaling:
-                y = y + self._branch(name, x) * self.scaling[name]
+                if variants and name in variants:  # y is the running output, as PEFT hands it to variants
+                    y = variants[name].forward(self, name, x, y)
+                else:
+                    y = y + self._branch(name, x) * self.scaling[name]
         return y if y.dtype == result_dtype else y.to(result_dtype)
 
     def _branch(self, adapter_name: str, x: Tensor) -> Tensor:
@@ -256,21 +274,39 @@ class LoraLayer(nn.Module):
             if name not in self.scaling:  # "__base__", or an adapter that does not target this layer
                 continue
             rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
+            if name in self._variants:  # PEFT refuses DoRA here; lorakit runs the variant on its rows
+                y_rows = self._variants[name].forward(self, name, x.index_select(0, rows), y.index_select(0, rows))
+                y = y.index_copy(0, rows, y_rows.to(y.dtype))
+                continue
             delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
             y = y.index_add(0, rows, delta.to(y.dtype))
         return y
 
     # ---- merge -------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> Tensor:
-        """s · ΔW in the base weight's layout, in float32."""
+        """s · ΔW in the base weight's layout, in float32 (for DoRA too: PEFT's get_delta_weight ignores m)."""
         A, B = self.factors(adapter_name)
         A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
         return self.kind.delta_weight(self.base_layer, A_weight.float(), B_weight.float()) * self.scaling[adapter_name]
 
+    def _merged_weight(self, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+        """W ± s·ΔW for a plain adapter, the variant's merge (+1) or unmerge (−1) otherwise; W is float32."""
+        variant = self._variants.get(adapter_name)
+        if variant is not None:
+            return variant.merge(self, adapter_name, W, sign)
+        return W + sign * self.get_delta_weight(adapter_name).to(W.device)
+
+    def unmerged_weight(self) -> Tensor:
+        """The base weight with every merged adapter taken out, in float32 and its own layout (W is unchanged)."""
+        W = self.base_layer.weight.detach().float()
+        for name in reversed(self.merged_adapters):
+            W = self._merged_weight(name, W, -1.0)
+        return W
+
     def _apply_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
         weight = self.base_layer.weight
         with torch.no_grad():
-            new_weight = weight.float() + sign * self.get_delta_weight(adapter_name).to(weight.device)
+            new_weight = self._merged_weight(adapter_name, weight.float(), sign)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(
                     explain(f"merging adapter {adapter_name!r} gives NaN or inf weights",

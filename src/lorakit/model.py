@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .config import LoraConfig, TaskType
+from .convert import save_converted
 from .errors import explain, warn
 from .layer import LoraLayer
 from . import io
@@ -148,16 +149,20 @@ class PeftModel(nn.Module):
                         **kwargs: Any) -> None:
         """Write the adapters as PEFT does: "default" in ``save_directory``, others in ``<dir>/<name>``.
 
-        The folder is replaced atomically: a crash leaves the previous adapter or the new one, whole.
+        The folder is replaced atomically: a crash leaves the previous adapter or the new one, whole. With
+        ``path_initial_model_for_weight_conversion`` (the folder saved right after a PiSSA/OLoRA/LoftQ/CorDA
+        init), a residual-init adapter is written as plain LoRA of rank 2r against the original base
+        weights (convert.py).
 
         Raises:
-            ValueError: an unknown adapter in ``selected_adapters``.
-            NotImplementedError: ``path_initial_model_for_weight_conversion`` (residual inits, issue 5).
+            ValueError: an unknown adapter in ``selected_adapters``, or an initial adapter that does not fit.
         """
+        if not is_main_process:
+            return
         if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA/LoftQ/CorDA "
-                                      "adapters, which arrive with issue 5")
-        if is_main_process:
+            save_converted(self, save_directory, path_initial_model_for_weight_conversion, selected_adapters,
+                           safe_serialization, save_embedding_layers)
+        else:
             io.save_adapters(self, save_directory, selected_adapters, safe_serialization, save_embedding_layers)
 
     @classmethod

@@ -90,6 +90,11 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The base module of an existing LoraLayer (adding a second adapter sees the original layer types)."""
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
 def _in_list(name: str, names: Iterable[str]) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in names)
 
@@ -151,8 +156,9 @@ def usable_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of modules LoRA can wrap, Linear-like first: what target_modules could say."""
     linear, other = {}, {}
     for name, module in candidate_modules(model):
-        if find_kind(module) is not None:
-            (linear if is_linear_like(module) else other).setdefault(name.rsplit(".", 1)[-1], None)
+        base = _unwrapped(module)
+        if find_kind(base) is not None:
+            (linear if is_linear_like(base) else other).setdefault(name.rsplit(".", 1)[-1], None)
     return list(linear) + list(other)
 
 
@@ -182,6 +188,7 @@ def layer_spec(name: str, config: LoraConfig) -> LayerSpec:
         use_rslora=config.use_rslora,
         lora_bias=config.lora_bias,
         init=config.init_method,
+        variant="dora" if config.use_dora else None,
     )
 
 
@@ -220,7 +227,7 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: li
         task = getattr(config.task_type, "value", config.task_type)
         if not heads and task == TaskType.SEQ_CLS.value:  # a classifier head is trained in full, not adapted
             heads = {name for name, _ in candidates if name.rsplit(".", 1)[-1] in ("classifier", "score")}
-        return {name for name, module in candidates if is_linear_like(module) and name not in heads}
+        return {name for name, module in candidates if is_linear_like(_unwrapped(module)) and name not in heads}
     return targets
 
 

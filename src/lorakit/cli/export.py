@@ -84,8 +84,9 @@ def _has_conv(config: LoraConfig, tensors: dict[str, Tensor]) -> bool:
 
 REFUSALS: dict[str, Refusal] = {
     "residual_init": Refusal(_init_name, "init_lora_weights={init_lora_weights!r} stores factors relative to a "
-                             "rewritten base weight W' = W - s*B*A; exporting it needs the conversion with "
-                             "path_initial_model_for_weight_conversion, which lorakit does not have yet"),
+                             "rewritten base weight W' = W - s*B*A; convert it to plain LoRA first with "
+                             "peft_model.save_pretrained(dir, path_initial_model_for_weight_conversion=init_dir) "
+                             "and export that folder"),
     "bdlora": Refusal(lambda c, t: c.use_bdlora is not None,
                       "use_bdlora stores block-diagonal factors compactly, which the engine cannot read"),
     "dora": Refusal(lambda c, t: c.use_dora, "use_dora=true (DoRA's magnitude vector) is not supported by the engine"),

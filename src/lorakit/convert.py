@@ -1,0 +1,153 @@
+"""Residual-init adapters (PiSSA, OLoRA, LoftQ, CorDA) saved as plain LoRA against the original base weights.
+
+A residual init rewrites the base, W_res = W − s·B₀A₀, and trains A, B from A₀, B₀. The trained model is
+
+    W_res + s·B A = W + s·(B A − B₀A₀) = W + s·[B, −B₀] [A; A₀] = W + s'·B' A',
+
+so the plain LoRA adapter B' = [B, −B₀] (out, 2r), A' = [A; A₀] (2r, in) with r' = 2r and the same scaling
+s' = s (lora_alpha' = 2·alpha, or √2·alpha with rsLoRA; rank_pattern doubled, alpha_pattern scaled the same
+way) reproduces it on the unmodified base. This is PEFT's ``subtract_mutated_init`` and its config rewrite.
+It is exact for PiSSA, OLoRA and CorDA; for LoftQ the base kept the quantised Q, not W − s·B₀A₀, so the
+result is off by W − Q − s·B₀A₀ (PEFT warns and converts LoftQ the same way).
+
+Where lorakit differs from PEFT 0.21.2, on purpose: Embedding factors are converted too (PEFT drops them),
+the adapter's other tensors (modules_to_save, trained biases) are kept (PEFT drops them; both drop the saved
+residual base weights of adapted layers), and rsLoRA works with rank_pattern / alpha_pattern (PEFT refuses
+that combination).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import io
+from .atomic import replace_folder
+from .config import LoraConfig
+from .errors import explain, warn
+
+# file keys: <path>.lora_A.weight / lora_embedding_A (rank in dim 0), <path>.lora_B.weight / lora_embedding_B
+# (rank in dim 1), <path>.lora_B.bias (lora_bias), <path>.lora_magnitude_vector (DoRA)
+_FACTOR = re.compile(r".*\.(?:(?P<A>lora_A\.weight|lora_embedding_A)|(?P<B>lora_B\.weight|lora_embedding_B)"
+                     r"|(?P<bias>lora_B\.bias)|(?P<m>lora_magnitude_vector))")
+SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+EXACT_INITS = ("pissa", "olora", "corda", "default", "gaussian")  # B₀A₀ is what the base lost (or 0)
+
+
+def residual_to_plain_lora(tensors: dict[str, Tensor], config: LoraConfig, initial_tensors: dict[str, Tensor],
+                           initial_config: LoraConfig) -> tuple[dict[str, Tensor], LoraConfig]:
+    """(trained file tensors, config) and the ones saved right after init -> a plain LoRA adapter of rank 2r.
+
+    A' = [A; A₀] (rank dim 0), B' = [B, −B₀] (rank dim 1), lora_B bias b' = b − b₀. The base weight of an
+    adapted layer (saved for embeddings and lm_head by ``save_embedding_layers``) is W_res, not W, so it is
+    left out, as PEFT leaves it out; the other tensors (modules_to_save, trained biases) are kept.
+
+    Raises:
+        ValueError: DoRA or BD-LoRA adapters, initial factors missing or of other shapes, or an initial
+            config with another scaling (r, lora_alpha, use_rslora, rank_pattern, alpha_pattern); every
+            problem is listed at once.
+    """
+    if config.use_dora or config.use_bdlora is not None:
+        raise ValueError(explain("cannot convert this adapter to plain LoRA", got="use_dora" if config.use_dora
+                                 else "use_bdlora", expected="a plain LoRA adapter with a residual init",
+                                 fix="save it without path_initial_model_for_weight_conversion"))
+    problems = [f"{name}: initial {getattr(initial_config, name)!r}, trained {getattr(config, name)!r}"
+                for name in SCALING_FIELDS if getattr(initial_config, name) != getattr(config, name)]
+    factor_paths = {key.rsplit(".lora_", 1)[0] for key in tensors if _FACTOR.fullmatch(key)}
+    out = {}
+    for key, value in tensors.items():
+        match = _FACTOR.fullmatch(key)
+        if match is None:
+            if key.removesuffix(".base_layer.weight") not in factor_paths:  # W_res must not replace W on load
+                out[key] = value
+            continue
+        initial = initial_tensors.get(key)
+        if match["m"] or initial is None or initial.shape != value.shape:
+            problems.append(f"{key}: " + ("DoRA's magnitude cannot be converted" if match["m"] else
+                                          f"trained {tuple(value.shape)}, initial "
+                                          f"{'missing' if initial is None else tuple(initial.shape)}"))
+            continue
+        initial = initial.to(value.dtype)
+        out[key] = (torch.cat([value, initial], dim=0) if match["A"] else
+                    torch.cat([value, -initial], dim=1) if match["B"] else value - initial)
+    if problems:
+        raise ValueError("cannot convert the adapter with path_initial_model_for_weight_conversion: the initial "
+                         "adapter must be the one saved right after get_peft_model, before training. "
+                         f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return out, plain_config(config)
+
+
+def plain_config(config: LoraConfig) -> LoraConfig:
+    """The converted adapter's config: r' = 2r, s' = s, init_lora_weights=True.
+
+    alpha' = 2·alpha keeps alpha/r; with rsLoRA alpha' = √2·alpha keeps alpha/√r. The same factors apply to
+    rank_pattern (×2) and alpha_pattern entries.
+    """
+    factor = math.sqrt(2) if config.use_rslora else 2
+    return dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=config.lora_alpha * factor, init_lora_weights=True, loftq_config={},
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
+    )
+
+
+def save_converted(peft_model: nn.Module, save_directory: str | os.PathLike, initial_directory: str | os.PathLike,
+                   selected_adapters: list[str] | None, safe_serialization: bool,
+                   save_embedding_layers: bool | str) -> None:
+    """PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=initial_directory)``.
+
+    Writes each selected adapter converted by ``residual_to_plain_lora`` against the adapter in
+    ``initial_directory`` (saved with ``save_pretrained`` right after init). Like PEFT, it then rewrites
+    ``initial_directory/adapter_config.json`` with ``init_lora_weights=True``, so that loading that folder
+    no longer re-runs the residual init.
+
+    Raises:
+        ValueError: an unknown adapter name, or an initial adapter that does not fit (see above).
+        lorakit.io.AdapterLoadError: ``initial_directory`` holds no readable adapter.
+    """
+    names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in peft_model.peft_config]
+    if unknown:
+        raise ValueError(explain(f"cannot save unknown adapter(s) {unknown}",
+                                 expected=f"names among {list(peft_model.peft_config)}"))
+    initial_config, initial_tensors = io.read_config(initial_directory), io.read_weights(initial_directory)
+    model = peft_model.base_model.model
+    files = {}
+    for name in names:
+        config = peft_model.peft_config[name]
+        _warn_inexact(config)
+        tensors = {k: v.to("cpu") for k, v in io.adapter_state_dict(peft_model, name, save_embedding_layers).items()}
+        tensors, converted = residual_to_plain_lora(tensors, config, initial_tensors, initial_config)
+        files[name] = (io.config_json(converted, model), {k: v.contiguous() for k, v in tensors.items()})
+
+    def write(folder: Path) -> None:  # io.save_adapters' layout: "default" in the folder, others in <folder>/<name>
+        for name, (config_text, tensors) in files.items():
+            target = folder if name == "default" else folder / name
+            target.mkdir(parents=True, exist_ok=True)
+            (target / io.CONFIG_NAME).write_text(config_text, encoding="utf-8")
+            if safe_serialization:
+                save_file(tensors, str(target / io.SAFETENSORS_NAME), metadata={"format": "pt"})
+            else:
+                torch.save(tensors, target / io.BIN_NAME)
+
+    replace_folder(save_directory, write, owned=(io.CONFIG_NAME, io.SAFETENSORS_NAME, io.BIN_NAME))
+    last = peft_model.peft_config[names[-1]]  # PEFT rewrites the initial config once per adapter; the last wins
+    dataclasses.replace(last, init_lora_weights=True, loftq_config={}).save_pretrained(str(initial_directory))
+
+
+def _warn_inexact(config: LoraConfig) -> None:
+    method = config.init_method.name
+    if method == "loftq":
+        warn("converting a LoftQ adapter to plain LoRA is approximate: the base kept the quantised weight Q, so "
+             "the converted adapter on the original W is off by W - Q - s*B0*A0 (PEFT converts it the same way)")
+    elif method not in EXACT_INITS:
+        warn(f"path_initial_model_for_weight_conversion only converts residual inits (PiSSA, OLoRA, CorDA) or "
+             f"LoRA's zero-B init exactly; init_lora_weights={config.init_lora_weights!r} is converted as if it "
+             "were one of them")

@@ -1,0 +1,254 @@
+"""Registry of LoRA variants: strategies that take over one adapter's forward and merge in a ``LoraLayer``.
+
+DoRA (weight-decomposed LoRA, arXiv:2402.09353, as PEFT 0.21.2 runs it). Seen as an (out, K) matrix
+(``Kind.matrix``: K = in for Linear/Conv1D, num_embeddings for Embedding, in·k for ConvNd), W' = W + s·B A
+is split into a learned magnitude m (one entry per output row) and a direction normalised row by row:
+
+    n  = ‖W + s·B A‖ per row, detached                      (out,)   m is initialised to n
+    W' = (m / n) ⊙ (W + s·B A)                              rows scaled
+    y  = base(x) + (m/n − 1)·(base(x) − bias) + (m/n)·s·B A dropout(x)
+
+When dropout is active (training, p > 0) PEFT recomputes the base term on the dropped input, W·dropout(x)
+without bias, and feeds the same dropped input to the LoRA branch. ``y`` is the layer's running output,
+so with several active adapters a DoRA adapter also rescales the adapters added before it, as in PEFT;
+merging keeps that: W' = (m/n)(W_current + s·ΔW), n taken from the unmerged W. PEFT's m has the shape
+that broadcasts against the output: (out,) for Linear/Conv1D/Embedding, (1, out, 1, ...) for ConvNd.
+
+The norm never forms the (out, K) matrix W + s·B A; per row i (the low-rank identity):
+
+    ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·Σ_j W_ij (BA)_ij + s²·‖(BA)_i‖²
+                     = ‖W_i‖² + 2s·((W Aᵀ) ⊙ B)_i· + s²·((B (A Aᵀ)) ⊙ B)_i·
+      W (out, K)   A (r, K)   B (out, r)   W Aᵀ (out, r)   A Aᵀ (r, r)
+
+‖W_i‖² is cached per base-weight version, and in eval mode n itself is cached, keyed on the
+(storage, ``_version``) of W, A and B, so inference pays for the norm once (PEFT recomputes it every call).
+In-place changes made through autograd-visible ops (optimizer steps, ``copy_``, merges, loads) bump
+``_version``; a write through ``.data`` does not, and ``train()`` clears the cache for that case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import explain
+from .kinds import Kind
+
+if TYPE_CHECKING:
+    from .layer import LoraLayer
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant strategy; ``LoraLayer`` calls it for the adapters created with it.
+
+    Attributes:
+        init: (layer, adapter, A, B, s) -> None; checks the layer and registers the variant's modules for the adapter
+            about to be added (A, B: its placed, initialised factor weights). Runs before anything else
+            of the adapter is registered, so a refusal leaves the layer unchanged.
+        forward: (layer, adapter, x, y) -> y with the adapter applied; y is the running output.
+        merge: (layer, adapter, W, sign) -> W with the adapter merged (+1) or unmerged (−1); W is a float32
+            view of the base weight in its own layout; return a new tensor, never change W in place.
+        shapes: (kind, base) -> {container: shape of its module's ``.weight``}, to plan state-dict keys.
+    """
+
+    init: Callable[[LoraLayer, str, Tensor, Tensor, float], None]
+    forward: Callable[[LoraLayer, str, Tensor, Tensor], Tensor]
+    merge: Callable[[LoraLayer, str, Tensor, float], Tensor]
+    shapes: Callable[[Kind, nn.Module], dict[str, tuple[int, ...]]]
+
+
+# ---- DoRA per base kind ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DoraKind:
+    """What DoRA needs to know of a base kind beyond its ``Kind``.
+
+    Attributes:
+        out_dim: the output axis of the base weight (0 for (out, ...) layouts, 1 for (in, out) / (num, dim)).
+        spatial: the output has (N, out, *spatial) layout (ConvNd): m is (1, out, 1, ...).
+        weight_only: (base, x) -> W x without bias in x's dtype, the base term on dropped-out input;
+            None where PEFT applies no dropout (Embedding).
+    """
+
+    out_dim: int
+    spatial: bool = False
+    weight_only: Callable[[nn.Module, Tensor], Tensor] | None = None
+
+
+def _linear_weight_only(base: nn.Linear, x: Tensor) -> Tensor:
+    return F.linear(x, base.weight.to(x.dtype))  # W (out, in)
+
+
+def _conv1d_gpt2_weight_only(base: nn.Module, x: Tensor) -> Tensor:
+    return F.linear(x, base.weight.T.to(x.dtype))  # transformers' Conv1D stores W as (in, out)
+
+
+def _conv_weight_only(base: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    # _conv_forward honours padding_mode; PEFT calls F.convNd with zero padding (same result for "zeros")
+    return base._conv_forward(x, base.weight.to(x.dtype), None)
+
+
+_CONV = DoraKind(out_dim=0, spatial=True, weight_only=_conv_weight_only)
+DORA_KINDS: dict[str, DoraKind] = {  # the kinds PEFT 0.21.2 runs DoRA on, by Kind.name
+    "Linear": DoraKind(out_dim=0, weight_only=_linear_weight_only),
+    "Conv1D": DoraKind(out_dim=1, weight_only=_conv1d_gpt2_weight_only),
+    "Embedding": DoraKind(out_dim=1),
+    "Conv1d": _CONV,
+    "Conv2d": _CONV,
+    "Conv3d": _CONV,
+}
+
+
+def _dora_kind(layer: LoraLayer) -> DoraKind:
+    """Raises: ValueError: DoRA is not defined for the layer's kind (or for a grouped conv)."""
+    dora_kind = DORA_KINDS.get(layer.kind.name)
+    if dora_kind is None:
+        raise ValueError(explain("use_dora=True is not supported", where=f"a {layer.kind.name} target",
+                                 expected=f"one of {', '.join(DORA_KINDS)}",
+                                 fix="exclude these modules or set use_dora=False"))
+    if getattr(layer.base_layer, "groups", 1) != 1:  # ΔW of a grouped conv is not defined (kinds.py)
+        raise ValueError(explain("use_dora=True is not supported", where="a grouped convolution",
+                                 got=f"groups={layer.base_layer.groups}", expected="groups=1",
+                                 fix="exclude this module or set use_dora=False"))
+    return dora_kind
+
+
+def _magnitude_shape(dora_kind: DoraKind, out_features: int, base: nn.Module) -> tuple[int, ...]:
+    if dora_kind.spatial:
+        return (1, out_features) + (1,) * (base.weight.dim() - 2)  # (1, out, 1, ...)
+    return (out_features,)
+
+
+def _as_matrices(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    return A.flatten(1), B.flatten(1)  # A (r, K), B (out, r), whatever the factor layout
+
+
+def row_norm(W: Tensor, A: Tensor, B: Tensor, s: float, W_sq: Tensor | None = None) -> Tensor:
+    """n_i = ‖W_i + s·(B A)_i‖ by the low-rank identity (module docstring), in A's dtype.
+
+    Args:
+        W: (out, K). A: (r, K). B: (out, r). W_sq: ‖W_i‖², (out,), when already known.
+    """
+    W = W.to(A.dtype)
+    if W_sq is None:
+        W_sq = torch.linalg.vector_norm(W, dim=1).square()  # (out,)
+    cross = ((W @ A.T) * B).sum(1)  # rowdot(W, BA): (out, r) ⊙ (out, r) -> (out,)
+    lora_sq = ((B @ (A @ A.T)) * B).sum(1)  # ‖(BA)_i‖²: (out,)
+    return (W_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
+
+
+def _key(*tensors: Tensor) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class Magnitude(nn.Module):
+    """DoRA's m for one adapter: ``weight`` in PEFT's shape, and a cache of n (not part of the state dict)."""
+
+    def __init__(self, m: Tensor, dora_kind: DoraKind) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(m)
+        self.dora_kind = dora_kind
+        self.merged_norm: Tensor | None = None  # n at merge time, for unmerge (PEFT caches it the same way)
+        self._row_sq: tuple[tuple, Tensor] | None = None  # (key of W, ‖W_i‖²)
+        self._norm: tuple[tuple, Tensor] | None = None  # (key of W, A, B, s, mode, n), eval mode only
+
+    def train(self, mode: bool = True) -> Magnitude:
+        if mode:
+            self._row_sq = self._norm = None
+        return super().train(mode)
+
+    def norm(self, layer: LoraLayer, A: Tensor, B: Tensor, s: float) -> Tensor:
+        """n = ‖W + s·B A‖ per row of ``layer``'s base weight, detached, (out,); cached in eval mode."""
+        weight = layer.base_layer.weight
+        key = _key(weight, A, B) + (s, torch.is_inference_mode_enabled())
+        if not self.training and self._norm is not None and self._norm[0] == key:
+            return self._norm[1]
+        with torch.no_grad():
+            W = layer.kind.matrix(layer.base_layer)  # (out, K), a view
+            if self._row_sq is None or self._row_sq[0] != _key(weight) or self._row_sq[1].dtype != A.dtype:
+                self._row_sq = (_key(weight), torch.linalg.vector_norm(W.to(A.dtype), dim=1).square())
+            n = row_norm(W, *_as_matrices(A, B), s, self._row_sq[1])
+        if not self.training:
+            self._norm = (key, n)
+        return n
+
+
+def _factor_weights(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
+    A, B = layer.factors(adapter_name)
+    return (A, B) if layer.kind.embedding else (A.weight, B.weight)
+
+
+# ---- DoRA ------------------------------------------------------------------------------------------------------
+def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
+    """m = ‖W + s·B A‖ per output row, in the factors' dtype and PEFT's shape.
+
+    Raises:
+        ValueError: the layer's kind has no DoRA (see ``DORA_KINDS``), or it is a grouped conv.
+    """
+    dora_kind = _dora_kind(layer)
+    with torch.no_grad():
+        m = row_norm(layer.kind.matrix(layer.base_layer), *_as_matrices(A, B), s)
+    shape = _magnitude_shape(dora_kind, layer.out_features, layer.base_layer)
+    layer.lora_magnitude_vector[adapter_name] = Magnitude(m.reshape(shape), dora_kind)
+
+
+def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+    """y + (m/n − 1)·(y − bias) + (m/n)·s·B A x; in training with dropout, W dropout(x) replaces y − bias."""
+    A, B = layer.factors(adapter_name)
+    s = layer.scaling[adapter_name]
+    magnitude = layer.lora_magnitude_vector[adapter_name]
+    A_weight, B_weight = (A, B) if layer.kind.embedding else (A.weight, B.weight)
+    n = magnitude.norm(layer, A_weight, B_weight, s)
+    f = magnitude.weight / n.view(magnitude.weight.shape)  # m/n, broadcasts against y
+    if not layer.kind.embedding and x.dtype != A_weight.dtype:
+        x = x.to(A_weight.dtype)
+    dropout = layer.lora_dropout[adapter_name]
+    weight_only = magnitude.dora_kind.weight_only
+    if layer.training and weight_only is not None and not isinstance(dropout, nn.Identity):
+        x = dropout(x)
+        base = weight_only(layer.base_layer, x)  # W dropout(x), no bias
+        return y + ((f - 1) * base + f * layer.kind.branch(layer.base_layer, x, A, B) * s)
+    lora = layer.kind.branch(layer.base_layer, x, A, B)  # B A x, unscaled
+    # y + (f − 1)(y − bias) + f·s·lora rearranged to f·(y + s·lora) + (1 − f)·bias: two full-size kernels
+    bias = getattr(layer.base_layer, "bias", None)
+    if bias is None:
+        return torch.add(y, lora, alpha=s) * f
+    return torch.addcmul((1 - f) * bias.view(f.shape), f, torch.add(y, lora, alpha=s))
+
+
+def dora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+    """Merge: W ← (m/n)(W + s·ΔW) with n from the unmerged base weight. Unmerge: W ← W/(m/n) − s·ΔW."""
+    magnitude = layer.lora_magnitude_vector[adapter_name]
+    out_dim = magnitude.dora_kind.out_dim
+    delta = layer.get_delta_weight(adapter_name).to(W.device)  # s·ΔW, base layout, float32
+    if sign > 0:  # n as forward sees it: from W with the adapters merged before this one taken out
+        if layer.merged_adapters:
+            base = layer.unmerged_weight().movedim(out_dim, 0).flatten(1)  # (out, K)
+        else:
+            base = layer.kind.matrix(layer.base_layer)
+        A_weight, B_weight = _factor_weights(layer, adapter_name)
+        with torch.no_grad():
+            magnitude.merged_norm = row_norm(base.float(), *_as_matrices(A_weight.float(), B_weight.float()),
+                                             layer.scaling[adapter_name])
+    if magnitude.merged_norm is None:
+        raise ValueError(explain(f"cannot unmerge DoRA adapter {adapter_name!r}", where=f"lora.{layer.kind.name}",
+                                 expected="an adapter merged by this layer", fix="merge it first"))
+    f = (magnitude.weight.detach().float().flatten() / magnitude.merged_norm).to(W.device)  # (out,)
+    f = f.view([-1 if d == out_dim else 1 for d in range(W.dim())])  # along W's output axis
+    return f * (W + delta) if sign > 0 else W / f - delta
+
+
+def dora_shapes(kind: Kind, base: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{"lora_magnitude_vector": shape of m} for a base layer about to get a DoRA adapter."""
+    dora_kind = DORA_KINDS.get(kind.name, DORA_KINDS["Linear"])  # an unsupported kind is refused at init
+    return {"lora_magnitude_vector": _magnitude_shape(dora_kind, kind.features(base)[1], base)}
+
+
+VARIANTS: dict[str, Variant] = {
+    "dora": Variant(init=dora_init, forward=dora_forward, merge=dora_merge, shapes=dora_shapes),
+}
