@@ -22,14 +22,11 @@ import dataclasses
 import math
 import os
 import re
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import io
-from .atomic import replace_folder
 from .config import LoraConfig
 from .errors import explain, warn
 
@@ -112,32 +109,14 @@ def save_converted(peft_model: nn.Module, save_directory: str | os.PathLike, ini
         ValueError: an unknown adapter name, or an initial adapter that does not fit (see above).
         lorakit.io.AdapterLoadError: ``initial_directory`` holds no readable adapter.
     """
-    names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
-    unknown = [n for n in names if n not in peft_model.peft_config]
-    if unknown:
-        raise ValueError(explain(f"cannot save unknown adapter(s) {unknown}",
-                                 expected=f"names among {list(peft_model.peft_config)}"))
     initial_config, initial_tensors = io.read_config(initial_directory), io.read_weights(initial_directory)
-    model = peft_model.base_model.model
-    files = {}
-    for name in names:
-        config = peft_model.peft_config[name]
+
+    def convert(name: str, tensors: dict[str, Tensor], config: LoraConfig) -> tuple[dict[str, Tensor], LoraConfig]:
         _warn_inexact(config)
-        tensors = {k: v.to("cpu") for k, v in io.adapter_state_dict(peft_model, name, save_embedding_layers).items()}
-        tensors, converted = residual_to_plain_lora(tensors, config, initial_tensors, initial_config)
-        files[name] = (io.config_json(converted, model), {k: v.contiguous() for k, v in tensors.items()})
+        return residual_to_plain_lora(tensors, config, initial_tensors, initial_config)
 
-    def write(folder: Path) -> None:  # io.save_adapters' layout: "default" in the folder, others in <folder>/<name>
-        for name, (config_text, tensors) in files.items():
-            target = folder if name == "default" else folder / name
-            target.mkdir(parents=True, exist_ok=True)
-            (target / io.CONFIG_NAME).write_text(config_text, encoding="utf-8")
-            if safe_serialization:
-                save_file(tensors, str(target / io.SAFETENSORS_NAME), metadata={"format": "pt"})
-            else:
-                torch.save(tensors, target / io.BIN_NAME)
-
-    replace_folder(save_directory, write, owned=(io.CONFIG_NAME, io.SAFETENSORS_NAME, io.BIN_NAME))
+    names = io.save_adapters(peft_model, save_directory, selected_adapters, safe_serialization,
+                             save_embedding_layers, transform=convert)
     last = peft_model.peft_config[names[-1]]  # PEFT rewrites the initial config once per adapter; the last wins
     dataclasses.replace(last, init_lora_weights=True, loftq_config={}).save_pretrained(str(initial_directory))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,9 +115,17 @@ def adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default",
     return out
 
 
+# (adapter name, file-keyed tensors, config) -> (tensors, config) to write instead, e.g. convert.py's conversion
+Transform = Callable[[str, dict[str, Tensor], LoraConfig], tuple[dict[str, Tensor], LoraConfig]]
+
+
 def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None,
-                  safe_serialization: bool, save_embedding_layers: bool | str) -> None:
-    """Write the selected adapters (default: all) into one folder, atomically (PEFT's save_pretrained)."""
+                  safe_serialization: bool, save_embedding_layers: bool | str,
+                  transform: Transform | None = None) -> list[str]:
+    """Write the selected adapters (default: all) into one folder, atomically (PEFT's save_pretrained).
+
+    Returns the names written. ``transform`` rewrites each adapter's tensors and config before writing.
+    """
     names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in peft_model.peft_config]
     if unknown:
@@ -126,7 +135,11 @@ def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, sele
     files = {}
     for name in names:
         tensors = {k: v.to("cpu") for k, v in adapter_state_dict(peft_model, name, save_embedding_layers).items()}
-        files[name] = (config_json(peft_model.peft_config[name], model), tensors)
+        config = peft_model.peft_config[name]
+        if transform is not None:
+            tensors, config = transform(name, tensors, config)
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+        files[name] = (config_json(config, model), tensors)
 
     def write(folder: Path) -> None:
         for name, (config_text, tensors) in files.items():
@@ -139,6 +152,7 @@ def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, sele
                 torch.save(tensors, target / BIN_NAME)
 
     replace_folder(save_directory, write, owned=(CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME))
+    return names
 
 
 # ---- load ---------------------------------------------------------------------------------------------------
