@@ -460,3 +460,22 @@ def test_grouped_conv_is_refused_where_B_A_is_not_a_matrix_product(combination_t
         model.add_weighted_adapter(["default", "b"], [1, 1], "mix", combination_type=combination_type)
     assert "mix" not in model.peft_config
     model.add_weighted_adapter(["default", "b"], [1, 1], "mix", combination_type="linear")  # factor-wise is fine
+
+
+@pytest.mark.parametrize("variant, match", [(dict(use_dora=True), "DoRA"),
+                                            (dict(use_bdlora={"target_modules_bd_a": ["o_proj"],
+                                                              "target_modules_bd_b": ["q_proj"], "nblocks": 2}),
+                                             "BD-LoRA")])
+def test_variant_adapters_are_refused(variant, match):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(target_modules=["q_proj", "o_proj"], r=4, **variant))
+    model.add_adapter("b", lorakit.LoraConfig(target_modules=["q_proj", "o_proj"], r=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", combination_type="linear")
+    assert set(model.peft_config) == {"default", "b"}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -293,9 +293,7 @@ class Net(nn.Module):
 
 
 LATER = [  # accepted and stored by LoraConfig, NotImplementedError at get_peft_model naming the field
-    (dict(init_lora_weights="eva"), "init_lora_weights"),
     (dict(init_lora_weights="corda"), "init_lora_weights"),
-    (dict(use_bdlora={"target_modules_bd_a": ["layer"], "target_modules_bd_b": [], "nblocks": 2}), "use_bdlora"),
     (dict(use_qalora=True), "use_qalora"),
     (dict(layer_replication=[[0, 1]]), "layer_replication"),
     (dict(trainable_token_indices=[0, 1]), "trainable_token_indices"),

@@ -1,5 +1,6 @@
 """lorakit: LoRA fine-tuning for PyTorch, drop-in for PEFT's LoRA API and adapter format."""
 
+from .calibrate import get_eva_state_dict, initialize_lora_eva_weights
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .errors import LoraWarning
 from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
@@ -45,4 +46,6 @@ __all__ = [
     "TaskType",
     "get_peft_model",
     "register_kind",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
 ]

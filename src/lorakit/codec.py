@@ -27,7 +27,7 @@ from torch import nn
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan
-from .variants import VARIANTS
+from .variants import resolve_variant
 
 PREFIX = "base_model.model."
 FACTOR_CONTAINERS = ("lora_A", "lora_B")  # modules: the key goes on with .weight / .bias
@@ -77,8 +77,9 @@ def planned_layout(model: nn.Module, plan: TargetPlan, adapter_name: str) -> Lay
                 shapes[stem] = tuple(factor.shape)
             else:
                 shapes.update({f"{stem}.{k}": tuple(v.shape) for k, v in factor.state_dict().items()})
-        if spec.variant is not None:  # e.g. DoRA's lora_magnitude_vector.<name>.weight
-            for container, shape in VARIANTS[spec.variant].shapes(plan.kinds[path], base).items():
+        variant = resolve_variant(spec)
+        if variant is not None:  # DoRA's lora_magnitude_vector, BD-LoRA's compact factor: <container>.<name>.weight
+            for container, shape in variant.shapes(plan.kinds[path], base).items():
                 shapes[f"{PREFIX}{path}.{container}.{adapter_name}.weight"] = shape
     for path in plan.modules_to_save:
         if path not in now.saved_paths:

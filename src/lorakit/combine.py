@@ -281,6 +281,12 @@ def check_names(tuner: LoraModel, adapters: Sequence[str], weights: Sequence[flo
          f"one weight per adapter ({len(adapters)})"),
         (adapter_name in tuner.peft_config, f"adapter {adapter_name!r} already exists", adapter_name,
          "a new name (PEFT silently does nothing here; lorakit refuses)"),
+        (any(tuner.peft_config[n].use_bdlora is not None for n in adapters if n in tuner.peft_config),
+         "BD-LoRA adapters cannot be combined", list(adapters),
+         "plain LoRA sources (their compact block-diagonal factors are not B and A; merge them instead)"),
+        (any(tuner.peft_config[n].use_dora for n in adapters if n in tuner.peft_config),
+         "DoRA adapters cannot be combined", list(adapters),
+         "plain LoRA sources (a magnitude vector has no weighted-sum meaning; merge them instead)"),
     ]
     for failed, what, got, expected in problems:
         if failed:

@@ -150,7 +150,6 @@ def parse_init(value: bool | str) -> InitMethod:
 # Options PEFT has that lorakit accepts and stores but does not run yet, with the value that means "off".
 # get_peft_model raises NotImplementedError naming any of them that is set (never a silent no-op).
 NOT_YET = {
-    "use_bdlora": (None, "BD-LoRA arrives with issue 5"),
     "megatron_config": (None, "Megatron parallel layers are not supported"),
     "trainable_token_indices": (None, "trainable token indices are not supported"),
     "lora_ga_config": (None, "LoRA-GA init is not supported"),
@@ -165,7 +164,6 @@ NOT_YET = {
     "ensure_weight_tying": (False, "ensure_weight_tying arrives with issue 7"),
 }
 INITS_NOT_YET = {
-    "eva": "issue 5",
     "corda": "issue 5",
 }
 
@@ -480,6 +478,24 @@ def _check_combinations(config: LoraConfig) -> None:
             raise _fail("loftq_config", loftq, "loftq_bits 4 or 8 and loftq_iter >= 1 (as in PEFT)")
     if config.use_dora and config.use_bdlora is not None:
         raise _fail("use_bdlora", config.use_bdlora, "use_bdlora=None with use_dora=True")
+    if config.use_bdlora is not None:
+        _check_bdlora(config)
+
+
+def _check_bdlora(config: LoraConfig) -> None:
+    bd = config.use_bdlora
+    if not isinstance(bd, BdLoraConfig):
+        raise _fail("use_bdlora", bd, "a BdLoraConfig or its dict")
+    lists = (bd.target_modules_bd_a or [], bd.target_modules_bd_b or [])
+    if not all(isinstance(p, str) for patterns in lists for p in patterns):
+        raise _fail("use_bdlora", bd, "target_modules_bd_a / _bd_b as lists of module-name substrings")
+    overlap = set(lists[0]) & set(lists[1])
+    if overlap:  # PEFT: "Found overlapping modules in target_modules_bd lists"
+        raise _fail("use_bdlora", sorted(overlap), "target_modules_bd_a and target_modules_bd_b without overlap")
+    if not _is_int(bd.nblocks) or bd.nblocks < 1:
+        raise _fail("use_bdlora", {"nblocks": bd.nblocks}, "nblocks a positive int")
+    if config.lora_bias:  # a block-diagonal B has no bias: PEFT drops it silently
+        raise _fail("lora_bias", True, "lora_bias=False with use_bdlora", "BD-LoRA factors have no bias; drop one")
 
 
 VALIDATORS = (_check_types, _check_numbers, _check_targets, _check_layers, _check_patterns, _check_combinations)

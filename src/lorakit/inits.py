@@ -6,8 +6,9 @@ method is one registered function plus a test of its invariant; ``layer.py`` doe
 
 Weight-reading methods (PiSSA, OLoRA, LoftQ) decompose W as an (out, in·k) matrix and return a residual
 base weight; like PEFT 0.21.2 they run on Linear and GPT-2 Conv1D layers only: an Embedding gets LoRA's
-embedding init (PEFT silently does the same; lorakit warns), a convolution is refused. EVA and CorDA
-(calibrate.py) arrive with issue 5; until then ``LoraConfig.not_yet_supported`` refuses them by name.
+embedding init (PEFT silently does the same; lorakit warns), a convolution is refused. EVA's pre-calibration
+init is registered at the end (calibration itself is calibrate.py); CorDA arrives with issue 5, until then
+``LoraConfig.not_yet_supported`` refuses it by name.
 """
 
 from __future__ import annotations
@@ -242,3 +243,15 @@ def loftq(request: InitRequest) -> InitResult:
         A, B = _split(U, S, Vh, request.r, request.scaling)
         target = W - request.scaling * B @ A
     return InitResult(A=A.contiguous(), B=B.contiguous(), base_weight=quantized)
+
+
+# ---- data-driven inits (calibrate.py) -------------------------------------------------------------------------
+@register_init("eva")
+def eva(request: InitRequest) -> InitResult:
+    """EVA before calibration (PEFT's "eva"): A as LoRA's default (kaiming-uniform), B = 0, so B A = 0.
+
+    ``calibrate.initialize_lora_eva_weights`` then replaces A with the principal components of the layer
+    inputs and changes the rank. Embedding and convolution targets, which EVA does not calibrate, keep
+    LoRA's default init (PEFT does the same).
+    """
+    return default(request)

@@ -30,7 +30,7 @@ from .config import InitMethod
 from .errors import explain
 from .inits import INITS, NEEDS_WEIGHT, InitRequest
 from .kinds import Kind
-from .variants import VARIANTS, Variant
+from .variants import Variant, resolve_variant
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -45,7 +45,9 @@ class LayerSpec:
     use_rslora: bool = False
     lora_bias: bool = False
     init: InitMethod = InitMethod("default")
-    variant: str | None = None  # a key of variants.VARIANTS ("dora" for use_dora), None for plain LoRA
+    variant: str | None = None  # a key of variants.VARIANTS ("dora", "bdlora"), None for plain LoRA
+    bd_factor: str | None = None  # BD-LoRA: the block-diagonal factor, "A" or "B" (None: plain factors)
+    nblocks: int = 1  # BD-LoRA: blocks of that factor
 
     @property
     def scaling(self) -> float:
@@ -160,9 +162,11 @@ class LoraLayer(nn.Module):
             A, B = nn.Parameter(A.detach().to(**placement)), nn.Parameter(B.detach().to(**placement))
         else:
             A, B = A.to(**placement), B.to(**placement)
-        variant = VARIANTS[spec.variant] if spec.variant is not None else None
+        variant = resolve_variant(spec)
         if variant is not None:  # it may refuse this layer, so it runs before anything is registered
-            variant.init(self, adapter_name, *((A, B) if self.kind.embedding else (A.weight, B.weight)), spec.scaling)
+            replaced = variant.init(self, adapter_name, *((A, B) if self.kind.embedding else (A.weight, B.weight)),
+                                    spec.scaling) or {}
+            A, B = replaced.get("lora_A", A), replaced.get("lora_B", B)
             self._variants[adapter_name] = variant
         if self.kind.embedding:
             self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name] = A, B
@@ -287,6 +291,9 @@ class LoraLayer(nn.Module):
         """s · ΔW in the base weight's layout, in float32 (for DoRA too: PEFT's get_delta_weight ignores m)."""
         A, B = self.factors(adapter_name)
         A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
+        variant = self._variants.get(adapter_name)
+        if variant is not None and variant.dense is not None:  # compact factors (BD-LoRA)
+            A_weight, B_weight = variant.dense(self, adapter_name)
         return self.kind.delta_weight(self.base_layer, A_weight.float(), B_weight.float()) * self.scaling[adapter_name]
 
     def _merged_weight(self, adapter_name: str, W: Tensor, sign: float) -> Tensor:
