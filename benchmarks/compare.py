@@ -38,7 +38,7 @@ class Row:
 
 
 ROWS: dict[str, Row] = {
-    "floor_train": Row("frozen base, no adapters (floor)", None, True, (4, 256)),
+    "floor_train": Row("frozen base, no adapters (floor: the same plain model measured twice)", None, True, (4, 256)),
     "dora_train": Row("DoRA r=16 all-linear, training step", dict(r=16, lora_alpha=16, use_dora=True,
                                                                  target_modules="all-linear"), True, (4, 256)),
     "dora_infer": Row("DoRA r=16 all-linear, unmerged inference", dict(r=16, lora_alpha=16, use_dora=True,
