@@ -293,7 +293,6 @@ class Net(nn.Module):
 
 
 LATER = [  # accepted and stored by LoraConfig, NotImplementedError at get_peft_model naming the field
-    (dict(init_lora_weights="corda"), "init_lora_weights"),
     (dict(use_qalora=True), "use_qalora"),
     (dict(layer_replication=[[0, 1]]), "layer_replication"),
     (dict(trainable_token_indices=[0, 1]), "trainable_token_indices"),

@@ -1,6 +1,7 @@
 """lorakit: LoRA fine-tuning for PyTorch, drop-in for PEFT's LoRA API and adapter format."""
 
 from .calibrate import get_eva_state_dict, initialize_lora_eva_weights
+from .corda import preprocess_corda
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .errors import LoraWarning
 from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
@@ -48,4 +49,5 @@ __all__ = [
     "register_kind",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
+    "preprocess_corda",
 ]

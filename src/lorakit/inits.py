@@ -7,8 +7,8 @@ method is one registered function plus a test of its invariant; ``layer.py`` doe
 Weight-reading methods (PiSSA, OLoRA, LoftQ) decompose W as an (out, in·k) matrix and return a residual
 base weight; like PEFT 0.21.2 they run on Linear and GPT-2 Conv1D layers only: an Embedding gets LoRA's
 embedding init (PEFT silently does the same; lorakit warns), a convolution is refused. EVA's pre-calibration
-init is registered at the end (calibration itself is calibrate.py); CorDA arrives with issue 5, until then
-``LoraConfig.not_yet_supported`` refuses it by name.
+init and CorDA's (which reads the decomposition ``corda.preprocess_corda`` left on the base layer) are
+registered at the end; the calibration itself is calibrate.py (EVA) and corda.py.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def loftq(request: InitRequest) -> InitResult:
     return InitResult(A=A.contiguous(), B=B.contiguous(), base_weight=quantized)
 
 
-# ---- data-driven inits (calibrate.py) -------------------------------------------------------------------------
+# ---- data-driven inits (calibrate.py, corda.py) -------------------------------------------------------------------------
 @register_init("eva")
 def eva(request: InitRequest) -> InitResult:
     """EVA before calibration (PEFT's "eva"): A as LoRA's default (kaiming-uniform), B = 0, so B A = 0.
@@ -255,3 +255,41 @@ def eva(request: InitRequest) -> InitResult:
     LoRA's default init (PEFT does the same).
     """
     return default(request)
+
+
+@register_init("corda", needs_weight=True)
+def corda(request: InitRequest) -> InitResult:
+    """CorDA (arXiv:2406.05223), PEFT's "corda": the covariance-oriented SVD W = U S Vᵀ becomes the adapter.
+
+    ``corda.preprocess_corda`` computed W C' = U S Vhᵀ with C' the damped input covariance, V = (Vh C'⁻¹)ᵀ,
+    and kept r triplets (the largest for "ipm", the smallest for "kpm"); the layer passes them as
+    options["eigens"] (S (r,), U (out, r), V (in, r)). As in PiSSA, 1/s sits under the root:
+    B = U √(S/s)  (out, r),  A = √(S/s) Vᵀ  (r, in),  W_res = W − s·B A, so W_res + s·B A == W.
+
+    Raises:
+        ValueError: preprocess_corda was not run on this layer, its triplets do not fit the layer or r, they
+            hold NaN/inf, or the target is a convolution (PEFT decomposes Linear / Conv1D only).
+    """
+    if request.embedding:
+        return _embedding_fallback(request, "corda")
+    W = _matrix(request, "corda")
+    eigens = request.options.get("eigens")
+    if eigens is None:
+        raise ValueError(explain("init_lora_weights='corda' found no CorDA decomposition",
+                                 where=f"a {_layer_name(request)} target",
+                                 fix="run lorakit.preprocess_corda(model, lora_config, run_model=...) on the plain "
+                                     "model before get_peft_model, with the same lora_config"))
+    S, U, V = (t.detach().float().to(W.device) for t in (eigens.S_WC, eigens.U_WC, eigens.V_WC))
+    expected = ((request.r,), (W.shape[0], request.r), (W.shape[1], request.r))
+    if (tuple(S.shape), tuple(U.shape), tuple(V.shape)) != expected:
+        raise ValueError(explain("the CorDA decomposition does not fit this layer", where=_layer_name(request),
+                                 got=f"S {tuple(S.shape)}, U {tuple(U.shape)}, V {tuple(V.shape)}",
+                                 expected=f"S {expected[0]}, U {expected[1]}, V {expected[2]}",
+                                 fix="run preprocess_corda with the same model and lora_config (and a cache_file "
+                                     "built for them)"))
+    if not all(torch.isfinite(t).all() for t in (S, U, V)):
+        raise ValueError(explain("the CorDA decomposition holds NaN or inf", where=_layer_name(request),
+                                 fix="check the calibration data that run_model feeds"))
+    root = torch.sqrt(S / request.scaling)
+    A, B = (root[:, None] * V.T).contiguous(), (U * root).contiguous()
+    return InitResult(A=A, B=B, base_weight=W - request.scaling * B @ A)

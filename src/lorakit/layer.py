@@ -128,9 +128,11 @@ class LoraLayer(nn.Module):
                         fix="pick another adapter_name or delete_adapter() the old one first")
             )
         A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
-        weight = None
+        weight, options = None, spec.init.options
         if spec.init.name in NEEDS_WEIGHT:
             weight = self.kind.matrix(self.base_layer).detach().float()
+        if spec.init.name == "corda":  # corda.preprocess_corda left it on the base layer; used once, as PEFT
+            options = {**options, "eigens": self.base_layer.__dict__.pop("eigens", None)}
         result = INITS[spec.init.name](
             InitRequest(
                 A_shape=tuple(A.shape if self.kind.embedding else A.weight.shape),
@@ -138,7 +140,7 @@ class LoraLayer(nn.Module):
                 r=spec.r,
                 scaling=spec.scaling,
                 embedding=self.kind.embedding,
-                options=spec.init.options,
+                options=options,
                 weight=weight,
                 kind=self.kind.name,
             )
