@@ -97,14 +97,25 @@ def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
-def adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default",
-                       save_embedding_layers: bool | str = "auto") -> dict[str, Tensor]:
-    """The tensors PEFT writes for ``adapter_name``, under their file keys (PEFT's get_peft_model_state_dict)."""
+def adapter_model_keys(peft_model: nn.Module, adapter_name: str = "default",
+                       save_embedding_layers: bool | str = "auto") -> dict[str, str]:
+    """{model key: file key} of every tensor PEFT writes for ``adapter_name``."""
     model = peft_model.base_model.model
     config = peft_model.peft_config[adapter_name]
-    mapping = encode(layout_of(model), adapter_name, config.bias,
-                     embedding_paths(model, config.target_modules, save_embedding_layers))
-    state = {PREFIX + k: v for k, v in model.state_dict().items()}
+    return encode(layout_of(model), adapter_name, config.bias,
+                  embedding_paths(model, config.target_modules, save_embedding_layers))
+
+
+def adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default",
+                       save_embedding_layers: bool | str = "auto",
+                       state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The tensors PEFT writes for ``adapter_name``, under their file keys (PEFT's get_peft_model_state_dict).
+
+    ``state`` (model keys, e.g. gathered from a sharded model by distributed.py) replaces the model's own.
+    """
+    mapping = adapter_model_keys(peft_model, adapter_name, save_embedding_layers)
+    if state is None:
+        state = {PREFIX + k: v for k, v in peft_model.base_model.model.state_dict().items()}
     seen, out = set(), {}
     for model_key, file_key in mapping.items():
         tensor = state[model_key].detach()
@@ -121,10 +132,12 @@ Transform = Callable[[str, dict[str, Tensor], LoraConfig], tuple[dict[str, Tenso
 
 def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None,
                   safe_serialization: bool, save_embedding_layers: bool | str,
-                  transform: Transform | None = None) -> list[str]:
+                  transform: Transform | None = None,
+                  gathered: dict[str, dict[str, Tensor]] | None = None) -> list[str]:
     """Write the selected adapters (default: all) into one folder, atomically (PEFT's save_pretrained).
 
-    Returns the names written. ``transform`` rewrites each adapter's tensors and config before writing.
+    Returns the names written. ``transform`` rewrites each adapter's tensors and config before writing;
+    ``gathered`` gives each adapter's file-keyed tensors ready-made (a sharded model's, distributed.py).
     """
     names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in peft_model.peft_config]
@@ -134,7 +147,9 @@ def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, sele
     model = peft_model.base_model.model
     files = {}
     for name in names:
-        tensors = {k: v.to("cpu") for k, v in adapter_state_dict(peft_model, name, save_embedding_layers).items()}
+        tensors = (gathered[name] if gathered is not None
+                   else adapter_state_dict(peft_model, name, save_embedding_layers))
+        tensors = {k: v.to("cpu") for k, v in tensors.items()}
         config = peft_model.peft_config[name]
         if transform is not None:
             tensors, config = transform(name, tensors, config)

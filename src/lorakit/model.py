@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .config import LoraConfig, TaskType
 from .convert import save_converted
+from .distributed import is_sharded, save_sharded
 from .errors import explain, warn
 from .layer import LoraLayer
 from . import io
@@ -157,6 +158,9 @@ class PeftModel(nn.Module):
         Raises:
             ValueError: an unknown adapter in ``selected_adapters``, or an initial adapter that does not fit.
         """
+        if is_sharded(self):  # FSDP2: every rank must take part in the gather
+            return save_sharded(self, save_directory, selected_adapters, safe_serialization,
+                                save_embedding_layers, is_main_process, path_initial_model_for_weight_conversion)
         if not is_main_process:
             return
         if path_initial_model_for_weight_conversion is not None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .distributed import check_not_sharded
 from .errors import explain, warn
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
@@ -76,6 +77,7 @@ class LoraModel(nn.Module):
     # ---- injection ---------------------------------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates."""
+        check_not_sharded(self.model)
         if adapter_name in self.peft_config:
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
                                      fix="pick another adapter_name or delete_adapter() it first"))
