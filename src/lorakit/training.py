@@ -126,25 +126,47 @@ def micro_batches(examples: list[Example], settings: TrainSettings, skip: int) -
 
 def train_loop(model: nn.Module, examples: list[Example], settings: TrainSettings, pad_id: int,
                state: TrainState, optimizer: torch.optim.Optimizer, scheduler: object,
-               progress: object = None, on_step: Callable[[TrainState], None] | None = None) -> TrainState:
-    """Run optimizer steps from ``state.step`` to ``settings.max_steps``; ``progress`` is a tqdm bar or None."""
+               progress: object = None, on_step: Callable[[TrainState], None] | None = None,
+               rank: int = 0, world: int = 1) -> TrainState:
+    """Run optimizer steps from ``state.step`` to ``settings.max_steps``; ``progress`` is a tqdm bar or None.
+
+    With ``world > 1`` (under torchrun, ``model`` wrapped in DDP or sharded by FSDP2) every rank draws the
+    same global micro-batches and takes rows ``rank::world`` of each; its loss is weighted by its share of
+    the global reply tokens, so the averaged gradient, the reported loss and the step equal one process
+    training on the whole batch (up to float error). ``--batch-size`` stays the global batch.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     stream = micro_batches(examples, settings, skip=state.step * settings.grad_accum)
     smoothed, first_step, first_seconds = None, state.step, state.seconds
+    device = params[0].device if params else torch.device("cpu")
     while state.step < settings.max_steps:
         spent, run = state.seconds - first_seconds, state.step - first_step
-        if settings.time_limit is not None and run and spent + spent / run > settings.time_limit:
+        stop = settings.time_limit is not None and run and spent + spent / run > settings.time_limit
+        if world > 1:  # every rank must stop at the same step, or the others wait forever in a collective
+            flag = torch.tensor([float(bool(stop))], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             state.stopped_early = (f"stopped after {state.step} of {settings.max_steps} steps: the next step would "
                                    f"pass the {settings.time_limit:.0f} s training time limit (--time-limit)")
             break
         start, step_loss, step_tokens = time.perf_counter(), 0.0, 0
         for _ in range(settings.grad_accum):
+            if world > 1:
+                part, tokens = _rank_backward(model, next(stream), pad_id, rank, world, settings.grad_accum, device)
+                step_loss += part
+                step_tokens += tokens
+                continue
             batch = collate(next(stream), pad_id)
             loss = model(**batch).loss / settings.grad_accum
             loss.backward()
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].sum())
+        if world > 1:  # each rank holds its share of the global mean; sum the shares
+            total = torch.tensor([step_loss], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(total)
+            step_loss = float(total.item())
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -162,14 +184,36 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
     return state
 
 
+def _rank_backward(model: nn.Module, examples: list[Example], pad_id: int, rank: int, world: int,
+                   grad_accum: int, device: torch.device) -> tuple[float, int]:
+    """Backward of this rank's rows of one global micro-batch; returns (its share of the loss, global tokens).
+
+    DDP and FSDP2 average gradients over ranks, so the local loss is scaled by ``world`` times this rank's
+    fraction of the batch's reply tokens: the average is then the gradient of the global token mean.
+    """
+    mine, weight = examples[rank::world], 1.0
+    if not mine:  # a last batch smaller than the world: run a zero-weight row to keep collectives in step
+        mine, weight = examples[:1], 0.0
+    batch = {k: v.to(device) for k, v in collate(mine, pad_id).items()}
+    counts = torch.tensor([float((batch["labels"][:, 1:] != -100).sum()) * weight,
+                           float(batch["attention_mask"].sum()) * weight], dtype=torch.float64, device=device)
+    local = float(counts[0])
+    torch.distributed.all_reduce(counts)
+    output = model(**batch)
+    share = output.loss * (local / max(float(counts[0]), 1.0)) if local else output.logits.sum() * 0.0
+    (share * world / grad_accum).backward()
+    return float(share.detach()) / grad_accum, int(counts[1])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> float:
     """Mean loss per reply token over ``examples`` (token-weighted across batches)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total += model(**batch).loss.item() * tokens
         count += tokens
@@ -186,6 +230,7 @@ def sample_answers(model: nn.Module, tokenizer: object, prompts: list[str], max_
     for prompt in prompts:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                             add_generation_prompt=True, return_dict=False, return_tensors="pt")
+        ids = ids.to(next(model.parameters()).device)
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
@@ -233,16 +278,88 @@ def should_save(step: int, every: int, last: int) -> bool:
 # ---- checkpoints: the adapter in PEFT format plus the optimizer, schedule and position -----------------------
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, state: TrainState,
                     folder: Path) -> None:
-    """Write ``folder`` atomically: adapter files and ``trainer_state.pt`` (tensors and numbers only)."""
+    """Write ``folder`` atomically: adapter files and ``trainer_state.pt`` (tensors and numbers only).
+
+    Under torchrun every rank must call it with the PeftModel (DDP's ``.module``): rank 0 writes. An
+    FSDP2-sharded model's adapter and optimizer state are gathered whole first, and the optimizer state is
+    stored in the single-process layout, so a checkpoint resumes with any process count, sharded or not.
+    """
     from .atomic import replace_folder
+    from .distributed import is_sharded
 
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": state.step,
-                    "tokens": state.tokens, "seconds": state.seconds, "losses": state.losses},
-                   staging / "trainer_state.pt")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    sharded = distributed and is_sharded(model)
+    if sharded:
+        from . import io
+        from .distributed import full_adapter_state_dict
 
-    replace_folder(folder, write)
+        gathered = {name: full_adapter_state_dict(model, name) for name in model.peft_config}
+        optimizer_state = _full_optimizer_state(model, optimizer)
+    if rank == 0:
+        def write(staging: Path) -> None:
+            if sharded:
+                io.save_adapters(model, staging / "adapter", None, True, "auto", gathered=gathered)
+            else:
+                model.save_pretrained(staging / "adapter")
+            torch.save({"optimizer": optimizer_state if sharded else optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": state.step, "tokens": state.tokens,
+                        "seconds": state.seconds, "losses": state.losses}, staging / "trainer_state.pt")
+
+        replace_folder(folder, write)
+    if distributed:
+        torch.distributed.barrier()
+
+
+def _trainable_names(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The sharded optimizer's state, gathered, re-keyed by parameter index as ``optimizer.state_dict()``."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    full = get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    index = {name: i for i, name in enumerate(_trainable_names(model))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full.get("param_groups", [])]
+    return {"state": {index[n]: v for n, v in full.get("state", {}).items()}, "param_groups": groups}
+
+
+def _load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    names = _trainable_names(model)
+    full = {"state": {names[int(i)]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def load_trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object,
+                       folder: Path) -> TrainState:
+    """Restore optimizer, schedule and position from ``folder/trainer_state.pt`` (sharded models too).
+
+    Raises:
+        ValueError: the checkpoint does not match this configuration or is damaged.
+    """
+    from .distributed import is_sharded
+
+    try:
+        saved = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        if is_sharded(model):
+            _load_sharded_optimizer(model, optimizer, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (OSError, RuntimeError, KeyError, ValueError, IndexError) as error:
+        raise ValueError(f"checkpoint {folder} is damaged or from another configuration ({error})") from None
+    return TrainState(saved["step"], saved["tokens"], saved["seconds"], [tuple(x) for x in saved["losses"]])
 
 
 def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, folder: Path,
@@ -255,10 +372,4 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     from .io import read_weights, set_peft_model_state_dict
 
     set_peft_model_state_dict(model, read_weights(folder / "adapter"), adapter_name)
-    try:
-        saved = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-    except (OSError, RuntimeError, KeyError, ValueError) as error:
-        raise ValueError(f"checkpoint {folder} is damaged or from another configuration ({error})") from None
-    return TrainState(saved["step"], saved["tokens"], saved["seconds"], [tuple(x) for x in saved["losses"]])
+    return load_trainer_state(model, optimizer, scheduler, folder)

@@ -79,11 +79,13 @@ def add_lora_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LoRA settings (override --config and the defaults)")
     group.add_argument("--config", type=Path, help="a LoraConfig JSON file (adapter_config.json works)")
     for field, (kind, help_text) in LORA_FLAGS.items():
-        flag = "--" + field.replace("_", "-")
+        flags = ["--" + field.replace("_", "-")]
+        if field == "r":  # torchrun's parser takes a bare --r for an abbreviation of its own flags
+            flags.append("--lora-r")
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(*flags, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, type=kind, default=None, help=help_text)
+            group.add_argument(*flags, dest=field, type=kind, default=None, help=help_text)
 
 
 def lora_config(args: argparse.Namespace, defaults: dict[str, Any]) -> LoraConfig:

@@ -4,12 +4,18 @@ With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct on the Englis
 pairs with the common SFT recipe (r=64, alpha=16, dropout 0.1, all seven projections, rsLoRA), loss on
 the replies only; evaluates held-out loss and prints two sample answers before and after; saves the
 adapter (PEFT format), a loss-curve PNG and metrics.json into --output.
+
+Under ``torchrun --nproc-per-node=N`` (WORLD_SIZE > 1) it trains data-parallel: DDP by default, FSDP2 with
+--fsdp; --batch-size stays the global batch, each rank taking its rows of every micro-batch, so the run
+matches one process up to float error. Rank 0 alone prints and writes files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,7 +27,7 @@ from ..training import (
     TrainSettings,
     TrainState,
     evaluate,
-    load_checkpoint,
+    load_trainer_state,
     make_optimizer,
     peak_rss_mb,
     plot_losses,
@@ -59,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of training before stopping early with a note (default 420; 0: none)")
     parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--samples", type=int, default=2, help="sample answers printed before and after (0: none)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the model with FSDP2 instead of replicating it with DDP")
     add_lora_flags(parser)
 
 
@@ -109,7 +117,37 @@ def _print_samples(label: str, prompts: list[str], answers: list[str]) -> None:
         print(f"  [{label}] Q: {prompt}\n  [{label}] A: {answer}")
 
 
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group when torchrun set WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device("cpu")
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise CliError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
+    rank, world, device = _init_distributed()
+    try:
+        with contextlib.ExitStack() as stack:
+            if rank != 0:  # one log: the other ranks print nothing
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return _run(args, rank, world, device)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     from tqdm.auto import tqdm
 
     from ..sft import encode_all, split
@@ -122,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = rss_mb()
     model, tokenizer, folder = _load(args)
     torch.manual_seed(args.seed)  # the adapter's random init is part of the run's reproducibility
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)  # inject before wrapping or sharding
     if args.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     print(f"model {folder}: {type(model).__name__}; LoRA r={config.r} alpha={config.lora_alpha} "
@@ -142,44 +180,84 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: {len(train_set)} training and {len(held_set)} held-out examples; {steps} steps of "
           f"{args.batch_size}x{args.grad_accum} examples ({steps * args.batch_size * args.grad_accum / len(train_set):.2f} epochs)")
 
-    optimizer, scheduler = make_optimizer(peft_model, settings)
     output = args.output
-    state = TrainState()
-    if args.resume:
+    if args.resume:  # the adapter goes in before wrapping or sharding, the optimizer state after
         if not (output / "checkpoint" / "trainer_state.pt").is_file():
             raise CliError(f"--resume: no checkpoint in {output / 'checkpoint'}")
-        state = load_checkpoint(peft_model, optimizer, scheduler, output / "checkpoint")
+        from ..io import read_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(peft_model, read_weights(output / "checkpoint" / "adapter"))
+    train_model = peft_model
+    if world > 1:
+        peft_model.to(device)
+        if args.fsdp:
+            from ..distributed import shard
+
+            shard(peft_model)
+        else:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                peft_model, device_ids=[device.index] if device.type == "cuda" else None)
+        print(f"distributed: {world} processes, {'FSDP2' if args.fsdp else 'DDP'} on {device.type}; "
+              f"each optimizer step takes the global batch of {args.batch_size}x{args.grad_accum}")
+    optimizer, scheduler = make_optimizer(peft_model, settings)
+    state = TrainState()
+    if args.resume:
+        state = load_trainer_state(peft_model, optimizer, scheduler, output / "checkpoint")
         print(f"resumed from {output / 'checkpoint'} at step {state.step}")
 
+    # held-out loss and samples: FSDP2 needs every rank in each forward; DDP's rank 0 runs the bare model
+    evaluating = args.fsdp or rank == 0
     prompts = SAMPLE_PROMPTS[: args.samples]
-    loss_before = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id)
+    loss_before = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id) if evaluating else 0.0
     print(f"held-out loss before training: {loss_before:.4f}")
-    _print_samples("before", prompts, sample_answers(peft_model, tokenizer, prompts))
+    if evaluating:
+        _print_samples("before", prompts, _sample(peft_model, tokenizer, prompts))
 
     def checkpoint(current: TrainState) -> None:
         if should_save(current.step, settings.save_every, settings.max_steps):
             save_checkpoint(peft_model, optimizer, scheduler, current, output / "checkpoint")
 
-    with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True) as bar, \
-            PeakMemory() as memory:
-        train_loop(peft_model, train_set, settings, tokenizer.pad_token_id, state, optimizer, scheduler,
-                   progress=bar, on_step=checkpoint)
+    with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
+              disable=rank != 0) as bar, PeakMemory() as memory:
+        train_loop(train_model, train_set, settings, tokenizer.pad_token_id, state, optimizer, scheduler,
+                   progress=bar, on_step=checkpoint, rank=rank, world=world)
 
     if state.stopped_early:
         print(f"note: {state.stopped_early}; the adapter is saved as trained so far (a 2-core CPU does about "
               "2-4 s per step of the default recipe)")
         save_checkpoint(peft_model, optimizer, scheduler, state, output / "checkpoint")
-    loss_after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id)
+    loss_after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id) if evaluating else 0.0
     print(f"held-out loss after training: {loss_after:.4f} (before: {loss_before:.4f})")
-    _print_samples("after", prompts, sample_answers(peft_model, tokenizer, prompts))
-    _finish(peft_model, state, output, loss_before, loss_after, (baseline, memory.peak), folder)
+    if evaluating:
+        _print_samples("after", prompts, _sample(peft_model, tokenizer, prompts))
+    _finish(peft_model, state, output, loss_before, loss_after, (baseline, memory.peak), folder, rank, world)
     return 0
 
 
+def _sample(peft_model: object, tokenizer: object, prompts: list[str]) -> list[str]:
+    """Greedy answers; an FSDP2 root is unsharded around generate (which bypasses the root's forward)."""
+    from ..distributed import is_sharded
+
+    if not prompts or not is_sharded(peft_model):
+        return sample_answers(peft_model, tokenizer, prompts)
+    peft_model.unshard()
+    try:
+        return sample_answers(peft_model, tokenizer, prompts)
+    finally:
+        peft_model.reshard()
+
+
 def _finish(peft_model: object, state: TrainState, output: Path, before: float, after: float,
-            memory: tuple[float, float], folder: Path) -> None:
+            memory: tuple[float, float], folder: Path, rank: int = 0, world: int = 1) -> None:
+    from ..distributed import is_sharded
+
+    if world > 1 and is_sharded(peft_model):
+        peft_model.save_pretrained(output / "adapter", is_main_process=rank == 0)  # every rank gathers
+    if rank != 0:
+        return
     output.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(output / "adapter")
+    if not (world > 1 and is_sharded(peft_model)):
+        peft_model.save_pretrained(output / "adapter")
     plot_losses(state.losses, [(0, before), (state.step, after)], output / "loss.png",
                 f"LoRA on {Path(folder).name}")
     metrics = {"held_out_loss_before": before, "held_out_loss_after": after, "steps": state.step,
