@@ -58,18 +58,42 @@ def fsdp2_wrap_plan(model: nn.Module) -> list[nn.Module]:
     return [*best, model]
 
 
-def shard(peft_model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
+def shard(peft_model: nn.Module, mixed_precision: str | None = None, **fsdp_kwargs: Any) -> nn.Module:
     """Apply ``fully_shard(module, **fsdp_kwargs)`` along ``fsdp2_wrap_plan``; returns ``peft_model``.
 
     Without a ``mesh`` in ``fsdp_kwargs``, a CPU model gets a 1-D CPU mesh over the default process group
-    (``fully_shard``'s own default mesh needs an accelerator).
+    (``fully_shard``'s own default mesh needs an accelerator). ``mixed_precision="bf16"`` computes in
+    bfloat16 and reduces gradients in float32 (``MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+    reduce_dtype=torch.float32)``); the sharded parameters, optimizer state and saved adapter stay float32.
+    It needs a CUDA model on a GPU with bf16 support; ``None`` or ``"no"`` leaves precision alone.
 
     Raises:
+        ValueError: ``mixed_precision`` is not None / "no" / "bf16", is "bf16" for a model not on a CUDA
+            device with bf16 support (bf16 compute on CPU is several times slower than float32), or is
+            given together with ``mp_policy``.
         RuntimeError: torch lacks FSDP2 or no process group is initialised.
     """
+    if mixed_precision not in (None, "no", "bf16"):
+        raise ValueError(explain("unknown mixed_precision", got=mixed_precision, fix='use None, "no" or "bf16"'))
+    if mixed_precision == "bf16":
+        if "mp_policy" in fsdp_kwargs:
+            raise ValueError(explain("mixed_precision and mp_policy both given", got="both",
+                                     fix="pass one: mixed_precision='bf16' or your own mp_policy"))
+        device = next(peft_model.parameters()).device
+        if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+            raise ValueError(explain(
+                "FSDP2 bf16 mixed precision needs a CUDA device with bf16 support",
+                where=f"model on {device.type}",
+                got="bf16 compute on CPU, which is not supported (it runs several times slower than float32)"
+                if device.type == "cpu" else f"a {device.type} device without CUDA bf16 support",
+                fix="train in float32 (mixed_precision=None / --mixed-precision no), or move the model to a "
+                    "bf16-capable GPU before shard"))
     if fully_shard is None or not torch.distributed.is_initialized():
         raise RuntimeError(explain("cannot shard", got="no FSDP2 in this torch or no process group",
                                    fix="run under torchrun and call torch.distributed.init_process_group"))
+    if mixed_precision == "bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        fsdp_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if "mesh" not in fsdp_kwargs and next(peft_model.parameters()).device.type == "cpu":
         from torch.distributed.device_mesh import init_device_mesh
         fsdp_kwargs["mesh"] = init_device_mesh("cpu", (torch.distributed.get_world_size(),))

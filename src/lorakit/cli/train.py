@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=2, help="sample answers printed before and after (0: none)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the model with FSDP2 instead of replicating it with DDP")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                        help="with --fsdp on bf16-capable CUDA GPUs: compute in bf16, reduce in fp32 (default no)")
     add_lora_flags(parser)
 
 
@@ -136,6 +138,8 @@ def _init_distributed() -> tuple[int, int, torch.device]:
 def run(args: argparse.Namespace) -> int:
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise CliError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
+    if args.mixed_precision != "no" and not args.fsdp:
+        raise CliError("--mixed-precision applies to FSDP2: add --fsdp (and launch with torchrun on CUDA GPUs)")
     rank, world, device = _init_distributed()
     try:
         with contextlib.ExitStack() as stack:
@@ -193,7 +197,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         if args.fsdp:
             from ..distributed import shard
 
-            shard(peft_model)
+            shard(peft_model, mixed_precision=args.mixed_precision)
         else:
             train_model = torch.nn.parallel.DistributedDataParallel(
                 peft_model, device_ids=[device.index] if device.type == "cuda" else None)
