@@ -119,7 +119,6 @@ def test_malformed_jsonl_names_the_line(tmp_path, lines, message):
         (["--data", "/nonexistent.jsonl"], "does not exist"),
         (["--target-modules", "not_a_layer"], "not found in the base model"),
         (["--max-steps", "0"], "--max-steps must be at least 1"),
-        (["--load-in-4bit"], "issue 6"),
         (["--r", "0"], "invalid r"),
         (["--no-such-option"], "unrecognized arguments"),
     ],

@@ -5,6 +5,7 @@ from .corda import preprocess_corda
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .errors import LoraWarning
 from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
 from .layer import LoraLayer
 from .model import (
@@ -22,6 +23,8 @@ from .version import __version__
 
 
 __all__ = [
+    "prepare_model_for_kbit_training",
+    "quantize_model",
     "AdapterLoadError",
     "__version__",
     "get_peft_model_state_dict",

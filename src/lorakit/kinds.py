@@ -101,10 +101,14 @@ def kind_for(module: nn.Module, path: str) -> Kind:
     return kind
 
 
+# Kind names "all-linear" selects; quant.py adds its quantized linear layers (bnb Linear4bit, Linear8bitLt).
+LINEAR_KINDS: set[str] = {"Linear", "Conv1D"}
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    """True for nn.Linear and transformers' Conv1D: the layers "all-linear" selects."""
+    """True for nn.Linear, transformers' Conv1D and quantized linears: the layers "all-linear" selects."""
     kind = find_kind(module)
-    return kind is not None and kind.name in ("Linear", "Conv1D")
+    return kind is not None and kind.name in LINEAR_KINDS
 
 
 # ---- Linear and GPT-2 Conv1D: the same factors, the weight stored the other way round ---------------------

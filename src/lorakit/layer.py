@@ -30,6 +30,7 @@ from .config import InitMethod
 from .errors import explain
 from .inits import INITS, NEEDS_WEIGHT, InitRequest
 from .kinds import Kind
+from .quant import dense_weight, write_weight
 from .variants import Variant, resolve_variant
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -111,6 +112,7 @@ class LoraLayer(nn.Module):
         self._disable_adapters = False
         # mixed batch, set by the tuner: (rows in the routed batch, [(adapter name, row indices)])
         self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None
+        self.rounding_error: float | None = None  # quantized base: output change of the last requantization
 
     def _get_name(self) -> str:  # repr as PEFT prints it: lora.Linear(...)
         return f"lora.{self.kind.name}"
@@ -307,21 +309,20 @@ class LoraLayer(nn.Module):
 
     def unmerged_weight(self) -> Tensor:
         """The base weight with every merged adapter taken out, in float32 and its own layout (W is unchanged)."""
-        W = self.base_layer.weight.detach().float()
+        W = dense_weight(self.base_layer)  # deq(Q) for a quantized base (quant.py)
         for name in reversed(self.merged_adapters):
             W = self._merged_weight(name, W, -1.0)
         return W
 
     def _apply_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
-        weight = self.base_layer.weight
         with torch.no_grad():
-            new_weight = self._merged_weight(adapter_name, weight.float(), sign)
+            new_weight = self._merged_weight(adapter_name, dense_weight(self.base_layer), sign)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(
                     explain(f"merging adapter {adapter_name!r} gives NaN or inf weights",
                             where=f"lora.{self.kind.name}", fix="the adapter is broken; retrain or reload it")
                 )
-            weight.copy_(new_weight.to(weight.dtype))
+            self.rounding_error = write_weight(self.base_layer, new_weight)  # requantizes a quantized base
             if self.lora_bias.get(adapter_name):
                 bias = self.base_layer.bias
                 if bias is None:

@@ -20,6 +20,7 @@ from .config import LoraConfig
 from .distributed import check_not_sharded
 from .errors import explain, warn
 from .layer import LoraLayer
+from .quant import dequantize_model, warn_rounding
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, resolve_targets, task_modules_to_save
 
@@ -223,8 +224,9 @@ class LoraModel(nn.Module):
     # ---- merge -------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the (active) adapters into the base weights: W ← W + s·ΔW."""
-        for layer in self.lora_layers():
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        with warn_rounding(self.lora_layers()):  # a quantized base is requantized: say how much that rounds
+            for layer in self.lora_layers():
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
         for layer in self.lora_layers():
@@ -243,9 +245,16 @@ class LoraModel(nn.Module):
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain model (no LoRA layers left)."""
-        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+                         adapter_names: list[str] | None = None, dequantize: bool = False) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain model (no LoRA layers left).
+
+        Quantized bases are dequantized, merged in float32 and requantized (with a warning giving the rounding);
+        ``dequantize=True`` instead turns every quantized layer into a float32 nn.Linear first (quant.py).
+        """
+        if dequantize:
+            dequantize_model(self.model)
+        with warn_rounding(list(self.lora_layers())):
+            return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Return the plain base model with the adapters removed, unmerged."""

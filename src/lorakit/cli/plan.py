@@ -311,7 +311,7 @@ def train_command(args: argparse.Namespace, settings: dict, setup: Setup) -> str
     parts.append(f"--target-modules {targets if isinstance(targets, str) else ','.join(targets)}")
     parts.append("--use-rslora" if settings.get("use_rslora") else "--no-use-rslora")
     parts += ["--gradient-checkpointing"] * setup.gradient_checkpointing
-    parts += ["--load-in-4bit  # QLoRA: the 4-bit backend arrives with issue 6"] * (setup.base_dtype == "4bit")
+    parts += ["--load-in-4bit  # QLoRA: NF4 base (bitsandbytes), fp32 compute on CPU"] * (setup.base_dtype == "4bit")
     return " ".join(parts)
 
 

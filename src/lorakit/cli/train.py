@@ -80,9 +80,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError(f"--epochs must be positive, got {args.epochs}")
     if args.lr <= 0:
         raise CliError(f"--lr must be positive, got {args.lr}")
-    if args.load_in_4bit:
-        raise CliError("--load-in-4bit needs the QLoRA backend, which is not built yet (issue 6); "
-                       "train without it for now")
+    if args.load_in_4bit and (args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise CliError("--load-in-4bit trains in one process; drop --fsdp / torchrun for QLoRA")
     if args.model is not None and not (args.model / "config.json").is_file():
         raise CliError(f"--model {args.model} is not a transformers model folder (no config.json)")
 
@@ -104,6 +103,10 @@ def _load(args: argparse.Namespace) -> tuple[object, object, Path]:
         tokenizer.pad_token = tokenizer.eos_token
     if args.gradient_checkpointing:
         model.config.use_cache = False
+    if args.load_in_4bit:  # QLoRA: NF4 projections, fp32 compute (bf16 is slower on CPU), lm_head kept
+        from ..kbit import quantize_model
+
+        quantize_model(model, quant_type="nf4", compute_dtype=torch.float32, double_quant=True)
     return model, tokenizer, folder
 
 

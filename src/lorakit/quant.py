@@ -1,0 +1,227 @@
+"""Registry of quantized base-layer backends: how to read a quantized W as float32 and write one back.
+
+QLoRA (arXiv:2305.14314) trains LoRA over a frozen quantized base: ``LoraLayer.forward`` calls the quantized
+layer itself, y = base_q(x) + s·B A x, so the forward never needs W. Only the spots that need the dense
+weight (merge / unmerge, DoRA's row norm, the residual inits PiSSA / OLoRA / LoftQ / CorDA) read it, and
+they do so through ``dense_weight`` / ``write_weight`` here:
+
+    dense_weight(m)    = deq(Q)                   (out, in) float32
+    write_weight(m, W) : Q ← quantize(W)          m keeps its format (quant type, block size, double quant)
+
+A backend is two functions; nothing else of lorakit changes per backend (no LoRA class per backend).
+Registering a backend also registers a ``Kind`` for its class (kinds.py, keyed by "module.QualName" so that
+bitsandbytes is never imported just to look a type up) and DoRA's per-kind entry (variants.py). Because
+``find_kind`` walks the MRO, the quantized Kind is found before nn.Linear, which bnb's layers subclass.
+
+Requantization rounds: after ``write_weight`` the layer holds deq(quantize(W)) ≠ W. The change of the
+layer's outputs that rounding caused is measured on fixed probe inputs X (64 rows, N(0, 1), seed 0):
+
+    rounding = max |X (deq(quantize(W)) − W)ᵀ|           (a number in output units)
+
+``merge_adapter`` / ``merge_and_unload`` warn with the largest such number over the merged layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import warn
+from .kinds import LINEAR_KINDS, Kind, register_kind
+from .variants import DORA_KINDS, DoraKind
+
+PROBE_ROWS = 64  # rows of the probe input that measures a requantization's rounding
+
+
+@dataclass(frozen=True)
+class QuantBackend:
+    """One quantized layer type.
+
+    Attributes:
+        name: the Kind name (PEFT prints ``lora.<name>``).
+        dequantize: module -> W (out, in) float32.
+        requantize: (module, W (out, in)) -> None; quantizes W into the module in place, in its own format.
+        bits: bits per weight, for messages.
+    """
+
+    name: str
+    dequantize: Callable[[nn.Module], Tensor]
+    requantize: Callable[[nn.Module, Tensor], None]
+    bits: int
+
+
+QUANT_BACKENDS: dict[str, QuantBackend] = {}  # "module.QualName" of the layer class -> backend
+
+
+def register_quant_backend(qualified_name: str, backend: QuantBackend) -> None:
+    """Register ``backend`` for the class named ``qualified_name``, with its Kind and DoRA entry."""
+    QUANT_BACKENDS[qualified_name] = backend
+    register_kind(qualified_name, Kind(
+        name=backend.name,
+        features=lambda m: (m.in_features, m.out_features),
+        make_factors=lambda m, r, bias: (nn.Linear(m.in_features, r, bias=False),
+                                         nn.Linear(r, m.out_features, bias=bias)),
+        branch=lambda base, x, A, B: B(A(x)),
+        delta_weight=lambda m, A, B: B @ A,  # (out, in)
+        matrix=dense_weight,  # by module, so a base swapped for nn.Linear (dequantize=True) still reads
+        set_matrix=write_weight,
+    ))
+    LINEAR_KINDS.add(backend.name)  # "all-linear" targets quantized projections, as PEFT does
+    DORA_KINDS[backend.name] = DoraKind(out_dim=0, weight_only=_dequantized_weight_only)
+
+
+def find_backend(module: nn.Module) -> QuantBackend | None:
+    """The backend of ``module``'s class or its nearest registered base class; None for dense layers."""
+    for cls in type(module).__mro__:
+        backend = QUANT_BACKENDS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if backend is not None:
+            return backend
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return find_backend(module) is not None
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """W in the module's own layout as float32, detached: deq(Q) for a quantized layer, a copy-free cast else."""
+    backend = find_backend(module)
+    return backend.dequantize(module) if backend is not None else module.weight.detach().float()
+
+
+def write_weight(module: nn.Module, W: Tensor) -> float | None:
+    """Write W (the module's own layout) into ``module``; for a quantized layer return the rounding it caused.
+
+    Dense layers: W is cast once to the weight's dtype, in place. Quantized layers: Q ← quantize(W), and the
+    result is max |X (deq(Q) − W)ᵀ| over the probe inputs X (module docstring).
+    """
+    backend = find_backend(module)
+    if backend is None:
+        with torch.no_grad():
+            module.weight.copy_(W.to(module.weight.dtype))
+        return None
+    with torch.no_grad():
+        target = W.detach().float()
+        backend.requantize(module, target)
+        error = backend.dequantize(module) - target.to(module.weight.device)  # (out, in)
+        probe = torch.randn(PROBE_ROWS, error.shape[1], generator=torch.Generator().manual_seed(0))
+        return (probe.to(error.device) @ error.T).abs().max().item()
+
+
+def _dequantized_weight_only(base: nn.Module, x: Tensor) -> Tensor:
+    """DoRA's base term on dropped-out input, W x without bias, with W dequantized (as PEFT does)."""
+    return F.linear(x, dense_weight(base).to(x.dtype))
+
+
+# ---- the rounding warning and full-precision unloading ---------------------------------------------------------
+@contextlib.contextmanager
+def warn_rounding(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Around merges: warn once with the largest rounding (``LoraLayer.rounding_error``) the merges caused."""
+    layers = [layer for layer in layers if is_quantized(layer.base_layer)]
+    for layer in layers:
+        layer.rounding_error = None
+    yield
+    errors = [(layer.rounding_error, layer) for layer in layers if layer.rounding_error is not None]
+    if errors:
+        worst, layer = max(errors, key=lambda pair: pair[0])
+        warn(f"merged into {len(errors)} quantized layer(s) ({layer.kind.name}): requantizing the merged weights "
+             f"rounds them; the largest change of a layer's outputs on N(0, 1) probe inputs is {worst:.4g} "
+             "(max-abs). Use merge_and_unload(dequantize=True) for an exact full-precision merge.")
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer of ``model`` with an nn.Linear holding deq(Q) in float32, in place.
+
+    A transformers model also drops its quantization config (as its own ``dequantize`` does), so that
+    ``save_pretrained`` writes a plain full-precision checkpoint.
+    """
+    for path, module in list(model.named_modules()):
+        backend = find_backend(module)
+        if backend is None:
+            continue
+        W = backend.dequantize(module)  # (out, in)
+        bias = getattr(module, "bias", None)
+        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device=W.device)
+        with torch.no_grad():
+            linear.weight.copy_(W)
+            if bias is not None:
+                linear.bias.copy_(bias.detach().float())
+        linear.requires_grad_(False)
+        model.set_submodule(path, linear)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    return model
+
+
+# ---- bitsandbytes ----------------------------------------------------------------------------------------------
+def _bnb4_dequantize(module: nn.Module) -> Tensor:
+    """deq(Q) of a bnb Linear4bit: blockwise NF4 / FP4 codes times their (double-quantized) absmax."""
+    import bitsandbytes.functional as bnb_functional
+
+    data, state = _bnb4_unpacked(module)
+    return bnb_functional.dequantize_4bit(data, state).float()
+
+
+def _bnb4_unpacked(module: nn.Module) -> tuple[Tensor, object]:
+    """(codes, quant state) in bnb's canonical layout. In eval mode without grad, bnb's CPU forward repacks the
+    weight for its AVX512-BF16 kernel (absmax rounded to bf16); undo that on copies, leaving the module as is."""
+    import copy
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = module.weight
+    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return weight.data, weight.quant_state
+    return _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(weight.quant_state))
+
+
+def _bnb4_requantize(module: nn.Module, W: Tensor) -> None:
+    """Q ← quantize_4bit(W) with the module's quant type, block size, double quant and storage dtype."""
+    import bitsandbytes as bnb
+
+    old = module.weight
+    state = _bnb4_unpacked(module)[1]
+    module.weight = bnb.nn.Params4bit(
+        W.to(device="cpu", dtype=state.dtype), requires_grad=False, quant_type=state.quant_type,
+        blocksize=state.blocksize, compress_statistics=state.nested, quant_storage=old.quant_storage,
+        module=module,
+    ).to(old.device)
+    module.quant_state = module.weight.quant_state
+
+
+def _bnb8_codes(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """(CB (out, in) int8, SCB (out,)): on the weight until the first forward, on ``module.state`` after."""
+    weight = module.weight
+    SCB = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+    return weight.data, SCB
+
+
+def _bnb8_dequantize(module: nn.Module) -> Tensor:
+    """deq(Q) of a bnb Linear8bitLt: W = CB · SCB_row / 127 (LLM.int8() row-wise absmax, arXiv:2208.07339)."""
+    CB, SCB = _bnb8_codes(module)
+    return CB.float() * SCB.float()[:, None] / 127
+
+
+def _bnb8_requantize(module: nn.Module, W: Tensor) -> None:
+    """CB, SCB ← int8_vectorwise_quant(W) in place; the module re-reads them at its next forward."""
+    import bitsandbytes.functional as bnb_functional
+
+    CB, SCB, _ = bnb_functional.int8_vectorwise_quant(W.to(module.weight.device, torch.float16))
+    module.weight.data = CB
+    module.weight.CB, module.weight.SCB = CB, SCB
+    module.state.CB = module.state.SCB = None  # init_8bit_state moves the new codes over at the next forward
+
+
+register_quant_backend("bitsandbytes.nn.modules.Linear4bit",
+                       QuantBackend("Linear4bit", _bnb4_dequantize, _bnb4_requantize, bits=4))
+register_quant_backend("bitsandbytes.nn.modules.Linear8bitLt",
+                       QuantBackend("Linear8bitLt", _bnb8_dequantize, _bnb8_requantize, bits=8))
