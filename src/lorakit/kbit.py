@@ -75,7 +75,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", compute_dtype: tor
         quant_type: "nf4" (QLoRA's NormalFloat) or "fp4". compute_dtype: the dtype of the matmul (fp32 on
             CPU, where bf16 is slower; bf16 on GPU). double_quant: quantize the absmax too.
         skip: module names (a path or its last segment) left in full precision; the output embedding is
-            always skipped, as transformers' 4-bit load does.
+            always skipped, as transformers' 4-bit load does, and so are LoRA factors (``lora_*``) when
+            ``model`` already holds adapters (LoftQ on the full-precision model, then quantize its base).
 
     bnb's CPU forward in eval mode repacks the weight for its AVX512-BF16 kernel, rounding absmax to bf16 (and
     it fails for layers with fewer than 64 inputs); the layers made here keep the fp32 path so that eval
@@ -94,7 +95,10 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", compute_dtype: tor
                           "(bitsandbytes==0.50.2)") from error
     skip = set(skip) | _output_head_names(model)
     for path, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or path in skip or path.rsplit(".", 1)[-1] in skip:
+        names = path.split(".")
+        if type(module) is not nn.Linear or path in skip or names[-1] in skip:
+            continue
+        if any(name.startswith("lora_") for name in names):  # LoRA factors of an adapted model stay trainable
             continue
         model.set_submodule(path, _linear4bit(bnb, module, quant_type, compute_dtype, double_quant, blocksize))
     model.is_loaded_in_4bit = True  # what transformers' 4-bit load sets and PEFT / is_kbit read
