@@ -50,13 +50,17 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             param.data = param.data.float()
     if not (use_gradient_checkpointing and is_kbit(model)):
         return model
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if not callable(enable):
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers 5's name, no FutureWarning
+        _enable_input_grads(model)  # a frozen embedding would cut the graph that checkpointed blocks re-run
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        _enable_input_grads(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
         raise ValueError(explain("use_gradient_checkpointing=True but the model cannot checkpoint",
                                  where=type(model).__name__, expected="a transformers PreTrainedModel",
                                  fix="pass use_gradient_checkpointing=False"))
-    _enable_input_grads(model)  # a frozen embedding would cut the graph that checkpointed blocks re-run
-    enable(gradient_checkpointing_kwargs=dict(gradient_checkpointing_kwargs or {}))
     return model
 
 

@@ -23,9 +23,9 @@ layer's outputs that rounding caused is measured on fixed probe inputs X (64 row
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from .errors import warn
 from .kinds import LINEAR_KINDS, Kind, register_kind
 from .variants import DORA_KINDS, DoraKind
 
+T = TypeVar("T")
 PROBE_ROWS = 64  # rows of the probe input that measures a requantization's rounding
 
 
@@ -119,19 +120,22 @@ def _dequantized_weight_only(base: nn.Module, x: Tensor) -> Tensor:
 
 
 # ---- the rounding warning and full-precision unloading ---------------------------------------------------------
-@contextlib.contextmanager
-def warn_rounding(layers: Iterable[nn.Module]) -> Iterator[None]:
-    """Around merges: warn once with the largest rounding (``LoraLayer.rounding_error``) the merges caused."""
+def merge_reporting_rounding(layers: Iterable[nn.Module], merge: Callable[[], T]) -> T:
+    """Run ``merge()``; then warn once with the largest rounding (``LoraLayer.rounding_error``) it caused.
+
+    A plain function rather than a context manager, so that the warning points at the user's line.
+    """
     layers = [layer for layer in layers if is_quantized(layer.base_layer)]
     for layer in layers:
         layer.rounding_error = None
-    yield
+    result = merge()
     errors = [(layer.rounding_error, layer) for layer in layers if layer.rounding_error is not None]
     if errors:
         worst, layer = max(errors, key=lambda pair: pair[0])
         warn(f"merged into {len(errors)} quantized layer(s) ({layer.kind.name}): requantizing the merged weights "
              f"rounds them; the largest change of a layer's outputs on N(0, 1) probe inputs is {worst:.4g} "
              "(max-abs). Use merge_and_unload(dequantize=True) for an exact full-precision merge.")
+    return result
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

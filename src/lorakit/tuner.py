@@ -20,7 +20,7 @@ from .config import LoraConfig
 from .distributed import check_not_sharded
 from .errors import explain, warn
 from .layer import LoraLayer
-from .quant import dequantize_model, warn_rounding
+from .quant import dequantize_model, merge_reporting_rounding
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, resolve_targets, task_modules_to_save
 
@@ -224,9 +224,11 @@ class LoraModel(nn.Module):
     # ---- merge -------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the (active) adapters into the base weights: W ← W + s·ΔW."""
-        with warn_rounding(self.lora_layers()):  # a quantized base is requantized: say how much that rounds
+        def merge() -> None:
             for layer in self.lora_layers():
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+        merge_reporting_rounding(self.lora_layers(), merge)  # a quantized base is requantized: say how much
 
     def unmerge_adapter(self) -> None:
         for layer in self.lora_layers():
@@ -253,8 +255,8 @@ class LoraModel(nn.Module):
         """
         if dequantize:
             dequantize_model(self.model)
-        with warn_rounding(list(self.lora_layers())):
-            return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        return merge_reporting_rounding(list(self.lora_layers()), lambda: self._unload(
+            merge=True, safe_merge=safe_merge, adapter_names=adapter_names))
 
     def unload(self) -> nn.Module:
         """Return the plain base model with the adapters removed, unmerged."""
