@@ -112,7 +112,7 @@ class LoraLayer(nn.Module):
         self._disable_adapters = False
         # mixed batch, set by the tuner: (rows in the routed batch, [(adapter name, row indices)])
         self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None
-        self.rounding_error: float | None = None  # quantized base: output change of the last requantization
+        self.rounding_error: float | None = None  # quantized base: largest output change of a requantization
 
     def _get_name(self) -> str:  # repr as PEFT prints it: lora.Linear(...)
         return f"lora.{self.kind.name}"
@@ -322,7 +322,9 @@ class LoraLayer(nn.Module):
                     explain(f"merging adapter {adapter_name!r} gives NaN or inf weights",
                             where=f"lora.{self.kind.name}", fix="the adapter is broken; retrain or reload it")
                 )
-            self.rounding_error = write_weight(self.base_layer, new_weight)  # requantizes a quantized base
+            rounding = write_weight(self.base_layer, new_weight)  # requantizes a quantized base: the rounding
+            if rounding is not None:
+                self.rounding_error = max(rounding, self.rounding_error or 0.0)
             if self.lora_bias.get(adapter_name):
                 bias = self.base_layer.bias
                 if bias is None:
