@@ -69,7 +69,13 @@ def train_run(folder: Path, tokenizer: object, steps: int) -> dict:
     """QLoRA training for ``steps`` steps; held-out and first/last training losses."""
     from lorakit.embedded import chatterbot_pairs
     from lorakit.sft import encode_all, split
-    from lorakit.training import TrainSettings, TrainState, evaluate, make_optimizer, train_loop
+    from lorakit.training import (
+        TrainSettings,
+        TrainState,
+        evaluate,
+        make_optimizer,
+        train_loop,
+    )
 
     train_rows, held_rows = split(chatterbot_pairs(), 64, seed=0)
     train_set, held_set = encode_all(tokenizer, train_rows, 256), encode_all(tokenizer, held_rows, 256)

@@ -19,14 +19,14 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+from models import tiny_llama
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-import lorakit  # noqa: E402
-from lorakit.errors import LoraWarning  # noqa: E402
-from lorakit.nf4 import fake_quantize  # noqa: E402
-from lorakit.quant import PROBE_ROWS, dense_weight, find_backend  # noqa: E402
-from models import tiny_llama  # noqa: E402
+import lorakit
+from lorakit.errors import LoraWarning
+from lorakit.nf4 import fake_quantize
+from lorakit.quant import PROBE_ROWS, dense_weight, find_backend
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 QUANT = {
@@ -291,8 +291,9 @@ def test_loftq_then_quantize_model_stores_exactly_loftqs_quantized_base(checkpoi
 
 # ---- the command line ------------------------------------------------------------------------------------------
 def test_cli_train_load_in_4bit_adapter_loads_in_peft(tmp_path):
-    from lorakit.cli import main
     from tiny_lm import save_tiny_llm, write_chat_jsonl
+
+    from lorakit.cli import main
 
     model_dir, data = save_tiny_llm(tmp_path / "model"), write_chat_jsonl(tmp_path / "chat.jsonl")
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "out"),
