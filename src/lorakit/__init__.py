@@ -4,6 +4,7 @@ from .calibrate import get_eva_state_dict, initialize_lora_eva_weights
 from .corda import preprocess_corda
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .errors import LoraWarning
+from .guards import AdapterSaveError, MergeCheck, check_training
 from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from .kinds import Kind, register_kind
 from .layer import LoraLayer
@@ -23,6 +24,9 @@ from .version import __version__
 
 __all__ = [
     "AdapterLoadError",
+    "AdapterSaveError",
+    "MergeCheck",
+    "check_training",
     "__version__",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",

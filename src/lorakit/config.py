@@ -161,7 +161,6 @@ NOT_YET = {
     "target_parameters": (None, "LoRA on bare nn.Parameters is not supported"),
     "arrow_config": (None, "Arrow routing is not supported"),
     "kasa_config": (None, "KaSA is not supported"),
-    "ensure_weight_tying": (False, "ensure_weight_tying arrives with issue 7"),
 }
 INITS_NOT_YET: dict[str, str] = {}  # init methods accepted by LoraConfig but not yet built (none left)
 

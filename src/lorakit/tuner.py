@@ -19,9 +19,10 @@ from torch import nn
 from .config import LoraConfig
 from .distributed import check_not_sharded
 from .errors import explain, warn
+from .guards import checked_merge, resolve_with_ties, tie_adapters
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
-from .targeting import TargetPlan, candidate_modules, resolve_targets, task_modules_to_save
+from .targeting import TargetPlan, candidate_modules, task_modules_to_save
 
 RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -82,7 +83,7 @@ class LoraModel(nn.Module):
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
                                      fix="pick another adapter_name or delete_adapter() it first"))
         check_adapter_name(adapter_name, self.model)
-        plan = resolve_targets(self.model, config)
+        config, plan, ties = resolve_with_ties(self.model, config)
         for path, spec in plan.layers.items():
             module = self.model.get_submodule(path)
             if not isinstance(module, LoraLayer):
@@ -99,6 +100,7 @@ class LoraModel(nn.Module):
                 wrapper = ModulesToSaveWrapper(module, adapter_name)
                 wrapper.set_adapter(self.active_adapters, trainable=False)  # follows the model, new copy frozen
                 self.model.set_submodule(path, wrapper)
+        tie_adapters(self.model, adapter_name, ties)
         self.peft_config[adapter_name] = self._recorded_config(config, plan)
         self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
         if len(self.peft_config) == 1:
@@ -243,9 +245,15 @@ class LoraModel(nn.Module):
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain model (no LoRA layers left)."""
-        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+                         adapter_names: list[str] | None = None, check: bool = False,
+                         probe: object = None) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain model (no LoRA layers left).
+
+        ``check=True`` measures max |merged - unmerged| on ``probe`` (default: the model's ``dummy_inputs``),
+        records it as ``model.lorakit_merge_check`` and warns above the dtype's precision (guards.py).
+        """
+        unload = (lambda: self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names))
+        return checked_merge(self.model, unload, probe) if check else unload()
 
     def unload(self) -> nn.Module:
         """Return the plain base model with the adapters removed, unmerged."""
