@@ -8,6 +8,7 @@ need (the save check parses the safetensors header only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import struct
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import explain, warn
+from .inits import NEEDS_WEIGHT
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, resolve_targets
@@ -84,6 +86,35 @@ def check_frozen_training(peft_model: nn.Module) -> None:
         warn("training step on an adapter loaded with from_pretrained(..., is_trainable=False) (PEFT's default): "
              "it has 0 trainable parameters, so nothing will learn. Load it with "
              "PeftModel.from_pretrained(model, path, is_trainable=True) to continue training")
+
+
+# ---- a failed injection changes nothing --------------------------------------------------------------------
+@contextlib.contextmanager
+def rollback_on_error(model: nn.Module, adapter_name: str, plan: TargetPlan, config: LoraConfig) -> Iterator[None]:
+    """Undo a half-done injection: put back replaced modules, drop the new adapter, restore rewritten weights.
+
+    Residual inits (PiSSA, OLoRA, LoftQ, CorDA: ``inits.NEEDS_WEIGHT``) rewrite W in place, so their targets'
+    weights are cloned first; for every other init nothing is copied.
+    """
+    paths = [*plan.layers, *plan.modules_to_save]
+    originals = {path: model.get_submodule(path) for path in paths}
+    rewrites = config.init_method.name in NEEDS_WEIGHT
+    weights = {path: _unwrapped(module).weight.detach().clone() for path, module in originals.items()
+               if rewrites and isinstance(getattr(_unwrapped(module), "weight", None), Tensor)}
+    try:
+        yield
+    except BaseException:
+        for path, module in originals.items():
+            if model.get_submodule(path) is not module:
+                model.set_submodule(path, module)
+            elif isinstance(module, LoraLayer):
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                del module.modules_to_save[adapter_name]
+        with torch.no_grad():
+            for path, weight in weights.items():
+                _unwrapped(originals[path]).weight.copy_(weight)
+        raise
 
 
 # ---- an adapter that does not learn --------------------------------------------------------------------------
