@@ -364,3 +364,19 @@ def test_fuzz_adapter_files(good, mutations, into_existing):
         with torch.no_grad():
             out = loaded(**inputs).logits
         assert out.shape == (2, 8, 128)
+
+
+# ---- regressions the fuzzer found, pinned as plain tests ------------------------------------------------------
+def test_keys_for_layers_the_config_does_not_target_are_unexpected(good, tmp_path):
+    """A file key naming a LoRA layer that exists (from another adapter) but that this adapter's config does
+    not target used to raise KeyError from validate(); it is an unexpected key in the one aggregated error."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(good, folder)
+    data = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps({**data, "layers_to_transform": [0], "layers_pattern": "layers"}))
+    model = get_peft_model(build("llama"), LoraConfig(**LLAMA))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"4 problem\(s\)[\s\S]*unexpected key .*layers\.1\.self_attn\.q_proj"):
+        model.load_adapter(folder, "other")
+    assert list(model.peft_config) == ["default"]
+    assert_unchanged(model, before)

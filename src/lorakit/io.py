@@ -180,6 +180,9 @@ def validate(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, sour
         AdapterLoadError: unexpected keys, missing adapter tensors, shape mismatches or non-float tensors.
     """
     mapping, unexpected = decode(list(tensors), layout, adapter_name)
+    # a key for a LoRA layer of another adapter that this adapter's config does not target (found by fuzzing)
+    unexpected += [key for key, model_key in mapping.items() if model_key not in layout.shapes]
+    mapping = {key: model_key for key, model_key in mapping.items() if model_key in layout.shapes}
     problems = [f"unexpected key {key} (no such module or tensor in this model)" for key in sorted(unexpected)]
     missing = required_keys(layout, adapter_name) - set(mapping.values())
     problems += [f"missing tensor for {key}" for key in sorted(missing)]
