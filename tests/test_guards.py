@@ -399,3 +399,22 @@ def test_other_base_name_joins_the_shape_error(tmp_path):
     text = str(error.value)
     assert "8 problem(s)" in text and "trained on base model 'org/model-a'" in text and "'org/model-b'" in text
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+# ---- a failed injection changes nothing ---------------------------------------------------------------------
+def test_failed_second_adapter_is_rolled_back():
+    """PiSSA with r=20 fits q_proj (32x32) but not k_proj (16x32, after q_proj): the layers injected before the
+    failure lose the half-made adapter and get their rewritten weights back; the first adapter is untouched."""
+    model = get_peft_model(build("llama"), LoraConfig(**LLAMA))
+    randomize(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    config = LoraConfig(r=20, target_modules=["q_proj", "k_proj"], init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="r=20 is too large"):
+        model.add_adapter("second", config)
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", LoraConfig(**LLAMA))  # refused up front: 'default' must survive
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert list(model.peft_config) == ["default"]

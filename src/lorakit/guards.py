@@ -8,8 +8,8 @@ need (the save check parses the safetensors header only).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import struct
 from collections.abc import Callable, Iterator
@@ -89,32 +89,50 @@ def check_frozen_training(peft_model: nn.Module) -> None:
 
 
 # ---- a failed injection changes nothing --------------------------------------------------------------------
-@contextlib.contextmanager
-def rollback_on_error(model: nn.Module, adapter_name: str, plan: TargetPlan, config: LoraConfig) -> Iterator[None]:
-    """Undo a half-done injection: put back replaced modules, drop the new adapter, restore rewritten weights.
-
-    Residual inits (PiSSA, OLoRA, LoftQ, CorDA: ``inits.NEEDS_WEIGHT``) rewrite W in place, so their targets'
-    weights are cloned first; for every other init nothing is copied.
-    """
-    paths = [*plan.layers, *plan.modules_to_save]
-    originals = {path: model.get_submodule(path) for path in paths}
-    rewrites = config.init_method.name in NEEDS_WEIGHT
-    weights = {path: _unwrapped(module).weight.detach().clone() for path, module in originals.items()
-               if rewrites and isinstance(getattr(_unwrapped(module), "weight", None), Tensor)}
+def _residual_weights(model: nn.Module, config: LoraConfig) -> dict[Tensor, Tensor]:
+    """{weight: copy} of the targets of an init that rewrites W in place (PiSSA, OLoRA, LoftQ, CorDA)."""
+    if config.init_method.name not in NEEDS_WEIGHT:
+        return {}
     try:
-        yield
-    except BaseException:
-        for path, module in originals.items():
-            if model.get_submodule(path) is not module:
-                model.set_submodule(path, module)
-            elif isinstance(module, LoraLayer):
-                module.delete_adapter(adapter_name)
-            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                del module.modules_to_save[adapter_name]
-        with torch.no_grad():
-            for path, weight in weights.items():
-                _unwrapped(originals[path]).weight.copy_(weight)
-        raise
+        plan = resolve_targets(model, config)
+    except ValueError:
+        return {}  # the injection fails before touching anything
+    layers = (_unwrapped(model.get_submodule(path)) for path in plan.layers)
+    return {layer.weight: layer.weight.detach().clone() for layer in layers
+            if isinstance(getattr(layer, "weight", None), Tensor)}
+
+
+def _undo(model: nn.Module, before: dict[str, nn.Module], adapter_name: str, weights: dict[Tensor, Tensor]) -> None:
+    for path, module in sorted(before.items(), key=lambda item: item[0].count(".")):
+        if path and model.get_submodule(path) is not module:
+            model.set_submodule(path, module)  # a wrapper added by the failed injection
+        elif isinstance(module, LoraLayer) and adapter_name in module.r:
+            module.delete_adapter(adapter_name)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            del module.modules_to_save[adapter_name]
+    with torch.no_grad():
+        for weight, copy in weights.items():
+            weight.copy_(copy)
+
+
+def rollback_on_error(inject: Callable[..., None]) -> Callable[..., None]:
+    """Decorate ``LoraModel.inject_adapter``: on any error, undo a half-done injection, then re-raise.
+
+    Replaced modules are put back and the new adapter is dropped from layers that already had others; residual
+    inits rewrite W in place, so only for them the targets' weights are copied first.
+    """
+    @functools.wraps(inject)
+    def guarded(tuner: nn.Module, adapter_name: str, config: LoraConfig, *args: object, **kwargs: object) -> None:
+        if adapter_name in getattr(tuner, "peft_config", ()):  # refused before anything changes: nothing to undo
+            return inject(tuner, adapter_name, config, *args, **kwargs)
+        before = dict(tuner.model.named_modules())
+        weights = _residual_weights(tuner.model, config)
+        try:
+            inject(tuner, adapter_name, config, *args, **kwargs)
+        except BaseException:
+            _undo(tuner.model, before, adapter_name, weights)
+            raise
+    return guarded
 
 
 # ---- an adapter that does not learn --------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class LoraModel(nn.Module):
         return self.model(*args, **kwargs)
 
     # ---- injection ---------------------------------------------------------------------------------------
+    @rollback_on_error  # a failed injection leaves the model as it was
     def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates."""
         check_not_sharded(self.model)
@@ -84,24 +85,23 @@ class LoraModel(nn.Module):
                                      fix="pick another adapter_name or delete_adapter() it first"))
         check_adapter_name(adapter_name, self.model)
         config, plan, ties = resolve_with_ties(self.model, config)
-        with rollback_on_error(self.model, adapter_name, plan, config):  # a failed injection changes nothing
-            for path, spec in plan.layers.items():
-                module = self.model.get_submodule(path)
-                if not isinstance(module, LoraLayer):
-                    module = LoraLayer(module, plan.kinds[path])
-                    self.model.set_submodule(path, module)
-                module.update_layer(adapter_name, spec, autocast_adapter_dtype=self.autocast_adapter_dtype)
-                for param in module.adapter_parameters(adapter_name):
-                    param.requires_grad_(False)
-            for path in plan.modules_to_save:
-                module = self.model.get_submodule(path)
-                if isinstance(module, ModulesToSaveWrapper):
-                    module.update(adapter_name)
-                else:
-                    wrapper = ModulesToSaveWrapper(module, adapter_name)
-                    wrapper.set_adapter(self.active_adapters, trainable=False)  # follows the model, new copy frozen
-                    self.model.set_submodule(path, wrapper)
-            tie_adapters(self.model, adapter_name, ties)
+        for path, spec in plan.layers.items():
+            module = self.model.get_submodule(path)
+            if not isinstance(module, LoraLayer):
+                module = LoraLayer(module, plan.kinds[path])
+                self.model.set_submodule(path, module)
+            module.update_layer(adapter_name, spec, autocast_adapter_dtype=self.autocast_adapter_dtype)
+            for param in module.adapter_parameters(adapter_name):
+                param.requires_grad_(False)
+        for path in plan.modules_to_save:
+            module = self.model.get_submodule(path)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                wrapper.set_adapter(self.active_adapters, trainable=False)  # follows the model, new copy frozen
+                self.model.set_submodule(path, wrapper)
+        tie_adapters(self.model, adapter_name, ties)
         self.peft_config[adapter_name] = self._recorded_config(config, plan)
         self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
         if len(self.peft_config) == 1:
