@@ -146,7 +146,7 @@ def test_sigkill_at_every_point_of_save_leaves_old_or_new(tmp_path, points):
     for kill_at in plan:
         new = 3 - current
         points.count, points.kill_at = 0, kill_at
-        status = run_child(lambda: models[new].save_pretrained(folder))
+        status = run_child(lambda new=new: models[new].save_pretrained(folder))
         points.kill_at = None
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (kill_at, status)
         killed += 1

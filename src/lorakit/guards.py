@@ -469,4 +469,4 @@ def frozen_load_flag(peft_model: nn.Module, is_trainable: bool) -> None:
     peft_model._lorakit_frozen_load = not is_trainable
 
 
-__all__ = ["AdapterSaveError", "GUARDS", "MergeCheck", "check_training", "checked_merge", "verify_saved"]
+__all__ = ["GUARDS", "AdapterSaveError", "MergeCheck", "check_training", "checked_merge", "verify_saved"]
