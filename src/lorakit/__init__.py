@@ -4,6 +4,7 @@ from .calibrate import get_eva_state_dict, initialize_lora_eva_weights
 from .corda import preprocess_corda
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .errors import LoraWarning
+from .guards import AdapterSaveError, MergeCheck, check_training
 from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
@@ -26,6 +27,9 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "quantize_model",
     "AdapterLoadError",
+    "AdapterSaveError",
+    "MergeCheck",
+    "check_training",
     "__version__",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",

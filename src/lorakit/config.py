@@ -161,7 +161,6 @@ NOT_YET = {
     "target_parameters": (None, "LoRA on bare nn.Parameters is not supported"),
     "arrow_config": (None, "Arrow routing is not supported"),
     "kasa_config": (None, "KaSA is not supported"),
-    "ensure_weight_tying": (False, "ensure_weight_tying arrives with issue 7"),
 }
 INITS_NOT_YET: dict[str, str] = {}  # init methods accepted by LoraConfig but not yet built (none left)
 
@@ -381,7 +380,8 @@ def _is_number(value: object) -> bool:
 def _check_types(config: LoraConfig) -> None:
     if config.peft_type is not None and str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
         raise _fail("peft_type", config.peft_type, "'LORA'", "lorakit implements LoRA only")
-    if config.task_type is not None and config.task_type not in {t.value for t in TaskType}:
+    task = getattr(config.task_type, "value", config.task_type)
+    if task is not None and (not isinstance(task, str) or task not in {t.value for t in TaskType}):
         raise _fail("task_type", config.task_type, f"None or one of {[t.value for t in TaskType]}")
     for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
         if not isinstance(getattr(config, name), bool):
@@ -420,7 +420,8 @@ def _check_targets(config: LoraConfig) -> None:
     if isinstance(config.target_modules, (set, frozenset)) and not config.target_modules:
         raise _fail("target_modules", [], "at least one module name", "or pass None for the architecture default")
     if config.modules_to_save is not None and (
-        isinstance(config.modules_to_save, str) or not all(isinstance(v, str) for v in config.modules_to_save)
+        not isinstance(config.modules_to_save, (list, tuple, set, frozenset))
+        or not all(isinstance(v, str) for v in config.modules_to_save)
     ):
         raise _fail("modules_to_save", config.modules_to_save, "a list of module names, e.g. ['classifier']")
 

@@ -19,15 +19,51 @@ import inspect
 import os
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from .guards import check_training
 from .io import read_weights, set_peft_model_state_dict
 from .model import PeftModel
 
 
+class LoraTrainingCheckCallback(TrainerCallback):
+    """Calls ``lorakit.check_training`` once, after ``after_steps`` optimizer steps (or at the end if sooner).
+
+    It warns (LoraWarning) about LoRA layers whose update is still exactly zero, i.e. layers that never learn.
+    """
+
+    def __init__(self, after_steps: int = 10) -> None:
+        self.after_steps = after_steps
+        self.done = False
+        self.found: list[str] | None = None
+
+    def _check(self, state: object, model: torch.nn.Module | None) -> None:
+        model = getattr(model, "module", model)  # DDP / accelerate wrappers
+        if self.done or not isinstance(model, PeftModel) or state.global_step == 0:
+            return
+        self.done = True
+        self.found = check_training(model, steps=state.global_step)
+
+    def on_step_end(self, args: object, state: object, control: object, model: torch.nn.Module | None = None,
+                    **kwargs: object) -> None:
+        if state.global_step >= self.after_steps:
+            self._check(state, model)
+
+    def on_train_end(self, args: object, state: object, control: object, model: torch.nn.Module | None = None,
+                     **kwargs: object) -> None:
+        self._check(state, model)
+
+
 class LoraTrainer(Trainer):
-    """``transformers.Trainer`` that checkpoints and resumes lorakit adapters only (see module docstring)."""
+    """``transformers.Trainer`` that checkpoints and resumes lorakit adapters only (see module docstring).
+
+    It adds a ``LoraTrainingCheckCallback`` (warns when a LoRA layer has not moved after 10 optimizer steps).
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(LoraTrainingCheckCallback())
 
     def _lorakit_model(self) -> PeftModel | None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)

@@ -24,7 +24,7 @@ from .atomic import replace_folder
 from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, planned_layout, required_keys
 from .config import PEFT_VERSION_WRITTEN, LoraConfig
 from .errors import explain, warn
-from .targeting import resolve_targets
+from .guards import base_model_mismatch, embedding_layers_to_save, resolve_with_ties, verify_saved
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -145,6 +145,7 @@ def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, sele
         raise ValueError(explain(f"cannot save unknown adapter(s) {unknown}",
                                  expected=f"names among {list(peft_model.peft_config)}"))
     model = peft_model.base_model.model
+    save_embedding_layers = embedding_layers_to_save(peft_model, save_embedding_layers)
     files = {}
     for name in names:
         tensors = (gathered[name] if gathered is not None
@@ -165,6 +166,7 @@ def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, sele
                 save_file(tensors, str(target / SAFETENSORS_NAME), metadata={"format": "pt"})
             else:
                 torch.save(tensors, target / BIN_NAME)
+            verify_saved(target / (SAFETENSORS_NAME if safe_serialization else BIN_NAME), tensors)
 
     replace_folder(save_directory, write, owned=(CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME))
     return names
@@ -178,6 +180,9 @@ def validate(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, sour
         AdapterLoadError: unexpected keys, missing adapter tensors, shape mismatches or non-float tensors.
     """
     mapping, unexpected = decode(list(tensors), layout, adapter_name)
+    # a key for a LoRA layer of another adapter that this adapter's config does not target (found by fuzzing)
+    unexpected += [key for key, model_key in mapping.items() if model_key not in layout.shapes]
+    mapping = {key: model_key for key, model_key in mapping.items() if model_key in layout.shapes}
     problems = [f"unexpected key {key} (no such module or tensor in this model)" for key in sorted(unexpected)]
     missing = required_keys(layout, adapter_name) - set(mapping.values())
     problems += [f"missing tensor for {key}" for key in sorted(missing)]
@@ -212,10 +217,16 @@ def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str,
     config = dataclasses.replace(read_config(folder), inference_mode=not is_trainable)
     tensors = read_weights(folder)
     try:
-        plan = resolve_targets(model, config)
+        config, plan, _ = resolve_with_ties(model, config, quiet=True)
     except ValueError as error:
         raise AdapterLoadError(f"cannot load adapter {str(folder)!r}: {error}") from None
-    mapping = validate(tensors, planned_layout(model, plan, adapter_name), adapter_name, str(folder))
+    other_base = base_model_mismatch(model, config)
+    try:
+        mapping = validate(tensors, planned_layout(model, plan, adapter_name), adapter_name, str(folder))
+    except AdapterLoadError as error:
+        raise AdapterLoadError(f"{error}\n  {other_base}" if other_base else str(error)) from None
+    if other_base:
+        warn(f"{other_base}; every tensor shape fits, so it was loaded. Check that this is intended")
     return config, {mapping[k][len(PREFIX):]: v for k, v in tensors.items()}
 
 

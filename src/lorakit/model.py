@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .config import LoraConfig, TaskType
@@ -23,7 +24,7 @@ from .convert import save_converted
 from .distributed import is_sharded, save_sharded
 from .errors import explain, warn
 from .layer import LoraLayer
-from . import io
+from . import guards, io
 from .tuner import LoraModel, check_adapter_name
 
 
@@ -72,8 +73,12 @@ class PeftModel(nn.Module):
         except AttributeError:
             return getattr(tuner.model, name)
 
+    _lorakit_frozen_load = False  # set by from_pretrained(is_trainable=False); see guards.check_frozen_training
+
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; ``adapter_names`` (one per row) runs a mixed-adapter batch."""
+        if self._lorakit_frozen_load and self.training and torch.is_grad_enabled():
+            guards.check_frozen_training(self)
         with self._routing(adapter_names, args, kwargs):
             return self.base_model(*args, **kwargs)
 
@@ -190,6 +195,7 @@ class PeftModel(nn.Module):
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
         peft_model = wrapper(model, disk_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         io.load_tensors(peft_model.get_base_model(), tensors)
+        guards.frozen_load_flag(peft_model, is_trainable)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -339,8 +345,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         peft_config = _replace(peft_config, revision=revision)
     task = getattr(peft_config.task_type, "value", peft_config.task_type)
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-               low_cpu_mem_usage=low_cpu_mem_usage)
+    peft_model = cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                     low_cpu_mem_usage=low_cpu_mem_usage)
+    guards.check_trainable(peft_model)
+    return peft_model
 
 
 def _replace(config: LoraConfig, **changes: Any) -> LoraConfig:

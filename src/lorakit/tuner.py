@@ -19,10 +19,11 @@ from torch import nn
 from .config import LoraConfig
 from .distributed import check_not_sharded
 from .errors import explain, warn
+from .guards import checked_merge, resolve_with_ties, rollback_on_error, tie_adapters
 from .layer import LoraLayer
 from .quant import dequantize_model, merge_reporting_rounding
 from .saved_modules import ModulesToSaveWrapper
-from .targeting import TargetPlan, candidate_modules, resolve_targets, task_modules_to_save
+from .targeting import TargetPlan, candidate_modules, task_modules_to_save
 
 RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -76,6 +77,7 @@ class LoraModel(nn.Module):
         return self.model(*args, **kwargs)
 
     # ---- injection ---------------------------------------------------------------------------------------
+    @rollback_on_error  # a failed injection leaves the model as it was
     def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates."""
         check_not_sharded(self.model)
@@ -83,7 +85,7 @@ class LoraModel(nn.Module):
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
                                      fix="pick another adapter_name or delete_adapter() it first"))
         check_adapter_name(adapter_name, self.model)
-        plan = resolve_targets(self.model, config)
+        config, plan, ties = resolve_with_ties(self.model, config)
         for path, spec in plan.layers.items():
             module = self.model.get_submodule(path)
             if not isinstance(module, LoraLayer):
@@ -100,6 +102,7 @@ class LoraModel(nn.Module):
                 wrapper = ModulesToSaveWrapper(module, adapter_name)
                 wrapper.set_adapter(self.active_adapters, trainable=False)  # follows the model, new copy frozen
                 self.model.set_submodule(path, wrapper)
+        tie_adapters(self.model, adapter_name, ties)
         self.peft_config[adapter_name] = self._recorded_config(config, plan)
         self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
         if len(self.peft_config) == 1:
@@ -247,16 +250,23 @@ class LoraModel(nn.Module):
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None, dequantize: bool = False) -> nn.Module:
+                         adapter_names: list[str] | None = None, dequantize: bool = False,
+                         check: bool = False, probe: object = None) -> nn.Module:
         """Merge the adapters into the base weights and return the plain model (no LoRA layers left).
 
         Quantized bases are dequantized, merged in float32 and requantized (with a warning giving the rounding);
         ``dequantize=True`` instead turns every quantized layer into a float32 nn.Linear first (quant.py).
+        ``check=True`` measures max |merged - unmerged| on ``probe`` (default: the model's ``dummy_inputs``),
+        records it as ``model.lorakit_merge_check`` and warns above the dtype's precision (guards.py).
         """
         if dequantize:
             dequantize_model(self.model)
-        return merge_reporting_rounding(list(self.lora_layers()), lambda: self._unload(
-            merge=True, safe_merge=safe_merge, adapter_names=adapter_names))
+
+        def unload() -> nn.Module:
+            return merge_reporting_rounding(list(self.lora_layers()), lambda: self._unload(
+                merge=True, safe_merge=safe_merge, adapter_names=adapter_names))
+
+        return checked_merge(self.model, unload, probe) if check else unload()
 
     def unload(self) -> nn.Module:
         """Return the plain base model with the adapters removed, unmerged."""
