@@ -266,3 +266,12 @@ def test_environment_switch(value, fused):
     out = subprocess.run([sys.executable, "-c", "from lorakit import ops; print(ops.FUSED)"], env=env,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(fused)
+
+
+@pytest.mark.parametrize("base", ["linear", "conv1d_gpt2"])
+def test_biased_base_output_is_written_without_copy_slices(base):
+    """F.linear with a bias (and Conv1D) return a view on 3-D input; the branch must not become CopySlices."""
+    layer = make_layer(base, torch.float32, 0.0, False, False, 1)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "LoraBranchBackward"

@@ -103,6 +103,21 @@ class LoraBranch(torch.autograd.Function):
         return g2.view(g.shape), grad_x, grad_A, grad_B, grad_bias, None, None, None
 
 
+def writable(y: Tensor) -> Tensor:
+    """y, or a tensor with y's values that an in-place Function may write into without copying.
+
+    A non-contiguous y is copied. A contiguous view (F.linear with a bias on 3-D input returns a view of its
+    2-D addmm result, GPT-2's Conv1D too) is re-labelled with ``_unsafe_view``, which autograd does not
+    track as a view: written in place as a view it would get a CopySlices node that clones the whole
+    gradient in backward. The base it aliases is the base layer's fresh output, which nothing else reads.
+    """
+    if not y.is_contiguous():
+        return y.contiguous()
+    if y._base is not None and torch.is_grad_enabled():
+        return torch.ops.aten._unsafe_view(y, y.shape)
+    return y
+
+
 def add_lora_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s: float, p: float = 0.0,
               mask: Tensor | None = None) -> Tensor:
     """y + s·B A dropout_p(x) (+ s·b_B), written into y when y is contiguous (a new tensor otherwise).
@@ -112,9 +127,7 @@ def add_lora_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s
         bias: lora_B's bias or None. s: the scaling. p: dropout probability (0: none, e.g. in eval).
         mask: (N, in) bool keep-mask to use instead of drawing one (tests); N = x.numel() // in.
     """
-    if not y.is_contiguous():
-        y = y.contiguous()
-    return LoraBranch.apply(y, x, A, B, bias, s, p, mask)
+    return LoraBranch.apply(writable(y), x, A, B, bias, s, p, mask)
 
 
 class DoraBranch(torch.autograd.Function):
@@ -126,10 +139,11 @@ class DoraBranch(torch.autograd.Function):
         y2 = y.view(-1, y.shape[-1])
         f = m / n  # (out,)
         h = torch.mm(_rows(x), A.t())  # (N, r)
-        y2.mul_(f)
+        if bias is None:
+            y2.mul_(f)
+        else:  # f ⊙ y + (1 − f) ⊙ b in one pass
+            torch.addcmul((1 - f) * bias, y2, f, out=y2)
         y2.addmm_(h, (B * f[:, None]).t(), alpha=s)
-        if bias is not None:
-            y2.add_((1 - f) * bias)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, h, y, A, B, m, f, bias)
         ctx.s = s
@@ -168,6 +182,4 @@ def dora_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, m: Tensor, n: Tensor, bias
         y: (..., out) the running output. x: (..., in). A: (r, in). B: (out, r). m: (out,) the magnitude
         (m ≠ 0). n: (out,) the detached row norm. bias: the base layer's bias or None. All in A's dtype.
     """
-    if not y.is_contiguous():
-        y = y.contiguous()
-    return DoraBranch.apply(y, x, A, B, m, n, bias, s)
+    return DoraBranch.apply(writable(y), x, A, B, m, n, bias, s)
