@@ -9,8 +9,10 @@ Plain LoRA, one adapter, for Linear and GPT-2 Conv1D bases (their factors are th
 Forward: h = (x ⊙ m) Aᵀ (N, r), then ``y.addmm_(h, Bᵀ, alpha=c)``: the scaling and dropout's 1/(1 − p) ride
 in the GEMM's alpha, the update lands in the base output, no full-size temporary is made besides the
 masked copy of x (freed at once). Autograd keeps x (by reference: q, k and v, or gate and up, read one
-tensor and keep it once, with the norm that made it), h (N, r) and m; PEFT keeps the dropout noise and the
-dropped copy as float tensors (8 bytes per element per module) and x·Aᵀ.
+tensor, which the base layers keep anyway), h (N, r) and m; PEFT keeps the dropout noise and the dropped
+copy as float tensors (8 bytes per element per module) and x·Aᵀ. A half-precision base's output is
+promoted once to the adapters' float32 and cast back after the last adapter, as PEFT's ``y + branch``
+does (layer.py ``_fused``).
 
 Backward, g = ∂L/∂y (N, out), four matmuls (the minimum: one per factor gradient, two for ∂x):
 
@@ -25,7 +27,9 @@ with f = m_mag/n (out,), n = ‖W + s·B A‖ per row (detached), b the base bia
 
     out = f ⊙ (y − b + s·h Bᵀ) + b   =   f ⊙ y + s·h (f ⊙ B)ᵀ + (1 − f) ⊙ b        h = x Aᵀ
 
-computed in place on y: one scale of y's rows, one addmm_ with the row-scaled B (out, r), one bias add.
+computed in place on y: one pass for f ⊙ y + (1 − f) ⊙ b, one addmm_ with the row-scaled B (out, r).
+This path runs without active dropout or lora_bias (variants.dora_forward); DoRA with dropout recomputes
+W·dropout(x) as PEFT does and stays on the reference.
 It saves ``out`` itself instead of the (N, out) pre-scale tensor: autograd keeps one fewer full-size
 tensor per module, and none at all where the next op keeps ``out`` anyway (v_proj, gate, up). Backward:
 
