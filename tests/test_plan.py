@@ -106,7 +106,7 @@ def saved_bytes(loss: torch.Tensor, model: torch.nn.Module) -> int:
         if node is None or node in visited:
             continue
         visited.add(node)
-        for attribute in (name for name in dir(node) if name.startswith("_saved_")):
+        for attribute in (name for name in dir(node) if name.startswith("_saved_") or name == "saved_tensors"):
             try:
                 value = getattr(node, attribute)
             except RuntimeError:  # freed or not a tensor

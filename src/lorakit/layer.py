@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .config import InitMethod
 from .errors import explain
 from .inits import INITS, NEEDS_WEIGHT, InitRequest
@@ -80,6 +81,16 @@ def expand_rows(rows: Tensor, batch: int, routed_batch: int) -> Tensor:
                                  expected=f"one name per row of the batch ({batch} rows)"))
     k = batch // routed_batch
     return (rows[:, None] * k + torch.arange(k, device=rows.device)).flatten()
+
+
+def contiguous_run(rows: Tensor) -> tuple[int, int] | None:
+    """(i, j) when ``rows`` is i, i + 1, ..., j − 1 (a slice of the batch), else None."""
+    if rows.numel() == 0:
+        return None
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first + 1 != rows.numel():
+        return None
+    return (first, last + 1) if bool((rows.diff() == 1).all()) else None
 
 
 class LoraLayer(nn.Module):
@@ -257,6 +268,8 @@ class LoraLayer(nn.Module):
             return y
         if self._routes is not None:
             return self._mixed_batch(x, y)
+        if ops.FUSED and self.kind.name in ops.FUSED_KINDS:
+            return self._fused(x, y)
         result_dtype = y.dtype
         variants = self._variants
         for name in self._active_adapter:
@@ -267,8 +280,35 @@ class LoraLayer(nn.Module):
                     y = y + self._branch(name, x) * self.scaling[name]
         return y if y.dtype == result_dtype else y.to(result_dtype)
 
+    def _fused(self, x: Tensor, y: Tensor) -> Tensor:
+        """The forward above through ops.add_lora_: each adapter adds into y in place (ops.py).
+
+        PEFT's autocast: a half-precision y is promoted once to the adapters' dtype (as ``y + branch``
+        promotes it), summed there and cast back at the end; x is cast once per adapter dtype.
+        """
+        result_dtype, variants, inputs = y.dtype, self._variants, {x.dtype: x}
+        for name in self._active_adapter:
+            if name not in self.scaling:
+                continue
+            if variants and name in variants:
+                y = variants[name].forward(self, name, x, y)
+                continue
+            A, B = self.lora_A[name].weight, self.lora_B[name]
+            if A.dtype not in inputs:
+                inputs[A.dtype] = x.to(A.dtype)
+            if y.dtype != A.dtype:
+                y = y.to(A.dtype)
+            y = ops.add_lora_(y, inputs[A.dtype], A, B.weight, B.bias, self.scaling[name],
+                              self.dropout_p(name))
+        return y if y.dtype == result_dtype else y.to(result_dtype)
+
+    def dropout_p(self, adapter_name: str) -> float:
+        """The dropout probability adapter ``adapter_name`` applies now: 0 in eval mode or without dropout."""
+        dropout = self.lora_dropout[adapter_name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
     def _branch(self, adapter_name: str, x: Tensor) -> Tensor:
-        """B A dropout(x), unscaled, in the adapter's dtype."""
+        """B A dropout(x), unscaled, in the adapter's dtype (the reference path, and the kinds ops.py leaves)."""
         A, B = self.factors(adapter_name)
         if self.kind.embedding:  # PEFT applies no dropout to embedding ids
             return self.kind.branch(self.base_layer, x, A, B)
@@ -276,8 +316,16 @@ class LoraLayer(nn.Module):
         return self.kind.branch(self.base_layer, self.lora_dropout[adapter_name](inputs), A, B)
 
     def _mixed_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        """Each row gets its own adapter: y[rows_a] += s_a · B_a A_a x[rows_a], one sub-batch per adapter."""
+        """Each row gets its own adapter: y[rows_a] += s_a · B_a A_a x[rows_a], one sub-batch per adapter.
+
+        Rows of one adapter that form a contiguous run (``generate`` and most callers group them) are
+        slices: x[i:j] is read and y[i:j] written in place, with no gather or scatter; other row sets are
+        gathered once and added back with one ``index_add_``. Runs with autograd recording take the
+        out-of-place reference (``index_select`` / ``index_add``).
+        """
         routed_batch, routes = self._routes
+        in_place = not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)) and ops.FUSED
+        result_dtype = y.dtype
         for name, rows in routes:
             if name not in self.scaling:  # "__base__", or an adapter that does not target this layer
                 continue
@@ -286,9 +334,22 @@ class LoraLayer(nn.Module):
                 y_rows = self._variants[name].forward(self, name, x.index_select(0, rows), y.index_select(0, rows))
                 y = y.index_copy(0, rows, y_rows.to(y.dtype))
                 continue
-            delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
-            y = y.index_add(0, rows, delta.to(y.dtype))
-        return y
+            if not (in_place and self.kind.name in ops.FUSED_KINDS):
+                delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
+                y = y.index_add(0, rows, delta.to(y.dtype))
+                continue
+            A, B = self.lora_A[name].weight, self.lora_B[name]
+            if y.dtype != A.dtype or not y.is_contiguous():
+                y = y.to(A.dtype, memory_format=torch.contiguous_format)
+            inputs = x if x.dtype == A.dtype else x.to(A.dtype)
+            run = contiguous_run(rows)
+            if run is not None:
+                ops.add_lora_(y[run[0]:run[1]], inputs[run[0]:run[1]], A, B.weight, B.bias, self.scaling[name])
+            else:
+                delta = ops.add_lora_(y.new_zeros(len(rows), *y.shape[1:]), inputs.index_select(0, rows),
+                                      A, B.weight, B.bias, self.scaling[name])
+                y.index_add_(0, rows, delta)
+        return y if y.dtype == result_dtype else y.to(result_dtype)
 
     # ---- merge -------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> Tensor:

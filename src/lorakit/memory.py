@@ -29,9 +29,10 @@ heads, s the sequence length, V the vocabulary and r each adapter's rank:
     MLP             gated (Llama): act(gate) saves gate f, the product saves act(gate) and up, 2f;
                     plain: the activation's own saves (GELU 1f, GPT-2's tanh GELU 4f)
     hidden dropout  2 per block (GPT-2, BERT): torch's CPU dropout saves its noise tensor, d each
-    LoRA branch     A saves its input (in): once per distinct input tensor without dropout (q, k and v read
-                    one tensor), 2·in per module with dropout (the noise and the dropped copy), always fp32
-                    (lorakit casts x to the adapter's dtype); B saves x·Aᵀ, r per module
+    LoRA branch     the input x (in), once per distinct input tensor (q, k and v read one tensor), fp32
+                    (lorakit casts x to the adapter's dtype), plus with dropout a 1-byte keep-mask per
+                    module (ops.py); x·Aᵀ, r per module. With LORAKIT_FUSED=0, 2·in per module with
+                    dropout (the noise and the dropped copy)
     loss            log_softmax over the vocabulary saved for backward (V, fp32: transformers upcasts the
                     logits), and at the start of backward two more V-sized fp32 tensors are alive (the NLL
                     gradient and the logits' gradient): 3·V·4 bytes per token at the peak
@@ -50,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import ops
 from .config import LoraConfig
 from .kinds import is_linear_like
 from .targeting import layer_index, resolve_targets
@@ -360,20 +362,22 @@ def lora_bytes(model: nn.Module, lora: LoraConfig, s: Shapes, setup: Setup) -> d
     return per_block
 
 
-def _saved_input(in_features: int, dropout: float, tensor: tuple | None, seen: set, frozen: bool) -> int:
-    """What A saves of its input x.
+def _saved_input(in_features: int, dropout: float, tensor: tuple | None, seen: set, frozen: bool) -> float:
+    """What A saves of its input x (in fp32 elements).
 
-    With dropout: the dropped copy (in) and torch's CPU dropout noise (in), but no noise when x needs no
-    gradient (``frozen``: block 0's attention input comes from the frozen embedding). Without dropout: x
-    itself, once per distinct ``tensor`` (None: not shared with other modules).
+    The fused path (ops.py): x itself, once per distinct ``tensor`` (None: not shared with other modules),
+    plus with dropout a bool keep-mask (in bytes). The reference path (``LORAKIT_FUSED=0``) with dropout:
+    the dropped copy (in) and torch's CPU dropout noise (in), but no noise when x needs no gradient
+    (``frozen``: block 0's attention input comes from the frozen embedding).
     """
-    if dropout > 0:
+    if dropout > 0 and not ops.FUSED:
         return in_features if frozen else 2 * in_features
+    extra = in_features / ADAPTER_BYTES if dropout > 0 else 0  # ops.py: x itself plus a 1-byte keep-mask
     if tensor is not None:
         if tensor in seen:
-            return 0
+            return extra
         seen.add(tensor)
-    return in_features
+    return in_features + extra
 
 
 def _norm_bytes(s: Shapes, a: int) -> float:

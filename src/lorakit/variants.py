@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from .errors import explain
 from .kinds import Kind
 
@@ -216,6 +217,24 @@ def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: floa
 
 
 def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+    """y + (m/n − 1)·(y − bias) + (m/n)·s·B A x: ops.dora_ (in place on y) where it applies, else the reference.
+
+    ops.dora_ covers Linear and Conv1D without active dropout, lora_bias or a zero magnitude entry, y
+    already in the adapter's dtype; everything else runs ``dora_reference``.
+    """
+    A, B = layer.factors(adapter_name)
+    magnitude = layer.lora_magnitude_vector[adapter_name]
+    if not (ops.FUSED and layer.kind.name in ops.FUSED_KINDS and B.bias is None and layer.dropout_p(adapter_name) == 0
+            and y.dtype == A.weight.dtype and bool((magnitude.weight != 0).all())):
+        return dora_reference(layer, adapter_name, x, y)
+    s = layer.scaling[adapter_name]
+    n = magnitude.norm(layer, A.weight, B.weight, s)
+    bias = getattr(layer.base_layer, "bias", None)
+    x = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
+    return ops.dora_(y, x, A.weight, B.weight, magnitude.weight, n, None if bias is None else bias.to(y.dtype), s)
+
+
+def dora_reference(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + (m/n − 1)·(y − bias) + (m/n)·s·B A x; in training with dropout, W dropout(x) replaces y − bias."""
     A, B = layer.factors(adapter_name)
     s = layer.scaling[adapter_name]
