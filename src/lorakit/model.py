@@ -24,7 +24,7 @@ from .distributed import is_sharded, save_sharded
 from .errors import explain, warn
 from .layer import LoraLayer
 from . import io
-from .tuner import LoraModel, check_adapter_name
+from .tuner import LoraModel, check_adapter_name, weights_follow
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -188,8 +188,9 @@ class PeftModel(nn.Module):
             disk_config = dataclasses.replace(config, inference_mode=not is_trainable)
         task = getattr(disk_config.task_type, "value", disk_config.task_type)
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-        peft_model = wrapper(model, disk_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        io.load_tensors(peft_model.get_base_model(), tensors)
+        with weights_follow():  # every factor is in ``tensors``: no init to draw first
+            peft_model = wrapper(model, disk_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        io.load_tensors(peft_model.get_base_model(), tensors, adopt=True)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -207,8 +208,9 @@ class PeftModel(nn.Module):
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", fix="pick another adapter_name"))
         check_adapter_name(adapter_name, self.get_base_model())
         config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable)
-        self.base_model.inject_adapter(adapter_name, config)
-        io.load_tensors(self.get_base_model(), tensors)
+        with weights_follow():
+            self.base_model.inject_adapter(adapter_name, config)
+        io.load_tensors(self.get_base_model(), tensors, adopt=True)
         if not is_trainable:
             self.eval()
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import re
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 from .config import LoraConfig
 from .distributed import check_not_sharded
+from .config import InitMethod
 from .errors import explain, warn
+from .inits import FRESH
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, resolve_targets, task_modules_to_save
@@ -46,6 +50,38 @@ def check_adapter_name(name: object, model: nn.Module | None = None) -> None:
     if model is not None and any(name in path.split(".") for path, _ in candidate_modules(model)):
         raise ValueError(explain(f"adapter_name {name!r} is also a module name in {type(model).__name__}",
                                  fix="pick a name that is not part of any module path, e.g. 'task_a'"))
+
+
+_WEIGHTS_FOLLOW: ContextVar[bool] = ContextVar("lorakit_weights_follow", default=False)
+
+
+@contextlib.contextmanager
+def weights_follow() -> Iterator[None]:
+    """Inside the block, adapters injected with a plain init (``inits.FRESH``) and no variant are left
+    uninitialised: the caller (``from_pretrained``, ``load_adapter``) loads every factor from a validated
+    file right after, so drawing and zeroing them first would be wasted work."""
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Hold Python's cyclic garbage collector for the block (restored after, as it was).
+
+    Injection creates thousands of long-lived objects (modules, their dicts, parameters); each batch of
+    them triggers a collection, and the full ones walk every object of the process (torch, transformers,
+    the model): most of ``get_peft_model``'s time on a large model. Nothing collectable is made here.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class LoraModel(nn.Module):
@@ -77,13 +113,20 @@ class LoraModel(nn.Module):
     # ---- injection ---------------------------------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates."""
+        with gc_paused():
+            self._inject_adapter(adapter_name, config)
+
+    def _inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         check_not_sharded(self.model)
         if adapter_name in self.peft_config:
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
                                      fix="pick another adapter_name or delete_adapter() it first"))
         check_adapter_name(adapter_name, self.model)
         plan = resolve_targets(self.model, config)
+        skip_init = _WEIGHTS_FOLLOW.get()
         for path, spec in plan.layers.items():
+            if skip_init and spec.variant is None and spec.init.name in FRESH:
+                spec = dataclasses.replace(spec, init=InitMethod("skip"))
             module = self.model.get_submodule(path)
             if not isinstance(module, LoraLayer):
                 module = LoraLayer(module, plan.kinds[path])
