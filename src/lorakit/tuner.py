@@ -31,7 +31,8 @@ RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
-def check_adapter_name(name: object, model: nn.Module | None = None) -> None:
+def check_adapter_name(name: object, model: nn.Module | None = None,
+                       candidates: list[tuple[str, nn.Module]] | None = None) -> None:
     """Adapter names become module keys, state-dict key segments and folder names: refuse what breaks any.
 
     Raises:
@@ -47,7 +48,9 @@ def check_adapter_name(name: object, model: nn.Module | None = None) -> None:
                              "attribute of torch.nn.ModuleDict",
                     fix="e.g. adapter_name='default' or 'my_task'")
         )
-    if model is not None and any(name in path.split(".") for path, _ in candidate_modules(model)):
+    if model is not None and candidates is None:
+        candidates = candidate_modules(model)
+    if candidates is not None and any(name in path.split(".") for path, _ in candidates):
         raise ValueError(explain(f"adapter_name {name!r} is also a module name in {type(model).__name__}",
                                  fix="pick a name that is not part of any module path, e.g. 'task_a'"))
 
@@ -121,8 +124,9 @@ class LoraModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
                                      fix="pick another adapter_name or delete_adapter() it first"))
-        check_adapter_name(adapter_name, self.model)
-        plan = resolve_targets(self.model, config)
+        candidates = candidate_modules(self.model)  # one walk for the name check and the targeting
+        check_adapter_name(adapter_name, self.model, candidates)
+        plan = resolve_targets(self.model, config, candidates)
         skip_init = _WEIGHTS_FOLLOW.get()
         for path, spec in plan.layers.items():
             if skip_init and spec.variant is None and spec.init.name in FRESH:
