@@ -116,8 +116,15 @@ def write_factor(factor: Tensor, value: Tensor, adopt: bool) -> None:
 
 
 def _kaiming_uniform(shape: tuple[int, ...]) -> Tensor:
-    """U(-b, b), b = 1/sqrt(fan_in): kaiming-uniform with a = sqrt(5), nn.Linear's and nn.ConvNd's default."""
-    return torch.nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+    """U(-b, b), b = 1/sqrt(fan_in): kaiming-uniform with a = sqrt(5), nn.Linear's and nn.ConvNd's default.
+
+    The bound is computed with torch.nn.init's own arithmetic (same numbers, bit for bit), without its
+    per-call overhead (a third of an injection's time at small ranks).
+    """
+    fan_in = shape[1] * math.prod(shape[2:])
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # calculate_gain("leaky_relu", √5)
+    bound = math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+    return torch.empty(shape).uniform_(-bound, bound)
 
 
 @register_init("default", fresh=True)

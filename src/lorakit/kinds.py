@@ -122,9 +122,11 @@ def _uninitialised_linear(in_features: int, out_features: int, bias: bool) -> nn
     """
     layer = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = in_features, out_features
-    layer.weight = nn.Parameter(torch.empty(out_features, in_features))
-    layer.bias = nn.Parameter(torch.empty(out_features).uniform_(-in_features**-0.5, in_features**-0.5)) if bias else None
+    # straight into the instance and parameter dicts: Module.__setattr__'s checks cost more than the tensors
+    layer.__dict__.update(in_features=in_features, out_features=out_features)
+    layer._parameters["weight"] = nn.Parameter(torch.empty(out_features, in_features))
+    bound = in_features**-0.5
+    layer._parameters["bias"] = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
     return layer
 
 
