@@ -29,9 +29,9 @@ import torch
 from benchmarks import workloads
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA_B = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
-LORA_C = dict(r=64, lora_alpha=16, target_modules=SEVEN, lora_dropout=0.1)
-DORA = dict(r=16, lora_alpha=16, use_dora=True, target_modules="all-linear")
+LORA_B = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.05}
+LORA_C = {"r": 64, "lora_alpha": 16, "target_modules": SEVEN, "lora_dropout": 0.1}
+DORA = {"r": 16, "lora_alpha": 16, "use_dora": True, "target_modules": "all-linear"}
 LLAMA_BATCH, SMOLLM_BATCH = (4, 256), (2, 128)
 
 
@@ -90,7 +90,7 @@ def _vs_peft(time_limit: float, memory_limit: float) -> Target:
 
 def _train_rows(model: str, batch: tuple[int, int], targets: bool) -> dict[str, Row]:
     """(a)-(e) of the issue on ``model``; the targets are the issue's for the Llama-style model only."""
-    no_dropout = lambda lora: {**lora, "lora_dropout": 0.0}  # noqa: E731
+    no_dropout = lambda lora: {**lora, "lora_dropout": 0.0}
     rows = {
         "a": Row("(a) frozen floor: no adapters, backward to the input", "floor", model, None, batch),
         "b": Row("(b) r=8 α=16 q,v, dropout 0.05", "train", model, LORA_B, batch, _vs_floor(1.04)),
@@ -187,14 +187,14 @@ COLUMNS = ("row", "batch", "PEFT", "lorakit", "lorakit / PEFT", "reference", "PE
 def render_row(key: str, result: dict) -> str:
     row, kind = ROWS[key], KINDS[ROWS[key].kind]
     median, peaks = result["median_s"], result.get("peak_mib", {})
-    ms = lambda name: f"{median[name] * 1e3:.1f} ms" if name in median else "-"  # noqa: E731
-    ratio = lambda name: f"{result[name]:.3f}x" if name in result else "-"  # noqa: E731
+    ms = lambda name: f"{median[name] * 1e3:.1f} ms" if name in median else "-"
+    ratio = lambda name: f"{result[name]:.3f}x" if name in result else "-"
     references = sorted(set(kind.reference.values())) or ([next(iter(median))] if row.kind == "floor" else [])
     reference = ", ".join(f"{name} {ms(name)}" for name in references) or "-"
     reference += "".join(f"; {name} {value:.3f}x base" for name, value in result["extra"].items())
     if peaks.get("floor") is not None:
         reference += f"; floor peak {peaks['floor']:,.0f} MiB"
-    mib = lambda lib: f"{peaks[lib]:,.0f} MiB" if lib in peaks else "-"  # noqa: E731
+    mib = lambda lib: f"{peaks[lib]:,.0f} MiB" if lib in peaks else "-"
     met = {None: "-", True: "met", False: "**missed**"}[result["met"]]
     cells = (f"{row.label} `{key}`", f"{row.batch[0]}x{row.batch[1]}" if row.kind in MEMORY_KINDS or row.kind in (
         "infer", "mixed") else "-", ms(kind.peft) if kind.peft else "-",

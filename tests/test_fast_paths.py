@@ -15,12 +15,12 @@ import math
 
 import pytest
 import torch
+from models import build
 
 import lorakit
 import lorakit.atomic
 from lorakit.io import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.layer import LoraLayer
-from models import build
 
 TARGETS = ["q_proj", "v_proj", "gate_proj"]
 

@@ -161,7 +161,6 @@ def keep(request: InitRequest) -> InitResult | None:
 def skip(request: InitRequest) -> None:
     """Leave the factors as allocated, uninitialised. Never chosen by a config: ``tuner.weights_follow``
     uses it while injecting an adapter whose every factor is loaded from a file right after."""
-    return None
 
 
 # ---- inits that read W: PiSSA, OLoRA, LoftQ (and orthogonal, which only needs the shapes) ------------------
