@@ -47,15 +47,19 @@ class Layout:
     shapes: dict[str, tuple[int, ...]]
 
 
-def layout_of(model: nn.Module) -> Layout:
-    """The layout of the user's model as it is now (keys carry the ``base_model.model.`` prefix)."""
+def layout_of(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> Layout:
+    """The layout of the user's model as it is now (keys carry the ``base_model.model.`` prefix).
+
+    ``state``: the model's ``state_dict(keep_vars=True)`` when the caller already has it (one walk, not two).
+    """
     lora, saved = set(), set()
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
             lora.add(path)
         elif isinstance(module, ModulesToSaveWrapper):
             saved.add(path)
-    shapes = {PREFIX + k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    state = model.state_dict(keep_vars=True) if state is None else state
+    shapes = {PREFIX + k: tuple(v.shape) for k, v in state.items()}
     return Layout(frozenset(lora), frozenset(saved), shapes)
 
 

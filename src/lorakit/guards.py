@@ -359,7 +359,8 @@ def _retarget(entries: object, ties_input: str, ties_output: str) -> list[str]:
     return kept + ([ties_input] if ties_input not in kept else [])
 
 
-def resolve_with_ties(model: nn.Module, config: LoraConfig, *, quiet: bool = False
+def resolve_with_ties(model: nn.Module, config: LoraConfig, *, quiet: bool = False,
+                      candidates: list[tuple[str, nn.Module]] | None = None
                       ) -> tuple[LoraConfig, TargetPlan, Ties | None]:
     """``resolve_targets`` plus the tied-embedding guard and PEFT's ``ensure_weight_tying`` rewrite.
 
@@ -378,19 +379,20 @@ def resolve_with_ties(model: nn.Module, config: LoraConfig, *, quiet: bool = Fal
             say(f"the model ties its input and output embeddings ({tied[0]}, {tied[1]}) and the adapter trains one "
                 f"side ({how}); the other keeps the old weight, which breaks merging and exports. Set "
                 "LoraConfig(ensure_weight_tying=True) to train them as one matrix, as PEFT does")
-        return config, resolve_targets(model, config), None
+        return config, resolve_targets(model, config, candidates), None
     if how is None:
         say("ensure_weight_tying=True but " + ("no tied embeddings were found in the model" if not tied else
             "no tied embedding is in modules_to_save or target_modules") + "; nothing to tie")
-        return config, resolve_targets(model, config), None
+        return config, resolve_targets(model, config, candidates), None
     entries = _retarget(getattr(config, how), *tied)
     config = dataclasses.replace(config, **{how: set(entries) if how == "target_modules" else entries})
     if how == "modules_to_save":
-        plan = resolve_targets(model, config)
+        plan = resolve_targets(model, config, candidates)
         plan = dataclasses.replace(plan, modules_to_save=plan.modules_to_save + [tied[1]])
     else:
-        wider = resolve_targets(model, dataclasses.replace(config, target_modules=set(entries) | {tied[1]}))
-        plan = dataclasses.replace(wider, target_modules=resolve_targets(model, config).target_modules)
+        wider = resolve_targets(model, dataclasses.replace(config, target_modules=set(entries) | {tied[1]}),
+                                candidates)
+        plan = dataclasses.replace(wider, target_modules=resolve_targets(model, config, candidates).target_modules)
     return config, plan, Ties(how, *tied)
 
 

@@ -1,7 +1,7 @@
 """Registry of init methods for the LoRA factors: pure functions from shapes (and W) to tensors.
 
 Each function receives an ``InitRequest`` and returns an ``InitResult`` (or None to keep the factors as
-created). It touches no module and no adapter-name dict; ``LoraLayer`` copies the result in. A new
+created). It touches no module and no adapter-name dict; ``LoraLayer`` writes the result in (``write_factor``). A new
 method is one registered function plus a test of its invariant; ``layer.py`` does not change.
 
 Weight-reading methods (PiSSA, OLoRA, LoftQ) decompose W as an (out, in·k) matrix and return a residual
@@ -13,6 +13,7 @@ registered at the end; the calibration itself is calibrate.py (EVA) and corda.py
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,26 +64,70 @@ class InitResult:
 InitFn = Callable[[InitRequest], "InitResult | None"]
 INITS: dict[str, InitFn] = {}
 NEEDS_WEIGHT: set[str] = set()  # methods that read the base weight (the layer passes it only to these)
+FRESH: set[str] = set()  # methods whose A and B are new tensors nothing else holds: the layer adopts them
 
 
-def register_init(name: str, *, needs_weight: bool = False) -> Callable[[InitFn], InitFn]:
-    """Decorator: register an init method under the name ``config.parse_init`` produces."""
+def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False) -> Callable[[InitFn], InitFn]:
+    """Decorator: register an init method under the name ``config.parse_init`` produces.
+
+    ``fresh=True`` promises that A and B are newly made and referenced nowhere else, so ``write_factor``
+    may take their storage instead of copying (no second pass over fresh memory at injection).
+    """
 
     def decorate(fn: InitFn) -> InitFn:
-        INITS[name] = fn
+        INITS[name] = fn if fresh else _after_peft_draws(fn)
         if needs_weight:
             NEEDS_WEIGHT.add(name)
+        if fresh:
+            FRESH.add(name)
         return fn
 
     return decorate
 
 
+UNDRAWN_KINDS = ("Linear", "Conv1D")  # kinds.py builds their factors without nn.Linear's kaiming draws
+
+
+def _after_peft_draws(fn: InitFn) -> InitFn:
+    """``fn`` preceded by the draws PEFT's nn.Linear factors make (kaiming A, then B), results dropped.
+
+    The cheap inits skip those draws (kinds.py); the others may use the RNG afterwards (orthogonal,
+    randomised SVD), and drawing first keeps their results equal to PEFT's for the same seed, at a cost
+    that is small next to their decompositions.
+    """
+
+    @functools.wraps(fn)
+    def init(request: InitRequest) -> InitResult | None:
+        if not request.embedding and _layer_name(request) in UNDRAWN_KINDS:
+            _kaiming_uniform(request.A_shape)
+            _kaiming_uniform(request.B_shape)
+        return fn(request)
+
+    return init
+
+
+def write_factor(factor: Tensor, value: Tensor, adopt: bool) -> None:
+    """factor ← value (reshaped to the factor's shape); with ``adopt``, by taking value's storage, no copy."""
+    value = value.reshape(factor.shape)
+    if adopt and value.dtype == factor.dtype and value.device == factor.device and value.is_contiguous():
+        factor.data = value
+    else:
+        factor.copy_(value)
+
+
 def _kaiming_uniform(shape: tuple[int, ...]) -> Tensor:
-    """U(-b, b), b = 1/sqrt(fan_in): kaiming-uniform with a = sqrt(5), nn.Linear's and nn.ConvNd's default."""
-    return torch.nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+    """U(-b, b), b = 1/sqrt(fan_in): kaiming-uniform with a = sqrt(5), nn.Linear's and nn.ConvNd's default.
+
+    The bound is computed with torch.nn.init's own arithmetic (same numbers, bit for bit), without its
+    per-call overhead (a third of an injection's time at small ranks).
+    """
+    fan_in = shape[1] * math.prod(shape[2:])
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # calculate_gain("leaky_relu", √5)
+    bound = math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+    return torch.empty(shape).uniform_(-bound, bound)
 
 
-@register_init("default")
+@register_init("default", fresh=True)
 def default(request: InitRequest) -> InitResult:
     """LoRA's init (arXiv:2106.09685): B = 0 so B A = 0 and the adapted model starts as the base.
 
@@ -93,7 +138,7 @@ def default(request: InitRequest) -> InitResult:
     return InitResult(A=_kaiming_uniform(request.A_shape), B=torch.zeros(request.B_shape))
 
 
-@register_init("gaussian")
+@register_init("gaussian", fresh=True)
 def gaussian(request: InitRequest) -> InitResult:
     """A ~ N(0, (1/r)²), B = 0 (PEFT's "gaussian"); embeddings as in ``default``."""
     if request.embedding:
@@ -101,10 +146,21 @@ def gaussian(request: InitRequest) -> InitResult:
     return InitResult(A=torch.randn(request.A_shape) / request.r, B=torch.zeros(request.B_shape))
 
 
-@register_init("none")
-def keep(request: InitRequest) -> None:
-    """``init_lora_weights=False``: keep the factors as created (random, so B A != 0; for tests)."""
-    return None
+@register_init("none", fresh=True)
+def keep(request: InitRequest) -> InitResult | None:
+    """``init_lora_weights=False``: the factors as their layers create them (random, so B A != 0; for tests).
+
+    Linear/Conv1D: A, B ~ kaiming-uniform(a=√5) (kinds.py builds them undrawn).  Others: kept as created.
+    """
+    if request.embedding or _layer_name(request) not in UNDRAWN_KINDS:
+        return None
+    return InitResult(A=_kaiming_uniform(request.A_shape), B=_kaiming_uniform(request.B_shape))
+
+
+@register_init("skip", fresh=True)
+def skip(request: InitRequest) -> None:
+    """Leave the factors as allocated, uninitialised. Never chosen by a config: ``tuner.weights_follow``
+    uses it while injecting an adapter whose every factor is loaded from a file right after."""
 
 
 # ---- inits that read W: PiSSA, OLoRA, LoftQ (and orthogonal, which only needs the shapes) ------------------

@@ -98,11 +98,12 @@ def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def adapter_model_keys(peft_model: nn.Module, adapter_name: str = "default",
-                       save_embedding_layers: bool | str = "auto") -> dict[str, str]:
-    """{model key: file key} of every tensor PEFT writes for ``adapter_name``."""
+                       save_embedding_layers: bool | str = "auto",
+                       state: dict[str, Tensor] | None = None) -> dict[str, str]:
+    """{model key: file key} of every tensor PEFT writes for ``adapter_name`` (``state``: see layout_of)."""
     model = peft_model.base_model.model
     config = peft_model.peft_config[adapter_name]
-    return encode(layout_of(model), adapter_name, config.bias,
+    return encode(layout_of(model, state), adapter_name, config.bias,
                   embedding_paths(model, config.target_modules, save_embedding_layers))
 
 
@@ -113,9 +114,12 @@ def adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default",
 
     ``state`` (model keys, e.g. gathered from a sharded model by distributed.py) replaces the model's own.
     """
-    mapping = adapter_model_keys(peft_model, adapter_name, save_embedding_layers)
-    if state is None:
-        state = {PREFIX + k: v for k, v in peft_model.base_model.model.state_dict().items()}
+    if state is None:  # one walk of the model serves both the key mapping and the tensors
+        own = peft_model.base_model.model.state_dict(keep_vars=True)
+        mapping = adapter_model_keys(peft_model, adapter_name, save_embedding_layers, own)
+        state = {PREFIX + k: v for k, v in own.items()}
+    else:
+        mapping = adapter_model_keys(peft_model, adapter_name, save_embedding_layers)
     seen, out = set(), {}
     for model_key, file_key in mapping.items():
         tensor = state[model_key].detach()
@@ -230,10 +234,22 @@ def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str,
     return config, {mapping[k][len(PREFIX):]: v for k, v in tensors.items()}
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Copy validated tensors into ``model`` (cast to each parameter's dtype and device)."""
-    result = model.load_state_dict(tensors, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys  # validate() guarantees this
+def load_tensors(model: nn.Module, tensors: dict[str, Tensor], adopt: bool = False) -> None:
+    """Copy validated tensors into ``model`` (cast to each parameter's dtype and device).
+
+    Each key goes straight to its parameter or buffer: ``load_state_dict`` would visit every module of
+    the model for a few adapter tensors. ``adopt``: the tensors were just read from a file and belong to
+    no one else, so a parameter of the same dtype, device and shape takes the tensor itself (no copy).
+    """
+    with torch.no_grad():
+        for key, value in tensors.items():
+            module_path, _, name = key.rpartition(".")
+            target = getattr(model.get_submodule(module_path), name)  # validate() guarantees it exists
+            if adopt and (value.dtype, value.device, value.shape) == (target.dtype, target.device, target.shape) \
+                    and value.is_contiguous():
+                target.data = value
+            else:
+                target.copy_(value)
 
 
 # ---- PEFT's functional API ------------------------------------------------------------------------------------

@@ -113,7 +113,25 @@ def is_linear_like(module: nn.Module) -> bool:
 
 # ---- Linear and GPT-2 Conv1D: the same factors, the weight stored the other way round ---------------------
 def _linear_factors(in_features: int, out_features: int, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
-    return nn.Linear(in_features, r, bias=False), nn.Linear(r, out_features, bias=lora_bias)
+    return _uninitialised_linear(in_features, r, False), _uninitialised_linear(r, out_features, lora_bias)
+
+
+def _uninitialised_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """An nn.Linear whose weight is left uninitialised (``torch.empty``); the bias, if any, as nn.Linear's.
+
+    Every init method (inits.py, "none" included) writes both factors right after, so drawing nn.Linear's
+    kaiming weights first would only be thrown away: PEFT draws A, B and then A again, which is most of
+    its ``get_peft_model`` time at large ranks. Skipping the draw changes no distribution, only which
+    random numbers A gets from a given seed. Honours ``torch.device("meta")`` (planned layouts).
+    """
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    # straight into the instance and parameter dicts: Module.__setattr__'s checks cost more than the tensors
+    layer.__dict__.update(in_features=in_features, out_features=out_features)
+    layer._parameters["weight"] = nn.Parameter(torch.empty(out_features, in_features))
+    bound = in_features**-0.5
+    layer._parameters["bias"] = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
+    return layer
 
 
 def _linear_branch(base: nn.Module, x: Tensor, A: nn.Module, B: nn.Module) -> Tensor:

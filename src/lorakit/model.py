@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from .distributed import is_sharded, save_sharded
 from .errors import explain, warn
 from .layer import LoraLayer
 from . import guards, io
-from .tuner import LoraModel, check_adapter_name
+from .tuner import LoraModel, check_adapter_name, weights_follow
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -193,8 +192,9 @@ class PeftModel(nn.Module):
             disk_config = dataclasses.replace(config, inference_mode=not is_trainable)
         task = getattr(disk_config.task_type, "value", disk_config.task_type)
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-        peft_model = wrapper(model, disk_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        io.load_tensors(peft_model.get_base_model(), tensors)
+        with weights_follow():  # every factor is in ``tensors``: no init to draw first
+            peft_model = wrapper(model, disk_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        io.load_tensors(peft_model.get_base_model(), tensors, adopt=True)
         guards.frozen_load_flag(peft_model, is_trainable)
         if not is_trainable:
             peft_model.eval()
@@ -213,8 +213,9 @@ class PeftModel(nn.Module):
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", fix="pick another adapter_name"))
         check_adapter_name(adapter_name, self.get_base_model())
         config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable)
-        self.base_model.inject_adapter(adapter_name, config)
-        io.load_tensors(self.get_base_model(), tensors)
+        with weights_follow():
+            self.base_model.inject_adapter(adapter_name, config)
+        io.load_tensors(self.get_base_model(), tensors, adopt=True)
         if not is_trainable:
             self.eval()
 
@@ -254,12 +255,14 @@ class PeftModel(nn.Module):
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, then 4
-        if isinstance(getattr(type(model), name, None), property):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                return bool(getattr(model, name))
-    return False
+    """transformers' ``is_activation_checkpointing`` (4: ``is_gradient_checkpointing``): a submodule has
+    ``gradient_checkpointing`` set. Read from each module's own attributes: transformers' ``hasattr`` walk
+    raises and catches an AttributeError per module, a tenth of ``get_peft_model``'s time on a small config."""
+    if not any(isinstance(getattr(type(model), name, None), property)
+               for name in ("is_activation_checkpointing", "is_gradient_checkpointing")):
+        return False
+    return any(bool(vars(module).get("gradient_checkpointing", getattr(type(module), "gradient_checkpointing", False)))
+               for module in model.modules())
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -255,14 +255,15 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: li
     return targets
 
 
-def resolve_targets(model: nn.Module, config: LoraConfig) -> TargetPlan:
-    """Apply the module docstring's rules to ``model``.
+def resolve_targets(model: nn.Module, config: LoraConfig,
+                    candidates: list[tuple[str, nn.Module]] | None = None) -> TargetPlan:
+    """Apply the module docstring's rules to ``model`` (``candidates``: its ``candidate_modules``, if known).
 
     Raises:
         ValueError: nothing matched (listing names that would), everything matched was excluded, a
             matched module has an unsupported type, or target_modules=None on an unknown architecture.
     """
-    candidates = candidate_modules(model)
+    candidates = candidate_modules(model) if candidates is None else candidates
     save_entries = task_modules_to_save(config)
     saved = _saved_paths(candidates, save_entries)
     _warn_unmatched_saves(config, saved)

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import re
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 from .config import LoraConfig
 from .distributed import check_not_sharded
+from .config import InitMethod
 from .errors import explain, warn
 from .guards import checked_merge, resolve_with_ties, rollback_on_error, tie_adapters
+from .inits import FRESH
 from .layer import LoraLayer
 from .quant import dequantize_model, merge_reporting_rounding
 from .saved_modules import ModulesToSaveWrapper
@@ -29,7 +33,8 @@ RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
-def check_adapter_name(name: object, model: nn.Module | None = None) -> None:
+def check_adapter_name(name: object, model: nn.Module | None = None,
+                       candidates: list[tuple[str, nn.Module]] | None = None) -> None:
     """Adapter names become module keys, state-dict key segments and folder names: refuse what breaks any.
 
     Raises:
@@ -45,9 +50,43 @@ def check_adapter_name(name: object, model: nn.Module | None = None) -> None:
                              "attribute of torch.nn.ModuleDict",
                     fix="e.g. adapter_name='default' or 'my_task'")
         )
-    if model is not None and any(name in path.split(".") for path, _ in candidate_modules(model)):
+    if model is not None and candidates is None:
+        candidates = candidate_modules(model)
+    if candidates is not None and any(name in path.split(".") for path, _ in candidates):
         raise ValueError(explain(f"adapter_name {name!r} is also a module name in {type(model).__name__}",
                                  fix="pick a name that is not part of any module path, e.g. 'task_a'"))
+
+
+_WEIGHTS_FOLLOW: ContextVar[bool] = ContextVar("lorakit_weights_follow", default=False)
+
+
+@contextlib.contextmanager
+def weights_follow() -> Iterator[None]:
+    """Inside the block, adapters injected with a plain init (``inits.FRESH``) and no variant are left
+    uninitialised: the caller (``from_pretrained``, ``load_adapter``) loads every factor from a validated
+    file right after, so drawing and zeroing them first would be wasted work."""
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Hold Python's cyclic garbage collector for the block (restored after, as it was).
+
+    Injection creates thousands of long-lived objects (modules, their dicts, parameters); each batch of
+    them triggers a collection, and the full ones walk every object of the process (torch, transformers,
+    the model): most of ``get_peft_model``'s time on a large model. Nothing collectable is made here.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class LoraModel(nn.Module):
@@ -80,13 +119,21 @@ class LoraModel(nn.Module):
     @rollback_on_error  # a failed injection leaves the model as it was
     def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates."""
+        with gc_paused():
+            self._inject_adapter(adapter_name, config)
+
+    def _inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         check_not_sharded(self.model)
         if adapter_name in self.peft_config:
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
                                      fix="pick another adapter_name or delete_adapter() it first"))
-        check_adapter_name(adapter_name, self.model)
-        config, plan, ties = resolve_with_ties(self.model, config)
+        candidates = candidate_modules(self.model)  # one walk for the name check and the targeting
+        check_adapter_name(adapter_name, self.model, candidates)
+        config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
+        skip_init = _WEIGHTS_FOLLOW.get()
         for path, spec in plan.layers.items():
+            if skip_init and spec.variant is None and spec.init.name in FRESH:
+                spec = dataclasses.replace(spec, init=InitMethod("skip"))
             module = self.model.get_submodule(path)
             if not isinstance(module, LoraLayer):
                 module = LoraLayer(module, plan.kinds[path])
