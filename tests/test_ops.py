@@ -109,8 +109,10 @@ def compare(layer: LoraLayer, x: torch.Tensor) -> None:
     tol = TOL[x.dtype]
     torch.testing.assert_close(y_fused, y_ref, **tol)
     assert g_fused.keys() == g_ref.keys() and all(g is not None for g in g_fused.values())
-    for name in g_ref:
-        torch.testing.assert_close(g_fused[name], g_ref[name], **tol, msg=lambda m, n=name: f"gradient {n}: {m}")
+    for name in g_ref:  # half-precision sums round in a different order: allow 4 ulps of the gradient's scale
+        atol = max(tol["atol"], 4 * torch.finfo(x.dtype).eps * g_ref[name].abs().max().item())
+        torch.testing.assert_close(g_fused[name], g_ref[name], atol=atol, rtol=tol["rtol"],
+                                   msg=lambda m, n=name: f"gradient {n}: {m}")
 
 
 CASES = list(itertools.product(["linear", "linear_nobias", "conv1d_gpt2"], [torch.float32, torch.bfloat16,

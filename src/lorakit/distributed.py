@@ -28,8 +28,8 @@ def is_sharded(model: nn.Module) -> bool:
     """True when any submodule of ``model`` is an FSDP2 module or any parameter is a DTensor."""
     if FSDPModule is None:
         return False
-    return (any(isinstance(m, FSDPModule) for m in model.modules())
-            or any(isinstance(p, DTensor) for p in model.parameters()))
+    return any(isinstance(m, FSDPModule) or any(isinstance(p, DTensor) for p in m._parameters.values())
+               for m in model.modules())  # one walk: get_peft_model calls this on every injection
 
 
 def check_not_sharded(model: nn.Module) -> None:

@@ -57,8 +57,8 @@ class AdapterSaveError(OSError):
     """``save_pretrained`` wrote a file that does not hold what it should; the previous folder is kept."""
 
 
-def _trainable_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def _any_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())  # stops at the first (adapters come early)
 
 
 # ---- zero trainable parameters --------------------------------------------------------------------------------
@@ -75,14 +75,14 @@ def _why_frozen(peft_model: nn.Module) -> str:
 
 def check_trainable(peft_model: nn.Module) -> None:
     """Warn when ``get_peft_model`` produced a model in which nothing trains (PEFT trains nothing silently)."""
-    if _trainable_count(peft_model) == 0:
+    if not _any_trainable(peft_model):
         warn(f"the PeftModel has 0 trainable parameters: {_why_frozen(peft_model)}")
 
 
 def check_frozen_training(peft_model: nn.Module) -> None:
     """First training-mode forward of a model loaded with ``is_trainable=False``: warn if nothing can learn."""
     peft_model._lorakit_frozen_load = False  # once
-    if _trainable_count(peft_model) == 0:
+    if not _any_trainable(peft_model):
         warn("training step on an adapter loaded with from_pretrained(..., is_trainable=False) (PEFT's default): "
              "it has 0 trainable parameters, so nothing will learn. Load it with "
              "PeftModel.from_pretrained(model, path, is_trainable=True) to continue training")
