@@ -9,6 +9,8 @@ writing it in PEFT's format.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from typing import Any
 
 import torch
@@ -24,21 +26,22 @@ except ImportError:  # pragma: no cover
     FSDPModule = DTensor = fully_shard = None
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True when any submodule of ``model`` is an FSDP2 module or any parameter is a DTensor."""
+def is_sharded(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> bool:
+    """True when any submodule of ``model`` (or of ``modules``, its submodules if already listed) is an FSDP2
+    module or holds a DTensor parameter."""
     if FSDPModule is None:
         return False
     return any(isinstance(m, FSDPModule) or any(isinstance(p, DTensor) for p in m._parameters.values())
-               for m in model.modules())  # one walk: get_peft_model calls this on every injection
+               for m in (model.modules() if modules is None else modules))
 
 
-def check_not_sharded(model: nn.Module) -> None:
+def check_not_sharded(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> None:
     """Refuse to inject adapters into a model already passed to ``fully_shard``.
 
     Raises:
         ValueError: ``model`` holds FSDP2 modules or DTensor parameters.
     """
-    if is_sharded(model):
+    if is_sharded(model, modules):
         raise ValueError(explain(
             "inject adapters before fully_shard: parameters added after sharding stay plain and silently "
             "diverge across ranks", where=type(model).__name__, got="a model already sharded by FSDP2",

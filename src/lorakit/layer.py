@@ -100,6 +100,20 @@ class LoraLayer(nn.Module):
         ValueError: from ``update_layer`` for an invalid adapter (duplicate name, lora_bias on an Embedding).
     """
 
+    kind: Kind
+    in_features: int
+    out_features: int
+    r: dict[str, int]
+    lora_alpha: dict[str, float]
+    scaling: dict[str, float]
+    use_dora: dict[str, bool]
+    lora_bias: dict[str, bool]
+    _variants: dict[str, Variant]
+    merged_adapters: list[str]
+    _active_adapter: list[str]
+    _routes: tuple[int, list[tuple[str, Tensor]]] | None
+    rounding_error: float | None
+
     def __init__(self, base_layer: nn.Module, kind: Kind) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -109,21 +123,27 @@ class LoraLayer(nn.Module):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m (variants.Magnitude)
-        self.kind = kind
-        self.in_features, self.out_features = kind.features(base_layer)
-        self.fan_in_fan_out = kind.weight_is_in_out
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_dora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
-        self._variants: dict[str, Variant] = {}  # adapters that run through a variant strategy
-        self.merged_adapters: list[str] = []
-        self._active_adapter: list[str] = []
-        self._disable_adapters = False
-        # mixed batch, set by the tuner: (rows in the routed batch, [(adapter name, row indices)])
-        self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None
-        self.rounding_error: float | None = None  # quantized base: largest output change of a requantization
+        in_features, out_features = kind.features(base_layer)
+        # Plain (non-tensor, non-module) state goes straight into __dict__: nn.Module.__setattr__'s checks cost
+        # more than the rest of a layer's construction, and get_peft_model builds one layer per target.
+        self.__dict__.update(
+            kind=kind,
+            in_features=in_features,
+            out_features=out_features,
+            fan_in_fan_out=kind.weight_is_in_out,
+            r={},  # adapter name -> rank; likewise lora_alpha, scaling, use_dora, lora_bias
+            lora_alpha={},
+            scaling={},
+            use_dora={},
+            lora_bias={},
+            _variants={},  # adapters that run through a variant strategy
+            merged_adapters=[],
+            _active_adapter=[],
+            _disable_adapters=False,
+            # mixed batch, set by the tuner: (rows in the routed batch, [(adapter name, row indices)])
+            _routes=None,
+            rounding_error=None,  # quantized base: largest output change of a requantization
+        )
 
     def _get_name(self) -> str:  # repr as PEFT prints it: lora.Linear(...)
         return f"lora.{self.kind.name}"

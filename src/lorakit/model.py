@@ -54,9 +54,10 @@ class PeftModel(nn.Module):
         _check_config(peft_config)
         self.peft_type = "LORA"
         self.special_peft_forward_args = {"adapter_names"}
+        checkpointing = _is_checkpointing(model)  # read before injection: fewer modules to walk
         self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                     low_cpu_mem_usage=low_cpu_mem_usage)
-        if _is_checkpointing(model):
+        if checkpointing:
             self._enable_input_grads()
 
     # Only here does lorakit forward attribute lookups (STYLE.md section 3): tuner first, then the model.

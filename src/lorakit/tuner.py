@@ -110,7 +110,7 @@ class LoraModel(nn.Module):
         self.autocast_adapter_dtype = autocast_adapter_dtype
         config = config[adapter_name] if isinstance(config, dict) else config
         self.inject_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        self.set_adapter(adapter_name, _modules=self.__dict__.pop("_injected", None))  # no walk: the only adapter
 
     def forward(self, *args: object, **kwargs: object) -> object:
         return self.model(*args, **kwargs)
@@ -123,14 +123,15 @@ class LoraModel(nn.Module):
             self._inject_adapter(adapter_name, config)
 
     def _inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        check_not_sharded(self.model)
+        candidates = candidate_modules(self.model)  # one walk for the shard and name checks and the targeting
+        check_not_sharded(self.model, (module for _, module in candidates))
         if adapter_name in self.peft_config:
             raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
                                      fix="pick another adapter_name or delete_adapter() it first"))
-        candidates = candidate_modules(self.model)  # one walk for the name check and the targeting
         check_adapter_name(adapter_name, self.model, candidates)
         config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
         skip_init = _WEIGHTS_FOLLOW.get()
+        injected: list[nn.Module] = []  # the adapter modules this call made or extended (set_adapter's walk)
         for path, spec in plan.layers.items():
             if skip_init and spec.variant is None and spec.init.name in FRESH:
                 spec = dataclasses.replace(spec, init=InitMethod("skip"))
@@ -141,6 +142,7 @@ class LoraModel(nn.Module):
             module.update_layer(adapter_name, spec, autocast_adapter_dtype=self.autocast_adapter_dtype)
             for param in module.adapter_parameters(adapter_name):
                 param.requires_grad_(False)
+            injected.append(module)
         for path in plan.modules_to_save:
             module = self.model.get_submodule(path)
             if isinstance(module, ModulesToSaveWrapper):
@@ -149,11 +151,20 @@ class LoraModel(nn.Module):
                 wrapper = ModulesToSaveWrapper(module, adapter_name)
                 wrapper.set_adapter(self.active_adapters, trainable=False)  # follows the model, new copy frozen
                 self.model.set_submodule(path, wrapper)
+                module = wrapper
+            injected.append(module)
         tie_adapters(self.model, adapter_name, ties)
         self.peft_config[adapter_name] = self._recorded_config(config, plan)
         self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
-        if len(self.peft_config) == 1:
-            self.model.requires_grad_(False)  # the base is frozen; set_adapter re-enables what trains
+        if len(self.peft_config) == 1:  # the base is frozen; set_adapter re-enables what trains
+            if any(isinstance(module, LoraLayer) for _, module in candidates):
+                self.model.requires_grad_(False)  # LoRA layers from an earlier get_peft_model: walk everything
+            else:  # the base's own modules, listed before wrapping: the new adapters were frozen above
+                for _, module in candidates:
+                    for param in module._parameters.values():
+                        if param is not None:
+                            param.requires_grad_(False)
+                self._injected = injected  # every adapter module of the model: __init__'s set_adapter needs no walk
 
     def _recorded_config(self, config: LoraConfig, plan: TargetPlan) -> LoraConfig:
         """A copy of ``config`` saying what was applied (the user's object is never changed)."""
@@ -184,7 +195,7 @@ class LoraModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], _modules: list[nn.Module] | None = None) -> None:
         """Activate one adapter or several (their outputs add); only active, non-inference adapters train."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
@@ -192,7 +203,7 @@ class LoraModel(nn.Module):
             raise ValueError(explain(f"unknown adapter(s) {unknown}", got=unknown,
                                      expected=f"one of {list(self.peft_config)}"))
         trainable = not any(self.peft_config[name].inference_mode for name in names)
-        for module in self._adapter_modules():
+        for module in self._adapter_modules() if _modules is None else _modules:
             module.set_adapter(names, trainable=trainable)
         self._set_bias_trainable(names, trainable)
         self.active_adapter = adapter_name
