@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks import workloads
+
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=SEVEN, task_type="CAUSAL_LM")
 
@@ -108,19 +110,10 @@ def step_times(folder: Path, tokenizer: object, repeats: int, warmup: int = 2) -
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        runs[name] = step
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    ratios = [q / f for q, f in zip(times["qlora"], times["fp32"], strict=True)]
+        runs[name] = workloads.timed(step)
+    times = workloads.interleave(runs, repeats, warmup)
     return {"fp32_s": statistics.median(times["fp32"]), "qlora_s": statistics.median(times["qlora"]),
-            "ratio": statistics.median(ratios), "batch": tuple(batch["input_ids"].shape)}
+            "ratio": workloads.paired_ratio(times, "qlora", "fp32"), "batch": tuple(batch["input_ids"].shape)}
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def input_ids(model: nn.Module, batch: tuple[int, int], seed: int = 0) -> torch.
     return torch.randint(0, vocab, batch, generator=torch.Generator().manual_seed(seed))
 
 
-def _timed(fn: Callable[[], object]) -> Run:
+def timed(fn: Callable[[], object]) -> Run:
     def run() -> float:
         start = time.perf_counter()
         fn()
@@ -116,7 +116,7 @@ def train_step(model: nn.Module, batch: tuple[int, int]) -> Callable[[], None]:
 
 
 def train_runs(model: str, lora: dict | None, batch: tuple[int, int], libraries: tuple[str, ...]) -> dict[str, Run]:
-    return {lib: _timed(train_step(apply(fresh(model), lib, lora), batch)) for lib in libraries}
+    return {lib: timed(train_step(apply(fresh(model), lib, lora), batch)) for lib in libraries}
 
 
 # ---- inference: unmerged vs merged vs the base model ---------------------------------------------------------
@@ -126,7 +126,7 @@ def infer_runs(model: str, lora: dict, batch: tuple[int, int]) -> dict[str, Run]
                                  ("lorakit merged", "lorakit", True)):
         net = apply(fresh(model), library, lora)
         net = net.merge_and_unload() if merge else net
-        runs[name] = _timed(_forward(net.eval(), input_ids(net, batch)))
+        runs[name] = timed(_forward(net.eval(), input_ids(net, batch)))
     return runs
 
 
@@ -149,8 +149,8 @@ def mixed_runs(model: str, lora: dict, batch: tuple[int, int]) -> dict[str, Run]
         net.eval()
         ids = input_ids(net, batch)
         names = [["default", "extra1", "extra2", "extra3"][row % 4] for row in range(batch[0])]
-        runs[f"{library} one"] = _timed(_forward(net, ids))
-        runs[f"{library} mixed"] = _timed(_forward(net, ids, adapter_names=names))
+        runs[f"{library} one"] = timed(_forward(net, ids))
+        runs[f"{library} mixed"] = timed(_forward(net, ids, adapter_names=names))
     return runs
 
 
