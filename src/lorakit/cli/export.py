@@ -39,6 +39,7 @@ from ..io import BIN_NAME, CONFIG_NAME, PEFT_VERSION_TAG, SAFETENSORS_NAME, read
 from ..targeting import layer_spec
 from ..targeting import task_modules_to_save
 from .common import CliError, Command, register
+from .export_gguf import export_gguf
 
 # base_model.model.<path>.<factor>[.weight|.bias]; A factors hold the rank in dim 0, B factors in dim 1.
 FACTOR_KEY = re.compile(re.escape(PREFIX) + r"(?P<path>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -199,7 +200,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", type=Path, metavar="ADAPTER", help="adapter folder (PEFT's or lorakit's)")
     parser.add_argument("--for", dest="engine", choices=list(ENGINES), required=True,
                         help="the reader: vllm, llama.cpp (convert_lora_to_gguf.py) or peft")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the exported PEFT-format adapter")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the exported PEFT-format adapter, or FILE.gguf (--for llama.cpp): the GGUF "
+                             "LoRA llama.cpp loads with --lora")
+    parser.add_argument("--base", type=Path, help="GGUF only: the base model folder (its config.json names the "
+                        "architecture); default: the adapter's base_model_name_or_path")
+    parser.add_argument("--arch", help="GGUF only: llama.cpp's architecture name (llama, qwen2, qwen3) when no base "
+                        "config.json is at hand")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,20 +214,29 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"adapter folder {args.adapter} does not exist")
     if args.out.resolve() == args.adapter.resolve():
         raise CliError(f"--out {args.out} is the adapter folder itself; export to a new folder")
+    gguf_out = args.out.suffix.lower() == ".gguf"
+    if (gguf_out and args.engine != "llama.cpp") or (not gguf_out and (args.base or args.arch)):
+        raise CliError(f"--out {args.out}{' with --base/--arch' if args.base or args.arch else ''} does not fit "
+                       f"--for {args.engine}: a GGUF file (--out FILE.gguf, with --base or --arch) is written for "
+                       "--for llama.cpp only; other exports write a folder")
     config, tensors = read_config(args.adapter), read_weights(args.adapter)
     reasons = refusals(args.engine, config, tensors)
     if reasons:
         raise CliError(f"{args.engine} cannot load {args.adapter}: {'; '.join(reasons)}")
     engine = ENGINES[args.engine]
     new_config, new_tensors = normalise(config, tensors, engine.drop_base_copies)
-    write_adapter(args.out, new_config, new_tensors)
+    if gguf_out:
+        kind = export_gguf(args.out, args.adapter, new_config, new_tensors, args.base, args.arch)
+    else:
+        write_adapter(args.out, new_config, new_tensors)
+        kind = "PEFT format"
     dropped = len(tensors) - len(new_tensors)
-    print(f"exported {args.adapter} for {args.engine} -> {args.out}: r = lora_alpha = {new_config.r} "
+    print(f"exported {args.adapter} for {args.engine} -> {args.out} ({kind}): r = lora_alpha = {new_config.r} "
           f"(every layer's scaling folded into lora_B, ranks zero-padded to {new_config.r})")
     if dropped:
         print(f"dropped {dropped} saved base embedding weight(s): the engine takes them from the base model "
               "(a resized vocabulary needs the resized base model)")
-    if engine.note:
+    if engine.note and not gguf_out:
         print("note: " + engine.note.format(r=new_config.r, out=args.out))
     return 0
 
