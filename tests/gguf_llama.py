@@ -20,9 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 N_SPECIAL, N_BYTES = 3, 256
 
 
-def engine_llama(seed: int = 0, vocab: int = 320) -> LlamaForCausalLM:
-    """LlamaForCausalLM: 2 layers, hidden 64, 4 heads / 2 kv heads (head_dim 16), a byte-level vocabulary."""
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def engine_llama(seed: int = 0, vocab: int = 320, hidden: int = 64) -> LlamaForCausalLM:
+    """LlamaForCausalLM: 2 layers, 4 heads / 2 kv heads (head_dim hidden/4), a byte-level vocabulary's size."""
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                          attention_dropout=0.0, attn_implementation="eager", architectures=["LlamaForCausalLM"])

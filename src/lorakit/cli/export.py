@@ -1,9 +1,10 @@
 """``lorakit export ADAPTER --for vllm|llama.cpp|peft --out DIR``: an adapter every LoRA reader scales alike.
 
-Serving engines read only ``r`` and ``lora_alpha``. vLLM computes one ``s = lora_alpha / r`` for the whole
-adapter and ignores ``rank_pattern`` / ``alpha_pattern``; llama.cpp's converter keeps only ``lora_alpha``
-and divides it by each tensor's own rank. Both get per-layer scaling wrong for rsLoRA (``s = α/√r``) and
-for rank or alpha patterns. Export therefore moves every layer's true scaling into its factors:
+Serving engines read only ``r`` and ``lora_alpha``. vLLM before 0.32 computes one ``s`` (``α/r``, or ``α/√r``
+with rsLoRA) for the whole adapter and ignores ``rank_pattern`` / ``alpha_pattern`` (0.32 reads both);
+llama.cpp's converter keeps only ``lora_alpha`` and divides it by each tensor's own rank, which is wrong for
+rsLoRA (``s = α/√r``) and for rank or alpha patterns. Export therefore moves every layer's true scaling into
+its factors:
 
     B' = [s_l · B, 0]  (out, R)     A' = [A; 0]  (R, in)     bias' = s_l · bias     R = max_l r_l
 
@@ -13,6 +14,7 @@ and writes ``r = lora_alpha = R``, ``use_rslora = false`` and no patterns. Every
 per-tensor ``alpha / rank`` equal 1 too; the padded rows and columns add nothing to the product. DoRA's
 magnitude is unaffected (``W + 1·B'A' = W + s_l·B A``, so its norm is the same) and is copied as is.
 
+``--for llama.cpp --out FILE.gguf`` writes these factors as llama.cpp's GGUF LoRA (``export_gguf``).
 What an engine cannot load is refused with a one-line reason (the ``ENGINES`` table); residual inits
 (PiSSA, OLoRA, LoftQ, CorDA) are refused for every target, because their factors only make sense against
 a rewritten base weight and converting them needs ``path_initial_model_for_weight_conversion``.
@@ -110,11 +112,18 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     # vLLM's PEFTHelper rejects modules_to_save and DoRA; its loader reads only LoRA factor tensors.
     "vllm": Engine(("residual_init", "bdlora", "dora", "modules_to_save", "lora_bias", "base_bias", "conv"), True,
-                   "start vLLM with --max-lora-rank of at least {r} (LoRA on embed_tokens / lm_head also needs "
-                   "a model class that declares embedding-LoRA support)"),
+                   "vLLM 0.32 and later read rsLoRA, rank_pattern and alpha_pattern themselves and serve the raw "
+                   "adapter with the same outputs; vLLM before 0.32 (checked: 0.8.5, 0.28, 0.31) reads use_rslora "
+                   "but ignores rank_pattern / alpha_pattern (one scaling for every layer), so an adapter with "
+                   "patterns needs this export there. For 0.32 the export changes no output: it pads every rank to "
+                   "{r}, drops the saved base embedding copies (which vLLM skips) and refuses up front what vLLM "
+                   "refuses at load. Start vLLM with "
+                   "--max-lora-rank of at least {r} (LoRA on embed_tokens / lm_head also needs a model class that "
+                   "declares embedding-LoRA support)"),
     # llama.cpp's convert_lora_to_gguf.py exits on any tensor but lora_A/lora_B/lora_embedding_* (and norms).
     "llama.cpp": Engine(("residual_init", "bdlora", "dora", "modules_to_save", "lora_bias", "base_bias", "conv"),
-                        True, "convert with: python convert_lora_to_gguf.py --base BASE_FOLDER {out}"),
+                        True, "convert with: python convert_lora_to_gguf.py --base BASE_FOLDER {out}, or let "
+                        "lorakit write the same GGUF: lorakit export ADAPTER --for llama.cpp --out FILE.gguf"),
     "peft": Engine(("residual_init",), False),
 }
 
