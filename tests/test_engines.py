@@ -77,7 +77,8 @@ def test_llama_cpp_serves_the_gguf_export_like_the_merged_model(tmp_path, capsys
     base_gguf = write_base_gguf(model, tmp_path / "base.gguf")
     adapter = _adapter(tmp_path / "adapter", model, [*LINEAR, "embed_tokens", "lm_head"])
     capsys.readouterr()
-    assert main(["export", str(adapter), "--for", "llama.cpp", "--out", str(tmp_path / "adapter.gguf")]) == 0
+    assert main(["export", str(adapter), "--for", "llama.cpp", "--out", str(tmp_path / "adapter.gguf"),
+                 "--base", str(tmp_path / "base")]) == 0
     tokens = _prompt(model.config.vocab_size, TOKENS)
 
     with torch.no_grad():

@@ -138,9 +138,11 @@ def resolve_base(config: LoraConfig, base: Path | None, arch: str | None) -> Bas
             raise CliError(f"--arch {arch!r} is not one lorakit writes GGUF for; expected one of {arch_names()}")
         return Base(by_name[arch], hparams, folder)
     if folder is None:
-        raise CliError(f"llama.cpp's GGUF names the base model's architecture, and the base model "
-                       f"{config.base_model_name_or_path!r} has no config.json here (not a local folder, not in "
-                       f"the Hugging Face cache); pass --base BASE_FOLDER or --arch {'|'.join(arch_names())}")
+        where = (f"the base model {config.base_model_name_or_path!r} has no config.json here (not a local folder, "
+                 "not in the Hugging Face cache)" if config.base_model_name_or_path else
+                 "the adapter names no base model (base_model_name_or_path is empty)")
+        raise CliError(f"llama.cpp's GGUF names the base model's architecture, and {where}; pass --base "
+                       f"BASE_FOLDER or --arch {'|'.join(arch_names())}")
     hf_arch = (hparams.get("architectures") or [None])[0]
     if hf_arch not in table:
         raise CliError(f"the base model {folder} is {hf_arch!r}, which lorakit does not write GGUF for (it writes "
