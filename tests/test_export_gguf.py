@@ -182,6 +182,7 @@ def _edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize("case, words", [
     ("q_proj with --arch only", ["reorders the rows", "q_proj", "pass --base"]),
     ("unknown --arch", ["--arch 'gpt9'", "expected one of", "llama"]),
+    ("no base model named", ["names no base model", "--base BASE_FOLDER or --arch"]),
     ("architecture not in the table", ["'GPT2LMHeadModel'", "convert_lora_to_gguf.py"]),
     ("tied lm_head", ["targets lm_head", "tie_word_embeddings=true"]),
     ("gguf for vllm", ["--for vllm", "--for llama.cpp only"]),
@@ -196,6 +197,8 @@ def test_gguf_refusals_are_one_line_and_write_nothing(capsys, tmp_path, case, wo
     if case == "q_proj with --arch only":
         argv = ["export", _adapter(tmp_path / "2", model, "someone/elsewhere"), "--for", "llama.cpp", "--out", out,
                 "--arch", "llama"]
+    elif case == "no base model named":
+        argv[1] = _adapter(tmp_path / "2", model, None)
     elif case == "unknown --arch":
         argv += ["--arch", "gpt9"]
     elif case == "architecture not in the table":
