@@ -14,7 +14,7 @@ The factors are the folder export's (``export.normalise``): ``B' = [s_l B, 0]``,
 ``alpha = R = max_l r_l``, so llama.cpp's ``alpha / R = 1`` and ``lora_b @ lora_a = s_l B A`` for every layer:
 rsLoRA and rank / alpha patterns are folded in. Some architectures store W in another row order than
 transformers does; their converter reorders W's rows, and for LoRA that is ``(P W)`` -> ``(P B) A``, so only
-B's rows move (``ARCHITECTURES``). Llama and Mistral permute q_proj / k_proj for llama.cpp's RoPE, which
+B's rows move (``_architectures``). Llama and Mistral permute q_proj / k_proj for llama.cpp's RoPE, which
 rotates adjacent pairs where transformers rotates the two halves.
 
 The file is what llama.cpp's own ``convert_lora_to_gguf.py`` writes from the folder export (default
