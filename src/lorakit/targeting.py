@@ -271,6 +271,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
     layers: dict[str, LayerSpec] = {}
     kinds: dict[str, Kind] = {}
     excluded_hits = []
+    owned: set[str] = set()  # companions of a target (MultiheadAttention's out_proj) get LoRA through it
     for name, module in candidates:
         if any(name == path or name.startswith(path + ".") for path in saved):
             continue
@@ -281,6 +282,10 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
             continue
         kinds[name] = module.kind if isinstance(module, LoraLayer) else kind_for(module, name)
         layers[name] = layer_spec(name, config)
+        if kinds[name].companions is not None:
+            owned.update(f"{name}.{child}" for child in kinds[name].companions(_unwrapped(module)))
+    for name in owned.intersection(layers):
+        del layers[name], kinds[name]
     if not layers:
         raise _nothing_matched(model, config, targets, excluded_hits)
     _warn_unused_patterns(config, list(layers))
