@@ -9,8 +9,8 @@ For embedding size E, the attention's input projection is one packed matrix and 
 
 ``nn.MultiheadAttention.forward`` hands its raw tensors to ``F.multi_head_attention_forward`` and never calls
 ``out_proj.forward``, so there is no input to add a branch to: the update has to be in the weights. The
-forward runs the base module with W_in' and W_out' standing in for its two parameters
-(``torch.func.functional_call``); both are differentiable in A and B (and in W where W trains), and the
+forward runs the base module with W_in' and W_out' standing in for its two parameters for the length of the
+call (``weights_replaced``); both are differentiable in A and B (and in W where W trains), and the
 parameters themselves are never written, so a forward leaves them bit for bit unchanged.
 
 Module layout, state-dict keys and behaviour follow PEFT 0.21.2's ``lora.MultiheadAttention``: the wrapper
@@ -26,10 +26,11 @@ the formula above, so a PEFT-trained adapter's out_proj update acts at half the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .errors import explain
 from .kinds import Kind, _linear_branch, _linear_factors, register_kind
@@ -87,6 +88,26 @@ def effective_weight(layer: LoraLayer) -> Tensor | None:
     return W
 
 
+@contextlib.contextmanager
+def weights_replaced(replacements: list[tuple[nn.Module, str, Tensor]]) -> Iterator[None]:
+    """Inside the block, ``module.<name>`` reads the given tensor; the original object is put back after.
+
+    The tensor goes where attribute lookup finds the original: the instance dict when the name is there (FSDP
+    with ``use_orig_params`` sets parameters as plain tensor attributes during its forward, which
+    ``torch.func.functional_call`` would skip silently), else ``_parameters``.
+    """
+    saved = []
+    try:
+        for module, name, value in replacements:
+            store = module.__dict__ if name in module.__dict__ else module._parameters
+            saved.append((store, name, store[name]))
+            store[name] = value
+        yield
+    finally:
+        for store, name, original in reversed(saved):
+            store[name] = original
+
+
 def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
     """MultiheadAttention(query, key, value; W_in', b_in, W_out', b_out) (module docstring).
 
@@ -108,15 +129,16 @@ def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple, kwargs: dict) -> 
         layer.unmerge()  # unmerges out_proj too (a companion)
         result = base(query, *args, **kwargs)
     else:
-        weights = {}
+        replacements = []
         W_in = effective_weight(layer)
         if W_in is not None:
-            weights["in_proj_weight"] = W_in
+            replacements.append((base, "in_proj_weight", W_in))
         if isinstance(out_proj, LoraLayer):  # it follows this layer's set_adapter / merge (layer.py)
             W_out = effective_weight(out_proj)
             if W_out is not None:
-                weights["out_proj.base_layer.weight"] = W_out
-        result = functional_call(base, weights, (query, *args), kwargs) if weights else base(query, *args, **kwargs)
+                replacements.append((out_proj.base_layer, "weight", W_out))
+        with weights_replaced(replacements):
+            result = base(query, *args, **kwargs)
     output, attention = result
     dtype = query.dtype  # PEFT casts both back to the query's dtype
     return output.to(dtype), attention if attention is None else attention.to(dtype)
