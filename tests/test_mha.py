@@ -314,3 +314,32 @@ def test_fsdp_wrapped_forward_and_state_dict(process_group):
     lorakit.set_peft_model_state_dict(fresh, state)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(**inputs), expected, **TOL)
+
+
+def test_parameter_count_includes_out_proj():
+    from lorakit.memory import adapter_parameters
+
+    config = dict(target_modules=["mha", "lin0"], r=4)
+    expected = adapter_parameters(_model({}), lorakit.LoraConfig(**config))
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(_model({}), lib.LoraConfig(**config))
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    assert expected == 4 * (8 + 24) + 4 * (8 + 8) + 4 * (8 + 2)  # in_proj, out_proj, lin0
+
+
+@pytest.mark.parametrize("target_modules, warns", [("all-linear", True), (["out_proj"], True), (["mha"], False)])
+def test_out_proj_alone_warns_that_it_never_runs(target_modules, warns, recwarn):
+    model = lorakit.get_peft_model(_model({}), lorakit.LoraConfig(target_modules=target_modules))
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, lorakit.LoraWarning)]
+    assert any("'mha.out_proj' is the out_proj of a MultiheadAttention" in m for m in messages) == warns
+    inputs = _inputs({}, {})
+    if warns:  # indeed no effect: the out_proj LoRA never runs, whatever B holds
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name and "out_proj" in name:
+                    param.fill_(1.0)
+        with model.disable_adapter():
+            base = model(**inputs)
+        lin0 = model.base_model.model.lin0
+        if not isinstance(lin0, LoraLayer):
+            torch.testing.assert_close(model(**inputs), base, atol=0, rtol=0)

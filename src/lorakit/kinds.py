@@ -86,6 +86,15 @@ def base_weight(module: nn.Module) -> Tensor:
     return module.weight if kind is None else kind.weight(module)
 
 
+def with_companions(module: nn.Module, kind: Kind) -> list[tuple[nn.Module, Kind]]:
+    """(module, kind) and the (child, kind) of each of its companions (``Kind.companions``), LoRA layers unwrapped."""
+    found = [(module, kind)]
+    for attribute, child in (kind.companions(module) if kind.companions is not None else {}).items():
+        child = getattr(child, "base_layer", child)
+        found.append((child, kind_for(child, attribute)))
+    return found
+
+
 def exposed_attributes() -> set[str]:
     """Every name some registered Kind reads through from its base (``Kind.attributes``)."""
     return {name for kind in (*KINDS.values(), *KINDS_BY_NAME.values()) for name in kind.attributes}

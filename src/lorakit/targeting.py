@@ -286,10 +286,26 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
             owned.update(f"{name}.{child}" for child in kinds[name].companions(_unwrapped(module)))
     for name in owned.intersection(layers):
         del layers[name], kinds[name]
+    _warn_unreached_companions(candidates, layers)
     if not layers:
         raise _nothing_matched(model, config, targets, excluded_hits)
     _warn_unused_patterns(config, list(layers))
     return TargetPlan(layers=layers, kinds=kinds, modules_to_save=saved, target_modules=targets)
+
+
+def _warn_unreached_companions(candidates: list[tuple[str, nn.Module]], layers: dict[str, LayerSpec]) -> None:
+    """Warn for a target that is a companion of an untargeted parent (MultiheadAttention's out_proj): the parent
+    reads the child's weight directly and never calls its forward, so LoRA there would never run."""
+    parents = dict(candidates)
+    for name in layers:
+        parent_path, _, attribute = name.rpartition(".")
+        parent = parents.get(parent_path)
+        kind = find_kind(_unwrapped(parent)) if parent is not None else None
+        if kind is not None and kind.companions is not None and parent_path not in layers \
+                and attribute in kind.companions(_unwrapped(parent)):
+            warn(f"target {name!r} is the {attribute} of a {kind.name} that is not targeted: the {kind.name} never "
+                 f"calls its forward, so this LoRA has no effect (as in PEFT). Target {parent_path!r} instead, which "
+                 f"adapts {attribute} too, or exclude {name!r}.")
 
 
 def _nothing_matched(model: nn.Module, config: LoraConfig, targets: object, excluded: list[str]) -> ValueError:
