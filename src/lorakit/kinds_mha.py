@@ -96,10 +96,10 @@ def weights_replaced(replacements: list[tuple[nn.Module, str, Tensor]]) -> Itera
     with ``use_orig_params`` sets parameters as plain tensor attributes during its forward, which
     ``torch.func.functional_call`` would skip silently), else ``_parameters``.
     """
-    saved = []
+    saved: list[tuple[dict, str, object]] = []
     try:
         for module, name, value in replacements:
-            store = module.__dict__ if name in module.__dict__ else module._parameters
+            store: dict = module.__dict__ if name in module.__dict__ else module._parameters
             saved.append((store, name, store[name]))
             store[name] = value
         yield

@@ -282,8 +282,9 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
             continue
         kinds[name] = module.kind if isinstance(module, LoraLayer) else kind_for(module, name)
         layers[name] = layer_spec(name, config)
-        if kinds[name].companions is not None:
-            owned.update(f"{name}.{child}" for child in kinds[name].companions(_unwrapped(module)))
+        companions = kinds[name].companions
+        if companions is not None:
+            owned.update(f"{name}.{child}" for child in companions(_unwrapped(module)))
     for name in owned.intersection(layers):
         del layers[name], kinds[name]
     _warn_unreached_companions(candidates, layers)
@@ -300,9 +301,10 @@ def _warn_unreached_companions(candidates: list[tuple[str, nn.Module]], layers: 
     for name in layers:
         parent_path, _, attribute = name.rpartition(".")
         parent = parents.get(parent_path)
-        kind = find_kind(_unwrapped(parent)) if parent is not None else None
-        if kind is not None and kind.companions is not None and parent_path not in layers \
-                and attribute in kind.companions(_unwrapped(parent)):
+        if parent is None or parent_path in layers:
+            continue
+        kind = find_kind(_unwrapped(parent))
+        if kind is not None and kind.companions is not None and attribute in kind.companions(_unwrapped(parent)):
             warn(f"target {name!r} is the {attribute} of a {kind.name} that is not targeted: the {kind.name} never "
                  f"calls its forward, so this LoRA has no effect (as in PEFT). Target {parent_path!r} instead, which "
                  f"adapts {attribute} too, or exclude {name!r}.")
