@@ -343,3 +343,17 @@ def test_out_proj_alone_warns_that_it_never_runs(target_modules, warns, recwarn)
         lin0 = model.base_model.model.lin0
         if not isinstance(lin0, LoraLayer):
             torch.testing.assert_close(model(**inputs), base, atol=0, rtol=0)
+
+
+def test_deleting_the_last_mha_adapter_restores_both_base_modules():
+    """delete_adapter walks innermost first: out_proj goes back to its Linear while mha's path still leads to it."""
+    base = _model({})
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(target_modules=["mha"], init_lora_weights=False))
+    model.add_adapter("lin_only", lorakit.LoraConfig(target_modules=["lin0"]))
+    model.delete_adapter("default")
+    inner = model.base_model.model
+    assert type(inner.mha) is nn.MultiheadAttention and type(inner.mha.out_proj) is type(_model({}).mha.out_proj)
+    assert isinstance(inner.lin0, LoraLayer)
+    assert model.base_model.targeted_module_names == ["lin0"]
+    inputs = _inputs({}, {})
+    torch.testing.assert_close(model(**inputs), _model({})(**inputs), atol=0, rtol=0)  # lin_only's B is zero
