@@ -357,3 +357,21 @@ def test_deleting_the_last_mha_adapter_restores_both_base_modules():
     assert model.base_model.targeted_module_names == ["lin0"]
     inputs = _inputs({}, {})
     torch.testing.assert_close(model(**inputs), _model({})(**inputs), atol=0, rtol=0)  # lin_only's B is zero
+
+
+def test_native_fast_path_sees_the_update(monkeypatch):
+    """Eval + no grad + batch_first + need_weights=False: nn.MultiheadAttention calls its fused kernel with the
+    weights it reads from itself, which are W' for the length of the call."""
+    calls = []
+    native = torch._native_multi_head_attention
+    monkeypatch.setattr(torch, "_native_multi_head_attention", lambda *a, **k: calls.append(1) or native(*a, **k))
+    options, forward = dict(batch_first=True), dict(need_weights=False)
+    _, ours = _pair(options, dict(target_modules=["mha"]), zero_out_b=False)
+    inputs = _inputs(options, forward)
+    ours.eval()
+    expected = ours(**inputs)  # grad enabled: the composite path
+    assert not calls
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs), expected, **TOL)
+    assert calls
+    torch.testing.assert_close(expected, mha_reference(ours, ["default"], inputs), **TOL)
