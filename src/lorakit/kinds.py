@@ -48,7 +48,9 @@ class Kind:
         companions: base -> {attribute: child module} of children that get the same adapters as their own
             LoRA layers, nested at ``<path>.base_layer.<attribute>`` (MultiheadAttention's out_proj).
         attributes: names of the base's attributes the wrapper shows as its own, read through on each
-            access (PEFT's lora.MultiheadAttention shows ``batch_first``, ``in_proj_weight``, ...).
+            access (PEFT's lora.MultiheadAttention shows ``batch_first``, ``in_proj_weight``, ...). The names
+            become descriptors of LoraLayer when layer.py is imported, so a Kind registered later can only
+            show names some built-in kind already shows.
     """
 
     name: str
