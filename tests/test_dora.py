@@ -20,7 +20,7 @@ from torch import nn
 
 import lorakit
 from lorakit.layer import LoraLayer
-from lorakit.variants import row_norm
+from lorakit.variants import row_norm, weight_norm
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,16 +38,31 @@ class TinyConvs(nn.Module):
         return self.conv3(self.conv1(x).reshape(x.shape[0], 1, 2, 2, 4))
 
 
+class GroupedConvs(nn.Module):
+    """Grouped Conv2d layers as in PEFT's tests (groups = 8 and 2): x (B, 16, 5, 5) -> (B, 16, 5, 5) -> (B, 32, 3, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv8 = nn.Conv2d(16, 16, 3, padding=1, groups=8)
+        self.conv2 = nn.Conv2d(16, 32, 3, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv8(x)))
+
+
+LOCAL_MODELS = {"convs": (TinyConvs, (2, 3, 6)), "grouped": (GroupedConvs, (2, 16, 5, 5))}
+
+
 def _model(name: str) -> nn.Module:
-    if name == "convs":
+    if name in LOCAL_MODELS:
         torch.manual_seed(0)
-        return TinyConvs().eval()
+        return LOCAL_MODELS[name][0]().eval()
     return build(name, seed=0)
 
 
 def _inputs(name: str) -> dict:
-    if name == "convs":
-        return {"x": torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))}
+    if name in LOCAL_MODELS:
+        return {"x": torch.randn(LOCAL_MODELS[name][1], generator=torch.Generator().manual_seed(1))}
     return example_inputs(name)
 
 
@@ -60,6 +75,13 @@ CASES = [
     ("conv1d-conv3d", "convs", dict(target_modules=["conv1", "conv3"], lora_dropout=0.2)),
 ]
 CASE_PARAMS = [pytest.param(*case[1:], id=case[0]) for case in CASES]
+# grouped convs: r must be a multiple of groups (8); they cannot merge (PEFT raises the same)
+GROUPED = [
+    ("grouped-conv2d", "grouped", dict(target_modules=["conv8", "conv2"], r=8)),
+    ("grouped-conv2d-dropout-rslora", "grouped", dict(target_modules=["conv8", "conv2"], r=16, lora_dropout=0.3,
+                                                      use_rslora=True)),
+]
+GROUPED_PARAMS = [pytest.param(*case[1:], id=case[0]) for case in GROUPED]
 
 
 def _pair(model_name: str, kwargs: dict, **extra):
@@ -67,7 +89,7 @@ def _pair(model_name: str, kwargs: dict, **extra):
     wrapped = []
     for lib in (peft, lorakit):
         torch.manual_seed(0)
-        config = lib.LoraConfig(r=4, lora_alpha=8, use_dora=True, **copy.deepcopy(kwargs), **extra)
+        config = lib.LoraConfig(**{"r": 4, "lora_alpha": 8, "use_dora": True, **copy.deepcopy(kwargs), **extra})
         wrapped.append(lib.get_peft_model(_model(model_name), config))
     ref, ours = wrapped
     generator = torch.Generator().manual_seed(7)
@@ -85,7 +107,7 @@ def _out(model: nn.Module, inputs: dict) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits if hasattr(out, "logits") else out[0]
 
 
-@pytest.mark.parametrize("model_name, kwargs", CASE_PARAMS)
+@pytest.mark.parametrize("model_name, kwargs", CASE_PARAMS + GROUPED_PARAMS)
 def test_outputs_and_gradients_match_peft(model_name, kwargs):
     ref, ours = _pair(model_name, kwargs)
     inputs = _inputs(model_name)
@@ -144,7 +166,8 @@ def test_plain_then_dora_adapter_active_together_match_peft():
     torch.testing.assert_close(_out(ours, inputs), expected, **TOL)
 
 
-@pytest.mark.parametrize("model_name, kwargs", [CASE_PARAMS[0], CASE_PARAMS[2], CASE_PARAMS[3], CASE_PARAMS[4]])
+@pytest.mark.parametrize("model_name, kwargs",
+                         [CASE_PARAMS[0], CASE_PARAMS[2], CASE_PARAMS[3], CASE_PARAMS[4], GROUPED_PARAMS[0]])
 def test_save_load_both_ways_with_peft(model_name, kwargs, tmp_path):
     ref, ours = _pair(model_name, kwargs)
     inputs = _inputs(model_name)
@@ -197,10 +220,42 @@ def test_lora_bias_with_dora_is_refused():
         lorakit.LoraConfig(use_dora=True, lora_bias=True)
 
 
-def test_grouped_conv_is_refused():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="grouped"):
-        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["0"], use_dora=True))
+@pytest.mark.parametrize("model_name, kwargs", GROUPED_PARAMS)
+def test_grouped_conv_merge_is_refused_as_in_peft(model_name, kwargs):
+    ref, ours = _pair(model_name, kwargs)
+    before = copy.deepcopy(ours.state_dict())
+    for model in (ref, ours):
+        with pytest.raises(NotImplementedError, match="Merging is not supported for _ConvNd layers with groups > 1!"):
+            model.merge_adapter()
+    torch.testing.assert_close(ours.state_dict(), before, atol=0, rtol=0)
+    assert not any(isinstance(m, LoraLayer) and m.merged for m in ours.modules())
+
+
+@pytest.mark.parametrize("r, groups", [(4, 8), (6, 4)])
+def test_grouped_conv_rank_not_divisible_by_groups_is_refused_as_in_peft(r, groups):
+    match = f"Targeting a Conv2d with groups={groups} and rank {r}"
+    for lib in (peft, lorakit):
+        model = nn.Sequential(nn.Conv2d(16, 16, 3, groups=groups))
+        with pytest.raises(ValueError, match=match):
+            lib.get_peft_model(model, lib.LoraConfig(target_modules=["0"], r=r, use_dora=True))
+
+
+@pytest.mark.parametrize("out_channels, in_per_group, groups, r, k", [(16, 2, 8, 8, 3), (32, 8, 2, 4, 1), (6, 1, 3, 6, 2)])
+def test_grouped_norm_is_peft_lora_weight_read_in_the_grouped_layout(out_channels, in_per_group, groups, r, k):
+    """n_o = ‖W_o + s·L_o‖ with L_o = (B' A')[o // g] chunk o mod g, B' = B.reshape(out/g, r), A' = A.reshape(r, -1):
+    checked against that row-by-row definition in float64 (the code reshapes once)."""
+    generator = torch.Generator().manual_seed(r)
+    W = torch.randn(out_channels, in_per_group, k, k, generator=generator)
+    A = torch.randn(r, in_per_group * groups, k, k, generator=generator)
+    B = torch.randn(out_channels, r // groups, 1, 1, generator=generator)
+    s = 1.5
+    B_rows, A_rows = B.double().reshape(-1, r), A.double().reshape(r, -1)
+    chunk = in_per_group * k * k
+    expected = torch.stack([
+        torch.linalg.vector_norm(W[o].double().flatten()
+                                 + s * (B_rows[o // groups] @ A_rows)[(o % groups) * chunk:(o % groups + 1) * chunk])
+        for o in range(out_channels)])
+    torch.testing.assert_close(weight_norm(W.flatten(1), A, B, s).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("model_name, kwargs", [CASE_PARAMS[1], CASE_PARAMS[3]])

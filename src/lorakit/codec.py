@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layer import LoraLayer
+from .kinds import Kind, kind_for
+from .layer import LayerSpec, LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan
 from .variants import resolve_variant
@@ -67,31 +68,42 @@ def planned_layout(model: nn.Module, plan: TargetPlan, adapter_name: str) -> Lay
     """The layout ``model`` will have once ``plan`` is injected as ``adapter_name`` (nothing is changed)."""
     now = layout_of(model)
     shapes = dict(now.shapes)
+    lora_paths = set(now.lora_paths)
     for path, spec in plan.layers.items():
-        module = model.get_submodule(path)
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        if not isinstance(module, LoraLayer):
-            _move_under(shapes, PREFIX + path, "base_layer")
-        with torch.device("meta"):
-            A, B = plan.kinds[path].make_factors(base, spec.r, spec.lora_bias)
-        containers = PARAMETER_CONTAINERS if plan.kinds[path].embedding else FACTOR_CONTAINERS
-        for container, factor in zip(containers, (A, B), strict=True):
-            stem = f"{PREFIX}{path}.{container}.{adapter_name}"
-            if isinstance(factor, nn.Parameter):
-                shapes[stem] = tuple(factor.shape)
-            else:
-                shapes.update({f"{stem}.{k}": tuple(v.shape) for k, v in factor.state_dict().items()})
-        variant = resolve_variant(spec)
-        if variant is not None:  # DoRA's lora_magnitude_vector, BD-LoRA's compact factor: <container>.<name>.weight
-            for container, shape in variant.shapes(plan.kinds[path], base).items():
-                shapes[f"{PREFIX}{path}.{container}.{adapter_name}.weight"] = shape
+        _plan_layer(shapes, lora_paths, path, model.get_submodule(path), plan.kinds[path], spec, adapter_name)
     for path in plan.modules_to_save:
         if path not in now.saved_paths:
             _move_under(shapes, PREFIX + path, "original_module")
         original = f"{PREFIX}{path}.original_module."
         for key in [k for k in shapes if k.startswith(original)]:
             shapes[f"{PREFIX}{path}.modules_to_save.{adapter_name}.{key[len(original):]}"] = shapes[key]
-    return Layout(now.lora_paths | set(plan.layers), now.saved_paths | set(plan.modules_to_save), shapes)
+    return Layout(frozenset(lora_paths), now.saved_paths | set(plan.modules_to_save), shapes)
+
+
+def _plan_layer(shapes: dict, lora_paths: set[str], path: str, module: nn.Module, kind: Kind, spec: LayerSpec,
+                adapter_name: str) -> None:
+    """Add to ``shapes`` the keys of ``module`` at ``path`` once it is a LoraLayer holding ``adapter_name``,
+    and those of its companions (``Kind.companions``), nested at ``<path>.base_layer.<attribute>``."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if not isinstance(module, LoraLayer):
+        _move_under(shapes, PREFIX + path, "base_layer")
+    lora_paths.add(path)
+    with torch.device("meta"):
+        A, B = kind.make_factors(base, spec.r, spec.lora_bias)
+    containers = PARAMETER_CONTAINERS if kind.embedding else FACTOR_CONTAINERS
+    for container, factor in zip(containers, (A, B), strict=True):
+        stem = f"{PREFIX}{path}.{container}.{adapter_name}"
+        if isinstance(factor, nn.Parameter):
+            shapes[stem] = tuple(factor.shape)
+        else:
+            shapes.update({f"{stem}.{k}": tuple(v.shape) for k, v in factor.state_dict().items()})
+    variant = resolve_variant(spec)
+    if variant is not None:  # DoRA's lora_magnitude_vector, BD-LoRA's compact factor: <container>.<name>.weight
+        for container, shape in variant.shapes(kind, base).items():
+            shapes[f"{PREFIX}{path}.{container}.{adapter_name}.weight"] = shape
+    for attribute, child in (kind.companions(base) if kind.companions is not None else {}).items():
+        child_kind = child.kind if isinstance(child, LoraLayer) else kind_for(child, attribute)
+        _plan_layer(shapes, lora_paths, f"{path}.base_layer.{attribute}", child, child_kind, spec, adapter_name)
 
 
 def _move_under(shapes: dict, stem: str, child: str) -> None:

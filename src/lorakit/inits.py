@@ -85,7 +85,8 @@ def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False)
     return decorate
 
 
-UNDRAWN_KINDS = ("Linear", "Conv1D")  # kinds.py builds their factors without nn.Linear's kaiming draws
+# kinds.py builds these kinds' factors without nn.Linear's kaiming draws
+UNDRAWN_KINDS = ("Linear", "Conv1D", "MultiheadAttention")
 
 
 def _after_peft_draws(fn: InitFn) -> InitFn:

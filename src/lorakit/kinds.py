@@ -8,6 +8,8 @@ branch maps an input, and what dense update ``ΔW = B A`` means in the base weig
     Conv1D      W: (in, out)        A: Linear(in, r)        B: Linear(r, out)        ΔW = (B A)ᵀ     (GPT-2)
     Embedding   W: (num, dim)       A: (r, num)             B: (dim, r)              ΔW = (B A)ᵀ
     ConvNd      W: (out, in/g, *k)  A: ConvNd(in, r, k)     B: ConvNd(r, out, 1)     ΔW = B ×₁ A
+    MultiheadAttention  W_in: (3E, E)  A: Linear(E, r)  B: Linear(r, 3E)  ΔW_in = B A, out_proj a nested
+                Linear LoRA layer (kinds_mha.py)
 
 Third-party layers register their own Kind with ``register_kind``; no edit of lorakit is needed.
 """
@@ -39,6 +41,16 @@ class Kind:
         matrix: base -> W as an (out, in·k) matrix, the layout in which ΔW = B A for every kind (a view
             where possible); inits that decompose W (PiSSA, OLoRA, LoftQ) read it.
         set_matrix: (base, M) -> None, writes an (out, in·k) matrix back into the base weight's own layout.
+        weight: base -> the tensor ΔW is added to, in its own layout (``base.weight`` but for
+            MultiheadAttention's packed ``in_proj_weight``); merges read and write it.
+        forward: (layer, x, args, kwargs) -> the layer's whole output, for kinds whose base never calls a
+            hookable sub-layer (kinds_mha.py); None: ``LoraLayer.forward``'s base(x) + Σ s·B A x.
+        companions: base -> {attribute: child module} of children that get the same adapters as their own
+            LoRA layers, nested at ``<path>.base_layer.<attribute>`` (MultiheadAttention's out_proj).
+        attributes: names of the base's attributes the wrapper shows as its own, read through on each
+            access (PEFT's lora.MultiheadAttention shows ``batch_first``, ``in_proj_weight``, ...). The names
+            become descriptors of LoraLayer when layer.py is imported, so a Kind registered later can only
+            show names some built-in kind already shows.
     """
 
     name: str
@@ -50,6 +62,10 @@ class Kind:
     weight_is_in_out: bool = False
     matrix: Callable[[nn.Module], Tensor] = lambda m: m.weight
     set_matrix: Callable[[nn.Module, Tensor], None] = lambda m, M: m.weight.copy_(M.reshape(m.weight.shape))
+    weight: Callable[[nn.Module], Tensor] = lambda m: m.weight
+    forward: Callable[..., object] | None = None
+    companions: Callable[[nn.Module], dict[str, nn.Module]] | None = None
+    attributes: tuple[str, ...] = ()
 
 
 KINDS: dict[type, Kind] = {}
@@ -64,6 +80,26 @@ def register_kind(layer_type: type | str, kind: Kind) -> None:
         KINDS_BY_NAME[layer_type] = kind
     else:
         KINDS[layer_type] = kind
+
+
+def base_weight(module: nn.Module) -> Tensor:
+    """The tensor a merge changes in ``module`` (its Kind's ``weight``; ``module.weight`` for unregistered types)."""
+    kind = find_kind(module)
+    return module.weight if kind is None else kind.weight(module)
+
+
+def with_companions(module: nn.Module, kind: Kind) -> list[tuple[nn.Module, Kind]]:
+    """(module, kind) and the (child, kind) of each of its companions (``Kind.companions``), LoRA layers unwrapped."""
+    found = [(module, kind)]
+    for attribute, child in (kind.companions(module) if kind.companions is not None else {}).items():
+        child = getattr(child, "base_layer", child)
+        found.append((child, kind_for(child, attribute)))
+    return found
+
+
+def exposed_attributes() -> set[str]:
+    """Every name some registered Kind reads through from its base (``Kind.attributes``)."""
+    return {name for kind in (*KINDS.values(), *KINDS_BY_NAME.values()) for name in kind.attributes}
 
 
 def supported_types() -> list[str]:
@@ -201,6 +237,14 @@ register_kind(
 
 # ---- ConvNd: A convolves like the base (kernel, stride, padding, dilation), B mixes channels 1x1 ----------
 def _conv_factors(m: nn.modules.conv._ConvNd, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
+    if r % m.groups:
+        raise ValueError(
+            f"Targeting a {type(m).__name__} with groups={m.groups} and rank {r}. Currently, support is limited to "
+            "conv layers where the rank is divisible by groups. Either choose a different rank or do not target "
+            "this specific layer. "
+            + explain("rank does not split into the groups", got=f"r={r}", expected=f"a multiple of {m.groups}",
+                      fix="set r (or a rank_pattern entry for this layer) to a multiple of groups")
+        )
     conv = type(m) if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else _CONV_BY_DIMS[len(m.kernel_size)]
     # Dilation follows the base so both paths see the same receptive field (PEFT 0.21.2 drops it, which
     # misaligns outputs for dilated convs); groups on B follow PEFT so the factor shapes are identical.
@@ -211,10 +255,12 @@ def _conv_factors(m: nn.modules.conv._ConvNd, r: int, lora_bias: bool) -> tuple[
 
 def _conv_delta_weight(m: nn.modules.conv._ConvNd, A: Tensor, B: Tensor) -> Tensor:
     """ΔW[o, i, *k] = Σ_r B[o, r] A[r, i, *k]  (B is 1x1, so the composition is a contraction over r)."""
-    if m.groups != 1:
-        raise ValueError(
-            explain("cannot form ΔW", where=f"a {type(m).__name__} with groups={m.groups}",
-                    expected="groups=1", fix="keep this adapter unmerged; merging grouped convs is not defined")
+    if m.groups != 1:  # B A x mixes all input channels, which no grouped weight (out, in/g, *k) can hold
+        raise NotImplementedError(
+            "Merging is not supported for _ConvNd layers with groups > 1! "
+            + explain("cannot form ΔW", where=f"a {type(m).__name__} with groups={m.groups}",
+                      expected="groups=1", fix="keep this adapter unmerged (its LoRA branch reads every input "
+                                               "channel, which a grouped convolution's weight cannot express)")
         )
     return torch.tensordot(B.flatten(1), A, dims=1)  # (out, in, *k)
 
@@ -232,3 +278,6 @@ for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             matrix=lambda m: m.weight.flatten(1),  # (out, in/groups · k...)
         ),
     )
+
+
+from . import kinds_mha  # noqa: E402,F401  registers nn.MultiheadAttention (it builds on the Linear kind above)

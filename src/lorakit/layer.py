@@ -30,7 +30,7 @@ from . import ops
 from .config import InitMethod
 from .errors import explain
 from .inits import FRESH, INITS, NEEDS_WEIGHT, InitRequest, write_factor
-from .kinds import Kind
+from .kinds import Kind, exposed_attributes, kind_for
 from .quant import dense_weight, write_weight
 from .variants import Variant, resolve_variant
 
@@ -213,6 +213,25 @@ class LoraLayer(nn.Module):
         self.scaling[adapter_name] = spec.scaling
         self.use_dora[adapter_name] = spec.variant == "dora"
         self.lora_bias[adapter_name] = spec.lora_bias
+        self._update_companions(adapter_name, spec, autocast_adapter_dtype)
+
+    # ---- companions: child layers that get this layer's adapters (Kind.companions, e.g. MHA's out_proj) ------
+    def _update_companions(self, adapter_name: str, spec: LayerSpec, autocast_adapter_dtype: bool) -> None:
+        """Give each companion child ``adapter_name`` too, wrapping it in a LoraLayer of its own kind first."""
+        if self.kind.companions is None:
+            return
+        for attribute, child in self.kind.companions(self.base_layer).items():
+            if not isinstance(child, LoraLayer):
+                child = LoraLayer(child, kind_for(child, attribute))
+                child._active_adapter = list(self._active_adapter)
+                setattr(self.base_layer, attribute, child)
+            child.update_layer(adapter_name, spec, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def companions(self) -> list[LoraLayer]:
+        """The companion LoRA layers inside this layer's base; they follow its adapter and merge calls."""
+        if self.kind.companions is None:
+            return []
+        return [child for child in self.kind.companions(self.base_layer).values() if isinstance(child, LoraLayer)]
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The trainable tensors of one adapter in this layer."""
@@ -221,7 +240,7 @@ class LoraLayer(nn.Module):
         containers = (self.lora_A, self.lora_B, self.lora_magnitude_vector)
         params = [p for c in containers if adapter_name in c for p in c[adapter_name].parameters()]
         params += [c[adapter_name] for c in (self.lora_embedding_A, self.lora_embedding_B) if adapter_name in c]
-        return params
+        return params + [p for child in self.companions() for p in child.adapter_parameters(adapter_name)]
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every tensor and setting of ``adapter_name`` from this layer."""
@@ -232,6 +251,8 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias, self._variants):
             table.pop(adapter_name, None)
         self._active_adapter = [name for name in self._active_adapter if name != adapter_name]
+        for child in self.companions():
+            child.delete_adapter(adapter_name)
 
     def set_adapter(self, adapter_names: str | list[str], *, trainable: bool = True) -> None:
         """Make ``adapter_names`` the active adapters; only theirs train (when ``trainable``)."""
@@ -240,6 +261,8 @@ class LoraLayer(nn.Module):
             for param in self.adapter_parameters(name):
                 param.requires_grad_(trainable and name in names)
         self._active_adapter = names
+        for child in self.companions():
+            child.set_adapter(names, trainable=trainable)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -279,6 +302,8 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         """y = base(x) + Σ_active s · B A dropout(x); the base output alone when disabled or merged."""
+        if self.kind.forward is not None:  # a kind whose update lives in its weights (kinds_mha.py)
+            return self.kind.forward(self, x, args, kwargs)
         if self._disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
@@ -422,8 +447,36 @@ class LoraLayer(nn.Module):
             if name in self.scaling and name not in self.merged_adapters:
                 self._apply_delta(name, +1.0, safe_merge)
                 self.merged_adapters.append(name)
+        for child in self.companions():
+            child.merge(safe_merge, adapter_names)
 
     def unmerge(self) -> None:
         """Undo merges, last merged first: W ← W − s·ΔW."""
         while self.merged_adapters:
             self._apply_delta(self.merged_adapters.pop(), -1.0)
+        for child in self.companions():
+            child.unmerge()
+
+
+class BaseAttribute:
+    """A base-layer attribute read through the wrapper (``Kind.attributes``); a nested LoRA layer is shown unwrapped.
+
+    Raises:
+        AttributeError: the layer's kind does not show ``name``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: LoraLayer | None, owner: type) -> object:
+        if layer is None:
+            return self
+        if self.name not in layer.kind.attributes:
+            raise AttributeError(f"'{type(layer).__name__}' object has no attribute '{self.name}'")
+        value = getattr(layer.base_layer, self.name)
+        return value.base_layer if isinstance(value, LoraLayer) else value
+
+
+for _name in sorted(exposed_attributes()):  # the kinds registered by lorakit itself (kinds.py, kinds_mha.py)
+    if not hasattr(LoraLayer, _name):
+        setattr(LoraLayer, _name, BaseAttribute(_name))

@@ -53,7 +53,7 @@ from torch import nn
 
 from . import ops
 from .config import LoraConfig
-from .kinds import is_linear_like
+from .kinds import is_linear_like, with_companions
 from .targeting import layer_index, resolve_targets
 
 MIB = 2**20
@@ -253,11 +253,12 @@ def adapter_parameters(model: nn.Module, lora: LoraConfig) -> int:
     modules = dict(model.named_modules())
     total = 0
     for path, spec in plan.layers.items():
-        with torch.device("meta"):
-            factors = plan.kinds[path].make_factors(modules[path], spec.r, spec.lora_bias)
-        total += sum(_numel(factor) for factor in factors)
-        if lora.use_dora:
-            total += plan.kinds[path].features(modules[path])[1]
+        for module, kind in with_companions(modules[path], plan.kinds[path]):  # MultiheadAttention: + out_proj
+            with torch.device("meta"):
+                factors = kind.make_factors(module, spec.r, spec.lora_bias)
+            total += sum(_numel(factor) for factor in factors)
+            if lora.use_dora:
+                total += kind.features(module)[1]
     unique = {id(p): p.numel() for path in plan.modules_to_save for p in modules[path].parameters()}
     return total + sum(unique.values())
 

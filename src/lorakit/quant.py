@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import warn
-from .kinds import LINEAR_KINDS, Kind, register_kind
+from .kinds import LINEAR_KINDS, Kind, base_weight, register_kind
 from .variants import DORA_KINDS, DoraKind
 
 T = TypeVar("T")
@@ -92,7 +92,7 @@ def is_quantized(module: nn.Module) -> bool:
 def dense_weight(module: nn.Module) -> Tensor:
     """W in the module's own layout as float32, detached: deq(Q) for a quantized layer, a copy-free cast else."""
     backend = find_backend(module)
-    return backend.dequantize(module) if backend is not None else module.weight.detach().float()
+    return backend.dequantize(module) if backend is not None else base_weight(module).detach().float()
 
 
 def write_weight(module: nn.Module, W: Tensor) -> float | None:
@@ -103,8 +103,9 @@ def write_weight(module: nn.Module, W: Tensor) -> float | None:
     """
     backend = find_backend(module)
     if backend is None:
+        weight = base_weight(module)  # module.weight; MultiheadAttention's in_proj_weight
         with torch.no_grad():
-            module.weight.copy_(W.to(module.weight.dtype))
+            weight.copy_(W.to(weight.dtype))
         return None
     with torch.no_grad():
         target = W.detach().float()

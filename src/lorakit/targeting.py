@@ -271,6 +271,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
     layers: dict[str, LayerSpec] = {}
     kinds: dict[str, Kind] = {}
     excluded_hits = []
+    owned: set[str] = set()  # companions of a target (MultiheadAttention's out_proj) get LoRA through it
     for name, module in candidates:
         if any(name == path or name.startswith(path + ".") for path in saved):
             continue
@@ -281,10 +282,32 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
             continue
         kinds[name] = module.kind if isinstance(module, LoraLayer) else kind_for(module, name)
         layers[name] = layer_spec(name, config)
+        companions = kinds[name].companions
+        if companions is not None:
+            owned.update(f"{name}.{child}" for child in companions(_unwrapped(module)))
+    for name in owned.intersection(layers):
+        del layers[name], kinds[name]
+    _warn_unreached_companions(candidates, layers)
     if not layers:
         raise _nothing_matched(model, config, targets, excluded_hits)
     _warn_unused_patterns(config, list(layers))
     return TargetPlan(layers=layers, kinds=kinds, modules_to_save=saved, target_modules=targets)
+
+
+def _warn_unreached_companions(candidates: list[tuple[str, nn.Module]], layers: dict[str, LayerSpec]) -> None:
+    """Warn for a target that is a companion of an untargeted parent (MultiheadAttention's out_proj): the parent
+    reads the child's weight directly and never calls its forward, so LoRA there would never run."""
+    parents = dict(candidates)
+    for name in layers:
+        parent_path, _, attribute = name.rpartition(".")
+        parent = parents.get(parent_path)
+        if parent is None or parent_path in layers:
+            continue
+        kind = find_kind(_unwrapped(parent))
+        if kind is not None and kind.companions is not None and attribute in kind.companions(_unwrapped(parent)):
+            warn(f"target {name!r} is the {attribute} of a {kind.name} that is not targeted: the {kind.name} never "
+                 f"calls its forward, so this LoRA has no effect (as in PEFT). Target {parent_path!r} instead, which "
+                 f"adapts {attribute} too, or exclude {name!r}.")
 
 
 def _nothing_matched(model: nn.Module, config: LoraConfig, targets: object, excluded: list[str]) -> ValueError:

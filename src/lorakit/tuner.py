@@ -231,7 +231,9 @@ class LoraModel(nn.Module):
         if len(self.peft_config) == 1:
             raise ValueError(explain(f"cannot delete {adapter_name!r}, the only adapter",
                                      fix="call unload() to get the base model back"))
-        for path, module in list(self.model.named_modules()):
+        # innermost first: a layer nested in another's base (MultiheadAttention's out_proj) goes back to its base
+        # while its owner's path still leads to it
+        for path, module in reversed(list(self.model.named_modules())):
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
                 if isinstance(module, LoraLayer) and adapter_name in module.merged_adapters:
                     module.unmerge()
@@ -296,7 +298,7 @@ class LoraModel(nn.Module):
             layer.unmerge()
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        for path, module in list(self.model.named_modules()):
+        for path, module in reversed(list(self.model.named_modules())):  # innermost first, as delete_adapter
             if isinstance(module, LoraLayer):
                 if merge:
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)

@@ -124,16 +124,13 @@ DORA_KINDS: dict[str, DoraKind] = {  # the kinds PEFT 0.21.2 runs DoRA on, by Ki
 
 
 def _dora_kind(layer: LoraLayer) -> DoraKind:
-    """Raises: ValueError: DoRA is not defined for the layer's kind (or for a grouped conv)."""
+    """Raises: ValueError: DoRA is not defined for the layer's kind (PEFT's sentence first)."""
     dora_kind = DORA_KINDS.get(layer.kind.name)
     if dora_kind is None:
-        raise ValueError(explain("use_dora=True is not supported", where=f"a {layer.kind.name} target",
-                                 expected=f"one of {', '.join(DORA_KINDS)}",
-                                 fix="exclude these modules or set use_dora=False"))
-    if getattr(layer.base_layer, "groups", 1) != 1:  # ΔW of a grouped conv is not defined (kinds.py)
-        raise ValueError(explain("use_dora=True is not supported", where="a grouped convolution",
-                                 got=f"groups={layer.base_layer.groups}", expected="groups=1",
-                                 fix="exclude this module or set use_dora=False"))
+        raise ValueError(f"{layer.kind.name} does not support DoRA (yet), please set use_dora to False. "
+                         + explain("use_dora=True is not supported", where=f"a {layer.kind.name} target",
+                                   expected=f"one of {', '.join(DORA_KINDS)}",
+                                   fix="exclude these modules or set use_dora=False"))
     return dora_kind
 
 
@@ -159,6 +156,21 @@ def row_norm(W: Tensor, A: Tensor, B: Tensor, s: float, W_sq: Tensor | None = No
     cross = ((W @ A.T) * B).sum(1)  # rowdot(W, BA): (out, r) ⊙ (out, r) -> (out,)
     lora_sq = ((B @ (A @ A.T)) * B).sum(1)  # ‖(BA)_i‖²: (out,)
     return (W_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
+
+
+def weight_norm(W: Tensor, A: Tensor, B: Tensor, s: float, W_sq: Tensor | None = None) -> Tensor:
+    """n_i = ‖W_i + s·L_i‖, (out,), in A's dtype, for factor weights in any layout (W: (out, K) as Kind.matrix).
+
+    L = B A by the low-rank identity (``row_norm``), except for grouped convs (B (out, r/g, 1, ...)), where
+    PEFT 0.21.2's DoRA takes L = reshape(B.reshape(out/g, r) @ A.reshape(r, in·k), (out, in/g·k)): the r·in·k
+    update of the non-grouped A read in the grouped weight's layout (not the layer's true update, which
+    no grouped weight can hold); lorakit computes the same L densely (conv weights are small).
+    """
+    r = A.shape[0]
+    if B.flatten(1).shape[1] == r:
+        return row_norm(W, *_as_matrices(A, B), s, W_sq)
+    L = (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(W.shape[0], -1)  # (out, in/g·k)
+    return torch.linalg.vector_norm(W.to(A.dtype) + s * L, dim=1)
 
 
 def _key(*tensors: Tensor) -> tuple:
@@ -191,7 +203,7 @@ class Magnitude(nn.Module):
             W = layer.kind.matrix(layer.base_layer)  # (out, K), a view
             if self._row_sq is None or self._row_sq[0] != _key(weight) or self._row_sq[1].dtype != A.dtype:
                 self._row_sq = (_key(weight), torch.linalg.vector_norm(W.to(A.dtype), dim=1).square())
-            n = row_norm(W, *_as_matrices(A, B), s, self._row_sq[1])
+            n = weight_norm(W, A, B, s, self._row_sq[1])
         if not self.training:
             self._norm = (key, n)
         return n
@@ -211,7 +223,7 @@ def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: floa
     """
     dora_kind = _dora_kind(layer)
     with torch.no_grad():
-        m = row_norm(layer.kind.matrix(layer.base_layer), *_as_matrices(A, B), s)
+        m = weight_norm(layer.kind.matrix(layer.base_layer), A, B, s)
     shape = _magnitude_shape(dora_kind, layer.out_features, layer.base_layer)
     layer.lora_magnitude_vector[adapter_name] = Magnitude(m.reshape(shape), dora_kind)
 
@@ -270,8 +282,8 @@ def dora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> T
             base = layer.kind.matrix(layer.base_layer)
         A_weight, B_weight = _factor_weights(layer, adapter_name)
         with torch.no_grad():
-            magnitude.merged_norm = row_norm(base.float(), *_as_matrices(A_weight.float(), B_weight.float()),
-                                             layer.scaling[adapter_name])
+            magnitude.merged_norm = weight_norm(base.float(), A_weight.float(), B_weight.float(),
+                                                layer.scaling[adapter_name])
     if magnitude.merged_norm is None:
         raise ValueError(explain(f"cannot unmerge DoRA adapter {adapter_name!r}", where=f"lora.{layer.kind.name}",
                                  expected="an adapter merged by this layer", fix="merge it first"))
