@@ -182,7 +182,8 @@ def follow_modes(staging: Path, old: Path | None) -> None:
         here = Path(folder)
         twin_folder = None if old is None else old / here.relative_to(staging)
         for name in folders:
-            _match(here / name, twin_folder / name if twin_folder is not None else None, None)
+            if not (here / name).is_symlink():  # chmod would follow the link out of the folder
+                _match(here / name, twin_folder / name if twin_folder is not None else None, None)
         for name in files:
             path = here / name
             if not path.is_symlink():
