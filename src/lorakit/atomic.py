@@ -7,14 +7,21 @@ swap leaves ``target`` untouched (plus a stray ``.lorakit-tmp-*`` sibling); a cr
 complete new folder. Two processes saving to one folder at once each swap a complete folder, so the last
 swap wins whole. Where the kernel lacks the exchange call, two renames are used and the window between
 them is the only non-atomic moment.
+
+The swap is refused where a plain write would fail or do harm: a ``target`` that is a file, or a folder (or
+a file in it that the write replaces) that this user may not write. The new folder and files get the modes
+a plain write would leave: the old folder's and old files' modes (and owner, where allowed), and for new
+ones the umask's (0o777 & ~umask for folders, files widened to 0o666 & ~umask), never a bare 0o700/0o600.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno as errnos
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -101,20 +108,106 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None], *, 
     (e.g. a stale ``adapter_model.bin`` next to a new ``adapter_model.safetensors``), which are dropped.
 
     Raises:
-        OSError: the parent folder is not writable (nothing has changed then).
+        ValueError: ``target`` is an existing file (it is left untouched).
+        PermissionError: ``target``, a file in it that ``write`` replaces, or its parent folder is not
+            writable by this user (nothing has changed then).
     """
     target = Path(os.path.realpath(target))  # write through a symlinked folder, as a plain write would
+    check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.lorakit-tmp-", dir=target.parent))
+    staging = _make_staging(target)
     try:
         write(staging)
-        if target.is_dir():
+        old = target if target.is_dir() else None
+        follow_modes(staging, old)  # before the carry-over: its hard links already are the old files
+        if old is not None:
             _carry_over(target, staging, set(owned))
         _sync_tree(staging)
         _swap_in(staging, target)
         _fsync(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the old folder after a swap, or the unused new one
+
+
+def check_target(target: Path) -> None:
+    """Refuse a ``target`` that a plain folder write could not or should not replace."""
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"Provided path ({target}) should be a directory, not a file. lorakit saves a folder "
+                         "there and will not replace an existing file with one; the file is left untouched. "
+                         "Choose a folder path (a new name or an existing folder)")
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise PermissionError(errnos.EACCES, f"cannot save into {target}: the folder is not writable by this "
+                              f"user (mode {_mode(target):#o}, owner uid {target.stat().st_uid}); it is left as "
+                              "it was. Make it writable (chmod u+w) or choose another folder", str(target))
+
+
+def _make_staging(target: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.lorakit-tmp-", dir=target.parent))
+    except PermissionError as error:
+        raise PermissionError(errnos.EACCES, f"cannot save {target}: its parent folder {target.parent} is not "
+                              "writable by this user, and lorakit writes a new folder beside the old one and "
+                              "swaps them (so a crash never leaves half a folder). Make the parent writable or "
+                              "choose another folder", str(target.parent)) from error
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where /proc allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_modes(staging: Path, old: Path | None) -> None:
+    """Give ``staging`` and everything written in it the modes a plain write into ``old`` would leave.
+
+    An entry that replaces one of ``old``'s takes that one's mode (and owner, where this user may set it);
+    so does ``staging`` itself. New folders get 0o777 & ~umask, new files their mode widened to
+    0o666 & ~umask (writers such as tempfile.mkstemp or safetensors create 0o600 files).
+    """
+    umask = current_umask()
+    _match(staging, old, 0o777 & ~umask)
+    for folder, folders, files in os.walk(staging):
+        here = Path(folder)
+        twin_folder = None if old is None else old / here.relative_to(staging)
+        for name in folders:
+            if not (here / name).is_symlink():  # chmod would follow the link out of the folder
+                _match(here / name, twin_folder / name if twin_folder is not None else None, None)
+        for name in files:
+            path = here / name
+            if not path.is_symlink():
+                _match(path, twin_folder / name if twin_folder is not None else None,
+                       (_mode(path) | 0o666) & ~umask)
+
+
+def _match(path: Path, twin: Path | None, fresh_mode: int | None) -> None:
+    """chmod ``path`` to ``twin``'s mode (refusing a twin file this user may not replace), else ``fresh_mode``."""
+    if twin is not None and (twin.is_dir() if path.is_dir() else twin.is_file()) and not twin.is_symlink():
+        if not os.access(twin, os.W_OK | (os.X_OK if twin.is_dir() else 0)):
+            raise PermissionError(errnos.EACCES, f"cannot save {twin}: it is read-only for this user (mode "
+                                  f"{_mode(twin):#o}); the folder is left as it was. Make it writable (chmod u+w) "
+                                  "or choose another folder", str(twin))
+        old = twin.stat()
+        os.chmod(path, stat.S_IMODE(old.st_mode))
+        here = path.stat()
+        if (here.st_uid, here.st_gid) != (old.st_uid, old.st_gid):
+            try:
+                os.chown(path, old.st_uid, old.st_gid)
+            except PermissionError:
+                pass  # only root may give a file away: the saver keeps it, as with any new file
+    elif fresh_mode is not None and _mode(path) != fresh_mode:
+        os.chmod(path, fresh_mode)
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -134,8 +227,14 @@ def _swap_in(staging: Path, target: Path) -> None:
 
 
 def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write one file via a temporary sibling and ``os.replace``: the old or the new bytes, never half."""
+    """Write one file via a temporary sibling and ``os.replace``: the old or the new bytes, never half.
+
+    The file keeps the old file's mode, or gets 0o666 & ~umask when new, as a plain write would.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errnos.EISDIR, f"cannot write the file {path}: a folder of that name exists; "
+                                "choose another path", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -143,6 +242,7 @@ def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _match(Path(temporary), path if path.exists() else None, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -102,10 +102,21 @@ def _residual_weights(model: nn.Module, config: LoraConfig) -> dict[Tensor, Tens
             if isinstance(getattr(layer, "weight", None), Tensor)}
 
 
-def _undo(model: nn.Module, before: dict[str, nn.Module], adapter_name: str, weights: dict[Tensor, Tensor]) -> None:
+def _holders(model: nn.Module, adapter_name: str) -> set[str]:
+    """Paths of the LoRA layers and modules_to_save wrappers that hold ``adapter_name``."""
+    return {path for path, module in model.named_modules()
+            if (isinstance(module, LoraLayer) and adapter_name in module.r)
+            or (isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save)}
+
+
+def _undo(model: nn.Module, before: dict[str, nn.Module], adapter_name: str, weights: dict[Tensor, Tensor],
+          kept: set[str]) -> None:
+    """Put ``before``'s modules back and drop ``adapter_name`` where it is new (not from the paths in ``kept``)."""
     for path, module in sorted(before.items(), key=lambda item: item[0].count(".")):
         if path and model.get_submodule(path) is not module:
             model.set_submodule(path, module)  # a wrapper added by the failed injection
+        elif path in kept:
+            continue  # held this adapter name before the injection (another PeftModel's): not ours to drop
         elif isinstance(module, LoraLayer) and adapter_name in module.r:
             module.delete_adapter(adapter_name)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -119,20 +130,48 @@ def rollback_on_error(inject: Callable[..., None]) -> Callable[..., None]:
     """Decorate ``LoraModel.inject_adapter``: on any error, undo a half-done injection, then re-raise.
 
     Replaced modules are put back and the new adapter is dropped from layers that already had others; residual
-    inits rewrite W in place, so only for them the targets' weights are copied first.
+    inits rewrite W in place, so only for them the targets' weights are copied first. Layers that held the
+    adapter's name before (a second ``get_peft_model`` on one base) keep it.
     """
     @functools.wraps(inject)
     def guarded(tuner: nn.Module, adapter_name: str, config: LoraConfig, *args: object, **kwargs: object) -> None:
         if adapter_name in getattr(tuner, "peft_config", ()):  # refused before anything changes: nothing to undo
             return inject(tuner, adapter_name, config, *args, **kwargs)
         before = dict(tuner.model.named_modules())
+        kept = _holders(tuner.model, adapter_name)
         weights = _residual_weights(tuner.model, config)
         try:
             inject(tuner, adapter_name, config, *args, **kwargs)
         except BaseException:
-            _undo(tuner.model, before, adapter_name, weights)
+            _undo(tuner.model, before, adapter_name, weights, kept)
             raise
     return guarded
+
+
+# ---- get_peft_model on a model that already has adapters ------------------------------------------------------
+PEFT_SECOND_TIME = ("You are trying to modify a model with PEFT for a second time. If you want to reload the model "
+                    "with a different config, make sure to call `.unload()` before.")
+
+
+def check_second_injection(model: nn.Module, adapter_name: str) -> None:
+    """``get_peft_model`` on a model whose layers already hold LoRA adapters (an earlier ``get_peft_model``).
+
+    PEFT warns and injects anyway; with the same adapter name it overwrites the earlier PeftModel's adapter
+    in the layers both share. lorakit warns the same and adds a new name next to the old ones, but refuses a
+    name the layers already hold, before anything changes, so the first PeftModel keeps its adapter.
+    """
+    if not any(isinstance(module, LoraLayer) for module in model.modules()):
+        return
+    taken = sorted(_holders(model, adapter_name))
+    if taken:
+        raise ValueError(explain(
+            f"{PEFT_SECOND_TIME} lorakit refuses it: an earlier get_peft_model put an adapter named "
+            f"{adapter_name!r} into this model's layers ({len(taken)}, e.g. {taken[0]!r}), which both PeftModels "
+            "would share, so the new one would overwrite it", expected="an adapter name the layers do not hold",
+            fix="Pass another adapter_name (the layers then hold both), call add_adapter(name, config) on the "
+                "first PeftModel, or start again from its .unload()"))
+    warn(f"{PEFT_SECOND_TIME} The model already contains LoRA layers; the new adapter {adapter_name!r} is added "
+         "next to the existing ones, in the layers both PeftModels share")
 
 
 # ---- an adapter that does not learn --------------------------------------------------------------------------

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from .config import LoraConfig, TaskType
 from .convert import save_converted
 from .distributed import is_sharded, save_sharded
-from .errors import explain, warn
-from .layer import LoraLayer
+from .errors import explain
 from . import guards, io
 from .tuner import LoraModel, check_adapter_name, weights_follow
 
@@ -338,9 +337,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if mixed:
         raise NotImplementedError("mixed=True (PeftMixedModel, several adapter types) is not supported: "
                                   "lorakit implements LoRA only, and several LoRA adapters need no mixed model")
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
-        warn("the model already contains LoRA layers (get_peft_model was called on it before); "
-                      "the new adapter is added next to the existing ones")
+    guards.check_second_injection(model, adapter_name)
     _check_config(peft_config)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     if peft_config.base_model_name_or_path is None and name_or_path:

@@ -196,7 +196,10 @@ class LoraModel(nn.Module):
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
     def set_adapter(self, adapter_name: str | list[str], _modules: list[nn.Module] | None = None) -> None:
-        """Activate one adapter or several (their outputs add); only active, non-inference adapters train."""
+        """Activate one adapter or several (their outputs add); only active, non-inference adapters train.
+
+        A merged layer is unmerged first, with PEFT's warning, so W never holds an adapter that is not active.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
@@ -204,6 +207,9 @@ class LoraModel(nn.Module):
                                      expected=f"one of {list(self.peft_config)}"))
         trainable = not any(self.peft_config[name].inference_mode for name in names)
         for module in self._adapter_modules() if _modules is None else _modules:
+            if getattr(module, "merged_adapters", None):  # W holds the old adapter: unmerge first, as PEFT does
+                warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                module.unmerge()
             module.set_adapter(names, trainable=trainable)
         self._set_bias_trainable(names, trainable)
         self.active_adapter = adapter_name
