@@ -79,8 +79,8 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """
     if _any_autocast is not None and not _any_autocast():
         return None
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    device_type = x.device.type  # "meta" and other devices without autocast: nothing to lower
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
