@@ -213,16 +213,19 @@ def test_shared_input_is_saved_by_reference_and_the_mask_is_compact():
     assert q(x).grad_fn.saved_tensors[2] is None  # eval: no mask at all
 
 
-def test_gradient_checkpointing_redraws_the_same_mask():
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_gradient_checkpointing_redraws_the_same_mask(autocast):
+    """The recompute (under the autocast state checkpoint saved) draws the same masks: identical numbers."""
     layer = make_layer("linear", torch.float32, 0.5, False, True, 2)
     x = torch.randn(4, 6, 12)
     grad = torch.randn(4, 6, 10)
-    plain = run(layer, x, grad, fused=True)
+    plain = run(layer, x, grad, fused=True, autocast=autocast)
     layer.zero_grad(set_to_none=True)
     torch.manual_seed(5)
     x_ckpt = x.clone().requires_grad_(True)
-    y = checkpoint(layer, x_ckpt, use_reentrant=False)
-    (y * grad).sum().backward()
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y = checkpoint(layer, x_ckpt, use_reentrant=False)
+    (y.float() * grad).sum().backward()
     torch.testing.assert_close(y.detach(), plain[0], atol=0, rtol=0)
     torch.testing.assert_close(x_ckpt.grad, plain[1]["x"], atol=0, rtol=0)
     for name, param in layer.named_parameters():
