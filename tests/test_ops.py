@@ -77,13 +77,15 @@ def make_layer(base: str, dtype: torch.dtype, p: float, rslora: bool, lora_bias:
     return layer
 
 
-def run(layer: LoraLayer, x: torch.Tensor, grad: torch.Tensor, fused: bool, seed: int = 5) -> tuple:
-    """(output, {name: gradient}) of one forward/backward on the chosen path."""
+def run(layer: LoraLayer, x: torch.Tensor, grad: torch.Tensor, fused: bool, seed: int = 5,
+        autocast: torch.dtype | None = None) -> tuple:
+    """(output, {name: gradient}) of one forward (under ``autocast`` when given) and backward on the chosen path."""
     previous, ops.FUSED = ops.FUSED, fused
     try:
         torch.manual_seed(seed)
         x = x.detach().clone().requires_grad_(True)
-        y = layer(x)
+        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            y = layer(x)
         (y.float() * grad).sum().backward()
     finally:
         ops.FUSED = previous
@@ -98,19 +100,28 @@ def drawn_masks(layer: LoraLayer, rows: int, seed: int = 5) -> dict[str, torch.T
             if layer.dropout_p(name) > 0}
 
 
-def compare(layer: LoraLayer, x: torch.Tensor) -> None:
+def compare(layer: LoraLayer, x: torch.Tensor, autocast: torch.dtype | None = None) -> None:
+    """Fused against reference with the same masks; under ``autocast`` both compute in its dtype d, whose
+    tolerances apply (the fused path rounds y + c·h Bᵀ once, the reference rounds each op)."""
     reference = copy.deepcopy(layer)
     grad = torch.randn(*x.shape[:-1], layer.out_features, generator=torch.Generator().manual_seed(2))
-    y_fused, g_fused = run(layer, x, grad, fused=True)
+    y_fused, g_fused = run(layer, x, grad, fused=True, autocast=autocast)
     for name, mask in drawn_masks(layer, x.numel() // x.shape[-1]).items():
         reference.lora_dropout[name] = FixedMask(mask, layer.dropout_p(name))
-    y_ref, g_ref = run(reference, x, grad, fused=False)
-    assert y_fused.dtype == y_ref.dtype == x.dtype
-    tol = TOL[x.dtype]
-    torch.testing.assert_close(y_fused, y_ref, **tol)
+    y_ref, g_ref = run(reference, x, grad, fused=False, autocast=autocast)
+    dtype = autocast or x.dtype
+    assert y_fused.dtype == y_ref.dtype == dtype
+    tol = TOL[dtype]
+    if autocast is None:
+        torch.testing.assert_close(y_fused, y_ref, **tol)
+    else:  # every adapter's sum rounds to d at a different point: one eps(d) of the largest output each, plus one
+        ulps = len(layer.active_adapters) + 1
+        torch.testing.assert_close(y_fused, y_ref, atol=ulps * torch.finfo(dtype).eps * y_ref.abs().max().item(),
+                                   rtol=0)
     assert g_fused.keys() == g_ref.keys() and all(g is not None for g in g_fused.values())
     for name in g_ref:  # half-precision sums round in a different order: allow 4 ulps of the gradient's scale
-        atol = max(tol["atol"], 4 * torch.finfo(x.dtype).eps * g_ref[name].abs().max().item())
+        atol = max(tol["atol"], 4 * torch.finfo(dtype).eps * g_ref[name].abs().max().item())
+        assert g_fused[name].dtype == g_ref[name].dtype, name
         torch.testing.assert_close(g_fused[name], g_ref[name], atol=atol, rtol=tol["rtol"],
                                    msg=lambda m, n=name: f"gradient {n}: {m}")
 
@@ -128,6 +139,34 @@ def test_fused_equals_reference(base, dtype, p, setting, training):
     layer.train(training)
     shape = (3, 5, 12) if dims == 3 else (7, 12)
     compare(layer, torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+
+
+AUTOCAST_CASES = list(itertools.product(["linear", "linear_nobias", "conv1d_gpt2"], [torch.bfloat16, torch.float16],
+                                        [0.0, 0.1], SETTINGS, [True, False]))
+
+
+@pytest.mark.parametrize("base, autocast, p, setting, training", AUTOCAST_CASES,
+                         ids=[f"{b}-{str(d)[6:]}-p{p}-{s}-{'train' if t else 'eval'}" for b, d, p, s, t in AUTOCAST_CASES])
+def test_fused_equals_reference_under_autocast(base, autocast, p, setting, training):
+    """A float32 layer under CPU autocast: the fused path runs in autocast's dtype, as the reference does."""
+    rslora, lora_bias, adapters, dims = SETTINGS[setting]
+    layer = make_layer(base, torch.float32, p, rslora, lora_bias, adapters)
+    layer.train(training)
+    shape = (3, 5, 12) if dims == 3 else (7, 12)
+    compare(layer, torch.randn(*shape, generator=torch.Generator().manual_seed(1)), autocast)
+    with torch.autocast("cpu", dtype=autocast):  # the fused Function itself ran, not a fallback
+        assert type(layer(torch.randn(*shape, requires_grad=True)).grad_fn).__name__ == "LoraBranchBackward"
+
+
+def test_autocast_dtype_is_none_without_autocast_and_follows_the_device():
+    x = torch.randn(2, 3)
+    assert ops.autocast_dtype(x) is None
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert ops.autocast_dtype(x) == dtype
+            assert ops.autocast_dtype(x.to("meta")) is None  # autocast is on for "cpu" only
+        with torch.autocast("cpu", dtype=dtype, enabled=False):
+            assert ops.autocast_dtype(x) is None
 
 
 DORA_CASES = list(itertools.product(["linear", "linear_nobias", "conv1d_gpt2"], [2, 3], [True, False]))
@@ -174,16 +213,19 @@ def test_shared_input_is_saved_by_reference_and_the_mask_is_compact():
     assert q(x).grad_fn.saved_tensors[2] is None  # eval: no mask at all
 
 
-def test_gradient_checkpointing_redraws_the_same_mask():
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_gradient_checkpointing_redraws_the_same_mask(autocast):
+    """The recompute (under the autocast state checkpoint saved) draws the same masks: identical numbers."""
     layer = make_layer("linear", torch.float32, 0.5, False, True, 2)
     x = torch.randn(4, 6, 12)
     grad = torch.randn(4, 6, 10)
-    plain = run(layer, x, grad, fused=True)
+    plain = run(layer, x, grad, fused=True, autocast=autocast)
     layer.zero_grad(set_to_none=True)
     torch.manual_seed(5)
     x_ckpt = x.clone().requires_grad_(True)
-    y = checkpoint(layer, x_ckpt, use_reentrant=False)
-    (y * grad).sum().backward()
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y = checkpoint(layer, x_ckpt, use_reentrant=False)
+    (y.float() * grad).sum().backward()
     torch.testing.assert_close(y.detach(), plain[0], atol=0, rtol=0)
     torch.testing.assert_close(x_ckpt.grad, plain[1]["x"], atol=0, rtol=0)
     for name, param in layer.named_parameters():
@@ -229,8 +271,9 @@ def test_dropout_scale_is_exact(p):
     torch.testing.assert_close(delta, x * mask / (1 - p), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("rows", [[0, 0, 1, 1, 2, 2, 3, 3], [0, 1, 2, 3, 0, 1, 2, 3], [3, 3, 4, 4, 0, 1, 2, 4]])
-def test_mixed_batch_fused_equals_reference(rows):
+def test_mixed_batch_fused_equals_reference(rows, autocast):
     """Contiguous row runs (slices) and scattered rows (gather + index_add_) match the reference; 4 = base."""
     layer = make_layer("linear", torch.float32, 0.1, False, True, 4)
     layer.eval()
@@ -240,24 +283,27 @@ def test_mixed_batch_fused_equals_reference(rows):
     for row, name in enumerate(adapter_names):
         grouped.setdefault(name, []).append(row)
     x = torch.randn(8, 5, 12)
+    dtype = autocast or torch.float32
+    enabled = dict(device_type="cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     outputs = []
     for fused in (True, False):
         layer._routes = (8, [(name, torch.tensor(r)) for name, r in grouped.items()])
         ops.FUSED = fused
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(**enabled):
                 outputs.append(layer(x))
         finally:
             ops.FUSED, layer._routes = True, None
-    torch.testing.assert_close(outputs[0], outputs[1], **TOL[torch.float32])
+    assert outputs[0].dtype == outputs[1].dtype == dtype
+    torch.testing.assert_close(outputs[0], outputs[1], **TOL[dtype])
     for row, name in enumerate(adapter_names):  # each row equals that adapter alone
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(**enabled):
             if name == "__base__":
                 expected = layer.base_layer(x[row])
             else:
                 layer.set_adapter(name)
                 expected = layer(x[row])
-        torch.testing.assert_close(outputs[0][row], expected, **TOL[torch.float32])
+        torch.testing.assert_close(outputs[0][row], expected, **TOL[dtype])
 
 
 @pytest.mark.parametrize("value, fused", [("0", False), ("1", True), (None, True)])

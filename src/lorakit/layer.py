@@ -93,6 +93,14 @@ def contiguous_run(rows: Tensor) -> tuple[int, int] | None:
     return (first, last + 1) if bool((rows.diff() == 1).all()) else None
 
 
+def _promoted(y: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> tuple:
+    """(A, B, bias, y) in the dtype of ``y + branch`` (torch's promotion), the dtype ops.add_lora_ writes y in."""
+    dtype = torch.promote_types(y.dtype, A.dtype)
+    if A.dtype != dtype:
+        A, B, bias = A.to(dtype), B.to(dtype), None if bias is None else bias.to(dtype)
+    return A, B, bias, y if y.dtype == dtype else y.to(dtype)
+
+
 class LoraLayer(nn.Module):
     """Wraps a frozen ``base_layer`` and adds one low-rank update per adapter (see the module docstring).
 
@@ -328,23 +336,28 @@ class LoraLayer(nn.Module):
     def _fused(self, x: Tensor, y: Tensor) -> Tensor:
         """The forward above through ops.add_lora_: each adapter adds into y in place (ops.py).
 
-        PEFT's autocast: a half-precision y is promoted once to the adapters' dtype (as ``y + branch``
-        promotes it), summed there and cast back at the end; x is cast once per adapter dtype.
+        PEFT's dtypes: a half-precision y is promoted once to the adapters' dtype (as ``y + branch``
+        promotes it), summed there and cast back at the end; x is cast once per adapter dtype. Under
+        ``torch.autocast`` the factors are lowered to autocast's dtype d first (F.linear's cast in PEFT's
+        ``lora_A(x)``), so x, h and y are all d (ops.py, "Mixed precision").
         """
         result_dtype, variants, inputs = y.dtype, self._variants, {x.dtype: x}
+        lower = ops.autocast_dtype(x)  # None unless autocast is on for x's device
         for name in self._active_adapter:
             if name not in self.scaling:
                 continue
             if variants and name in variants:
                 y = variants[name].forward(self, name, x, y)
                 continue
-            A, B = self.lora_A[name].weight, self.lora_B[name]
+            B = self.lora_B[name]
+            A, B_weight, bias = self.lora_A[name].weight, B.weight, B.bias
+            if lower is not None:
+                A, B_weight, bias = ops.lowered(lower, A, B_weight, bias)
+            if y.dtype != A.dtype:  # y + branch in the promoted dtype, as PEFT's sum
+                A, B_weight, bias, y = _promoted(y, A, B_weight, bias)
             if A.dtype not in inputs:
                 inputs[A.dtype] = x.to(A.dtype)
-            if y.dtype != A.dtype:
-                y = y.to(A.dtype)
-            y = ops.add_lora_(y, inputs[A.dtype], A, B.weight, B.bias, self.scaling[name],
-                              self.dropout_p(name))
+            y = ops.add_lora_(y, inputs[A.dtype], A, B_weight, bias, self.scaling[name], self.dropout_p(name))
         return y if y.dtype == result_dtype else y.to(result_dtype)
 
     def dropout_p(self, adapter_name: str) -> float:
@@ -370,7 +383,7 @@ class LoraLayer(nn.Module):
         """
         routed_batch, routes = self._routes
         in_place = not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)) and ops.FUSED
-        result_dtype = y.dtype
+        result_dtype, lower = y.dtype, ops.autocast_dtype(x)
         for name, rows in routes:
             if name not in self.scaling:  # "__base__", or an adapter that does not target this layer
                 continue
@@ -383,16 +396,20 @@ class LoraLayer(nn.Module):
                 delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
                 y = y.index_add(0, rows, delta.to(y.dtype))
                 continue
-            A, B = self.lora_A[name].weight, self.lora_B[name]
-            if y.dtype != A.dtype or not y.is_contiguous():
-                y = y.to(A.dtype, memory_format=torch.contiguous_format)
+            B = self.lora_B[name]
+            A, B_weight, bias = self.lora_A[name].weight, B.weight, B.bias
+            if lower is not None:
+                A, B_weight, bias = ops.lowered(lower, A, B_weight, bias)
+            A, B_weight, bias, y = _promoted(y, A, B_weight, bias)
+            if not y.is_contiguous():
+                y = y.contiguous()
             inputs = x if x.dtype == A.dtype else x.to(A.dtype)
             run = contiguous_run(rows)
             if run is not None:
-                ops.add_lora_(y[run[0]:run[1]], inputs[run[0]:run[1]], A, B.weight, B.bias, self.scaling[name])
+                ops.add_lora_(y[run[0]:run[1]], inputs[run[0]:run[1]], A, B_weight, bias, self.scaling[name])
             else:
                 delta = ops.add_lora_(y.new_zeros(len(rows), *y.shape[1:]), inputs.index_select(0, rows),
-                                      A, B.weight, B.bias, self.scaling[name])
+                                      A, B_weight, bias, self.scaling[name])
                 y.index_add_(0, rows, delta)
         return y if y.dtype == result_dtype else y.to(result_dtype)
 

@@ -147,9 +147,15 @@ def _as_matrices(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
 def row_norm(W: Tensor, A: Tensor, B: Tensor, s: float, W_sq: Tensor | None = None) -> Tensor:
     """n_i = ‖W_i + s·(B A)_i‖ by the low-rank identity (module docstring), in A's dtype.
 
+    Under torch.autocast the products run with autocast off, in A's dtype: the identity subtracts nearly
+    equal terms, which bfloat16 would round away (PEFT's norm is float32 as well, on a bf16-rounded B A).
+
     Args:
         W: (out, K). A: (r, K). B: (out, r). W_sq: ‖W_i‖², (out,), when already known.
     """
+    if ops.autocast_dtype(A) is not None:
+        with torch.autocast(A.device.type, enabled=False):
+            return row_norm(W, A, B, s, W_sq)
     W = W.to(A.dtype)
     if W_sq is None:
         W_sq = torch.linalg.vector_norm(W, dim=1).square()  # (out,)
@@ -231,13 +237,14 @@ def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: floa
 def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + (m/n − 1)·(y − bias) + (m/n)·s·B A x: ops.dora_ (in place on y) where it applies, else the reference.
 
-    ops.dora_ covers Linear and Conv1D without active dropout, lora_bias or a zero magnitude entry, y
-    already in the adapter's dtype; everything else runs ``dora_reference``.
+    ops.dora_ covers Linear and Conv1D without active dropout, lora_bias, autocast or a zero magnitude
+    entry, y already in the adapter's dtype; everything else runs ``dora_reference``.
     """
     A, B = layer.factors(adapter_name)
     magnitude = layer.lora_magnitude_vector[adapter_name]
     if not (ops.FUSED and layer.kind.name in ops.FUSED_KINDS and B.bias is None and layer.dropout_p(adapter_name) == 0
-            and y.dtype == A.weight.dtype and bool((magnitude.weight != 0).all())):
+            and y.dtype == A.weight.dtype and ops.autocast_dtype(x) is None
+            and bool((magnitude.weight != 0).all())):
         return dora_reference(layer, adapter_name, x, y)
     s = layer.scaling[adapter_name]
     n = magnitude.norm(layer, A.weight, B.weight, s)
@@ -263,7 +270,10 @@ def dora_reference(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) ->
         base = weight_only(layer.base_layer, x)  # W dropout(x), no bias
         return y + ((f - 1) * base + f * layer.kind.branch(layer.base_layer, x, A, B) * s)
     lora = layer.kind.branch(layer.base_layer, x, A, B)  # B A x, unscaled
-    # y + (f − 1)(y − bias) + f·s·lora rearranged to f·(y + s·lora) + (1 − f)·bias: two full-size kernels
+    # y + (f − 1)(y − bias) + f·s·lora rearranged to f·(y + s·lora) + (1 − f)·bias: two full-size kernels.
+    # Under autocast y and lora are both half precision; PEFT's sum is in f's float32, so promote y first.
+    if y.dtype != f.dtype:
+        y = y.to(torch.promote_types(y.dtype, f.dtype))
     bias = getattr(layer.base_layer, "bias", None)
     if bias is None:
         return torch.add(y, lora, alpha=s) * f
