@@ -113,7 +113,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tiny, tmp_path, capsys
 def straight_and_resumed(tiny, tmp_path_factory):
     """5 steps in one go, and 2 steps + SIGINT + resume for 3, both with dropout 0.1."""
     root = tmp_path_factory.mktemp("resume")
-    assert train(tiny, root / "straight", "--max-steps", "5") == 0
+    assert train(tiny, root / "straight", "--max-steps", "5", "--save-every", "1") == 0
     should_save = train_command.should_save
 
     def hook(step, every, last):
@@ -123,7 +123,7 @@ def straight_and_resumed(tiny, tmp_path_factory):
 
     train_command.should_save = hook
     try:
-        assert train(tiny, root / "split", "--max-steps", "5") == 130
+        assert train(tiny, root / "split", "--max-steps", "5", "--save-every", "1") == 130
     finally:
         train_command.should_save = should_save
     assert train(tiny, root / "split", "--max-steps", "5", "--resume") == 0

@@ -92,6 +92,11 @@ LORA_FLAGS: dict[str, tuple[Any, str]] = {
 }
 
 
+# what a LoraConfig default of None means, for --help
+UNSET_MEANS = {"exclude_modules": "nothing excluded", "modules_to_save": "none",
+               "layers_to_transform": "every layer", "target_modules": "the architecture's default targets"}
+
+
 def add_lora_flags(parser: argparse.ArgumentParser, recipe: dict[str, Any], recipe_name: str) -> None:
     """One flag per ``LORA_FLAGS`` field; its help shows the recipe's value, else LoraConfig's default."""
     group = parser.add_argument_group("LoRA settings (override --config and the defaults)")
@@ -99,7 +104,8 @@ def add_lora_flags(parser: argparse.ArgumentParser, recipe: dict[str, Any], reci
                                                    "(default: none, the recipe and flags only)")
     library = {f.name: f.default for f in dataclasses.fields(LoraConfig) if f.default is not dataclasses.MISSING}
     for field, (kind, text) in LORA_FLAGS.items():
-        shown = f"{_show(recipe[field])}, {recipe_name}" if field in recipe else f"{_show(library.get(field))}"
+        shown = (f"{_show(recipe[field])}, {recipe_name}" if field in recipe
+                 else UNSET_MEANS.get(field, "") if library.get(field) is None else _show(library[field]))
         help_text = f"{text} (default: {shown})"
         flags = ["--" + field.replace("_", "-")]
         if field == "r":  # torchrun's parser takes a bare --r for an abbreviation of its own flags

@@ -332,7 +332,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="a local transformers model folder; only config.json is read "
                                                    "(default: the embedded SmolLM2-135M-Instruct)")
-    source.add_argument("--preset", choices=list(PRESETS), help="a built-in config of a common model")
+    source.add_argument("--preset", choices=list(PRESETS), help="a built-in config of a common model (default: none, --model or the embedded SmolLM2)")
     parser.add_argument("--task", choices=list(TASKS), help="default: classification for encoders, else causal-lm")
     parser.add_argument("--memory", default="24GB", help="memory budget: 24GB (10^9), 24GiB or 24G (2^30), 512MiB, "
                                                          "1.5T (default 24GB)")
