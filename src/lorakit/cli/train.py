@@ -49,7 +49,7 @@ from ..training import (
 )
 from . import resume
 from .common import CliError, Command, add_lora_flags, lora_config, register
-from .guard import StopSignals, claim_output, disk_full, free_space_problem
+from .guard import StopSignals, check_dependencies, claim_output, disk_full, free_space_problem
 from .train_report import finish, print_samples, what_next
 
 SFT_RECIPE = dict(task_type="CAUSAL_LM", r=64, lora_alpha=16, lora_dropout=0.1, use_rslora=True,
@@ -166,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
     if args.mixed_precision != "no" and not args.fsdp:
         raise CliError("--mixed-precision applies to FSDP2: add --fsdp (and launch with torchrun on CUDA GPUs)")
     _check(args)
+    if args.model is None and not args.resume:
+        from ..embedded import is_converted
+
+        if not is_converted():  # the first use converts the embedded GGUF file, which needs gguf
+            check_dependencies("train", ("gguf",))
     rank, world, device = _init_distributed()
     try:
         with contextlib.ExitStack() as stack:
