@@ -368,3 +368,11 @@ def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
     assert torch.equal(saved["rng"]["torch"], torch_state)
     assert (saved["rng"]["python"][0], tuple(saved["rng"]["python"][1]), saved["rng"]["python"][2]) == python_state
     assert saved["step"] == 3 and saved["losses"] == [[1, 2.0], [2, 1.5], [3, 1.25]] and saved["run"] == {"note": "kept"}
+
+
+def test_missing_gguf_is_named_before_the_first_conversion(tmp_path, capsys, monkeypatch, no_model_load):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "empty-cache"))  # the embedded model is not converted yet
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    assert main(["train", "--output", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert "needs gguf (converting the embedded model once)" in line and "lorakit[cli]" in line, line
