@@ -122,10 +122,12 @@ def straight_and_resumed(tiny, tmp_path_factory):
         return should_save(step, every, last)
 
     train_command.should_save = hook
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even where pytest started ignoring it
     try:
         assert train(tiny, root / "split", "--max-steps", "5", "--save-every", "1") == 130
     finally:
         train_command.should_save = should_save
+        signal.signal(signal.SIGINT, previous)
     assert train(tiny, root / "split", "--max-steps", "5", "--resume") == 0
     return root / "straight", root / "split"
 

@@ -187,6 +187,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for number in self.SIGNALS:
+            if signal.getsignal(number) is signal.SIG_IGN:  # nohup, or a shell's background job: keep ignoring
+                continue
             try:
                 self._previous[number] = signal.signal(number, self._handle)
             except ValueError:  # not the main thread: signals stay as they were
