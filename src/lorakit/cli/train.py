@@ -34,6 +34,7 @@ from ..checkpoint import (
     save_checkpoint,
     set_peak_lr,
 )
+from ..config import LoraConfig
 from ..model import get_peft_model
 from ..training import (
     NonFiniteError,
@@ -197,23 +198,50 @@ def _last_checkpoint(output: Path) -> str:
     return f"the last good checkpoint (step {step}) is kept in {output / 'checkpoint'}: continue with --resume"
 
 
+def _settings(args: argparse.Namespace) -> tuple[dict | None, list[str], LoraConfig]:
+    """(the checkpoint's state or None, notes on settings changed on resume, the LoRA config).
+
+    On --resume the checkpoint's settings fill ``args`` first: they decide the config, the data and the model.
+
+    Raises:
+        CliError: a setting that cannot change on resume; CheckpointError: no usable checkpoint.
+    """
+    saved, notes = None, []
+    if args.resume:
+        saved, _ = read_checkpoint(args.output / "checkpoint")
+        notes = resume.apply(args, saved["run"], args.given)
+        recipe = {k: v for k, v in saved["run"]["lora"].items() if k not in CONFIG_ONLY}
+    else:
+        recipe = dict(SFT_RECIPE)
+        if args.model is None:  # name the base by its hub id, which resolves anywhere (embedded.SMOLLM2_HUB_ID)
+            from ..embedded import SMOLLM2_HUB_ID
+
+            recipe["base_model_name_or_path"] = SMOLLM2_HUB_ID
+    return saved, notes, lora_config(args, recipe)  # invalid LoRA settings fail before anything is loaded
+
+
+def _before(peft_model: torch.nn.Module, tokenizer: object, held_set: list, prompts: list[str], batch_size: int,
+            evaluating: bool, saved: dict | None) -> tuple[float, list[str]]:
+    """The untrained model's held-out loss and answers: measured, or on resume as the checkpoint recorded them."""
+    if saved is not None:
+        before, answers = saved["run"]["held_out_loss_before"], saved["run"]["samples_before"][: len(prompts)]
+        print(f"held-out loss before training: {before:.4f} (the untrained model's, recorded in the checkpoint)")
+    else:
+        before = evaluate(peft_model, held_set, batch_size, tokenizer.pad_token_id) if evaluating else 0.0
+        answers = _sample(peft_model, tokenizer, prompts) if evaluating else []
+        print(f"held-out loss before training: {before:.4f}")
+    if evaluating:
+        print_samples("before", prompts[: len(answers)], answers)
+    return before, answers
+
+
 def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     from tqdm.auto import tqdm
 
     from ..sft import encode_all
 
-    output, saved, notes = args.output, None, []
-    if args.resume:  # settings first: they decide the config, the data and the model
-        saved, _ = read_checkpoint(output / "checkpoint")
-        notes = resume.apply(args, saved["run"], args.given)
-    recipe = dict(SFT_RECIPE)
-    if args.model is None:  # name the base by its hub id, which resolves anywhere (see embedded.SMOLLM2_HUB_ID)
-        from ..embedded import SMOLLM2_HUB_ID
-
-        recipe["base_model_name_or_path"] = SMOLLM2_HUB_ID
-    if saved is not None:
-        recipe = {k: v for k, v in saved["run"]["lora"].items() if k not in CONFIG_ONLY}
-    config = lora_config(args, recipe)  # invalid LoRA settings fail before anything is loaded
+    output = args.output
+    saved, notes, config = _settings(args)
     train_rows, held_rows = _rows(args)
     import transformers  # noqa: F401  (imported before the baseline so only model memory is counted)
 
@@ -263,15 +291,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     # held-out loss and samples: FSDP2 needs every rank in each forward; DDP's rank 0 runs the bare model
     evaluating = args.fsdp or rank == 0
     prompts = SAMPLE_PROMPTS[: args.samples]
-    if saved is not None:  # "before" is the untrained model, whose numbers the checkpoint recorded
-        before, answers = saved["run"]["held_out_loss_before"], saved["run"]["samples_before"][: len(prompts)]
-        print(f"held-out loss before training: {before:.4f} (the untrained model's, recorded in the checkpoint)")
-    else:
-        before = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id) if evaluating else 0.0
-        answers = _sample(peft_model, tokenizer, prompts) if evaluating else []
-        print(f"held-out loss before training: {before:.4f}")
-    if evaluating:
-        print_samples("before", prompts[: len(answers)], answers)
+    before, answers = _before(peft_model, tokenizer, held_set, prompts, args.batch_size, evaluating, saved)
     record = {**resume.record(args, steps, config.to_dict()), "held_out_loss_before": before,
               "samples_before": answers}
 
