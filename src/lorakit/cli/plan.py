@@ -311,7 +311,8 @@ def train_default_note(settings: dict, examples: int) -> str:
         return "This is lorakit train's default recipe: `lorakit train` with no LoRA flags trains exactly this."
     return (f"lorakit train's default recipe ({_describe(SFT_RECIPE)}) differs: {'; '.join(differ)}. The "
             f"default is one fixed recipe for any data and model (the common SFT starting point), while this plan "
-            f"sizes it to {examples:,d} examples and this model; the `Train it:` line passes the plan's values.")
+            f"sizes it to {examples:,d} examples and this model; give lorakit train the plan's values as flags "
+            "(--r, --lora-dropout, ...) to train the plan.")
 
 
 def train_command(args: argparse.Namespace, settings: dict, setup: Setup) -> str:
