@@ -8,10 +8,27 @@ Exit status 0 when both libraries give the same logits (max |difference| <= 1e-4
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+
+
+def quiet_third_parties() -> None:
+    """Silence, by name, the noise this check would print that is about other libraries, not the adapter.
+
+    - bitsandbytes (imported by peft) logs a warning at import on AVX512-BF16 CPUs when the optional
+      ``kernels`` package is missing; its built-in CPU path is used instead, and nothing here runs 4-bit.
+    - peft 0.21.2 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates (FutureWarning).
+    - transformers draws a "Loading weights" progress bar per model load.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def main() -> int:
@@ -19,6 +36,7 @@ def main() -> int:
     parser.add_argument("adapter", type=Path)
     parser.add_argument("--model", type=Path, help="base model folder (default: the embedded SmolLM2)")
     args = parser.parse_args()
+    quiet_third_parties()
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

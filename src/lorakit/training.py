@@ -47,6 +47,12 @@ class TrainState:
     seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
     stopped_early: str | None = None
+    interrupted: bool = False  # stopped by SIGINT / SIGTERM (``interrupt``), not by the time limit
+    rng: dict | None = None  # random-number states read from a checkpoint (``checkpoint.restore_rng``)
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm is NaN or infinite: the step was not applied, the run stops."""
 
 
 def peak_rss_mb() -> float:
@@ -127,8 +133,15 @@ def micro_batches(examples: list[Example], settings: TrainSettings, skip: int) -
 def train_loop(model: nn.Module, examples: list[Example], settings: TrainSettings, pad_id: int,
                state: TrainState, optimizer: torch.optim.Optimizer, scheduler: object,
                progress: object = None, on_step: Callable[[TrainState], None] | None = None,
-               rank: int = 0, world: int = 1) -> TrainState:
+               rank: int = 0, world: int = 1, interrupt: Callable[[], str | None] | None = None) -> TrainState:
     """Run optimizer steps from ``state.step`` to ``settings.max_steps``; ``progress`` is a tqdm bar or None.
+
+    ``interrupt()`` is asked before each step; a reason (e.g. "SIGINT") stops the loop there, between
+    steps, so the state is a clean one to checkpoint (``state.interrupted``).
+
+    Raises:
+        NonFiniteError: a step's loss or gradient norm is NaN or infinite. The step is not applied (the
+            gradients are dropped), so the model and optimizer hold the last good step.
 
     With ``world > 1`` (under torchrun, ``model`` wrapped in DDP or sharded by FSDP2) every rank draws the
     same global micro-batches and takes rows ``rank::world`` of each; its loss is weighted by its share of
@@ -143,10 +156,15 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
     while state.step < settings.max_steps:
         spent, run = state.seconds - first_seconds, state.step - first_step
         stop = settings.time_limit is not None and run and spent + spent / run > settings.time_limit
+        reason = interrupt() if interrupt is not None else None
         if world > 1:  # every rank must stop at the same step, or the others wait forever in a collective
-            flag = torch.tensor([float(bool(stop))], device=device)
+            flag = torch.tensor([float(bool(stop)), float(reason is not None)], device=device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
+            stop, reason = bool(flag[0].item()), (reason or "a signal") if flag[1].item() else None
+        if reason is not None:
+            state.interrupted = True
+            state.stopped_early = f"interrupted ({reason}) after {state.step} of {settings.max_steps} steps"
+            break
         if stop:
             state.stopped_early = (f"stopped after {state.step} of {settings.max_steps} steps: the next step would "
                                    f"pass the {settings.time_limit:.0f} s training time limit (--time-limit)")
@@ -167,7 +185,12 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
             total = torch.tensor([step_loss], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(total)
             step_loss = float(total.item())
-        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        norm = _scalar(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+        if not (math.isfinite(step_loss) and math.isfinite(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {norm}"
+            raise NonFiniteError(f"step {state.step + 1} of {settings.max_steps}: the {what} is not finite, so the "
+                                 f"step was not applied (learning rate {optimizer.param_groups[0]['lr']:.3g})")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -182,6 +205,12 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
         if on_step is not None:
             on_step(state)
     return state
+
+
+def _scalar(value: torch.Tensor) -> float:
+    """A 0-d tensor as a float; an FSDP2 DTensor (a sharded model's gradient norm) is gathered first."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if full is not None else value)
 
 
 def _rank_backward(model: nn.Module, examples: list[Example], pad_id: int, rank: int, world: int,
@@ -273,103 +302,3 @@ def throughput(state: TrainState) -> str:
 
 def should_save(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0 and not math.isclose(step, 0))
-
-
-# ---- checkpoints: the adapter in PEFT format plus the optimizer, schedule and position -----------------------
-def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, state: TrainState,
-                    folder: Path) -> None:
-    """Write ``folder`` atomically: adapter files and ``trainer_state.pt`` (tensors and numbers only).
-
-    Under torchrun every rank must call it with the PeftModel (DDP's ``.module``): rank 0 writes. An
-    FSDP2-sharded model's adapter and optimizer state are gathered whole first, and the optimizer state is
-    stored in the single-process layout, so a checkpoint resumes with any process count, sharded or not.
-    """
-    from .atomic import replace_folder
-    from .distributed import is_sharded
-
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    sharded = distributed and is_sharded(model)
-    if sharded:
-        from . import io
-        from .distributed import full_adapter_state_dict
-
-        gathered = {name: full_adapter_state_dict(model, name) for name in model.peft_config}
-        optimizer_state = _full_optimizer_state(model, optimizer)
-    if rank == 0:
-        def write(staging: Path) -> None:
-            if sharded:
-                io.save_adapters(model, staging / "adapter", None, True, "auto", gathered=gathered)
-            else:
-                model.save_pretrained(staging / "adapter")
-            torch.save({"optimizer": optimizer_state if sharded else optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": state.step, "tokens": state.tokens,
-                        "seconds": state.seconds, "losses": state.losses}, staging / "trainer_state.pt")
-
-        replace_folder(folder, write)
-    if distributed:
-        torch.distributed.barrier()
-
-
-def _trainable_names(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
-def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The sharded optimizer's state, gathered, re-keyed by parameter index as ``optimizer.state_dict()``."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-    )
-
-    full = get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    index = {name: i for i, name in enumerate(_trainable_names(model))}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full.get("param_groups", [])]
-    return {"state": {index[n]: v for n, v in full.get("state", {}).items()}, "param_groups": groups}
-
-
-def _load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
-
-    names = _trainable_names(model)
-    full = {"state": {names[int(i)]: v for i, v in saved["state"].items()},
-            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
-
-
-def load_trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object,
-                       folder: Path) -> TrainState:
-    """Restore optimizer, schedule and position from ``folder/trainer_state.pt`` (sharded models too).
-
-    Raises:
-        ValueError: the checkpoint does not match this configuration or is damaged.
-    """
-    from .distributed import is_sharded
-
-    try:
-        saved = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        if is_sharded(model):
-            _load_sharded_optimizer(model, optimizer, saved["optimizer"])
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-    except (OSError, RuntimeError, KeyError, ValueError, IndexError) as error:
-        raise ValueError(f"checkpoint {folder} is damaged or from another configuration ({error})") from None
-    return TrainState(saved["step"], saved["tokens"], saved["seconds"], [tuple(x) for x in saved["losses"]])
-
-
-def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, folder: Path,
-                    adapter_name: str = "default") -> TrainState:
-    """Restore adapter weights, optimizer and schedule from ``folder`` (validated; no pickled code runs).
-
-    Raises:
-        ValueError: the checkpoint does not match this model or is damaged.
-    """
-    from .io import read_weights, set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, read_weights(folder / "adapter"), adapter_name)
-    return load_trainer_state(model, optimizer, scheduler, folder)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,6 +23,7 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    requires: tuple[str, ...] = ("transformers",)  # modules checked before ``run`` (see guard.check_dependencies)
 
 
 COMMANDS: dict[str, Command] = {}
@@ -32,8 +34,23 @@ def register(name: str, command: Command) -> Command:
     return command
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default: argparse's own "(default: X)", unless the help text already
+    says its default in words (options whose default is computed, like "the embedded SmolLM2")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
+    """argparse, but a usage error is one line on stderr and exit status 2, and --help shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -75,10 +92,21 @@ LORA_FLAGS: dict[str, tuple[Any, str]] = {
 }
 
 
-def add_lora_flags(parser: argparse.ArgumentParser) -> None:
+# what a LoraConfig default of None means, for --help
+UNSET_MEANS = {"exclude_modules": "nothing excluded", "modules_to_save": "none",
+               "layers_to_transform": "every layer", "target_modules": "the architecture's default targets"}
+
+
+def add_lora_flags(parser: argparse.ArgumentParser, recipe: dict[str, Any], recipe_name: str) -> None:
+    """One flag per ``LORA_FLAGS`` field; its help shows the recipe's value, else LoraConfig's default."""
     group = parser.add_argument_group("LoRA settings (override --config and the defaults)")
-    group.add_argument("--config", type=Path, help="a LoraConfig JSON file (adapter_config.json works)")
-    for field, (kind, help_text) in LORA_FLAGS.items():
+    group.add_argument("--config", type=Path, help="a LoraConfig JSON file (adapter_config.json works) "
+                                                   "(default: none, the recipe and flags only)")
+    library = {f.name: f.default for f in dataclasses.fields(LoraConfig) if f.default is not dataclasses.MISSING}
+    for field, (kind, text) in LORA_FLAGS.items():
+        shown = (f"{_show(recipe[field])}, {recipe_name}" if field in recipe
+                 else UNSET_MEANS.get(field, "") if library.get(field) is None else _show(library[field]))
+        help_text = f"{text} (default: {shown})"
         flags = ["--" + field.replace("_", "-")]
         if field == "r":  # torchrun's parser takes a bare --r for an abbreviation of its own flags
             flags.append("--lora-r")
@@ -86,6 +114,10 @@ def add_lora_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(*flags, dest=field, type=kind, default=None, help=help_text)
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def lora_config(args: argparse.Namespace, defaults: dict[str, Any]) -> LoraConfig:
@@ -116,3 +148,31 @@ def existing_folder(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder")
     return path
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += _parsers(child)
+    return found
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations the command line sets itself (not left at their defaults), e.g. {"lr", "output"}.
+
+    Parses ``argv`` again with every default swapped for a marker: what still holds the marker was not given.
+    (``--resume`` needs this: a flag given equal to its default is still the user's choice.)
+    """
+    unset = object()
+    saved = [(action, action.default) for p in _parsers(parser) for action in p._actions
+             if action.dest not in (argparse.SUPPRESS, "help")]
+    for action, _ in saved:
+        action.default = unset
+    try:
+        namespace = parser.parse_args(list(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+    return {name for name, value in vars(namespace).items() if value is not unset}

@@ -302,6 +302,19 @@ def _table_note(config: object) -> str:
             f"activations include the allocator's slack; runtime is libraries and tokenizer{family})")
 
 
+def train_default_note(settings: dict, examples: int) -> str:
+    """How the plan compares with ``lorakit train``'s fixed default recipe, and why they differ."""
+    fields = ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules")
+    differ = [f"{name}={settings.get(name)} here, {TRAIN_RECIPE.get(name)} there" for name in fields
+              if settings.get(name) != TRAIN_RECIPE.get(name)]
+    if not differ:
+        return "This is lorakit train's default recipe: `lorakit train` with no LoRA flags trains exactly this."
+    return (f"lorakit train's default recipe ({_describe(SFT_RECIPE)}) differs: {'; '.join(differ)}. The "
+            f"default is one fixed recipe for any data and model (the common SFT starting point), while this plan "
+            f"sizes it to {examples:,d} examples and this model; give lorakit train the plan's values as flags "
+            "(--r, --lora-dropout, ...) to train the plan.")
+
+
 def train_command(args: argparse.Namespace, settings: dict, setup: Setup) -> str:
     """The ``lorakit train`` line that trains the plan (causal LM only: lorakit train fine-tunes causal LMs)."""
     parts = ["lorakit train"] + ([f"--model {args.model}"] if args.model else [])
@@ -320,7 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="a local transformers model folder; only config.json is read "
                                                    "(default: the embedded SmolLM2-135M-Instruct)")
-    source.add_argument("--preset", choices=list(PRESETS), help="a built-in config of a common model")
+    source.add_argument("--preset", choices=list(PRESETS), help="a built-in config of a common model (default: none, --model or the embedded SmolLM2)")
     parser.add_argument("--task", choices=list(TASKS), help="default: classification for encoders, else causal-lm")
     parser.add_argument("--memory", default="24GB", help="memory budget: 24GB (10^9), 24GiB or 24G (2^30), 512MiB, "
                                                          "1.5T (default 24GB)")
@@ -372,6 +385,8 @@ def run(args: argparse.Namespace) -> int:
           f"({format_bytes(budget)})\n\nRecommended LoRA configuration:")
     print("\n".join("    " + line for line in format_config(advice.settings)))
     print("\nWhy:\n" + "\n".join(f"  - {reason}" for reason in advice.reasons + [base_reason]))
+    if task == "causal-lm":
+        print("\n" + train_default_note(advice.settings, args.examples))
     print(f"\ntrainable params: {counts.trainable:,d} || all params: {counts.base + counts.trainable:,d} || "
           f"trainable%: {100 * counts.trainable / (counts.base + counts.trainable):.4f}")
     checkpointing = " with gradient checkpointing" if shown.gradient_checkpointing else ""

@@ -5,6 +5,11 @@ pairs with the common SFT recipe (r=64, alpha=16, dropout 0.1, all seven project
 the replies only; evaluates held-out loss and prints two sample answers before and after; saves the
 adapter (PEFT format), a loss-curve PNG and metrics.json into --output.
 
+A run is never thrown away: the output folder is checked and locked before the model loads; a NaN or
+infinite loss stops the run at once and keeps the last good checkpoint; Ctrl-C / SIGTERM stop between
+steps and save a checkpoint; ``--resume`` restores the weights, optimizer, schedule, random-number
+states and settings, so it continues exactly (``resume.py`` says what a changed flag means).
+
 Under ``torchrun --nproc-per-node=N`` (WORLD_SIZE > 1) it trains data-parallel: DDP by default, FSDP2 with
 --fsdp; --batch-size stays the global batch, each rank taking its rows of every micro-batch, so the run
 matches one process up to float error. Rank 0 alone prints and writes files.
@@ -16,60 +21,76 @@ import argparse
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import (
+    STATE_FILE,
+    load_trainer_state,
+    read_checkpoint,
+    reschedule,
+    restore_rng,
+    save_checkpoint,
+    set_peak_lr,
+)
+from ..config import LoraConfig
 from ..model import get_peft_model
 from ..training import (
+    NonFiniteError,
     PeakMemory,
     TrainSettings,
     TrainState,
     evaluate,
-    load_trainer_state,
     make_optimizer,
-    peak_rss_mb,
-    plot_losses,
     rss_mb,
     sample_answers,
-    save_checkpoint,
     should_save,
-    throughput,
     train_loop,
 )
+from . import resume
 from .common import CliError, Command, add_lora_flags, lora_config, register
+from .guard import StopSignals, check_dependencies, claim_output, disk_full, free_space_problem
+from .train_report import finish, print_samples, what_next
 
 SFT_RECIPE = dict(task_type="CAUSAL_LM", r=64, lora_alpha=16, lora_dropout=0.1, use_rslora=True,
                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 SAMPLE_PROMPTS = ["What is a computer virus?", "Do you like to read books?"]
 HELD_OUT = 64
+# bytes on disk per trainable parameter: final adapter, checkpoint adapter and AdamW's two moments, with
+# the old checkpoint kept until the new one is whole (fp32: 4 bytes each)
+DISK_BYTES_PER_PARAMETER = 4 * (1 + 2 * 3)
+DEFAULT_LR = 2e-4
+CONFIG_ONLY = ("peft_version", "inference_mode", "auto_mapping")  # LoraConfig.to_dict fields a run never sets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, help="a local transformers model folder (default: embedded SmolLM2)")
+    parser.add_argument("--model", type=Path, help="a local transformers model folder "
+                                                   "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--data", type=Path, help="JSONL of {prompt, response} or {messages} rows "
-                                                  "(default: English chatterbot-corpus)")
+                                                  "(default: the English chatterbot-corpus pairs)")
     parser.add_argument("--output", type=Path, default=Path("out/lorakit-train"), help="output folder")
-    parser.add_argument("--max-steps", type=int, default=80, help="optimizer steps (default 80)")
-    parser.add_argument("--epochs", type=float, help="train this many passes over the data instead of --max-steps")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=80, help="optimizer steps")
+    parser.add_argument("--epochs", type=float, help="train this many passes over the data instead of --max-steps "
+                                                     "(default: unset, --max-steps counts)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (longer are cut)")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (AdamW, warmup then linear decay)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the adapter init, data split and order")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantize the frozen base to 4 bits")
-    parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <output>/checkpoint with its settings (flags given override them)")
     parser.add_argument("--time-limit", type=float, default=420.0,
-                        help="seconds of training before stopping early with a note (default 420; 0: none)")
+                        help="seconds of training before stopping early with a note (0: none)")
     parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--samples", type=int, default=2, help="sample answers printed before and after (0: none)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the model with FSDP2 instead of replicating it with DDP")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
-                        help="with --fsdp on bf16-capable CUDA GPUs: compute in bf16, reduce in fp32 (default no)")
-    add_lora_flags(parser)
+                        help="with --fsdp on bf16-capable CUDA GPUs: compute in bf16, reduce in fp32")
+    add_lora_flags(parser, SFT_RECIPE, "the SFT recipe")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -110,16 +131,18 @@ def _load(args: argparse.Namespace) -> tuple[object, object, Path]:
     return model, tokenizer, folder
 
 
-def _rows(args: argparse.Namespace) -> list[dict]:
+def _rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows), split before the model loads so a data problem costs no time."""
     from ..embedded import chatterbot_pairs
-    from ..sft import read_jsonl
+    from ..sft import read_jsonl, split
 
-    return read_jsonl(args.data) if args.data is not None else chatterbot_pairs()
-
-
-def _print_samples(label: str, prompts: list[str], answers: list[str]) -> None:
-    for prompt, answer in zip(prompts, answers, strict=True):
-        print(f"  [{label}] Q: {prompt}\n  [{label}] A: {answer}")
+    rows = read_jsonl(args.data) if args.data is not None else chatterbot_pairs()
+    train_rows, held_rows = split(rows, HELD_OUT, args.seed)
+    if not train_rows:
+        raise CliError(f"--data {args.data} has {len(rows)} row(s), and every one went to the held-out split "
+                       f"(10% of the rows, at least 1, at most {HELD_OUT}, for the before/after loss), leaving "
+                       "none to train on; give at least 2 rows (a few hundred to learn something)")
+    return train_rows, held_rows
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
@@ -143,25 +166,83 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
     if args.mixed_precision != "no" and not args.fsdp:
         raise CliError("--mixed-precision applies to FSDP2: add --fsdp (and launch with torchrun on CUDA GPUs)")
+    _check(args)
+    if args.model is None and not args.resume:
+        from ..embedded import is_converted
+
+        if not is_converted():  # the first use converts the embedded GGUF file, which needs gguf
+            check_dependencies("train", ("gguf",))
     rank, world, device = _init_distributed()
     try:
         with contextlib.ExitStack() as stack:
             if rank != 0:  # one log: the other ranks print nothing
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-            return _run(args, rank, world, device)
+            with claim_output(args.output, enabled=rank == 0):
+                try:
+                    return _run(args, rank, world, device)
+                except Exception as error:  # a full disk, however the writer words it, is one clear line
+                    message = disk_full(error, args.output)
+                    if message is None:
+                        raise
+                    raise CliError(f"{message}; {_last_checkpoint(args.output)}") from None
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
+def _last_checkpoint(output: Path) -> str:
+    try:
+        step = json.loads((output / "checkpoint" / STATE_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint had been saved yet, so start again"
+    return f"the last good checkpoint (step {step}) is kept in {output / 'checkpoint'}: continue with --resume"
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict | None, list[str], LoraConfig]:
+    """(the checkpoint's state or None, notes on settings changed on resume, the LoRA config).
+
+    On --resume the checkpoint's settings fill ``args`` first: they decide the config, the data and the model.
+
+    Raises:
+        CliError: a setting that cannot change on resume; CheckpointError: no usable checkpoint.
+    """
+    saved, notes = None, []
+    if args.resume:
+        saved, _ = read_checkpoint(args.output / "checkpoint")
+        notes = resume.apply(args, saved["run"], args.given)
+        recipe = {k: v for k, v in saved["run"]["lora"].items() if k not in CONFIG_ONLY}
+    else:
+        recipe = dict(SFT_RECIPE)
+        if args.model is None:  # name the base by its hub id, which resolves anywhere (embedded.SMOLLM2_HUB_ID)
+            from ..embedded import SMOLLM2_HUB_ID
+
+            recipe["base_model_name_or_path"] = SMOLLM2_HUB_ID
+    return saved, notes, lora_config(args, recipe)  # invalid LoRA settings fail before anything is loaded
+
+
+def _before(peft_model: torch.nn.Module, tokenizer: object, held_set: list, prompts: list[str], batch_size: int,
+            evaluating: bool, saved: dict | None) -> tuple[float, list[str]]:
+    """The untrained model's held-out loss and answers: measured, or on resume as the checkpoint recorded them."""
+    if saved is not None:
+        before, answers = saved["run"]["held_out_loss_before"], saved["run"]["samples_before"][: len(prompts)]
+        print(f"held-out loss before training: {before:.4f} (the untrained model's, recorded in the checkpoint)")
+    else:
+        before = evaluate(peft_model, held_set, batch_size, tokenizer.pad_token_id) if evaluating else 0.0
+        answers = _sample(peft_model, tokenizer, prompts) if evaluating else []
+        print(f"held-out loss before training: {before:.4f}")
+    if evaluating:
+        print_samples("before", prompts[: len(answers)], answers)
+    return before, answers
+
+
 def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     from tqdm.auto import tqdm
 
-    from ..sft import encode_all, split
+    from ..sft import encode_all
 
-    _check(args)
-    config = lora_config(args, SFT_RECIPE)  # invalid LoRA settings fail before anything is loaded
-    rows = _rows(args)
+    output = args.output
+    saved, notes, config = _settings(args)
+    train_rows, held_rows = _rows(args)
     import transformers  # noqa: F401  (imported before the baseline so only model memory is counted)
 
     baseline = rss_mb()
@@ -173,72 +254,100 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     print(f"model {folder}: {type(model).__name__}; LoRA r={config.r} alpha={config.lora_alpha} "
           f"dropout={config.lora_dropout} rslora={config.use_rslora} targets={sorted(config.target_modules)}")
     peft_model.print_trainable_parameters()
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    problem = free_space_problem(output, trainable * DISK_BYTES_PER_PARAMETER) if rank == 0 else None
+    if problem:
+        raise CliError(problem)
 
-    train_rows, held_rows = split(rows, HELD_OUT, args.seed)
     train_set = encode_all(tokenizer, train_rows, args.max_length)
     held_set = encode_all(tokenizer, held_rows, args.max_length)
     if not train_set:
-        raise CliError("no training example has a reply token left after --max-length truncation")
+        raise CliError(f"none of the {len(train_rows)} training rows has a reply token left after cutting to "
+                       f"--max-length {args.max_length}; raise --max-length or shorten the prompts")
     steps = args.max_steps
     if args.epochs is not None:
         steps = max(1, round(args.epochs * len(train_set) / (args.batch_size * args.grad_accum)))
+    if saved is not None and steps != saved["run"]["settings"]["max_steps"] and "max_steps" not in args.given:
+        notes.append(f"--epochs {args.epochs} = {steps} steps (was {saved['run']['settings']['max_steps']}): "
+                     + resume.CHANGEABLE["max_steps"])
     settings = TrainSettings(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                              seed=args.seed, save_every=args.save_every, time_limit=args.time_limit or None)
     print(f"data: {len(train_set)} training and {len(held_set)} held-out examples; {steps} steps of "
           f"{args.batch_size}x{args.grad_accum} examples ({steps * args.batch_size * args.grad_accum / len(train_set):.2f} epochs)")
 
-    output = args.output
-    if args.resume:  # the adapter goes in before wrapping or sharding, the optimizer state after
-        if not (output / "checkpoint" / "trainer_state.pt").is_file():
-            raise CliError(f"--resume: no checkpoint in {output / 'checkpoint'}")
+    if saved is not None:  # the adapter goes in before wrapping or sharding, the optimizer state after
         from ..io import read_weights, set_peft_model_state_dict
 
         set_peft_model_state_dict(peft_model, read_weights(output / "checkpoint" / "adapter"))
-    train_model = peft_model
-    if world > 1:
-        peft_model.to(device)
-        if args.fsdp:
-            from ..distributed import shard
-
-            shard(peft_model, mixed_precision=args.mixed_precision)
-        else:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                peft_model, device_ids=[device.index] if device.type == "cuda" else None)
-        print(f"distributed: {world} processes, {'FSDP2' if args.fsdp else 'DDP'} on {device.type}; "
-              f"each optimizer step takes the global batch of {args.batch_size}x{args.grad_accum}")
+    train_model = _distribute(peft_model, args, world, device)
     optimizer, scheduler = make_optimizer(peft_model, settings)
     state = TrainState()
-    if args.resume:
+    if saved is not None:
         state = load_trainer_state(peft_model, optimizer, scheduler, output / "checkpoint")
-        print(f"resumed from {output / 'checkpoint'} at step {state.step}")
+        set_peak_lr(scheduler, args.lr) if "lr" in args.given else reschedule(scheduler)
+        print(f"resumed from {output / 'checkpoint'} at step {state.step} of {steps} with its settings"
+              + ("; changed: " + "; ".join(notes) if notes else ""))
 
     # held-out loss and samples: FSDP2 needs every rank in each forward; DDP's rank 0 runs the bare model
     evaluating = args.fsdp or rank == 0
     prompts = SAMPLE_PROMPTS[: args.samples]
-    loss_before = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id) if evaluating else 0.0
-    print(f"held-out loss before training: {loss_before:.4f}")
-    if evaluating:
-        _print_samples("before", prompts, _sample(peft_model, tokenizer, prompts))
+    before, answers = _before(peft_model, tokenizer, held_set, prompts, args.batch_size, evaluating, saved)
+    record = {**resume.record(args, steps, config.to_dict()), "held_out_loss_before": before,
+              "samples_before": answers}
 
     def checkpoint(current: TrainState) -> None:
-        if should_save(current.step, settings.save_every, settings.max_steps):
-            save_checkpoint(peft_model, optimizer, scheduler, current, output / "checkpoint")
+        save_checkpoint(peft_model, optimizer, scheduler, current, output / "checkpoint", record)
 
-    with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
-              disable=rank != 0) as bar, PeakMemory() as memory:
-        train_loop(train_model, train_set, settings, tokenizer.pad_token_id, state, optimizer, scheduler,
-                   progress=bar, on_step=checkpoint, rank=rank, world=world)
+    def on_step(current: TrainState) -> None:
+        if should_save(current.step, settings.save_every, steps):
+            checkpoint(current)
 
+    stop = StopSignals()
+    restore_rng(state.rng)  # last, so nothing above (init, eval, sampling) shifts the generators
+    try:
+        with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
+                  disable=rank != 0) as bar, PeakMemory() as memory, stop:
+            train_loop(train_model, train_set, settings, tokenizer.pad_token_id, state, optimizer, scheduler,
+                       progress=bar, on_step=on_step, rank=rank, world=world, interrupt=stop)
+    except NonFiniteError as error:
+        raise CliError(f"training diverged: {error}. Nothing from that step was saved; {_last_checkpoint(output)} "
+                       f"with a lower --lr (now {args.lr:g}; the default is {DEFAULT_LR:g})") from None
+    if state.interrupted:
+        checkpoint(state)
+        print(f"{state.stopped_early}: checkpoint saved in {output / 'checkpoint'}; continue with:\n"
+              f"    lorakit train --output {output} --resume")
+        return 130
     if state.stopped_early:
         print(f"note: {state.stopped_early}; the adapter is saved as trained so far (a 2-core CPU does about "
               "2-4 s per step of the default recipe)")
-        save_checkpoint(peft_model, optimizer, scheduler, state, output / "checkpoint")
-    loss_after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id) if evaluating else 0.0
-    print(f"held-out loss after training: {loss_after:.4f} (before: {loss_before:.4f})")
+        checkpoint(state)
+    after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id) if evaluating else 0.0
+    print(f"held-out loss after training: {after:.4f} (before: {before:.4f})")
     if evaluating:
-        _print_samples("after", prompts, _sample(peft_model, tokenizer, prompts))
-    _finish(peft_model, state, output, loss_before, loss_after, (baseline, memory.peak), folder, rank, world)
+        print_samples("after", prompts, _sample(peft_model, tokenizer, prompts))
+    finish(peft_model, state, output, before, after, (baseline, memory.peak), folder, rank, world)
+    if rank == 0:
+        print(what_next(output / "adapter", str(folder), SAMPLE_PROMPTS[0]))
     return 0
+
+
+def _distribute(peft_model: torch.nn.Module, args: argparse.Namespace, world: int,
+                device: torch.device) -> torch.nn.Module:
+    """The model the loop trains: the PeftModel itself, DDP around it, or it sharded in place by FSDP2."""
+    if world <= 1:
+        return peft_model
+    peft_model.to(device)
+    train_model = peft_model
+    if args.fsdp:
+        from ..distributed import shard
+
+        shard(peft_model, mixed_precision=args.mixed_precision)
+    else:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            peft_model, device_ids=[device.index] if device.type == "cuda" else None)
+    print(f"distributed: {world} processes, {'FSDP2' if args.fsdp else 'DDP'} on {device.type}; "
+          f"each optimizer step takes the global batch of {args.batch_size}x{args.grad_accum}")
+    return train_model
 
 
 def _sample(peft_model: object, tokenizer: object, prompts: list[str]) -> list[str]:
@@ -254,30 +363,6 @@ def _sample(peft_model: object, tokenizer: object, prompts: list[str]) -> list[s
         peft_model.reshard()
 
 
-def _finish(peft_model: object, state: TrainState, output: Path, before: float, after: float,
-            memory: tuple[float, float], folder: Path, rank: int = 0, world: int = 1) -> None:
-    from ..distributed import is_sharded
-
-    if world > 1 and is_sharded(peft_model):
-        peft_model.save_pretrained(output / "adapter", is_main_process=rank == 0)  # every rank gathers
-    if rank != 0:
-        return
-    output.mkdir(parents=True, exist_ok=True)
-    if not (world > 1 and is_sharded(peft_model)):
-        peft_model.save_pretrained(output / "adapter")
-    plot_losses(state.losses, [(0, before), (state.step, after)], output / "loss.png",
-                f"LoRA on {Path(folder).name}")
-    metrics = {"held_out_loss_before": before, "held_out_loss_after": after, "steps": state.step,
-               "tokens": state.tokens, "train_seconds": state.seconds, "baseline_rss_mib": memory[0],
-               "train_peak_rss_mib": memory[1], "train_memory_mib": memory[1] - memory[0],
-               "process_peak_rss_mib": peak_rss_mb(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"training: {throughput(state)}; memory while training {metrics['train_memory_mib']:.0f} MiB "
-          f"above the {memory[0]:.0f} MiB before the model was loaded")
-    print(f"adapter (PEFT format): {output / 'adapter'}")
-    print(f"loss curve: {output / 'loss.png'}")
-    print(f"metrics: {output / 'metrics.json'}")
-
-
 COMMAND = register("train", Command(help="fine-tune a causal LM with LoRA (default: SmolLM2-135M on chatterbot)",
-                                    add_arguments=add_arguments, run=run))
+                                    add_arguments=add_arguments, run=run,
+                                    requires=("transformers", "tqdm", "matplotlib", "yaml", "safetensors")))
