@@ -250,4 +250,11 @@ def register_auto_loading(module: ModuleType) -> None:
             return original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
         return from_pretrained
 
-    replace(module._BaseAutoModelClass, "from_pretrained", wrap)
+    # Each AutoModel* class holds its own copy of the method (transformers' ``auto_class_update``): classes made
+    # from now on copy the registered one; those made already are registered one by one.
+    pending = [module._BaseAutoModelClass]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if "from_pretrained" in vars(cls):
+            replace(cls, "from_pretrained", wrap)
