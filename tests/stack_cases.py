@@ -55,8 +55,10 @@ def _dataset():  # noqa: ANN202 - a datasets.Dataset, with a column the model's 
                               "text": ["unused"] * len(ids)})
 
 
-def _finish(out: Path, model: torch.nn.Module, before: float, trainable_before: dict[str, torch.Tensor],
+def _finish(out: Path, trainer: object, before: float, trainable_before: dict[str, torch.Tensor],
             rows: torch.Tensor = ROWS[:4]) -> None:
+    # without accelerate's bf16 autocast wrapper: the reference logits are float32 ones
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     after = _batch_loss(model, rows)
     params = dict(model.named_parameters())
     change = max((params[n].detach().float() - w).abs().max().item() for n, w in trainable_before.items())
@@ -89,7 +91,7 @@ def _train(model: torch.nn.Module, out: Path, **arguments: object) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=_dataset())
     trainer.train()
     trainer.save_model(str(out / "adapter"))
-    _finish(out, model, before, weights)
+    _finish(out, trainer, before, weights)
 
 
 def trainer_default(model_dir: Path, out: Path) -> None:
@@ -119,7 +121,7 @@ def _sft(model: object, out: Path, tokenizer_dir: Path, **kwargs: object) -> Non
         before, weights = _batch_loss(trainer.model, batch), _trainable(trainer.model)
         trainer.train()
         trainer.save_model(str(out / "adapter"))
-        _finish(out, trainer.model, before, weights, batch)
+        _finish(out, trainer, before, weights, batch)
 
 
 def sft_model(model_dir: Path, out: Path) -> None:
@@ -169,6 +171,33 @@ CASES: dict[str, Callable[[Path, Path], None]] = {
     "sft_peft_config": sft_peft_config,
     "transformers_add_adapter": transformers_add_adapter,
 }
+
+
+def check(model_dir: Path, case_dir: Path) -> None:
+    """Assert what every case must show: training lowered the loss and moved the adapter; the folder is a PEFT
+    adapter folder (no base weights) that peft and lorakit load to the trained model's logits, as did
+    transformers' ``load_adapter`` and ``from_pretrained`` in the run."""
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    result = json.loads((case_dir / "result.json").read_text())
+    assert result["after"] < result["before"] - 0.05, result
+    assert result["change"] > 0.01, result
+    folder = case_dir / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "model.safetensors").exists()
+    keys = load_file(folder / "adapter_model.safetensors").keys()
+    assert len(keys) == 8 and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in keys), keys
+    expected = torch.load(case_dir / "logits.pt")
+    for loader in (peft.PeftModel.from_pretrained, lorakit.PeftModel.from_pretrained):
+        loaded = loader(AutoModelForCausalLM.from_pretrained(model_dir), str(folder)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=PROBE).logits, expected, atol=2e-5, rtol=1e-5)
+    for name in ("loaded", "from_pretrained"):
+        torch.testing.assert_close(torch.load(case_dir / f"{name}.pt"), expected, atol=2e-5, rtol=1e-5)
 
 
 def run(model_dir: Path, out: Path, names: list[str]) -> None:
