@@ -1,15 +1,27 @@
-"""lorakit models under transformers.Trainer: LoraTrainer writes adapter-only checkpoints and resumes them."""
+"""lorakit models under transformers.Trainer and a transformers model's own adapter API, with peft installed and
+in a child process where it is not (no_peft.py): default arguments (columns kept by the wrapped forward's
+signature), bf16 with gradient checkpointing, ``add_adapter(lorakit.LoraConfig)``, ``save_model`` folders
+that peft / lorakit / ``load_adapter`` / ``from_pretrained(adapter_dir)`` load to the trained logits, and
+adapter-only checkpoints that resume exactly."""
 
 from __future__ import annotations
 
+import copy
+import inspect
+
 import pytest
+import stack_cases
 import torch
+from no_peft import run as run_without_peft
 from safetensors.torch import load_file
 from tiny_lm import save_tiny_llm
 from transformers import AutoModelForCausalLM, TrainingArguments
 
+import lorakit
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.hf_trainer import LoraTrainer
+
+CASES = ["trainer_default", "trainer_bf16_checkpointing", "transformers_add_adapter"]
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +64,91 @@ def test_adapter_only_checkpoints_and_exact_resume(model_dir, tmp_path):
     assert final.keys() == again.keys()
     for name in final:
         torch.testing.assert_close(again[name], final[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, tmp_path_factory):
+    with_peft, without = tmp_path_factory.mktemp("with_peft"), tmp_path_factory.mktemp("without_peft")
+    stack_cases.run(model_dir, with_peft, CASES)
+    child = run_without_peft(f"import stack_cases, pathlib\nstack_cases.run(pathlib.Path({str(model_dir)!r}), "
+                             f"pathlib.Path({str(without)!r}), {CASES!r})", without)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-6000:]
+    return {"peft": with_peft, "no_peft": without}
+
+
+@pytest.mark.parametrize("mode", ["peft", "no_peft"])
+@pytest.mark.parametrize("case", CASES)
+def test_trainer_trains_saves_and_loads(runs, model_dir, case, mode):
+    stack_cases.check(model_dir, runs[mode] / case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_adapter_with_and_without_peft(runs, case):
+    with_peft, without = (load_file(runs[m] / case / "adapter" / "adapter_model.safetensors") for m in runs)
+    assert with_peft.keys() == without.keys()
+    for key in with_peft:
+        torch.testing.assert_close(without[key], with_peft[key], atol=1e-6, rtol=1e-6)
+
+
+def test_add_adapter_and_trainer_give_the_same_training_as_get_peft_model(runs):
+    """Same seed, same init: the two routes train the same numbers."""
+    for mode in runs:
+        wrapped, native = (load_file(runs[mode] / c / "adapter" / "adapter_model.safetensors")
+                           for c in ("trainer_default", "transformers_add_adapter"))
+        assert wrapped.keys() == native.keys()
+        for key in wrapped:
+            torch.testing.assert_close(native[key], wrapped[key], atol=1e-6, rtol=1e-6)
+
+
+def test_forward_signature_is_the_wrapped_forward_plus_adapter_names(model_dir):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    wanted = list(inspect.signature(base.forward).parameters)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=2))
+    parameters = inspect.signature(model.forward).parameters
+    assert [p for p in parameters if p != "adapter_names"] == wanted
+    assert parameters["adapter_names"].kind is inspect.Parameter.KEYWORD_ONLY
+    twin = copy.deepcopy(model)  # the bound forward follows the copy
+    assert twin.forward.__self__ is twin and list(inspect.signature(twin.forward).parameters) == list(parameters)
+    ids = torch.tensor([[13, 20, 31]])
+    torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_transformers_adapter_api_on_lorakit(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[13, 20, 31, 14]])
+    plain = model(input_ids=ids).logits
+    model.add_adapter(LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj"]))
+    model.add_adapter(LoraConfig(r=2, init_lora_weights=False, target_modules=["v_proj"]), adapter_name="other")
+    assert model.active_adapters() == ["other"] and set(model.peft_config) == {"default", "other"}
+    assert all(p.requires_grad == ("lora_" in n and ".other." in n) for n, p in model.named_parameters())
+    with_other = model(input_ids=ids).logits
+    model.disable_adapters()
+    torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)
+    model.enable_adapters()
+    torch.testing.assert_close(model(input_ids=ids).logits, with_other, atol=0, rtol=0)
+    state = model.get_adapter_state_dict("default")
+    assert sorted(state) == [f"model.layers.{i}.self_attn.q_proj.lora_{m}.weight" for i in (0, 1) for m in "AB"]
+    with pytest.raises(ValueError, match="Adapter with name other already exists"):
+        model.add_adapter(LoraConfig(r=2), adapter_name="other")
+    with pytest.raises(ValueError, match="following adapter.* not present and cannot be deleted: missing"):
+        model.delete_adapter("missing")
+    model.delete_adapter(["default", "other"])  # all of them: plain layers again, as with peft
+    assert not model._hf_peft_config_loaded and not hasattr(model, "peft_config")
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)
+
+
+def test_peft_and_lorakit_adapters_do_not_mix_in_one_model(model_dir):
+    import peft
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.add_adapter(peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already holds peft adapters"):
+        model.add_adapter(LoraConfig(r=2), adapter_name="mine")
+    lorakit_model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lorakit_model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="lorakit implements LoRA only"):
+        lorakit_model.add_adapter(peft.LoraConfig(r=2), adapter_name="theirs")
+    # a peft model and a lorakit model side by side in one process
+    assert isinstance(model.model.layers[0].self_attn.q_proj, peft.tuners.lora.LoraLayer)
+    assert isinstance(lorakit_model.model.layers[0].self_attn.q_proj, lorakit.LoraLayer)
