@@ -152,3 +152,37 @@ def test_peft_and_lorakit_adapters_do_not_mix_in_one_model(model_dir):
     # a peft model and a lorakit model side by side in one process
     assert isinstance(model.model.layers[0].self_attn.q_proj, peft.tuners.lora.LoraLayer)
     assert isinstance(lorakit_model.model.layers[0].self_attn.q_proj, lorakit.LoraLayer)
+
+
+IMPORT_ORDER = {
+    "lorakit_first": "import lorakit, sys\nassert not {'transformers', 'trl', 'accelerate', 'peft'} & set(sys.modules)\n"
+                     "import transformers.trainer, trl.trainer.sft_trainer as sft\n"
+                     "from transformers import AutoModelForCausalLM\n",
+    "lorakit_last": "import transformers.trainer, trl.trainer.sft_trainer as sft\n"
+                    "from transformers import AutoModelForCausalLM\nimport lorakit\n",
+}
+REGISTERED = """
+import transformers.modeling_utils as modeling
+import trl.trainer.dpo_trainer as dpo
+from transformers.integrations.peft import PeftAdapterMixin
+registered = [transformers.trainer._is_peft_model, transformers.Trainer._save, transformers.Trainer._load_from_checkpoint,
+              modeling.maybe_load_adapters, PeftAdapterMixin.add_adapter, PeftAdapterMixin.load_adapter,
+              AutoModelForCausalLM.from_pretrained, sft.add_fused_lm_head, dpo.add_fused_lm_head, sft.SFTTrainer.__init__]
+missing = [f.__qualname__ for f in registered if not hasattr(f, "__lorakit_original__")]
+assert not missing, missing
+"""
+
+
+@pytest.mark.parametrize("order", IMPORT_ORDER)
+def test_registration_holds_in_either_import_order(order):
+    """``import lorakit`` imports none of transformers / TRL / accelerate / peft; whichever comes first, every
+    registration is in place (modules that copied a name before lorakit came are rebound too)."""
+    import subprocess
+    import sys
+
+    from no_peft import ROOT
+
+    result = subprocess.run([sys.executable, "-c", IMPORT_ORDER[order] + REGISTERED], capture_output=True, text=True,
+                            timeout=300, check=False, env={**__import__("os").environ,
+                                                           "PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'tests'}"})
+    assert result.returncode == 0, result.stderr[-3000:]
