@@ -35,18 +35,23 @@ def dataset():
     return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
 
 
-def trainer(model_dir, output, max_steps):
+def trainer(model_dir, output, max_steps, route="get_peft_model"):
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False)
+    if route == "get_peft_model":
+        model = get_peft_model(model, config)
+    else:  # transformers' own adapter API
+        model.add_adapter(config)
     args = TrainingArguments(output_dir=str(output), max_steps=max_steps, per_device_train_batch_size=4,
                              save_steps=2, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
                              data_seed=0, learning_rate=1e-2, logging_steps=1, dataloader_drop_last=True)
     return LoraTrainer(model=model, args=args, train_dataset=dataset())
 
 
-def test_adapter_only_checkpoints_and_exact_resume(model_dir, tmp_path):
-    straight = trainer(model_dir, tmp_path / "straight", 4)
+@pytest.mark.parametrize("route", ["get_peft_model", "add_adapter"])
+def test_adapter_only_checkpoints_and_exact_resume(model_dir, tmp_path, route):
+    straight = trainer(model_dir, tmp_path / "straight", 4, route)
     straight.train()
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     files = {p.name for p in checkpoint.iterdir()}
@@ -57,7 +62,7 @@ def test_adapter_only_checkpoints_and_exact_resume(model_dir, tmp_path):
     # the checkpoint is a PEFT adapter folder lorakit (and peft) load directly
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), checkpoint)
 
-    resumed = trainer(model_dir, tmp_path / "resumed", 4)
+    resumed = trainer(model_dir, tmp_path / "resumed", 4, route)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     final = {n: p.detach() for n, p in straight.model.named_parameters() if p.requires_grad}
     again = {n: p.detach() for n, p in resumed.model.named_parameters() if p.requires_grad}

@@ -9,6 +9,8 @@ Registered by ``lorakit.integrations`` when transformers' trainer modules are im
   "tensors share memory" refusal of a full state dict with tied embeddings.
 - ``Trainer._load_from_checkpoint`` / ``_load_best_model`` put the saved adapters back into the live
   adapters (validated), so ``train(resume_from_checkpoint=...)`` continues exactly.
+- A transformers model whose adapters lorakit manages (``model.add_adapter(lorakit.LoraConfig(...))``) is
+  saved and resumed the same way (transformers itself restores no adapter weights on resume for such a model).
 - ``update_fsdp_plugin_peft`` (peft's wrap policy for FSDP) is skipped for lorakit models.
 
 Anything that is not a lorakit model goes to transformers' own code unchanged.
@@ -29,12 +31,13 @@ from .hooks import replace
 
 
 def lorakit_model(trainer: Any, model: nn.Module | None = None) -> PeftModel | None:
-    """The lorakit PeftModel a Trainer trains (unwrapped from DDP / accelerate / compile), else None."""
+    """The lorakit PeftModel a Trainer trains (unwrapped from DDP / accelerate / compile), or the one managing
+    the adapters of a transformers model (``add_adapter``, see transformers.py), else None."""
     model = trainer.model if model is None else model
     accelerator = getattr(trainer, "accelerator", None)
     if accelerator is not None:
         model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    return model if isinstance(model, PeftModel) else None
+    return model if isinstance(model, PeftModel) else vars(model).get("_lorakit_peft")
 
 
 def register_trainer_utils(module: ModuleType) -> None:
