@@ -160,7 +160,8 @@ def test_peft_and_lorakit_adapters_do_not_mix_in_one_model(model_dir):
 
 
 IMPORT_ORDER = {
-    "lorakit_first": "import lorakit, sys\nassert not {'transformers', 'trl', 'accelerate', 'peft'} & set(sys.modules)\n"
+    "lorakit_first": "import lorakit, sys\n"
+                     "assert not {'transformers', 'trl', 'accelerate', 'peft'} & set(sys.modules)\n"
                      "import transformers.trainer, trl.trainer.sft_trainer as sft\n"
                      "from transformers import AutoModelForCausalLM\n",
     "lorakit_last": "import transformers.trainer, trl.trainer.sft_trainer as sft\n"
@@ -170,9 +171,10 @@ REGISTERED = """
 import transformers.modeling_utils as modeling
 import trl.trainer.dpo_trainer as dpo
 from transformers.integrations.peft import PeftAdapterMixin
-registered = [transformers.trainer._is_peft_model, transformers.Trainer._save, transformers.Trainer._load_from_checkpoint,
-              modeling.maybe_load_adapters, PeftAdapterMixin.add_adapter, PeftAdapterMixin.load_adapter,
-              AutoModelForCausalLM.from_pretrained, sft.add_fused_lm_head, dpo.add_fused_lm_head, sft.SFTTrainer.__init__]
+registered = [transformers.trainer._is_peft_model, transformers.Trainer._save,
+              transformers.Trainer._load_from_checkpoint, modeling.maybe_load_adapters, PeftAdapterMixin.add_adapter,
+              PeftAdapterMixin.load_adapter, AutoModelForCausalLM.from_pretrained, sft.add_fused_lm_head,
+              dpo.add_fused_lm_head, sft.SFTTrainer.__init__]
 missing = [f.__qualname__ for f in registered if not hasattr(f, "__lorakit_original__")]
 assert not missing, missing
 """
@@ -191,3 +193,19 @@ def test_registration_holds_in_either_import_order(order):
                             timeout=300, check=False, env={**__import__("os").environ,
                                                            "PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'tests'}"})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_load_adapter_from_a_state_dict_and_a_lorakit_config(model_dir):
+    """transformers' ``load_adapter(peft_config=..., adapter_state_dict=...)`` with a lorakit config (PEFT file keys)."""
+    torch.manual_seed(0)
+    source = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                            LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    ids = torch.tensor([[13, 20, 31, 14]])
+    expected = source.eval()(input_ids=ids).logits
+    tensors = lorakit.get_peft_model_state_dict(source)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.load_adapter(peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_state_dict=tensors)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())  # is_trainable=False
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="Adapter with name default already exists"):
+        model.load_adapter(peft_config=LoraConfig(r=2), adapter_state_dict=tensors)

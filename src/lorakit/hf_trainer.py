@@ -10,6 +10,8 @@ Usage: ``LoraTrainer(model=get_peft_model(model, config), args=TrainingArguments
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import Trainer, TrainerCallback
 
@@ -28,19 +30,19 @@ class LoraTrainingCheckCallback(TrainerCallback):
         self.done = False
         self.found: list[str] | None = None
 
-    def _check(self, state: object, model: torch.nn.Module | None) -> None:
+    def _check(self, state: Any, model: torch.nn.Module | None) -> None:
         model = getattr(model, "module", model)  # DDP / accelerate wrappers
         if self.done or not isinstance(model, PeftModel) or state.global_step == 0:
             return
         self.done = True
         self.found = check_training(model, steps=state.global_step)
 
-    def on_step_end(self, args: object, state: object, control: object, model: torch.nn.Module | None = None,
+    def on_step_end(self, args: object, state: Any, control: object, model: torch.nn.Module | None = None,
                     **kwargs: object) -> None:
         if state.global_step >= self.after_steps:
             self._check(state, model)
 
-    def on_train_end(self, args: object, state: object, control: object, model: torch.nn.Module | None = None,
+    def on_train_end(self, args: object, state: Any, control: object, model: torch.nn.Module | None = None,
                      **kwargs: object) -> None:
         self._check(state, model)
 
@@ -49,6 +51,6 @@ class LoraTrainer(Trainer):
     """``transformers.Trainer`` plus a ``LoraTrainingCheckCallback`` (warns when a LoRA layer has not moved
     after 10 optimizer steps). Checkpoints and resume are Trainer's own, as registered by lorakit."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_callback(LoraTrainingCheckCallback())

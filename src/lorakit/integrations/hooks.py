@@ -103,7 +103,7 @@ def replace(owner: ModuleType | type, name: str, wrap: Callable[[Any], Callable[
     original = raw.__func__ if is_classmethod else raw
     if hasattr(original, "__lorakit_original__"):
         return
-    wrapper = functools.wraps(original)(wrap(original))
+    wrapper: Any = functools.wraps(original)(wrap(original))
     wrapper.__lorakit_original__ = original
     setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
     if isinstance(owner, ModuleType):

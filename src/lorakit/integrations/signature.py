@@ -47,5 +47,5 @@ def bind_forward_signature(peft_model: nn.Module, wrapped: nn.Module) -> None:
                               function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__
     copy.__qualname__, copy.__doc__, copy.__module__ = function.__qualname__, function.__doc__, function.__module__
-    copy.__signature__ = signature
+    copy.__signature__ = signature  # type: ignore[attr-defined]  # read by inspect.signature
     vars(peft_model)["forward"] = types.MethodType(copy, peft_model)

@@ -46,16 +46,23 @@ def lorakit_of(model: nn.Module) -> PeftModel | None:
     return vars(model).get("_lorakit_peft")
 
 
+def managed(model: nn.Module) -> PeftModel:
+    """``lorakit_of(model)`` where the dispatch guarantees there is one."""
+    peft_model = lorakit_of(model)
+    assert peft_model is not None, "dispatched to lorakit without lorakit adapters"
+    return peft_model
+
+
 def _attach(model: nn.Module, peft_model: PeftModel) -> None:
     object.__setattr__(model, "_lorakit_peft", peft_model)  # not a submodule: it wraps this very model
-    model.peft_config = peft_model.peft_config
-    model._hf_peft_config_loaded = True
+    setattr(model, "peft_config", peft_model.peft_config)  # the same dict, as peft's tuner shares its own
+    setattr(model, "_hf_peft_config_loaded", True)
 
 
 def _detach(model: nn.Module) -> None:
     del vars(model)["_lorakit_peft"]
-    del model.peft_config
-    model._hf_peft_config_loaded = False
+    delattr(model, "peft_config")
+    setattr(model, "_hf_peft_config_loaded", False)
 
 
 def _refuse_mixing(model: nn.Module) -> None:
@@ -111,13 +118,13 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict | N
     if not isinstance(config, LoraConfig) or tensors is None:
         raise ValueError(explain("load_adapter without a folder needs both peft_config and adapter_state_dict",
                                  got=f"peft_config={type(config).__name__}, adapter_state_dict="
-                                     f"{type(tensors).__name__}", expected="a lorakit.LoraConfig and a dict of tensors"))
+                                     f"{type(tensors).__name__}",
+                                 expected="a lorakit.LoraConfig and a dict of tensors"))
     config = LoraConfig.from_dict({**config.to_dict(), "inference_mode": not is_trainable})
     with weights_follow():
         add_adapter(model, config, name)
-    peft_model = lorakit_of(model)
-    set_peft_model_state_dict(peft_model, {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()},
-                              adapter_name=name)
+    keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
+    set_peft_model_state_dict(managed(model), keyed, adapter_name=name)
     if not is_trainable:
         model.eval()
 
@@ -132,31 +139,31 @@ def _local_folder(model_id: str | os.PathLike | None, subfolder: str | None) -> 
 
 
 def set_adapter(self: nn.Module, adapter_name: str | list[str]) -> None:
-    lorakit_of(self).set_adapter(adapter_name)
+    managed(self).set_adapter(adapter_name)
 
 
 def disable_adapters(self: nn.Module) -> None:
-    lorakit_of(self).base_model.disable_adapter_layers()
+    managed(self).base_model.disable_adapter_layers()
 
 
 def enable_adapters(self: nn.Module) -> None:
-    lorakit_of(self).base_model.enable_adapter_layers()
+    managed(self).base_model.enable_adapter_layers()
 
 
 def active_adapters(self: nn.Module) -> list[str]:
-    return list(lorakit_of(self).active_adapters)
+    return list(managed(self).active_adapters)
 
 
 def get_adapter_state_dict(self: nn.Module, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
     """The adapter's tensors keyed as transformers keys them (PEFT's file keys without ``base_model.model.``)."""
-    peft_model = lorakit_of(self)
+    peft_model = managed(self)
     name = adapter_name or peft_model.active_adapters[0]
     state = None if state_dict is None else {PREFIX + k: v for k, v in state_dict.items()}
     return {k[len(PREFIX):]: v for k, v in adapter_state_dict(peft_model, name, state=state).items()}
 
 
 def delete_adapter(self: nn.Module, adapter_names: list[str] | str) -> None:
-    peft_model = lorakit_of(self)
+    peft_model = managed(self)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     missing = [n for n in names if n not in peft_model.peft_config]
     if missing:

@@ -1,4 +1,4 @@
-"""TRL's trainers with lorakit: ``SFTTrainer(model=<lorakit model>)`` and ``SFTTrainer(peft_config=lorakit.LoraConfig)``.
+"""TRL's trainers with lorakit: ``SFTTrainer(model=<lorakit model>)``, ``SFTTrainer(peft_config=lorakit.LoraConfig)``.
 
 Registered by ``lorakit.integrations`` when TRL's modules are imported:
 
