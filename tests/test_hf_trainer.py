@@ -196,7 +196,7 @@ def test_registration_holds_in_either_import_order(order):
 
 
 def test_load_adapter_from_a_state_dict_and_a_lorakit_config(model_dir):
-    """transformers' ``load_adapter(peft_config=..., adapter_state_dict=...)`` with a lorakit config (PEFT file keys)."""
+    """transformers' ``load_adapter(peft_config=..., adapter_state_dict=...)``: a lorakit config, PEFT file keys."""
     torch.manual_seed(0)
     source = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                             LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
