@@ -169,12 +169,11 @@ IMPORT_ORDER = {
 }
 REGISTERED = """
 import transformers.modeling_utils as modeling
-import trl.trainer.dpo_trainer as dpo
 from transformers.integrations.peft import PeftAdapterMixin
 registered = [transformers.trainer._is_peft_model, transformers.Trainer._save,
               transformers.Trainer._load_from_checkpoint, modeling.maybe_load_adapters, PeftAdapterMixin.add_adapter,
               PeftAdapterMixin.load_adapter, AutoModelForCausalLM.from_pretrained, sft.add_fused_lm_head,
-              dpo.add_fused_lm_head, sft.SFTTrainer.__init__]
+              sft.SFTTrainer.__init__]
 missing = [f.__qualname__ for f in registered if not hasattr(f, "__lorakit_original__")]
 assert not missing, missing
 """
