@@ -208,3 +208,23 @@ def test_load_adapter_from_a_state_dict_and_a_lorakit_config(model_dir):
     torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="Adapter with name default already exists"):
         model.load_adapter(peft_config=LoraConfig(r=2), adapter_state_dict=tensors)
+
+
+def test_load_best_model_at_end_puts_the_best_checkpoints_adapter_back(model_dir, tmp_path):
+    from transformers import Trainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, save_steps=2,
+                             eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, report_to=[],
+                             use_cpu=True, learning_rate=1e-2, metric_for_best_model="loss",
+                             greater_is_better=True)  # the loss falls: "best" is the earlier checkpoint, not the last
+    rows = dataset()
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8])
+    trainer.train()
+    best = load_file(f"{trainer.state.best_model_checkpoint}/adapter_model.safetensors")
+    live = lorakit.get_peft_model_state_dict(model)
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2") and best.keys() == live.keys()
+    for key in best:
+        torch.testing.assert_close(live[key], best[key], atol=0, rtol=0)
