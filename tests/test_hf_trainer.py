@@ -228,3 +228,12 @@ def test_load_best_model_at_end_puts_the_best_checkpoints_adapter_back(model_dir
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2") and best.keys() == live.keys()
     for key in best:
         torch.testing.assert_close(live[key], best[key], atol=0, rtol=0)
+
+
+def test_load_adapter_state_dict_that_does_not_fit_changes_nothing(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    source = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    tensors = lorakit.get_peft_model_state_dict(source)
+    with pytest.raises(lorakit.AdapterLoadError, match="missing tensor"):
+        model.load_adapter(peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_state_dict=tensors)
+    assert not model._hf_peft_config_loaded and not any(isinstance(m, lorakit.LoraLayer) for m in model.modules())

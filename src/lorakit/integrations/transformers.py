@@ -19,6 +19,7 @@ Everything else goes to transformers' own code unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from types import ModuleType
@@ -73,6 +74,7 @@ def _refuse_mixing(model: nn.Module) -> None:
 
 # ---- the adapter API, on lorakit ---------------------------------------------------------------------------
 def add_adapter(self: nn.Module, adapter_config: Any, adapter_name: str | None = None) -> None:
+    """Add a trainable adapter and make it the active one (transformers' semantics)."""
     name = adapter_name or "default"
     peft_model = lorakit_of(self)
     if peft_model is None:
@@ -89,6 +91,12 @@ def load_adapter(self: nn.Module, peft_model_id: str | None = None, adapter_name
                  peft_config: Any = None, adapter_state_dict: dict | None = None, low_cpu_mem_usage: bool = False,
                  is_trainable: bool = False, hotswap: bool | str = "auto", local_files_only: bool = False,
                  adapter_kwargs: dict | None = None, load_config: Any = None, **kwargs: Any) -> Any:
+    """Load a local adapter folder (or ``peft_config`` + ``adapter_state_dict``) as ``adapter_name``.
+
+    The first adapter is active; later ones are added inactive (``set_adapter``). Download options
+    (``local_files_only``, ``load_config``'s hub fields, ``adapter_kwargs`` but ``subfolder``) and
+    ``low_cpu_mem_usage`` have nothing to act on for a local folder.
+    """
     name = adapter_name or "default"
     if hotswap is True:
         raise NotImplementedError("load_adapter(hotswap=True) is not supported by lorakit; load the adapter under "
@@ -120,11 +128,15 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict | N
                                  got=f"peft_config={type(config).__name__}, adapter_state_dict="
                                      f"{type(tensors).__name__}",
                                  expected="a lorakit.LoraConfig and a dict of tensors"))
-    config = LoraConfig.from_dict({**config.to_dict(), "inference_mode": not is_trainable})
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
     with weights_follow():
         add_adapter(model, config, name)
     keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
-    set_peft_model_state_dict(managed(model), keyed, adapter_name=name)
+    try:
+        set_peft_model_state_dict(managed(model), keyed, adapter_name=name)
+    except Exception:
+        delete_adapter(model, name)  # a state dict that does not fit leaves the model as it was
+        raise
     if not is_trainable:
         model.eval()
 
@@ -139,6 +151,7 @@ def _local_folder(model_id: str | os.PathLike | None, subfolder: str | None) -> 
 
 
 def set_adapter(self: nn.Module, adapter_name: str | list[str]) -> None:
+    """Activate one adapter, or several whose outputs add."""
     managed(self).set_adapter(adapter_name)
 
 
@@ -163,6 +176,7 @@ def get_adapter_state_dict(self: nn.Module, adapter_name: str | None = None, sta
 
 
 def delete_adapter(self: nn.Module, adapter_names: list[str] | str) -> None:
+    """Delete adapters; deleting all of them puts the model's plain layers back, as transformers does."""
     peft_model = managed(self)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     missing = [n for n in names if n not in peft_model.peft_config]
