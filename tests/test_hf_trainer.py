@@ -237,3 +237,25 @@ def test_load_adapter_state_dict_that_does_not_fit_changes_nothing(model_dir):
     with pytest.raises(lorakit.AdapterLoadError, match="missing tensor"):
         model.load_adapter(peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_state_dict=tensors)
     assert not model._hf_peft_config_loaded and not any(isinstance(m, lorakit.LoraLayer) for m in model.modules())
+
+
+def test_post_import_hook_runs_once_after_the_module_and_survives_find_spec(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from lorakit.integrations.hooks import replace, when_imported
+
+    (tmp_path / "lorakit_hook_probe.py").write_text("def f(x):\n    return x + 1\n")
+    (tmp_path / "lorakit_hook_user.py").write_text("from lorakit_hook_probe import f\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    when_imported("lorakit_hook_probe", lambda module: seen.append(module.f(1)))
+    when_imported("lorakit_hook_probe", lambda module: replace(module, "f", lambda original: lambda x: 2 * original(x)))
+    assert importlib.util.find_spec("lorakit_hook_probe") is not None and seen == []  # looking is not importing
+    import lorakit_hook_probe
+    import lorakit_hook_user
+
+    assert seen == [2] and lorakit_hook_user.f(1) == 4 and lorakit_hook_probe.f.__lorakit_original__(1) == 2
+    assert lorakit_hook_probe.__loader__.__class__.__name__ == "SourceFileLoader"
+    sys.modules.pop("lorakit_hook_probe")
+    sys.modules.pop("lorakit_hook_user")

@@ -37,9 +37,9 @@ def _run(module: ModuleType, hooks: list[Hook]) -> None:
 class _HookedLoader(importlib.abc.Loader):
     """Runs the real loader, then the hooks. The module sees the real loader as its ``__loader__``."""
 
-    def __init__(self, loader: importlib.abc.Loader, hooks: list[Hook]) -> None:
+    def __init__(self, loader: importlib.abc.Loader, name: str) -> None:
         self.loader = loader
-        self.hooks = hooks
+        self.name = name
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
@@ -49,7 +49,9 @@ class _HookedLoader(importlib.abc.Loader):
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader
         self.loader.exec_module(module)
-        _run(module, self.hooks)
+        with _LOCK:  # taken here, not in find_spec: a find_spec without an import must not use up the hooks
+            hooks = _PENDING.pop(self.name, [])
+        _run(module, hooks)
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
@@ -70,7 +72,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
                 return None
             if spec.loader is None or not hasattr(spec.loader, "exec_module"):
                 return spec
-            spec.loader = _HookedLoader(spec.loader, _PENDING.pop(name))
+            spec.loader = _HookedLoader(spec.loader, name)
             return spec
 
 
