@@ -85,3 +85,39 @@ def test_cli_mixed_precision_needs_fsdp(tmp_path: Path) -> None:
                              "--output", str(tmp_path / "out")], env=env, capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode != 0 and "--mixed-precision applies to FSDP2" in result.stdout + result.stderr
+
+
+def test_accelerator_bf16_prepare_keeps_signature_trains_and_unwraps(tmp_path: Path) -> None:
+    """accelerate's bf16 autocast wrapper goes around lorakit's per-instance forward: the signature still names
+    the wrapped model's arguments, a step lowers the loss, and unwrapping gives lorakit's forward back."""
+    import inspect
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from stack_cases import ROWS, reference_ops
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm.save_tiny_llm(tmp_path / "model")),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+    lorakit_forward = model.forward
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        assert {"input_ids", "labels", "adapter_names"} <= set(inspect.signature(prepared.forward).parameters)
+        losses = []
+        with reference_ops():  # see stack_cases.reference_ops (issue 14 item 3)
+            for _ in range(4):
+                loss = prepared(input_ids=ROWS[:4], labels=ROWS[:4]).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.05, losses
+        unwrapped = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+        assert unwrapped is model and unwrapped.forward == lorakit_forward
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

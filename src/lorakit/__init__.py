@@ -21,6 +21,9 @@ from .model import (
 )
 from .tuner import LoraModel
 from .version import __version__
+from .integrations import install as _install_integrations
+
+_install_integrations()  # lazy: only post-import hooks; transformers / TRL are adjusted when the user imports them
 
 
 __all__ = [

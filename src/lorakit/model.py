@@ -22,6 +22,7 @@ from .config import LoraConfig, TaskType
 from .convert import save_converted
 from .distributed import is_sharded, save_sharded
 from .errors import explain
+from .integrations.signature import bind_forward_signature
 from . import guards, io
 from .tuner import LoraModel, check_adapter_name, weights_follow
 
@@ -56,6 +57,7 @@ class PeftModel(nn.Module):
         checkpointing = _is_checkpointing(model)  # read before injection: fewer modules to walk
         self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                     low_cpu_mem_usage=low_cpu_mem_usage)
+        bind_forward_signature(self, model)  # Trainer keeps the dataset columns the wrapped forward accepts
         if checkpointing:
             self._enable_input_grads()
 
