@@ -12,10 +12,9 @@ Run as a script (``python stack_cases.py MODEL_DIR OUT CASE...``), it runs the n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,19 +22,6 @@ import torch
 ROWS = torch.tensor([[13, 20, 31, 14, 25, 40, 17, 33, 22, 45, 19, 28]] * 8)  # one sequence: a learnable batch
 PROBE = torch.tensor([[13, 20, 31, 14, 25, 40], [44, 12, 30, 27, 16, 38]])
 CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-
-
-@contextlib.contextmanager
-def reference_ops() -> Iterator[None]:
-    """bf16 autocast on lorakit's reference path: the fused op under autocast is issue 14 item 3 (mixed precision,
-    another branch). Once that lands, drop this and the bf16 cases run the default path."""
-    from lorakit import ops
-
-    fused, ops.FUSED = ops.FUSED, False
-    try:
-        yield
-    finally:
-        ops.FUSED = fused
 
 
 def _batch_loss(model: torch.nn.Module, rows: torch.Tensor = ROWS[:4]) -> float:
@@ -105,8 +91,7 @@ def trainer_default(model_dir: Path, out: Path) -> None:
 
 def trainer_bf16_checkpointing(model_dir: Path, out: Path) -> None:
     """``Trainer(bf16=True, gradient_checkpointing=True)`` on CPU."""
-    with reference_ops():
-        _train(_lorakit_llama(model_dir), out, bf16=True, gradient_checkpointing=True)
+    _train(_lorakit_llama(model_dir), out, bf16=True, gradient_checkpointing=True)
 
 
 def _sft(model: object, out: Path, tokenizer_dir: Path, **kwargs: object) -> None:
@@ -120,12 +105,12 @@ def _sft(model: object, out: Path, tokenizer_dir: Path, **kwargs: object) -> Non
     batch = torch.tensor([tokenizer(prompt + completion)["input_ids"]] * 4)  # the text SFT trains on
     args = SFTConfig(output_dir=str(out / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=2e-2,
                      use_cpu=True, report_to="none", save_strategy="no", gradient_checkpointing=True)
-    with reference_ops():  # SFTConfig trains in bf16 by default
-        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, **kwargs)
-        before, weights = _batch_loss(trainer.model, batch), _trainable(trainer.model)
-        trainer.train()
-        trainer.save_model(str(out / "adapter"))
-        _finish(out, trainer, before, weights, batch)
+    # SFTConfig trains in bf16 by default: the fused LoRA op under CPU autocast
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, **kwargs)
+    before, weights = _batch_loss(trainer.model, batch), _trainable(trainer.model)
+    trainer.train()
+    trainer.save_model(str(out / "adapter"))
+    _finish(out, trainer, before, weights, batch)
 
 
 def sft_model(model_dir: Path, out: Path) -> None:

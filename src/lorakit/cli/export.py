@@ -215,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, help="GGUF only: the base model folder (its config.json names the "
                         "architecture); default: the adapter's base_model_name_or_path")
     parser.add_argument("--arch", help="GGUF only: llama.cpp's architecture name (llama, qwen2, qwen3) when no base "
-                        "config.json is at hand")
+                        "config.json is at hand; default: read from the base model's config.json")
 
 
 def run(args: argparse.Namespace) -> int:
