@@ -20,6 +20,7 @@ keys match PEFT's key for key.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -149,18 +150,21 @@ class LoraLayer(nn.Module):
         return f"lora.{self.kind.name}"
 
     # ---- adapters ----------------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, spec: LayerSpec, *, autocast_adapter_dtype: bool = True) -> None:
+    def update_layer(self, adapter_name: str, spec: LayerSpec, *, autocast_adapter_dtype: bool = True,
+                     device: str | torch.device | None = None) -> None:
         """Create adapter ``adapter_name``: factors, dropout, scaling, initialised per ``spec.init``.
 
-        The factors live on the base layer's device, in float32 when the base is half precision (or in the
-        base dtype when ``autocast_adapter_dtype`` is False), in the base dtype otherwise.
+        The factors live on the base layer's device (or on ``device``: "meta" for empty factors a load will
+        fill, PEFT's ``low_cpu_mem_usage``), in float32 when the base is half precision (or in the base dtype
+        when ``autocast_adapter_dtype`` is False), in the base dtype otherwise.
         """
         if adapter_name in self.r:
             raise ValueError(
                 explain(f"adapter {adapter_name!r} already exists", where=f"lora.{self.kind.name}",
                         fix="pick another adapter_name or delete_adapter() the old one first")
             )
-        A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
         weight, options = None, spec.init.options
         if spec.init.name in NEEDS_WEIGHT:
             weight = self.kind.matrix(self.base_layer).detach().float()
@@ -192,7 +196,9 @@ class LoraLayer(nn.Module):
         dtype = adapter_dtype(self.base_layer)
         if not autocast_adapter_dtype and reference is not None and reference.is_floating_point():
             dtype = reference.dtype
-        placement = dict(device=reference.device if reference is not None else None, dtype=dtype)
+        if device is None and reference is not None:
+            device = reference.device
+        placement = dict(device=torch.device(device) if device is not None else None, dtype=dtype)
         if self.kind.embedding:
             A, B = nn.Parameter(A.detach().to(**placement)), nn.Parameter(B.detach().to(**placement))
         elif (A.weight.dtype, A.weight.device) != (dtype, placement["device"] or A.weight.device):
@@ -222,6 +228,22 @@ class LoraLayer(nn.Module):
         params = [p for c in containers if adapter_name in c for p in c[adapter_name].parameters()]
         params += [c[adapter_name] for c in (self.lora_embedding_A, self.lora_embedding_B) if adapter_name in c]
         return params
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter this layer holds (PEFT's BaseTunerLayer method, read by code written for PEFT)."""
+        return list(self.r)
+
+    def move_adapter_to_meta(self, adapter_name: str) -> None:
+        """Replace every tensor of ``adapter_name`` by an empty one on the meta device, for a load to fill
+        (PEFT's ``low_cpu_mem_usage``); dtypes, shapes and ``requires_grad`` stay."""
+        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if adapter_name in container:
+                container[adapter_name].to("meta")
+        for container in (self.lora_embedding_A, self.lora_embedding_B):
+            if adapter_name in container:
+                old = container[adapter_name]
+                container[adapter_name] = nn.Parameter(torch.empty_like(old, device="meta"),
+                                                       requires_grad=old.requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every tensor and setting of ``adapter_name`` from this layer."""
