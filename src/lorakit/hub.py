@@ -41,9 +41,13 @@ _DOWNLOAD_KEYWORDS = {"repo_type", "revision", "cache_dir", "local_dir", "librar
 def download_keywords() -> set[str]:
     """The keywords ``resolve_folder`` passes to ``huggingface_hub.snapshot_download`` (plus ``use_auth_token``)."""
     try:
-        names = set(inspect.signature(_hub().snapshot_download).parameters) - {"repo_id", "allow_patterns"}
+        parameters = inspect.signature(_hub().snapshot_download).parameters.values()
     except ImportError:
-        names = set(_DOWNLOAD_KEYWORDS)
+        return set(_DOWNLOAD_KEYWORDS) | {"use_auth_token"}
+    names = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):  # a wrapper that passes keywords on
+        names |= _DOWNLOAD_KEYWORDS
+    names -= {"repo_id", "allow_patterns"}
     return names | {"use_auth_token"}
 
 
