@@ -193,3 +193,16 @@ def test_model_card_without_huggingface_hub(tmp_path, monkeypatch):
     text = (tmp_path / "plain" / "README.md").read_text()
     assert text.startswith("---\nlibrary_name: peft\ntags:\n- lora\n---\n")
     json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("method, words", [("merge_and_unload", "Unloading and merging model"), ("unload", None)])
+def test_unload_progressbar_is_shown(tmp_path, capsys, method, words):
+    model, _ = saved(tmp_path)
+    expected = model(X)
+    if words is None:  # unload() takes no progressbar (PEFT's signature): a TypeError, not silence
+        with pytest.raises(TypeError):
+            getattr(model, method)(progressbar=True)
+        return
+    merged = getattr(model, method)(progressbar=True)
+    assert words in capsys.readouterr().err
+    torch.testing.assert_close(merged(X), expected, rtol=1e-6, atol=1e-6)

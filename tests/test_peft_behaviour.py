@@ -257,7 +257,64 @@ def model_card(lib, tmp_path: Path, existing: bool):
     return header, "This is a model card" in text, len(text) > 1000, "Framework versions" in text
 
 
+def layers_follow_active(lib, saves: bool):
+    model = lib.get_peft_model(mlp(), lib.LoraConfig(target_modules=["lin0"]))
+    model.add_adapter("other", lib.LoraConfig(target_modules=["lin0", "lin1"],
+                                              modules_to_save=["lin2"] if saves else None))
+    modules = [model.base_model.lin0, model.base_model.lin1, model.base_model.lin2]
+    record = []
+    for name in ("default", "other", "default"):
+        model.set_adapter(name)
+        record.append([getattr(m, "active_adapters", None) for m in modules] + [trainable(model)])
+    return record
+
+
+class ConfigLike:
+    """A config object with ``to_dict`` only (as transformers' configs have), model_type read from it."""
+
+    def __init__(self, model_type: str) -> None:
+        self.model_type_in_dict = model_type
+
+    def to_dict(self) -> dict:
+        return {"model_type": self.model_type_in_dict}
+
+
+def default_targets(lib, model_type: str | None, default: object):
+    model = mlp()
+    if model_type is not None:
+        model.config = ConfigLike(model_type)
+    table = (lib.tuners.lora.model.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING if lib is peft
+             else lorakit.targeting.DEFAULT_TARGETS)
+    if default is not None:
+        table[model_type] = default
+    try:
+        error = raised(lambda: lib.get_peft_model(model, lib.LoraConfig()))
+        if error is not None:
+            return error
+        return model.targeted_module_names if hasattr(model, "targeted_module_names") else None
+    finally:
+        table.pop(model_type, None)
+
+
+def default_targets_applied(lib, default: object):
+    model = mlp()
+    model.config = ConfigLike("foobar_arch")
+    table = (lib.tuners.lora.model.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING if lib is peft
+             else lorakit.targeting.DEFAULT_TARGETS)
+    table["foobar_arch"] = default
+    try:
+        model = lib.get_peft_model(model, lib.LoraConfig())
+        return model.targeted_module_names, model.peft_config["default"].target_modules
+    finally:
+        table.pop("foobar_arch", None)
+
+
 SCENARIOS = [
+    ("default_targets-custom-model", default_targets, dict(model_type=None, default=None)),
+    ("default_targets-unknown-type", default_targets, dict(model_type="foobar_arch", default=None)),
+    *[(f"default_targets_applied-{type(d).__name__}", default_targets_applied, dict(default=d))
+      for d in (["lin0"], "lin1")],
+    *[(f"layers_follow_active-{s}", layers_follow_active, dict(saves=s)) for s in (False, True)],
     *[(f"add_adapter_autocast-{d}-{a}", add_adapter_autocast, dict(dtype=getattr(torch, d), autocast=a))
       for d in ("bfloat16", "float16", "float32") for a in (True, False)],
     *[(f"load_autocast-{a}-{low}", load_autocast, dict(autocast=a, low_cpu_mem_usage=low))

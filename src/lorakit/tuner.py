@@ -166,6 +166,7 @@ class LoraModel(nn.Module):
             module = self.model.get_submodule(path)
             if not isinstance(module, LoraLayer):
                 module = LoraLayer(module, plan.kinds[path])
+                module._active_adapter = list(self.active_adapters)  # follows the model (PEFT), holds none of them
                 self.model.set_submodule(path, module)
             module.update_layer(adapter_name, spec, autocast_adapter_dtype=autocast_adapter_dtype, device=device)
             if low_cpu_mem_usage and device is None:  # variants and data-driven inits are built, then emptied
@@ -379,8 +380,16 @@ class LoraModel(nn.Module):
         for layer in self.lora_layers():
             layer.unmerge()
 
-    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        for path, module in list(self.model.named_modules()):
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                progressbar: bool = False) -> nn.Module:
+        modules = list(self.model.named_modules())
+        if progressbar:  # PEFT's tqdm bar over the model's modules
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                raise ImportError("progressbar=True needs tqdm: pip install tqdm") from None
+            modules = tqdm(modules, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for path, module in modules:
             if isinstance(module, LoraLayer):
                 if merge:
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -398,7 +407,7 @@ class LoraModel(nn.Module):
 
         Quantized bases are dequantized, merged in float32 and requantized (with a warning giving the rounding);
         ``dequantize=True`` instead turns every quantized layer into a float32 nn.Linear first (quant.py).
-        ``check=True`` measures max |merged - unmerged| on ``probe`` (default: the model's ``dummy_inputs``),
+        ``progressbar=True`` shows a tqdm bar over the model's modules, as PEFT does. ``check=True`` measures max |merged - unmerged| on ``probe`` (default: the model's ``dummy_inputs``),
         records it as ``model.lorakit_merge_check`` and warns above the dtype's precision (guards.py).
         """
         if dequantize:
@@ -406,7 +415,7 @@ class LoraModel(nn.Module):
 
         def unload() -> nn.Module:
             return merge_reporting_rounding(list(self.lora_layers()), lambda: self._unload(
-                merge=True, safe_merge=safe_merge, adapter_names=adapter_names))
+                merge=True, safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar))
 
         return checked_merge(self.model, unload, probe) if check else unload()
 
