@@ -47,12 +47,17 @@ def said(error_or_text: object) -> Said:
     return Said(str(error_or_text))
 
 
-def raised(call: Callable[[], object]) -> tuple[str, Said] | None:
-    """(exception type, message) of ``call``, or None when it returns."""
+class Catches(frozenset):
+    """The built-in exception types an error is an instance of: lorakit's error must be caught wherever PEFT's is."""
+
+
+def raised(call: Callable[[], object]) -> tuple[Catches, Said] | None:
+    """(built-in exception types, message) of ``call``, or None when it returns."""
     try:
         call()
     except Exception as error:  # noqa: BLE001 - the type is part of the record
-        return type(error).__name__, said(error)
+        builtin = {c.__name__ for c in type(error).__mro__ if c.__module__ == "builtins"}
+        return Catches(builtin - {"Exception", "BaseException", "object"}), said(error)
     return None
 
 
@@ -228,7 +233,7 @@ def base_model_state_dict(lib):
     strict = raised(lambda: lib.set_base_model_state_dict(model, {**original, "extra.weight": torch.zeros(1)}))
     lora_untouched = sorted(n for n, p in model.named_parameters() if "lora_" in n and bool((p == 1.0).all()))
     return sorted(extracted) == sorted(original), same, back, list(result.missing_keys), \
-        list(result.unexpected_keys), strict is not None and strict[0], lora_untouched
+        list(result.unexpected_keys), strict is not None and sorted(strict[0]), lora_untouched
 
 
 def inject_in_model(lib, low_cpu_mem_usage: bool):
@@ -309,7 +314,56 @@ def default_targets_applied(lib, default: object):
         table.pop("foobar_arch", None)
 
 
+def duplicate_adapter_name(lib):
+    model = lib.get_peft_model(mlp(), lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False), "existing")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    error = raised(lambda: model.add_adapter("existing", lib.LoraConfig(target_modules=["lin0"], r=4)))
+    same = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return error, same, model.peft_config["existing"].r
+
+
+def mixed_batch_errors(lib, case: str):
+    model = lib.get_peft_model(mlp(), lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False)).eval()
+    model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    x = torch.randn(3, 8)
+    names = {"length": ["default", "other"], "unknown": ["default", "does-not-exist", "other-does-not-exist"]}
+    if case == "training":
+        model.train()
+    if case == "merged":
+        model.merge_adapter()
+    return raised(lambda: model(x, adapter_names=names.get(case, ["default", "other", "__base__"])))
+
+
+def lora_bias_without_base_bias(lib, safe_merge: bool):
+    base = mlp()
+    base.lin0 = nn.Linear(8, 8, bias=False)
+    model = None
+
+    def make():
+        nonlocal model
+        model = lib.get_peft_model(base, lib.LoraConfig(target_modules=["lin0"], lora_bias=True))
+
+    warnings_seen = warned(make, "lora_bias")
+    weight = model.base_model.model.lin0.base_layer.weight.clone()
+    error = raised(lambda: model.merge_adapter(safe_merge=safe_merge))
+    return warnings_seen, error, torch.equal(weight, model.base_model.model.lin0.base_layer.weight)
+
+
+def safe_merge_nan(lib):
+    model = lib.get_peft_model(mlp(), lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.lin0.lora_A["default"].weight[0, 0] = float("nan")
+    weight = model.base_model.model.lin0.base_layer.weight.clone()
+    error = raised(lambda: model.merge_adapter(safe_merge=True))
+    return error, torch.equal(weight, model.base_model.model.lin0.base_layer.weight)
+
+
 SCENARIOS = [
+    ("duplicate_adapter_name", duplicate_adapter_name, {}),
+    *[(f"mixed_batch_errors-{c}", mixed_batch_errors, dict(case=c)) for c in ("length", "unknown", "training",
+                                                                              "merged")],
+    *[(f"lora_bias_without_base_bias-{m}", lora_bias_without_base_bias, dict(safe_merge=m)) for m in (False, True)],
+    ("safe_merge_nan", safe_merge_nan, {}),
     ("default_targets-custom-model", default_targets, dict(model_type=None, default=None)),
     ("default_targets-unknown-type", default_targets, dict(model_type="foobar_arch", default=None)),
     *[(f"default_targets_applied-{type(d).__name__}", default_targets_applied, dict(default=d))
@@ -343,7 +397,9 @@ SCENARIOS = [
 
 def assert_same(ours: object, theirs: object, where: str = "record") -> None:
     """Equal records, where a ``Said`` message of lorakit's must start with PEFT's."""
-    if isinstance(theirs, Said):
+    if isinstance(theirs, Catches):
+        assert isinstance(ours, Catches) and theirs <= ours, f"{where}: {sorted(ours)} do not include {sorted(theirs)}"
+    elif isinstance(theirs, Said):
         assert isinstance(ours, str) and ours.startswith(theirs), f"{where}: {ours!r} does not start with {theirs!r}"
     elif isinstance(theirs, (list, tuple)):
         assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), f"{where}: {ours!r} != {theirs!r}"

@@ -29,13 +29,17 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import InitMethod
-from .errors import explain
+from .errors import explain, warn
 from .inits import FRESH, INITS, NEEDS_WEIGHT, InitRequest, write_factor
 from .kinds import Kind
 from .quant import dense_weight, write_weight
 from .variants import Variant, resolve_variant
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class MergeError(ValueError, RuntimeError):
+    """A merge that cannot be done; a RuntimeError as PEFT raises, and a ValueError as lorakit's errors are."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,10 @@ class LoraLayer(nn.Module):
                 explain(f"adapter {adapter_name!r} already exists", where=f"lora.{self.kind.name}",
                         fix="pick another adapter_name or delete_adapter() the old one first")
             )
+        if spec.lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} has no "
+                 "bias. This means that merging LoRA weights won't be possible. (The bias trains in lora_B and stays "
+                 "a separate term; merge_and_unload will refuse this adapter.)")
         with torch.device(device) if device is not None else contextlib.nullcontext():
             A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
         weight, options = None, spec.init.options
@@ -422,23 +430,26 @@ class LoraLayer(nn.Module):
         return W
 
     def _apply_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
+        bias = getattr(self.base_layer, "bias", None)
+        if self.lora_bias.get(adapter_name) and bias is None:  # refused before the weight changes
+            raise MergeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias. "
+                + explain(f"adapter {adapter_name!r} has lora_bias but the base layer has no bias",
+                          where=f"lora.{self.kind.name}", fix="keep the adapter unmerged")
+            )
         with torch.no_grad():
             new_weight = self._merged_weight(adapter_name, dense_weight(self.base_layer), sign)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(
-                    explain(f"merging adapter {adapter_name!r} gives NaN or inf weights",
-                            where=f"lora.{self.kind.name}", fix="the adapter is broken; retrain or reload it")
+                    f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken. "
+                    + explain(f"merging adapter {adapter_name!r} gives NaN or inf weights",
+                              where=f"lora.{self.kind.name}", fix="the base weights were left unchanged; retrain or "
+                                                                   "reload the adapter")
                 )
             rounding = write_weight(self.base_layer, new_weight)  # requantizes a quantized base: the rounding
             if rounding is not None:
                 self.rounding_error = max(rounding, self.rounding_error or 0.0)
             if self.lora_bias.get(adapter_name):
-                bias = self.base_layer.bias
-                if bias is None:
-                    raise ValueError(
-                        explain(f"adapter {adapter_name!r} has lora_bias but the base layer has no bias",
-                                where=f"lora.{self.kind.name}", fix="keep the adapter unmerged")
-                    )
                 B = self.lora_B[adapter_name]
                 bias.copy_((bias.float() + sign * B.bias.float() * self.scaling[adapter_name]).to(bias.dtype))
 

@@ -102,8 +102,10 @@ class PeftModel(nn.Module):
             return contextlib.nullcontext()
         batch = _batch_size(args, kwargs)
         if batch is not None and len(adapter_names) != batch:
-            raise ValueError(explain("adapter_names needs one name per row", got=f"{len(adapter_names)} names",
-                                     expected=f"{batch} (the batch size)"))
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {batch} respectively. "
+                             + explain("adapter_names needs one name per row", got=f"{len(adapter_names)} names",
+                                       expected=f"{batch} (the batch size)"))
         return self.base_model.routed(list(adapter_names))
 
     # ---- PEFT's read-only views ----------------------------------------------------------------------------
@@ -273,7 +275,8 @@ class PeftModel(nn.Module):
                                     {**kwargs, "torch_device": torch_device})
         folder = options.folder(model_id)
         if adapter_name in self.peft_config:
-            raise ValueError(explain(f"adapter {adapter_name!r} already exists", fix="pick another adapter_name"))
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists. "
+                             + explain("load_adapter adds a new adapter", fix="pick another adapter_name"))
         check_adapter_name(adapter_name, self.get_base_model())
         config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable,
                                           device=options.torch_device, key_mapping=key_mapping,

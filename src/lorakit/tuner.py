@@ -151,8 +151,9 @@ class LoraModel(nn.Module):
         candidates = candidate_modules(self.model)  # one walk for the shard and name checks and the targeting
         check_not_sharded(self.model, (module for _, module in candidates))
         if adapter_name in self.peft_config:
-            raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
-                                     fix="pick another adapter_name or delete_adapter() it first"))
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists. "
+                             + explain("a second adapter cannot take its name", where=type(self.model).__name__,
+                                       fix="pick another adapter_name or delete_adapter() it first"))
         check_adapter_name(adapter_name, self.model, candidates)
         check_single_bias(self.peft_config, config, type(self).__name__)
         config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
@@ -320,12 +321,15 @@ class LoraModel(nn.Module):
         """
         unknown = sorted({n for n in adapter_names if n not in self.peft_config and n != "__base__"})
         if unknown:
-            raise ValueError(explain(f"adapter_names has unknown adapter(s) {unknown}",
-                                     expected=f"names among {list(self.peft_config)} or '__base__'"))
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. "
+                             + explain("adapter_names has unknown adapter(s)",
+                                       expected=f"names among {list(self.peft_config)} or '__base__'"))
         if self.model.training:
-            raise ValueError("adapter_names (mixed-adapter batches) is for inference only; call model.eval() first")
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode. Mixed-adapter batches "
+                             "are for inference only; call model.eval() first")
         if any(layer.merged for layer in self.lora_layers()):
-            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
         rows: dict[str, list[int]] = {}
         for row, name in enumerate(adapter_names):
             rows.setdefault(name, []).append(row)
