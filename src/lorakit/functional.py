@@ -62,7 +62,8 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
 
 def _original_key(model: nn.Module, key: str) -> str | None:
     """The key ``key`` (of the adapted model's state dict) had before injection; None for an adapter tensor."""
-    parts, module, kept = key.split("."), model, []
+    parts, kept = key.split("."), []
+    module: nn.Module | None = model
     for part in parts[:-1]:
         if isinstance(module, LoraLayer):
             if part != "base_layer":
@@ -76,7 +77,7 @@ def _original_key(model: nn.Module, key: str) -> str | None:
     return ".".join([*kept, parts[-1]])
 
 
-def _base_keys(peft_model: nn.Module) -> dict[str, str]:
+def _base_keys(peft_model: Any) -> dict[str, str]:
     """{key in the adapted model's state dict: the key the base model had}, adapter tensors left out."""
     model = peft_model.base_model.model
     mapping = {}
@@ -87,7 +88,7 @@ def _base_keys(peft_model: nn.Module) -> dict[str, str]:
     return mapping
 
 
-def get_base_model_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def get_base_model_state_dict(model: Any) -> dict[str, Tensor]:
     """The base model's state dict (adapter tensors left out), under the keys it had before injection.
 
     Merged adapters are part of the weights then (``merge_adapter``); unmerge first for the pristine base.
@@ -96,7 +97,7 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {original: state[key] for key, original in _base_keys(model).items()}
 
 
-def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor],
+def set_base_model_state_dict(model: Any, state_dict: dict[str, Tensor],
                               strict: bool = True) -> IncompatibleKeys:
     """Load a base-model state dict (keys as before injection) into the adapted model; adapters are untouched.
 
@@ -119,4 +120,4 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor],
     return IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
 
 
-__all__: list[Any] = ["inject_adapter_in_model", "get_base_model_state_dict", "set_base_model_state_dict"]
+__all__ = ["inject_adapter_in_model", "get_base_model_state_dict", "set_base_model_state_dict"]

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from torch import nn
 
 from .errors import explain, unknown_argument
 
@@ -103,7 +102,7 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * base ** power)
 
 
-def push_to_hub(peft_model: nn.Module, repo_id: str, *, commit_message: str | None = None,
+def push_to_hub(peft_model: Any, repo_id: str, *, commit_message: str | None = None,
                 commit_description: str | None = None, private: bool | None = None, token: bool | str | None = None,
                 revision: str | None = None, create_pr: bool = False, max_shard_size: int | str | None = "50GB",
                 tags: list[str] | None = None) -> str:

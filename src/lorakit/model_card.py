@@ -25,7 +25,7 @@ CARD_NAME = "README.md"
 QUANTIZATION_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
 
 
-def card_metadata(peft_model: nn.Module) -> dict[str, Any]:
+def card_metadata(peft_model: Any) -> dict[str, Any]:
     """The card's header fields for ``peft_model`` (tags sorted, as PEFT writes them)."""
     model = peft_model.get_base_model()
     tags = set(getattr(model, "model_tags", None) or [])
@@ -48,7 +48,7 @@ def framework_line() -> str:
     return f"- lorakit {__version__} (PEFT {PEFT_VERSION_WRITTEN} adapter format)"
 
 
-def create_or_update_model_card(peft_model: nn.Module, output_dir: str | os.PathLike) -> None:
+def create_or_update_model_card(peft_model: Any, output_dir: str | os.PathLike) -> None:
     """Write or update ``<output_dir>/README.md`` (see the module docstring)."""
     path = Path(output_dir) / CARD_NAME
     try:
@@ -86,7 +86,7 @@ def _updated_text(text: str, quantization: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _write_plain_card(peft_model: nn.Module, path: Path) -> None:
+def _write_plain_card(peft_model: Any, path: Path) -> None:
     if path.is_file():
         warn(f"{path} exists and huggingface_hub is not installed, so its header cannot be updated; it was left as "
              "it is (pip install huggingface_hub to have save_pretrained update model cards)")
