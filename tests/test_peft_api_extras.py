@@ -28,8 +28,6 @@ X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
 # ---- keywords: refused with a clear error ----------------------------------------------------------------------
 REFUSED = [
     (dict(ephemeral_gpu_offload=True), NotImplementedError, "ephemeral_gpu_offload"),
-    (dict(device_map="auto"), NotImplementedError, "device_map"),
-    (dict(offload_folder="x"), NotImplementedError, "offload_folder"),
     (dict(ignore_mismatched_sizes=True), ValueError, "ignore_mismatched_sizes"),
     (dict(revison="main"), TypeError, "did you mean 'revision'"),
     (dict(key_mapping=["not", "a", "dict"]), TypeError, "key_mapping"),
@@ -206,3 +204,17 @@ def test_unload_progressbar_is_shown(tmp_path, capsys, method, words):
     merged = getattr(model, method)(progressbar=True)
     assert words in capsys.readouterr().err
     torch.testing.assert_close(merged(X), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_offload_keywords_act_only_on_offloaded_models(tmp_path, offloaded):
+    model, folder = saved(tmp_path)
+    base = mlp()
+    base.hf_device_map = {"lin0": "cpu", "lin1": "disk"} if offloaded else {"": "cpu"}
+    kwargs = dict(device_map={"": "cpu"}, max_memory={"cpu": "1GB"}, offload_folder=str(tmp_path / "off"))
+    if offloaded:
+        with pytest.raises(NotImplementedError, match="device_map"):
+            PeftModel.from_pretrained(base, folder, **kwargs)
+        return
+    loaded = PeftModel.from_pretrained(base, folder, **kwargs)  # no offload: nothing to dispatch, as in PEFT
+    torch.testing.assert_close(loaded(X), model(X), rtol=0, atol=0)

@@ -5,8 +5,9 @@ lorakit accepts every one PEFT documents and either honours it or refuses it wit
 nothing is dropped silently. Honoured: ``subfolder``, ``torch_device`` (the device the file is read onto),
 ``key_mapping`` (regex renames of the file's keys), ``use_safetensors`` (False reads ``adapter_model.bin``),
 ``ignore_mismatched_sizes=False`` and every Hub download keyword (``revision``, ``cache_dir``, ``token``, ...).
-Refused: accelerate's offloading options (``device_map``, ``max_memory``, ``offload_*``) and
-``ephemeral_gpu_offload=True``, which lorakit does not run.
+Refused: accelerate's offloading options (``device_map``, ``max_memory``, ``offload_*``) for a model dispatched
+with CPU / disk offload (for any other model they do nothing, in PEFT too) and ``ephemeral_gpu_offload=True``,
+which lorakit does not run.
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ class LoadOptions:
 
     @classmethod
     def parse(cls, owner: str, ephemeral_gpu_offload: bool, key_mapping: dict[str, str] | None,
-              kwargs: dict[str, Any]) -> LoadOptions:
+              kwargs: dict[str, Any], model: object = None) -> LoadOptions:
         """Split ``kwargs``; refuse what lorakit does not run.
 
+        The offloading options act only on a model accelerate dispatched with CPU or disk offload
+        (``hf_device_map`` naming "disk", or "cpu" next to another device); a model on one device has nothing
+        to dispatch, so they change nothing there (PEFT re-dispatches it onto the same device).
+
         Raises:
-            NotImplementedError: an offloading option or ``ephemeral_gpu_offload=True``.
+            NotImplementedError: an offloading option for an offloaded ``model``, or ``ephemeral_gpu_offload=True``.
             ValueError: ``ignore_mismatched_sizes=True`` (lorakit never loads a tensor of another shape).
             TypeError: a keyword no loader takes (from ``hub.resolve_folder``).
         """
@@ -48,7 +53,9 @@ class LoadOptions:
             raise NotImplementedError(f"{owner}(ephemeral_gpu_offload=True): lorakit does not run accelerate-offloaded "
                                       "models; load the base model onto one device")
         offload = [name for name in _OFFLOAD if kwargs.pop(name, None) is not None]
-        if offload:
+        devices = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+        offloaded = "disk" in devices or ("cpu" in devices and len(devices) > 1)  # a model all on CPU is not
+        if offload and offloaded:
             raise NotImplementedError(f"{owner}: {offload} dispatch a CPU/disk offloaded model with accelerate, which "
                                       "lorakit does not do; dispatch the base model before loading the adapter")
         if kwargs.pop("ignore_mismatched_sizes", False):

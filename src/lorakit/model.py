@@ -238,7 +238,7 @@ class PeftModel(nn.Module):
             lorakit.io.AdapterLoadError: a missing, corrupted or mismatched adapter (a ValueError).
             TypeError: an unknown keyword. NotImplementedError: a PEFT option lorakit does not run (named).
         """
-        options = LoadOptions.parse("from_pretrained", ephemeral_gpu_offload, key_mapping, kwargs)
+        options = LoadOptions.parse("from_pretrained", ephemeral_gpu_offload, key_mapping, kwargs, model)
         folder = options.folder(model_id)
         check_adapter_name(adapter_name, model)
         if config is not None:
@@ -272,7 +272,7 @@ class PeftModel(nn.Module):
             lorakit.io.AdapterLoadError: the folder does not fit this model; nothing was changed.
         """
         options = LoadOptions.parse("load_adapter", ephemeral_gpu_offload, key_mapping,
-                                    {**kwargs, "torch_device": torch_device})
+                                    {**kwargs, "torch_device": torch_device}, self.get_base_model())
         folder = options.folder(model_id)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists. "

@@ -17,6 +17,9 @@ from .layer import expand_rows
 class ModulesToSaveWrapper(nn.Module):
     """``original_module`` (frozen) + ``modules_to_save[name]`` (a trainable deep copy per adapter)."""
 
+    adapter_layer_names = ("modules_to_save",)  # PEFT's name of the per-adapter container
+    other_param_names: tuple[str, ...] = ()
+
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module

@@ -370,13 +370,15 @@ class LoraModel(nn.Module):
     # ---- merge -------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the (active) adapters into the base weights: W ← W + s·ΔW."""
-        names = adapters_to_merge(list(self.lora_layers()), adapter_names, self.active_adapters)
+        layers = list(self.lora_layers())
+        active = list(dict.fromkeys(name for layer in layers for name in layer.active_adapters))  # each layer's own
+        names = adapters_to_merge(layers, adapter_names, active)
         if not names:
             return
 
         def merge() -> None:
-            for layer in self.lora_layers():
-                layer.merge(safe_merge=safe_merge, adapter_names=names)
+            for layer in self.lora_layers():  # default: each layer merges its own active adapters
+                layer.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
 
         merge_reporting_rounding(self.lora_layers(), merge)  # a quantized base is requantized: say how much
 
