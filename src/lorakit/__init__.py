@@ -4,6 +4,7 @@ from .calibrate import get_eva_state_dict, initialize_lora_eva_weights
 from .corda import preprocess_corda
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .errors import LoraWarning
+from .functional import get_base_model_state_dict, inject_adapter_in_model, set_base_model_state_dict
 from .guards import AdapterSaveError, MergeCheck, check_training
 from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from .kbit import prepare_model_for_kbit_training, quantize_model
@@ -36,6 +37,9 @@ __all__ = [
     "__version__",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
+    "get_base_model_state_dict",
+    "set_base_model_state_dict",
+    "inject_adapter_in_model",
     "BdLoraConfig",
     "CordaConfig",
     "EvaConfig",

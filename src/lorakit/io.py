@@ -24,6 +24,9 @@ from .atomic import replace_folder
 from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, planned_layout, required_keys
 from .config import PEFT_VERSION_WRITTEN, LoraConfig
 from .errors import explain, warn
+from .functional import IncompatibleKeys
+from .layer import LoraLayer
+from .load_options import remap_keys
 from .guards import base_model_mismatch, embedding_layers_to_save, resolve_with_ties, verify_saved
 
 CONFIG_NAME = "adapter_config.json"
@@ -68,23 +71,26 @@ def read_config(folder: str | os.PathLike) -> LoraConfig:
 
 
 # ---- weights ------------------------------------------------------------------------------------------------
-def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
-    """The adapter tensors of ``folder``: safetensors if present, else ``.bin`` without unpickling code.
+def read_weights(folder: str | os.PathLike, device: str | torch.device | None = None,
+                 use_safetensors: bool | None = None) -> dict[str, Tensor]:
+    """The adapter tensors of ``folder`` on ``device`` (default CPU): safetensors if present, else ``.bin``
+    without unpickling code (``use_safetensors``: True or False picks the file; None: safetensors first).
 
     Raises:
         AdapterLoadError: no weights file, a truncated or corrupted file, or non-tensor content.
     """
     folder = Path(folder)
-    if (folder / SAFETENSORS_NAME).is_file():
+    device = "cpu" if device is None else str(device)
+    if (folder / SAFETENSORS_NAME).is_file() and use_safetensors is not False:
         path = folder / SAFETENSORS_NAME
         try:
-            tensors = load_file(path)
+            tensors = load_file(path, device=device)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise AdapterLoadError(f"{path} is truncated or corrupted ({error}); re-save or re-download it") from None
-    elif (folder / BIN_NAME).is_file():
+    elif (folder / BIN_NAME).is_file() and use_safetensors is not True:
         path = folder / BIN_NAME
         try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = torch.load(path, map_location=device, weights_only=True)
         except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
             raise AdapterLoadError(f"{path} is not a plain tensor file ({type(error).__name__}: {error}); lorakit "
                                    "loads .bin files with weights_only=True and never runs pickled code") from None
@@ -225,14 +231,20 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) or "a scalar"
 
 
-def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str,
-                 is_trainable: bool) -> tuple[LoraConfig, dict[str, Tensor]]:
+def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool,
+                 config: LoraConfig | None = None, device: str | torch.device | None = None,
+                 key_mapping: dict[str, str] | None = None,
+                 use_safetensors: bool | None = None) -> tuple[LoraConfig, dict[str, Tensor]]:
     """Read and check an adapter folder against ``model`` (the user's model) without changing it.
 
+    ``config``: the config to inject instead of the folder's (the tensors are checked against it).
+    ``device``: where the file is read to; ``key_mapping``: PEFT's regex renames of the file keys.
     Returns the config (``inference_mode = not is_trainable``) and the tensors keyed by model key.
     """
-    config = dataclasses.replace(read_config(folder), inference_mode=not is_trainable)
-    tensors = read_weights(folder)
+    if config is None:
+        config = read_config(folder)
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
+    tensors = remap_keys(read_weights(folder, device, use_safetensors), key_mapping)
     try:
         config, plan, _ = resolve_with_ties(model, config, quiet=True)
     except ValueError as error:
@@ -257,35 +269,63 @@ def load_tensors(model: nn.Module, tensors: dict[str, Tensor], adopt: bool = Fal
     with torch.no_grad():
         for key, value in tensors.items():
             module_path, _, name = key.rpartition(".")
-            target = getattr(model.get_submodule(module_path), name)  # validate() guarantees it exists
-            if adopt and (value.dtype, value.device, value.shape) == (target.dtype, target.device, target.shape) \
+            module = model.get_submodule(module_path)
+            target = getattr(module, name)  # validate() guarantees it exists
+            if target.is_meta:  # created empty (low_cpu_mem_usage): the loaded tensor becomes the parameter
+                value = value.to(dtype=target.dtype, device=_home_device(model, module_path, value.device))
+                setattr(module, name, nn.Parameter(value, requires_grad=target.requires_grad))
+            elif adopt and (value.dtype, value.device, value.shape) == (target.dtype, target.device, target.shape) \
                     and value.is_contiguous():
                 target.data = value
             else:
                 target.copy_(value)
 
 
+def _home_device(model: nn.Module, module_path: str, default: torch.device) -> torch.device:
+    """The device of the base layer of the LoRA layer that holds ``module_path``."""
+    parts = module_path.split(".")
+    for end in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:end]))
+        if isinstance(module, LoraLayer):
+            reference = next((p for p in module.base_layer.parameters() if not p.is_meta), None)
+            return reference.device if reference is not None else default
+    return default
+
+
 # ---- PEFT's functional API ------------------------------------------------------------------------------------
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, adapter_name: str = "default",
-                              save_embedding_layers: bool | str = "auto", **kwargs: object) -> dict[str, Tensor]:
+                              unwrap_compiled: bool = False,
+                              save_embedding_layers: bool | str = "auto") -> dict[str, Tensor]:
     """PEFT's ``get_peft_model_state_dict``: the adapter's tensors under their file keys.
 
-    Raises:
-        NotImplementedError: an explicit ``state_dict`` (lorakit always reads the live model).
+    ``state_dict``: the PeftModel's full state dict to take the tensors from (default: the live model's).
+    ``unwrap_compiled``: a ``torch.compile``d PeftModel is read through its ``_orig_mod``.
     """
-    if state_dict is not None:
-        raise NotImplementedError("get_peft_model_state_dict(state_dict=...) is not supported; pass the model")
-    return adapter_state_dict(model, adapter_name, save_embedding_layers)
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    return adapter_state_dict(model, adapter_name, save_embedding_layers, state=state_dict)
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
-                              adapter_name: str = "default", **kwargs: object) -> None:
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> IncompatibleKeys:
     """PEFT's ``set_peft_model_state_dict``: load file-keyed tensors into an existing adapter, validated first.
+
+    Returns torch's ``(missing_keys, unexpected_keys)`` over the PeftModel's state dict, as PEFT does (the model
+    keys not loaded; ``unexpected_keys`` is always empty, they are refused). Factors created empty on the meta
+    device (``low_cpu_mem_usage``) are replaced by the loaded tensors, whatever this flag says.
 
     Raises:
         AdapterLoadError: unknown keys, missing tensors or shape mismatches; nothing is changed then.
+        ValueError: ``ignore_mismatched_sizes=True`` (lorakit never loads a tensor of another shape).
     """
+    if ignore_mismatched_sizes:
+        raise ValueError("set_peft_model_state_dict(ignore_mismatched_sizes=True) is not supported: lorakit refuses "
+                         "tensors that do not fit (the error lists each one); resize the model to match")
     user_model = model.base_model.model
     layout = layout_of(user_model)
     mapping = validate(peft_model_state_dict, layout, adapter_name, "state dict")
-    load_tensors(user_model, {mapping[k][len(PREFIX):]: v for k, v in peft_model_state_dict.items()})
+    loaded = {mapping[k][len(PREFIX):]: v for k, v in peft_model_state_dict.items()}
+    load_tensors(user_model, loaded)
+    missing = [PREFIX + key for key in user_model.state_dict(keep_vars=True) if key not in loaded]
+    return IncompatibleKeys(missing_keys=missing, unexpected_keys=[])

@@ -20,6 +20,7 @@ keys match PEFT's key for key.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,13 +29,17 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import InitMethod
-from .errors import explain
+from .errors import explain, warn
 from .inits import FRESH, INITS, NEEDS_WEIGHT, InitRequest, write_factor
 from .kinds import Kind, exposed_attributes, kind_for
 from .quant import dense_weight, write_weight
 from .variants import Variant, resolve_variant
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class MergeError(ValueError, RuntimeError):
+    """A merge that cannot be done; a RuntimeError as PEFT raises, and a ValueError as lorakit's errors are."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,10 @@ class LoraLayer(nn.Module):
         ValueError: from ``update_layer`` for an invalid adapter (duplicate name, lora_bias on an Embedding).
     """
 
+    # PEFT's names of the per-adapter containers and settings (code written for PEFT walks them)
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
+
     kind: Kind
     in_features: int
     out_features: int
@@ -157,18 +166,25 @@ class LoraLayer(nn.Module):
         return f"lora.{self.kind.name}"
 
     # ---- adapters ----------------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, spec: LayerSpec, *, autocast_adapter_dtype: bool = True) -> None:
+    def update_layer(self, adapter_name: str, spec: LayerSpec, *, autocast_adapter_dtype: bool = True,
+                     device: str | torch.device | None = None) -> None:
         """Create adapter ``adapter_name``: factors, dropout, scaling, initialised per ``spec.init``.
 
-        The factors live on the base layer's device, in float32 when the base is half precision (or in the
-        base dtype when ``autocast_adapter_dtype`` is False), in the base dtype otherwise.
+        The factors live on the base layer's device (or on ``device``: "meta" for empty factors a load will
+        fill, PEFT's ``low_cpu_mem_usage``), in float32 when the base is half precision (or in the base dtype
+        when ``autocast_adapter_dtype`` is False), in the base dtype otherwise.
         """
         if adapter_name in self.r:
             raise ValueError(
                 explain(f"adapter {adapter_name!r} already exists", where=f"lora.{self.kind.name}",
                         fix="pick another adapter_name or delete_adapter() the old one first")
             )
-        A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
+        if spec.lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} has no "
+                 "bias. This means that merging LoRA weights won't be possible. (The bias trains in lora_B and stays "
+                 "a separate term; merge_and_unload will refuse this adapter.)")
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
         weight, options = None, spec.init.options
         if spec.init.name in NEEDS_WEIGHT:
             weight = self.kind.matrix(self.base_layer).detach().float()
@@ -200,7 +216,9 @@ class LoraLayer(nn.Module):
         dtype = adapter_dtype(self.base_layer)
         if not autocast_adapter_dtype and reference is not None and reference.is_floating_point():
             dtype = reference.dtype
-        placement = dict(device=reference.device if reference is not None else None, dtype=dtype)
+        if device is None and reference is not None:
+            device = reference.device
+        placement = dict(device=torch.device(device) if device is not None else None, dtype=dtype)
         if self.kind.embedding:
             A, B = nn.Parameter(A.detach().to(**placement)), nn.Parameter(B.detach().to(**placement))
         elif (A.weight.dtype, A.weight.device) != (dtype, placement["device"] or A.weight.device):
@@ -249,6 +267,22 @@ class LoraLayer(nn.Module):
         params = [p for c in containers if adapter_name in c for p in c[adapter_name].parameters()]
         params += [c[adapter_name] for c in (self.lora_embedding_A, self.lora_embedding_B) if adapter_name in c]
         return params + [p for child in self.companions() for p in child.adapter_parameters(adapter_name)]
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter this layer holds (PEFT's BaseTunerLayer method, read by code written for PEFT)."""
+        return list(self.r)
+
+    def move_adapter_to_meta(self, adapter_name: str) -> None:
+        """Replace every tensor of ``adapter_name`` by an empty one on the meta device, for a load to fill
+        (PEFT's ``low_cpu_mem_usage``); dtypes, shapes and ``requires_grad`` stay."""
+        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if adapter_name in container:
+                container[adapter_name].to("meta")
+        for container in (self.lora_embedding_A, self.lora_embedding_B):
+            if adapter_name in container:
+                old = container[adapter_name]
+                container[adapter_name] = nn.Parameter(torch.empty_like(old, device="meta"),
+                                                       requires_grad=old.requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every tensor and setting of ``adapter_name`` from this layer."""
@@ -438,23 +472,26 @@ class LoraLayer(nn.Module):
         return W
 
     def _apply_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
+        bias = getattr(self.base_layer, "bias", None)
+        if self.lora_bias.get(adapter_name) and bias is None:  # refused before the weight changes
+            raise MergeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias. "
+                + explain(f"adapter {adapter_name!r} has lora_bias but the base layer has no bias",
+                          where=f"lora.{self.kind.name}", fix="keep the adapter unmerged")
+            )
         with torch.no_grad():
             new_weight = self._merged_weight(adapter_name, dense_weight(self.base_layer), sign)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(
-                    explain(f"merging adapter {adapter_name!r} gives NaN or inf weights",
-                            where=f"lora.{self.kind.name}", fix="the adapter is broken; retrain or reload it")
+                    f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken. "
+                    + explain(f"merging adapter {adapter_name!r} gives NaN or inf weights",
+                              where=f"lora.{self.kind.name}", fix="the base weights were left unchanged; retrain or "
+                                                                   "reload the adapter")
                 )
             rounding = write_weight(self.base_layer, new_weight)  # requantizes a quantized base: the rounding
             if rounding is not None:
                 self.rounding_error = max(rounding, self.rounding_error or 0.0)
             if self.lora_bias.get(adapter_name):
-                bias = self.base_layer.bias
-                if bias is None:
-                    raise ValueError(
-                        explain(f"adapter {adapter_name!r} has lora_bias but the base layer has no bias",
-                                where=f"lora.{self.kind.name}", fix="keep the adapter unmerged")
-                    )
                 B = self.lora_B[adapter_name]
                 bias.copy_((bias.float() + sign * B.bias.float() * self.scaling[adapter_name]).to(bias.dtype))
 

@@ -21,9 +21,12 @@ from torch import Tensor, nn
 from .config import LoraConfig, TaskType
 from .convert import save_converted
 from .distributed import is_sharded, save_sharded
-from .errors import explain
+from .errors import explain, warn
+from .functional import IncompatibleKeys
 from .integrations.signature import bind_forward_signature
-from . import guards, io
+from .load_options import LoadOptions, save_state_dict
+from .model_card import create_or_update_model_card
+from . import guards, hub, io
 from .tuner import LoraModel, check_adapter_name, weights_follow
 
 
@@ -100,8 +103,10 @@ class PeftModel(nn.Module):
             return contextlib.nullcontext()
         batch = _batch_size(args, kwargs)
         if batch is not None and len(adapter_names) != batch:
-            raise ValueError(explain("adapter_names needs one name per row", got=f"{len(adapter_names)} names",
-                                     expected=f"{batch} (the batch size)"))
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {batch} respectively. "
+                             + explain("adapter_names needs one name per row", got=f"{len(adapter_names)} names",
+                                       expected=f"{batch} (the batch size)"))
         return self.base_model.routed(list(adapter_names))
 
     # ---- PEFT's read-only views ----------------------------------------------------------------------------
@@ -137,17 +142,45 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ---- adapters ------------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a frozen, inactive adapter; ``set_adapter`` makes it the one that runs and trains."""
-        _check_config(peft_config)
-        self.base_model.inject_adapter(adapter_name, peft_config)
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a frozen, inactive adapter; ``set_adapter`` makes it the one that runs and trains.
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several whose outputs add."""
-        self.base_model.set_adapter(adapter_name)
+        ``autocast_adapter_dtype``: float32 factors over a half-precision base (else the base's dtype).
+        ``low_cpu_mem_usage``: empty factors on the meta device, for a load to fill (see LoraModel.inject_adapter).
+        """
+        _check_config(peft_config)
+        self.base_model.inject_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype,
+                                       low_cpu_mem_usage=low_cpu_mem_usage)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several whose outputs add; ``inference_mode=True`` leaves them frozen."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the named adapters' parameters (LoRA factors, modules_to_save copies) trainable or frozen."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        """The config of the active adapter (of the first one when several are active)."""
+        return self.peft_config[self.active_adapters[0]]
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write or update ``<output_dir>/README.md`` with the adapter's Hub metadata (see model_card.py)."""
+        create_or_update_model_card(self, output_dir)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB",
+                    tags: list[str] | None = None) -> str:
+        """Upload the adapters and their model card to the Hub (needs huggingface_hub; see hub.push_to_hub)."""
+        return hub.push_to_hub(self, repo_id, commit_message=commit_message, commit_description=commit_description,
+                               private=private, token=token, revision=revision, create_pr=create_pr,
+                               max_shard_size=max_shard_size, tags=tags)
 
     # ---- adapters on disk ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -169,66 +202,112 @@ class PeftModel(nn.Module):
                                 save_embedding_layers, is_main_process, path_initial_model_for_weight_conversion)
         if not is_main_process:
             return
+        state_dict = save_state_dict(kwargs)
         if path_initial_model_for_weight_conversion is not None:
+            if state_dict is not None:
+                raise NotImplementedError("save_pretrained: state_dict= together with "
+                                          "path_initial_model_for_weight_conversion is not supported")
             save_converted(self, save_directory, path_initial_model_for_weight_conversion, selected_adapters,
                            safe_serialization, save_embedding_layers)
         else:
-            io.save_adapters(self, save_directory, selected_adapters, safe_serialization, save_embedding_layers)
+            gathered = None
+            if state_dict is not None:  # the adapter tensors come from the given state dict (PEFT's kwarg)
+                embeddings = guards.embedding_layers_to_save(self, save_embedding_layers)
+                gathered = {name: io.adapter_state_dict(self, name, embeddings, state=state_dict)
+                            for name in (selected_adapters or list(self.peft_config)) if name in self.peft_config}
+            io.save_adapters(self, save_directory, selected_adapters, safe_serialization, save_embedding_layers,
+                             gathered=gathered)
+        create_or_update_model_card(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
-                        autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
-                        subfolder: str | None = None, **kwargs: Any) -> PeftModel:
-        """Load an adapter folder (PEFT's or lorakit's) onto ``model``; frozen and in eval mode unless trainable.
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
+                        **kwargs: Any) -> PeftModel:
+        """Load an adapter folder (PEFT's or lorakit's, local or on the Hub) onto ``model``; frozen and in eval
+        mode unless ``is_trainable``.
 
-        The folder is validated against the model before anything changes: one error lists every problem.
+        ``config``: use this LoraConfig instead of the folder's ``adapter_config.json`` (it is the object the
+        model then holds, with ``inference_mode = not is_trainable``, as in PEFT). The folder is validated against
+        the model, with the config that is injected, before anything changes: one error lists every problem.
+        Other keywords as in PEFT (``load_options.LoadOptions``): ``torch_device``, ``key_mapping``,
+        ``subfolder``, Hub download keywords; ``low_cpu_mem_usage`` is how lorakit always loads (no init is
+        drawn for factors a file fills).
 
         Raises:
             lorakit.io.AdapterLoadError: a missing, corrupted or mismatched adapter (a ValueError).
+            TypeError: an unknown keyword. NotImplementedError: a PEFT option lorakit does not run (named).
         """
-        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+        options = LoadOptions.parse("from_pretrained", ephemeral_gpu_offload, key_mapping, kwargs, model)
+        folder = options.folder(model_id)
         check_adapter_name(adapter_name, model)
-        disk_config, tensors = io.prepare_load(model, folder, adapter_name, is_trainable)
         if config is not None:
-            disk_config = dataclasses.replace(config, inference_mode=not is_trainable)
+            _check_config(config)
+            config.inference_mode = not is_trainable
+        disk_config, tensors = io.prepare_load(model, folder, adapter_name, is_trainable, config=config,
+                                               device=options.torch_device, key_mapping=key_mapping,
+                                               use_safetensors=options.use_safetensors)
         task = getattr(disk_config.task_type, "value", disk_config.task_type)
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
         with weights_follow():  # every factor is in ``tensors``: no init to draw first
             peft_model = wrapper(model, disk_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         io.load_tensors(peft_model.get_base_model(), tensors, adopt=True)
+        if config is not None:
+            peft_model.base_model.adopt_config(adapter_name, config)
         guards.frozen_load_flag(peft_model, is_trainable)
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
-                     subfolder: str | None = None, **kwargs: Any) -> None:
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, **kwargs: Any) -> IncompatibleKeys:
         """Add the adapter in ``model_id`` as ``adapter_name`` (inactive until ``set_adapter``).
+
+        Returns PEFT's load result: ``missing_keys`` (this adapter's tensors the file lacked: always empty, the
+        folder is validated first) and ``unexpected_keys``. Keywords as in ``from_pretrained``.
 
         Raises:
             lorakit.io.AdapterLoadError: the folder does not fit this model; nothing was changed.
         """
-        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+        options = LoadOptions.parse("load_adapter", ephemeral_gpu_offload, key_mapping,
+                                    {**kwargs, "torch_device": torch_device}, self.get_base_model())
+        folder = options.folder(model_id)
         if adapter_name in self.peft_config:
-            raise ValueError(explain(f"adapter {adapter_name!r} already exists", fix="pick another adapter_name"))
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists. "
+                             + explain("load_adapter adds a new adapter", fix="pick another adapter_name"))
         check_adapter_name(adapter_name, self.get_base_model())
-        config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable)
+        config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable,
+                                          device=options.torch_device, key_mapping=key_mapping,
+                                          use_safetensors=options.use_safetensors)
         with weights_follow():
-            self.base_model.inject_adapter(adapter_name, config)
+            self.base_model.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         io.load_tensors(self.get_base_model(), tensors, adopt=True)
-        if not is_trainable:
+        if is_trainable:  # peft 0.21.2: the loaded adapter trains (its factors and modules_to_save copies), active or not
+            self.base_model.set_requires_grad(adapter_name, True)
+        else:
             self.eval()
+        return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the ``with`` block (merged adapters are unmerged first)."""
+        """Run the base model alone inside the ``with`` block (merged adapters are unmerged first).
+
+        On exit each adapter layer is as before: enabled, or still disabled when all were disabled already. A
+        mix of enabled and disabled layers cannot be restored as it was: all are enabled then, with a warning.
+        """
+        before = self.base_model.adapter_layers_disabled()
+        if before is None:
+            warn("The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                 "likely unintentional. After exiting the disable_adapter context, all adapters will be enabled")
         self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            if before is not True:
+                self.base_model.enable_adapter_layers()
 
     # ---- training helpers passed through to a transformers model -----------------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:

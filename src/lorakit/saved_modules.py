@@ -17,6 +17,9 @@ from .layer import expand_rows
 class ModulesToSaveWrapper(nn.Module):
     """``original_module`` (frozen) + ``modules_to_save[name]`` (a trainable deep copy per adapter)."""
 
+    adapter_layer_names = ("modules_to_save",)  # PEFT's name of the per-adapter container
+    other_param_names: tuple[str, ...] = ()
+
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module
@@ -33,8 +36,18 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module.requires_grad_(False)
 
     def set_adapter(self, adapter_names: str | list[str], *, trainable: bool = True) -> None:
-        """Route forward through the copy of the first active adapter that has one; only that copy trains."""
+        """Route forward through the active adapter's copy (adapters without one here are ignored); it trains.
+
+        Raises:
+            ValueError: two of ``adapter_names`` have a copy here (copies replace the module, they cannot add up).
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = [name for name in names if name in self.modules_to_save]
+        if len(names) > 1:
+            raise ValueError(f"Only one adapter can be set at a time for {self!r}, got {len(names)}: adapters "
+                             f"{names} each have their own full copy of this module (modules_to_save), and copies "
+                             "replace the module instead of adding up; activate one of them, or give them different "
+                             "modules_to_save")
         for name, module in self.modules_to_save.items():
             module.requires_grad_(trainable and name in names)
         self._active_adapter = names
@@ -46,6 +59,20 @@ class ModulesToSaveWrapper(nn.Module):
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
+
+    @property
+    def _adapters(self) -> set[str]:
+        """The adapters with a copy here (PEFT's AuxiliaryTrainingWrapper attribute, read by code written for PEFT)."""
+        return set(self.modules_to_save)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters that have a copy here (at most one)."""
+        return list(self._active_adapter)
 
     @property
     def active_adapter(self) -> str | list[str]:

@@ -137,12 +137,25 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if module is head}
 
 
-def _default_targets(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
+def _model_type(model: nn.Module) -> object:
+    """``config.model_type``, read as PEFT reads it: from ``config.to_dict()`` when the config has one."""
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        values = to_dict()
+        if isinstance(values, dict):
+            return values.get("model_type")
+    return getattr(config, "model_type", None)
+
+
+def _default_targets(model: nn.Module) -> list[str] | str:
+    """The architecture's default target_modules: a list of names, or a regex string (matched in full)."""
+    model_type = _model_type(model)
+    if isinstance(model_type, str) and model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
     raise ValueError(
-        explain(
+        "Please specify `target_modules` or `target_parameters`in `peft_config` (PEFT's message). "
+        + explain(
             "target_modules=None but lorakit has no default targets for this model",
             where=type(model).__name__,
             got=model_type,
@@ -245,7 +258,8 @@ def _warn_unmatched_saves(config: LoraConfig, paths: list[str]) -> None:
 def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: list) -> set[str] | str:
     targets = config.target_modules
     if targets is None:
-        return set(_default_targets(model))
+        defaults = _default_targets(model)
+        return defaults if isinstance(defaults, str) else set(defaults)
     if isinstance(targets, str) and targets.lower() == "all-linear":
         heads = _output_head_names(model)
         task = getattr(config.task_type, "value", config.task_type)

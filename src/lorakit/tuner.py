@@ -23,6 +23,7 @@ from .distributed import check_not_sharded
 from .config import InitMethod
 from .errors import explain, warn
 from .guards import checked_merge, resolve_with_ties, rollback_on_error, tie_adapters
+from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy, check_single_bias
 from .inits import FRESH
 from .layer import LoraLayer
 from .quant import dequantize_model, merge_reporting_rounding
@@ -105,41 +106,72 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.targeted_module_names: list[str] = []
         self.active_adapter: str | list[str] = adapter_name
-        # low_cpu_mem_usage only saves the brief allocation of the factors before they are initialised;
-        # lorakit allocates them once, on the base's device, so the flag needs no separate path.
         self.autocast_adapter_dtype = autocast_adapter_dtype
         config = config[adapter_name] if isinstance(config, dict) else config
-        self.inject_adapter(adapter_name, config)
+        self.__dict__["_constructing"] = True
+        try:
+            self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        finally:
+            del self.__dict__["_constructing"]
         self.set_adapter(adapter_name, _modules=self.__dict__.pop("_injected", None))  # no walk: the only adapter
 
     def forward(self, *args: object, **kwargs: object) -> object:
         return self.model(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> object:
+        """Attributes the tuner lacks are the user's model's (``peft_model.base_model.config``), as in PEFT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+        return getattr(super().__getattr__("model"), name)
+
     # ---- injection ---------------------------------------------------------------------------------------
     @rollback_on_error  # a failed injection leaves the model as it was
-    def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates."""
-        with gc_paused():
-            self._inject_adapter(adapter_name, config)
+    def inject_adapter(self, adapter_name: str, config: LoraConfig, *, autocast_adapter_dtype: bool | None = None,
+                       low_cpu_mem_usage: bool = False) -> None:
+        """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates.
 
-    def _inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        ``autocast_adapter_dtype`` (default: the tuner's): float32 factors over a half-precision base, else the
+        base's dtype. ``low_cpu_mem_usage``: plain-init factors are created on the meta device, uninitialised,
+        to be filled by a load (``set_peft_model_state_dict(..., low_cpu_mem_usage=True)``), as PEFT does;
+        variants and data-driven inits need real tensors and are built as without the flag.
+
+        Raises:
+            ValueError: a name already in use, a second adapter with ``bias != "none"`` (PEFT's rule: the
+                biases are the base model's, one adapter at most may train them), or a targeting error.
+        """
+        autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
+        with gc_paused():
+            self._inject_adapter(adapter_name, config, autocast, low_cpu_mem_usage)
+
+    def _inject_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True,
+                        low_cpu_mem_usage: bool = False) -> None:
         candidates = candidate_modules(self.model)  # one walk for the shard and name checks and the targeting
         check_not_sharded(self.model, (module for _, module in candidates))
         if adapter_name in self.peft_config:
-            raise ValueError(explain(f"adapter {adapter_name!r} already exists", where=type(self.model).__name__,
-                                     fix="pick another adapter_name or delete_adapter() it first"))
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists. "
+                             + explain("a second adapter cannot take its name", where=type(self.model).__name__,
+                                       fix="pick another adapter_name or delete_adapter() it first"))
         check_adapter_name(adapter_name, self.model, candidates)
+        check_single_bias(self.peft_config, config, type(self).__name__)
         config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
-        skip_init = _WEIGHTS_FOLLOW.get()
+        skip_init = _WEIGHTS_FOLLOW.get() or low_cpu_mem_usage
         injected: list[nn.Module] = []  # the adapter modules this call made or extended (set_adapter's walk)
         for path, spec in plan.layers.items():
+            device = None
             if skip_init and spec.variant is None and spec.init.name in FRESH:
                 spec = dataclasses.replace(spec, init=InitMethod("skip"))
+                device = "meta" if low_cpu_mem_usage else None
             module = self.model.get_submodule(path)
             if not isinstance(module, LoraLayer):
                 module = LoraLayer(module, plan.kinds[path])
+                module._active_adapter = list(self.active_adapters)  # follows the model (PEFT), holds none of them
                 self.model.set_submodule(path, module)
-            module.update_layer(adapter_name, spec, autocast_adapter_dtype=self.autocast_adapter_dtype)
+            module.update_layer(adapter_name, spec, autocast_adapter_dtype=autocast_adapter_dtype, device=device)
+            if low_cpu_mem_usage and device is None:  # variants and data-driven inits are built, then emptied
+                module.move_adapter_to_meta(adapter_name)
             for param in module.adapter_parameters(adapter_name):
                 param.requires_grad_(False)
             injected.append(module)
@@ -164,7 +196,8 @@ class LoraModel(nn.Module):
                     for param in module._parameters.values():
                         if param is not None:
                             param.requires_grad_(False)
-                self._injected = injected  # every adapter module of the model: __init__'s set_adapter needs no walk
+                if self.__dict__.get("_constructing"):
+                    self._injected = injected  # every adapter module of the model: __init__'s set_adapter needs no walk
 
     def _recorded_config(self, config: LoraConfig, plan: TargetPlan) -> LoraConfig:
         """A copy of ``config`` saying what was applied (the user's object is never changed)."""
@@ -195,8 +228,10 @@ class LoraModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
-    def set_adapter(self, adapter_name: str | list[str], _modules: list[nn.Module] | None = None) -> None:
-        """Activate one adapter or several (their outputs add); only active, non-inference adapters train.
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False,
+                    _modules: list[nn.Module] | None = None) -> None:
+        """Activate one adapter or several (their outputs add); only active, non-inference adapters train
+        (``inference_mode=True``: none does).
 
         A merged layer is unmerged first, with PEFT's warning, so W never holds an adapter that is not active.
         """
@@ -205,7 +240,8 @@ class LoraModel(nn.Module):
         if unknown:
             raise ValueError(explain(f"unknown adapter(s) {unknown}", got=unknown,
                                      expected=f"one of {list(self.peft_config)}"))
-        trainable = not any(self.peft_config[name].inference_mode for name in names)
+        check_one_saved_copy(self.model, names)
+        trainable = not inference_mode and not any(self.peft_config[name].inference_mode for name in names)
         for module in self._adapter_modules() if _modules is None else _modules:
             if getattr(module, "merged_adapters", None):  # W holds the old adapter: unmerge first, as PEFT does
                 warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
@@ -213,6 +249,33 @@ class LoraModel(nn.Module):
             module.set_adapter(names, trainable=trainable)
         self._set_bias_trainable(names, trainable)
         self.active_adapter = adapter_name
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch ``requires_grad`` of the named adapters' tensors (factors, DoRA m, modules_to_save copies).
+
+        Raises:
+            ValueError: an unknown adapter name.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(explain(f"unknown adapter(s) {unknown}", expected=f"names among {list(self.peft_config)}"))
+        for module in self._adapter_modules():
+            for name in names:
+                params = (module.adapter_parameters(name) if isinstance(module, LoraLayer) else
+                          module.modules_to_save[name].parameters() if name in module.modules_to_save else ())
+                for param in params:
+                    param.requires_grad_(requires_grad)
+
+    def adopt_config(self, adapter_name: str, config: LoraConfig) -> None:
+        """Hold the caller's ``config`` object for ``adapter_name`` (PEFT keeps the object it was given), updated
+        in place with what injection recorded (resolved targets, modules_to_save, fan_in_fan_out)."""
+        recorded = self.peft_config[adapter_name]
+        for field in dataclasses.fields(recorded):
+            value = getattr(recorded, field.name)
+            if getattr(config, field.name) != value:
+                setattr(config, field.name, value)
+        self.peft_config[adapter_name] = config
 
     def _set_bias_trainable(self, names: list[str], trainable: bool) -> None:
         """bias="all": every bias trains; "lora_only": the biases of adapted layers train."""
@@ -229,20 +292,20 @@ class LoraModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` everywhere; layers left without adapters go back to their base module.
 
+        Deleting the last adapter leaves ``peft_config`` empty and no adapter active (as PEFT): the model runs
+        as the base model until ``add_adapter`` / ``load_adapter`` and ``set_adapter``.
+
         Raises:
-            ValueError: an unknown name, or the only adapter (use ``unload()`` to drop LoRA altogether).
+            ValueError: an unknown name, or an adapter merged into the base weights (nothing changes then).
         """
         if adapter_name not in self.peft_config:
-            raise ValueError(explain(f"unknown adapter {adapter_name!r}", expected=f"one of {list(self.peft_config)}"))
-        if len(self.peft_config) == 1:
-            raise ValueError(explain(f"cannot delete {adapter_name!r}, the only adapter",
-                                     fix="call unload() to get the base model back"))
+            raise ValueError(f"Adapter {adapter_name} does not exist: "
+                             + explain("unknown adapter", got=adapter_name, expected=f"one of {list(self.peft_config)}"))
+        check_not_merged(self.lora_layers(), adapter_name)
         # innermost first: a layer nested in another's base (MultiheadAttention's out_proj) goes back to its base
         # while its owner's path still leads to it
         for path, module in reversed(list(self.model.named_modules())):
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-                if isinstance(module, LoraLayer) and adapter_name in module.merged_adapters:
-                    module.unmerge()
                 module.delete_adapter(adapter_name)
                 if isinstance(module, LoraLayer) and not module.r:
                     self.model.set_submodule(path, module.base_layer)
@@ -251,6 +314,9 @@ class LoraModel(nn.Module):
         del self.peft_config[adapter_name]
         alive = {p for p, m in self.model.named_modules() if isinstance(m, LoraLayer)}
         self.targeted_module_names = [p for p in self.targeted_module_names if p in alive]
+        if not self.peft_config:
+            self.active_adapter = []
+            return
         remaining = [n for n in self.active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
         self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
 
@@ -263,12 +329,15 @@ class LoraModel(nn.Module):
         """
         unknown = sorted({n for n in adapter_names if n not in self.peft_config and n != "__base__"})
         if unknown:
-            raise ValueError(explain(f"adapter_names has unknown adapter(s) {unknown}",
-                                     expected=f"names among {list(self.peft_config)} or '__base__'"))
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. "
+                             + explain("adapter_names has unknown adapter(s)",
+                                       expected=f"names among {list(self.peft_config)} or '__base__'"))
         if self.model.training:
-            raise ValueError("adapter_names (mixed-adapter batches) is for inference only; call model.eval() first")
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode. Mixed-adapter batches "
+                             "are for inference only; call model.eval() first")
         if any(layer.merged for layer in self.lora_layers()):
-            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
         rows: dict[str, list[int]] = {}
         for row, name in enumerate(adapter_names):
             rows.setdefault(name, []).append(row)
@@ -287,15 +356,37 @@ class LoraModel(nn.Module):
             module.enable_adapters(True)
 
     def disable_adapter_layers(self) -> None:
+        """Run the base model alone (merged adapters are unmerged at the next forward).
+
+        Biases trained by an adapter (``bias != "none"``) are the base model's own and stay changed: the warning
+        says so, in PEFT's words.
+        """
+        for name in self.active_adapters:
+            bias = self.peft_config[name].bias if name in self.peft_config else "none"
+            if bias != "none":
+                warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                     "same output as the base model would without adaption. (Adapter "
+                     f"{name!r} trained the base model's biases in place; disabling the LoRA layers keeps them.)")
         for module in self._adapter_modules():
             module.enable_adapters(False)
+
+    def adapter_layers_disabled(self) -> bool | None:
+        """True when every adapter layer is disabled, False when every one is enabled, None for a mix."""
+        states = {module.disable_adapters for module in self._adapter_modules()}
+        return None if len(states) > 1 else states.pop() if states else False
 
     # ---- merge -------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the (active) adapters into the base weights: W ← W + s·ΔW."""
+        layers = list(self.lora_layers())
+        active = list(dict.fromkeys(name for layer in layers for name in layer.active_adapters))  # each layer's own
+        names = adapters_to_merge(layers, adapter_names, active)
+        if not names:
+            return
+
         def merge() -> None:
-            for layer in self.lora_layers():
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            for layer in self.lora_layers():  # default: each layer merges its own active adapters
+                layer.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
 
         merge_reporting_rounding(self.lora_layers(), merge)  # a quantized base is requantized: say how much
 
@@ -303,8 +394,16 @@ class LoraModel(nn.Module):
         for layer in self.lora_layers():
             layer.unmerge()
 
-    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        for path, module in reversed(list(self.model.named_modules())):  # innermost first, as delete_adapter
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                progressbar: bool = False) -> nn.Module:
+        modules = list(reversed(list(self.model.named_modules())))  # innermost first, as delete_adapter
+        if progressbar:  # PEFT's tqdm bar over the model's modules
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                raise ImportError("progressbar=True needs tqdm: pip install tqdm") from None
+            modules = tqdm(modules, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for path, module in modules:
             if isinstance(module, LoraLayer):
                 if merge:
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -322,7 +421,7 @@ class LoraModel(nn.Module):
 
         Quantized bases are dequantized, merged in float32 and requantized (with a warning giving the rounding);
         ``dequantize=True`` instead turns every quantized layer into a float32 nn.Linear first (quant.py).
-        ``check=True`` measures max |merged - unmerged| on ``probe`` (default: the model's ``dummy_inputs``),
+        ``progressbar=True`` shows a tqdm bar over the model's modules, as PEFT does. ``check=True`` measures max |merged - unmerged| on ``probe`` (default: the model's ``dummy_inputs``),
         records it as ``model.lorakit_merge_check`` and warns above the dtype's precision (guards.py).
         """
         if dequantize:
@@ -330,7 +429,7 @@ class LoraModel(nn.Module):
 
         def unload() -> nn.Module:
             return merge_reporting_rounding(list(self.lora_layers()), lambda: self._unload(
-                merge=True, safe_merge=safe_merge, adapter_names=adapter_names))
+                merge=True, safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar))
 
         return checked_merge(self.model, unload, probe) if check else unload()
 
