@@ -22,6 +22,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+import yaml
 from gguf_llama import rope_rows
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
@@ -119,9 +120,12 @@ def test_gguf_reproduces_every_scaled_delta(capsys, tmp_path, architecture):
 
     reader = gguf.GGUFReader(out)
     fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    # the model card save_pretrained writes (README.md, PEFT's) adds its tags, as llama.cpp's converter reads them
+    card = yaml.safe_load((adapter / "README.md").read_text().split("---")[1])
     assert fields == {"general.architecture": ARCHITECTURES[architecture][1], "general.type": "adapter",
                       "adapter.type": "lora", "general.name": "Adapter", "adapter.lora.alpha": 6.0,
-                      "general.quantization_version": 2}
+                      "general.quantization_version": 2, "general.tags": card["tags"] + [card["pipeline_tag"]],
+                      "general.base_model.count": 1}
     assert reader.fields["adapter.lora.alpha"].types == [gguf.GGUFValueType.FLOAT32]
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     deltas = _peft_deltas(base_folder, adapter)

@@ -548,7 +548,8 @@ def test_sigkill_during_save_leaves_old_or_new_adapter(tmp_path):
 
 
 # ---- other files in the folder --------------------------------------------------------------------------
-FOREIGN = {"tokenizer.json": b'{"model": {}}', "README.md": b"# notes\n", "checkpoint-1/x.txt": b"step 1",
+# README.md is not foreign: save_pretrained updates it as PEFT's model card (test_save_safety, test_peft_api_extras)
+FOREIGN = {"tokenizer.json": b'{"model": {}}', "NOTES.md": b"# notes\n", "checkpoint-1/x.txt": b"step 1",
            "checkpoint-1/deeper/optimizer.pt": b"\0\1\2", "other/notes.txt": b"kept next to adapter 'other'"}
 
 

@@ -170,7 +170,7 @@ def test_new_save_follows_the_umask(tmp_path, umask, mask):
     model.peft_config["default"].save_pretrained(tmp_path / "config")
     folders = [tmp_path / "adapter", tmp_path / "adapter" / "second", tmp_path / "config"]
     files = [p for folder in folders for p in folder.iterdir() if p.is_file()]
-    assert len(files) == 5
+    assert len(files) == 6  # two configs, two weight files, and the model card README.md PEFT writes
     assert {str(p): _mode(p) for p in folders} == {str(p): 0o777 & ~mask for p in folders}
     assert {str(p): _mode(p) for p in files} == {str(p): 0o666 & ~mask for p in files}
 
@@ -184,15 +184,15 @@ def test_resave_keeps_the_existing_modes(tmp_path, umask, mask, folder_mode, fil
     os.chmod(target, folder_mode)
     for path in target.iterdir():
         os.chmod(path, file_mode)
-    (target / "README.md").write_text("kept")
-    os.chmod(target / "README.md", 0o604)
+    (target / "NOTES.md").write_text("kept")
+    os.chmod(target / "NOTES.md", 0o604)
     umask(mask)
     model.add_adapter("second", LoraConfig(**CONFIG))
     model.save_pretrained(target)
     assert _mode(target) == folder_mode
     assert {p.name: _mode(p) for p in target.iterdir()} == {
-        "adapter_model.safetensors": file_mode, "adapter_config.json": file_mode, "README.md": 0o604,
-        "second": 0o777 & ~mask}
+        "adapter_model.safetensors": file_mode, "adapter_config.json": file_mode, "README.md": file_mode,
+        "NOTES.md": 0o604, "second": 0o777 & ~mask}
     assert {p.name: _mode(p) for p in (target / "second").iterdir()} == {
         "adapter_model.safetensors": 0o666 & ~mask, "adapter_config.json": 0o666 & ~mask}
-    assert (target / "README.md").read_text() == "kept"
+    assert (target / "NOTES.md").read_text() == "kept"
