@@ -145,8 +145,8 @@ def delete_merged_refused(lib):
     layers = [m for m in model.modules() if hasattr(m, "merged_adapters")]
     error = raised(lambda: model.delete_adapter("default"))
     state = [list(layer.merged_adapters) for layer in layers], sorted(model.peft_config)
-    model.delete_adapter("other")  # not merged: allowed
-    return error, state, sorted(model.peft_config)
+    model.delete_adapter("other")  # not merged: allowed, and the merged one stays merged
+    return error, state, sorted(model.peft_config), [list(layer.merged_adapters) for layer in layers]
 
 
 def merge_twice_warns(lib):

@@ -318,7 +318,8 @@ class LoraModel(nn.Module):
             self.active_adapter = []
             return
         remaining = [n for n in self.active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
-        self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+        if remaining != self.active_adapters:  # an inactive adapter went: the active ones (merged too) stay as they are
+            self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
 
     @contextlib.contextmanager
     def routed(self, adapter_names: list[str]) -> Iterator[None]:
