@@ -191,6 +191,29 @@ def check(model_dir: Path, case_dir: Path) -> None:
         torch.testing.assert_close(torch.load(case_dir / f"{name}.pt"), expected, atol=2e-5, rtol=1e-5)
 
 
+def run_with_and_without_peft(model_dir: Path, tmp_path_factory: object, names: list[str]) -> dict[str, Path]:
+    """Run the named cases here (peft importable) and in a child process where peft cannot be found:
+    {"peft": folder, "no_peft": folder}, each holding one sub-folder per case."""
+    from no_peft import run as run_without_peft
+
+    with_peft, without = tmp_path_factory.mktemp("with_peft"), tmp_path_factory.mktemp("without_peft")
+    run(model_dir, with_peft, names)
+    child = run_without_peft(f"import stack_cases, pathlib\nstack_cases.run(pathlib.Path({str(model_dir)!r}), "
+                             f"pathlib.Path({str(without)!r}), {names!r})", without)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-6000:]
+    return {"peft": with_peft, "no_peft": without}
+
+
+def assert_same_adapter(runs: dict[str, Path], case: str) -> None:
+    """The adapter a case trained with peft installed equals the one trained without it, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    with_peft, without = (load_file(runs[m] / case / "adapter" / "adapter_model.safetensors") for m in runs)
+    assert with_peft.keys() == without.keys()
+    for key in with_peft:
+        torch.testing.assert_close(without[key], with_peft[key], atol=1e-6, rtol=1e-6)
+
+
 def run(model_dir: Path, out: Path, names: list[str]) -> None:
     for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ import inspect
 import pytest
 import stack_cases
 import torch
-from no_peft import run as run_without_peft
 from safetensors.torch import load_file
 from tiny_lm import save_tiny_llm
 from transformers import AutoModelForCausalLM, TrainingArguments
@@ -73,12 +72,7 @@ def test_adapter_only_checkpoints_and_exact_resume(model_dir, tmp_path, route):
 
 @pytest.fixture(scope="module")
 def runs(model_dir, tmp_path_factory):
-    with_peft, without = tmp_path_factory.mktemp("with_peft"), tmp_path_factory.mktemp("without_peft")
-    stack_cases.run(model_dir, with_peft, CASES)
-    child = run_without_peft(f"import stack_cases, pathlib\nstack_cases.run(pathlib.Path({str(model_dir)!r}), "
-                             f"pathlib.Path({str(without)!r}), {CASES!r})", without)
-    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-6000:]
-    return {"peft": with_peft, "no_peft": without}
+    return stack_cases.run_with_and_without_peft(model_dir, tmp_path_factory, CASES)
 
 
 @pytest.mark.parametrize("mode", ["peft", "no_peft"])
@@ -89,10 +83,7 @@ def test_trainer_trains_saves_and_loads(runs, model_dir, case, mode):
 
 @pytest.mark.parametrize("case", CASES)
 def test_same_adapter_with_and_without_peft(runs, case):
-    with_peft, without = (load_file(runs[m] / case / "adapter" / "adapter_model.safetensors") for m in runs)
-    assert with_peft.keys() == without.keys()
-    for key in with_peft:
-        torch.testing.assert_close(without[key], with_peft[key], atol=1e-6, rtol=1e-6)
+    stack_cases.assert_same_adapter(runs, case)
 
 
 def test_add_adapter_and_trainer_give_the_same_training_as_get_peft_model(runs):
