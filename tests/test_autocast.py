@@ -222,7 +222,7 @@ def test_fused_dropout_under_autocast_runs_in_autocast_dtype(dtype, device):
 
 def test_dora_norm_ignores_autocast():
     """‖W + s·B A‖ by the low-rank identity subtracts nearly equal terms: under autocast it must stay float32."""
-    from lorakit.variants import row_norm
+    from lorakit.variants.dora import row_norm
 
     generator = torch.Generator().manual_seed(0)
     W, A, B = (torch.randn(*shape, generator=generator) for shape in [(16, 64), (4, 64), (16, 4)])

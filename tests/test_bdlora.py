@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.layer import LoraLayer
-from lorakit.variants import BlockDiagonalLinear
+from lorakit.variants.bdlora import BlockDiagonalLinear
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -20,7 +20,7 @@ from torch import nn
 
 import lorakit
 from lorakit.layer import LoraLayer
-from lorakit.variants import row_norm, weight_norm
+from lorakit.variants.dora import row_norm, weight_norm
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -200,7 +200,7 @@ def test_eval_cache_hits_and_is_invalidated_by_optimizer_step(monkeypatch):
     ours.eval()
     first = _out(ours, inputs)
     calls = []
-    monkeypatch.setattr("lorakit.variants.row_norm", lambda *a, **k: calls.append(1) or row_norm(*a, **k))
+    monkeypatch.setattr("lorakit.variants.dora.row_norm", lambda *a, **k: calls.append(1) or row_norm(*a, **k))
     torch.testing.assert_close(_out(ours, inputs), first, atol=0, rtol=0)
     assert not calls  # every layer's n came from the cache
     ours.train()

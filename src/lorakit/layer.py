@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,9 +53,8 @@ class LayerSpec:
     use_rslora: bool = False
     lora_bias: bool = False
     init: InitMethod = InitMethod("default")
-    variant: str | None = None  # a key of variants.VARIANTS ("dora", "bdlora"), None for plain LoRA
-    bd_factor: str | None = None  # BD-LoRA: the block-diagonal factor, "A" or "B" (None: plain factors)
-    nblocks: int = 1  # BD-LoRA: blocks of that factor
+    variant: str | None = None  # a key of variants.VARIANTS ("dora", "bdlora", ...), None for plain LoRA
+    variant_options: tuple[Any, ...] = ()  # the variant's per-layer settings (Variant.options)
 
     @property
     def scaling(self) -> float:

@@ -10,7 +10,7 @@ they do so through ``dense_weight`` / ``write_weight`` here:
 
 A backend is two functions; nothing else of lorakit changes per backend (no LoRA class per backend).
 Registering a backend also registers a ``Kind`` for its class (kinds.py, keyed by "module.QualName" so that
-bitsandbytes is never imported just to look a type up) and DoRA's per-kind entry (variants.py). Because
+bitsandbytes is never imported just to look a type up) and DoRA's per-kind entry (variants/dora.py). Because
 ``find_kind`` walks the MRO, the quantized Kind is found before nn.Linear, which bnb's layers subclass.
 
 Requantization rounds: after ``write_weight`` the layer holds deq(quantize(W)) ≠ W. The change of the
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .errors import warn
 from .kinds import LINEAR_KINDS, Kind, base_weight, register_kind
-from .variants import DORA_KINDS, DoraKind
+from .variants.dora import DORA_KINDS, DoraKind
 
 T = TypeVar("T")
 PROBE_ROWS = 64  # rows of the probe input that measures a requantization's rounding

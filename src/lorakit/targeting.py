@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import BdLoraConfig, LoraConfig, TaskType
+from .config import LoraConfig, TaskType
 from .errors import explain, warn
 from .kinds import Kind, find_kind, is_linear_like, kind_for
 from .layer import LayerSpec, LoraLayer
 from .saved_modules import ModulesToSaveWrapper
+from .variants import select_variant, variant_options
 
 # config.model_type -> default target_modules (PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -190,32 +191,15 @@ def _first_pattern(name: str, patterns: dict) -> object | None:
     return None
 
 
-def _bd_factor(name: str, bd: BdLoraConfig) -> str | None:
-    """BD-LoRA's block-diagonal factor for ``name``: "A" / "B" when a pattern is a substring of it (PEFT's rule).
-
-    Raises:
-        ValueError: ``name`` matches both lists, or neither while ``match_strict``.
-    """
-    in_a = any(pattern in name for pattern in bd.target_modules_bd_a or [])
-    in_b = any(pattern in name for pattern in bd.target_modules_bd_b or [])
-    if in_a and in_b:
-        raise ValueError(explain("target matches both BD-LoRA lists", where=name, got=bd,
-                                 fix="make target_modules_bd_a and target_modules_bd_b select different modules"))
-    if bd.match_strict and not (in_a or in_b):
-        raise ValueError(explain("target matches neither BD-LoRA list", where=name, got=bd,
-                                 fix="add it to target_modules_bd_a / _bd_b, or set match_strict=False"))
-    return "A" if in_a else "B" if in_b else None
-
-
 def layer_spec(name: str, config: LoraConfig) -> LayerSpec:
     """The r, alpha and other settings ``config`` gives the module at ``name`` (rank/alpha patterns applied).
 
     Raises:
-        ValueError: from ``_bd_factor`` with ``use_bdlora``.
+        ValueError: from the variant's per-layer options (e.g. BD-LoRA's lists) or from combining variants.
     """
     r = _first_pattern(name, config.rank_pattern)
     alpha = _first_pattern(name, config.alpha_pattern)
-    bd = config.use_bdlora
+    variant = select_variant(config)
     return LayerSpec(
         r=config.r if r is None else r,
         lora_alpha=config.lora_alpha if alpha is None else alpha,
@@ -223,9 +207,8 @@ def layer_spec(name: str, config: LoraConfig) -> LayerSpec:
         use_rslora=config.use_rslora,
         lora_bias=config.lora_bias,
         init=config.init_method,
-        variant="dora" if config.use_dora else "bdlora" if bd is not None else None,
-        bd_factor=_bd_factor(name, bd) if bd is not None else None,
-        nblocks=bd.nblocks if bd is not None else 1,
+        variant=variant,
+        variant_options=variant_options(variant, name, config),
     )
 
 

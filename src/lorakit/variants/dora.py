@@ -1,6 +1,4 @@
-"""Registry of LoRA variants: strategies that take over one adapter's forward and merge in a ``LoraLayer``.
-
-DoRA (weight-decomposed LoRA, arXiv:2402.09353, as PEFT 0.21.2 runs it). Seen as an (out, K) matrix
+"""DoRA (weight-decomposed LoRA, arXiv:2402.09353, as PEFT 0.21.2 runs it). Seen as an (out, K) matrix
 (``Kind.matrix``: K = in for Linear/Conv1D, num_embeddings for Embedding, in·k for ConvNd), W' = W + s·B A
 is split into a learned magnitude m (one entry per output row) and a direction normalised row by row:
 
@@ -24,17 +22,6 @@ The norm never forms the (out, K) matrix W + s·B A; per row i (the low-rank ide
 (storage, ``_version``) of W, A and B, so inference pays for the norm once (PEFT recomputes it every call).
 In-place changes made through autograd-visible ops (optimizer steps, ``copy_``, merges, loads) bump
 ``_version``; a write through ``.data`` does not, and ``train()`` clears the cache for that case.
-
-BD-LoRA (block-diagonal LoRA for multi-LoRA tensor-parallel serving, as PEFT 0.21.2 runs it), Linear and Conv1D only. One factor
-of the listed modules is block-diagonal with N blocks, so that a tensor-parallel shard needs no all-gather:
-A for row-sharded layers (o_proj, down_proj), B for column-sharded ones (q/k/v, up, gate):
-
-    A = diag(A_1, ..., A_N),  A_i (r/N, in/N)   stored compactly as [A_1; ...; A_N]  (r, in/N)
-    B = diag(B_1, ..., B_N),  B_i (out/N, r/N)  stored compactly as [B_1; ...; B_N]  (out, r/N)
-    y = base(x) + s·B A dropout(x),  block i of A x = A_i x_i with x = [x_1, ..., x_N] split along in
-
-The compact weight keeps PEFT's key (``lora_A.<name>.weight``). A block-diagonal A starts as
-kaiming_uniform_ (a = 0), a block-diagonal B as zeros, as in PEFT; the other factor follows the init.
 """
 
 from __future__ import annotations
@@ -42,47 +29,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
-from .errors import explain
-from .kinds import Kind
+from .. import ops
+from ..errors import explain
+from ..kinds import Kind
+from . import Variant, register_variant
 
 if TYPE_CHECKING:
-    from .layer import LayerSpec, LoraLayer
+    from ..config import LoraConfig
+    from ..layer import LayerSpec, LoraLayer
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One variant strategy; ``LoraLayer`` calls it for the adapters created with it.
-
-    Attributes:
-        init: (layer, adapter, A, B, s) -> None or {"lora_A" / "lora_B": module}; checks the layer and registers the
-            variant's modules for the adapter about to be added (A, B: its placed, initialised factor weights).
-            Runs before anything else of the adapter is registered, so a refusal leaves the layer unchanged;
-            a returned module replaces that factor (BD-LoRA's compact block-diagonal factor).
-        forward: (layer, adapter, x, y) -> y with the adapter applied; y is the running output.
-        merge: (layer, adapter, W, sign) -> W with the adapter merged (+1) or unmerged (−1); W is a float32
-            view of the base weight in its own layout; return a new tensor, never change W in place.
-        shapes: (kind, base) -> {container: shape of its module's ``.weight``}, to plan state-dict keys.
-        dense: (layer, adapter) -> (A (r, K), B (out, r)) as dense matrices, where the stored factors are not;
-            None: the factor weights themselves.
-        bind: spec -> the Variant for one layer's settings (BD-LoRA's factor and N); None: this Variant as is.
-    """
-
-    init: Callable[[LoraLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
-    forward: Callable[[LoraLayer, str, Tensor, Tensor], Tensor]
-    merge: Callable[[LoraLayer, str, Tensor, float], Tensor]
-    shapes: Callable[[Kind, nn.Module], dict[str, tuple[int, ...]]]
-    dense: Callable[[LoraLayer, str], tuple[Tensor, Tensor]] | None = None
-    bind: Callable[[LayerSpec], Variant] | None = None
-
-
-# ---- DoRA per base kind ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DoraKind:
     """What DoRA needs to know of a base kind beyond its ``Kind``.
@@ -308,93 +270,5 @@ def dora_shapes(kind: Kind, base: nn.Module) -> dict[str, tuple[int, ...]]:
     return {"lora_magnitude_vector": _magnitude_shape(dora_kind, kind.features(base)[1], base)}
 
 
-# ---- BD-LoRA ---------------------------------------------------------------------------------------------------
-class BlockDiagonalLinear(nn.Module):
-    """y = diag(W_1, ..., W_N) x with ``weight`` = [W_1; ...; W_N], (out, in/N); PEFT's module of the same name."""
-
-    def __init__(self, in_features: int, out_features: int, nblocks: int, *, zero: bool,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        if in_features % nblocks or out_features % nblocks:
-            raise ValueError(explain("BD-LoRA factor does not split into blocks", got=f"in_features={in_features}, "
-                                     f"out_features={out_features}, nblocks={nblocks}",
-                                     expected="r and the layer's features divisible by nblocks",
-                                     fix="pick r (rank_pattern) and nblocks so that they divide evenly"))
-        self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // nblocks, device=device, dtype=dtype))
-        with torch.no_grad():
-            if zero:
-                nn.init.zeros_(self.weight)
-            else:
-                nn.init.kaiming_uniform_(self.weight)  # a = 0, as PEFT
-
-    def forward(self, x: Tensor) -> Tensor:
-        N = self.nblocks
-        blocks = self.weight.view(N, self.out_features // N, self.in_features // N)  # (N, out/N, in/N)
-        y = torch.einsum("...im,inm->...in", x.unflatten(-1, (N, -1)), blocks)  # (..., N, out/N)
-        return y.flatten(-2)  # (..., out)
-
-    def dense(self) -> Tensor:
-        """diag(W_1, ..., W_N), (out, in)."""
-        return torch.block_diag(*self.weight.chunk(self.nblocks, dim=0))
-
-
-def _bdlora_init(factor: str | None, nblocks: int, layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor,
-                 s: float) -> dict[str, nn.Module] | None:
-    """Replace the block-diagonal factor ("A" or "B"; None: plain LoRA) with a compact BlockDiagonalLinear.
-
-    Raises:
-        ValueError: the layer is not Linear / Conv1D, or r or its features are not divisible by nblocks.
-    """
-    if layer.kind.name not in ("Linear", "Conv1D"):
-        raise ValueError(explain("use_bdlora is not supported", where=f"a {layer.kind.name} target",
-                                 expected="Linear or Conv1D targets", fix="exclude these modules or drop use_bdlora"))
-    placement = dict(device=A.device, dtype=A.dtype)
-    if factor == "A":
-        return {"lora_A": BlockDiagonalLinear(layer.in_features, A.shape[0], nblocks, zero=False, **placement)}
-    if factor == "B":
-        return {"lora_B": BlockDiagonalLinear(B.shape[1], layer.out_features, nblocks, zero=True, **placement)}
-    return None
-
-
-def _bdlora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
-    """y + s·B A dropout(x); A and B run their own (block-diagonal) matmuls."""
-    return y + layer._branch(adapter_name, x) * layer.scaling[adapter_name]
-
-
-def _bdlora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s·B A with the dense block-diagonal factor (``get_delta_weight`` goes through ``dense``)."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
-
-
-def _bdlora_dense(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
-    A, B = layer.factors(adapter_name)
-    return tuple(m.dense() if isinstance(m, BlockDiagonalLinear) else m.weight for m in (A, B))
-
-
-def _bdlora_shapes(factor: str | None, nblocks: int, r: int, kind: Kind, base: nn.Module) -> dict:
-    in_features, out_features = kind.features(base)
-    if factor == "A":
-        return {"lora_A": (r, in_features // nblocks)}
-    return {"lora_B": (out_features, r // nblocks)} if factor == "B" else {}
-
-
-def _bdlora_bind(spec: LayerSpec) -> Variant:
-    factor, nblocks = spec.bd_factor, spec.nblocks
-    return Variant(init=partial(_bdlora_init, factor, nblocks), forward=_bdlora_forward, merge=_bdlora_merge,
-                   shapes=partial(_bdlora_shapes, factor, nblocks, spec.r), dense=_bdlora_dense)
-
-
-VARIANTS: dict[str, Variant] = {
-    "dora": Variant(init=dora_init, forward=dora_forward, merge=dora_merge, shapes=dora_shapes),
-    "bdlora": Variant(init=partial(_bdlora_init, None, 1), forward=_bdlora_forward, merge=_bdlora_merge,
-                      shapes=partial(_bdlora_shapes, None, 1, 0), dense=_bdlora_dense, bind=_bdlora_bind),
-}
-
-
-def resolve_variant(spec: LayerSpec) -> Variant | None:
-    """The Variant that runs an adapter created from ``spec`` (None for plain LoRA)."""
-    if spec.variant is None:
-        return None
-    variant = VARIANTS[spec.variant]
-    return variant.bind(spec) if variant.bind is not None else variant
+register_variant("dora", Variant(init=dora_init, forward=dora_forward, merge=dora_merge, shapes=dora_shapes,
+                                 select=lambda config: bool(config.use_dora)))
