@@ -98,3 +98,4 @@ def resolve_variant(spec: LayerSpec) -> Variant | None:
 
 
 from . import bdlora, dora  # noqa: E402,F401  (each registers itself)
+from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
