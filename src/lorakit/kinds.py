@@ -72,6 +72,9 @@ KINDS: dict[type, Kind] = {}
 # Kinds keyed by "module.QualName" for classes of optional packages (transformers' Conv1D), so that
 # lorakit never imports a package just to look a type up.
 KINDS_BY_NAME: dict[str, Kind] = {}
+# Kinds keyed by the "module.QualName" of a quantized weight's tensor class (torchao), for layers that stay
+# nn.Linear but hold a tensor subclass as their weight; looked up before the layer's own class.
+WEIGHT_KINDS_BY_NAME: dict[str, Kind] = {}
 
 
 def register_kind(layer_type: type | str, kind: Kind) -> None:
@@ -108,7 +111,14 @@ def supported_types() -> list[str]:
 
 
 def find_kind(module: nn.Module) -> Kind | None:
-    """The Kind of ``module``'s class or its nearest registered base class, or None."""
+    """The Kind of ``module``'s weight's tensor class (``WEIGHT_KINDS_BY_NAME``), else of ``module``'s class or
+    its nearest registered base class, or None."""
+    weight = module._parameters.get("weight") if WEIGHT_KINDS_BY_NAME else None  # its own, not a wrapper's
+    if isinstance(weight, Tensor) and type(weight) not in (Tensor, nn.Parameter):
+        for cls in type(weight).__mro__:
+            kind = WEIGHT_KINDS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+            if kind is not None:
+                return kind
     for cls in type(module).__mro__:
         if cls in KINDS:
             return KINDS[cls]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import warn
-from .kinds import LINEAR_KINDS, Kind, base_weight, register_kind
+from .kinds import LINEAR_KINDS, WEIGHT_KINDS_BY_NAME, Kind, base_weight, register_kind
 from .variants.dora import DORA_KINDS, DoraKind
 
 T = TypeVar("T")
@@ -48,21 +48,32 @@ class QuantBackend:
         dequantize: module -> W (out, in) float32.
         requantize: (module, W (out, in)) -> None; quantizes W into the module in place, in its own format.
         bits: bits per weight, for messages.
+        keeps_dtype: the quantized weight remembers the model's float dtype (torchao), which a dequantized
+            layer returns to; False: the dequantized layer is float32 (bitsandbytes, as PEFT).
     """
 
     name: str
     dequantize: Callable[[nn.Module], Tensor]
     requantize: Callable[[nn.Module, Tensor], None]
     bits: int
+    keeps_dtype: bool = False
 
 
 QUANT_BACKENDS: dict[str, QuantBackend] = {}  # "module.QualName" of the layer class -> backend
+WEIGHT_BACKENDS: dict[str, QuantBackend] = {}  # "module.QualName" of a quantized weight tensor class -> backend
 
 
 def register_quant_backend(qualified_name: str, backend: QuantBackend) -> None:
     """Register ``backend`` for the class named ``qualified_name``, with its Kind and DoRA entry."""
     QUANT_BACKENDS[qualified_name] = backend
-    register_kind(qualified_name, Kind(
+    register_kind(qualified_name, _quantized_linear_kind(backend))
+
+
+def _quantized_linear_kind(backend: QuantBackend) -> Kind:
+    """A linear Kind whose W is read and written through ``backend``; "all-linear" selects it, DoRA runs on it."""
+    LINEAR_KINDS.add(backend.name)  # "all-linear" targets quantized projections, as PEFT does
+    DORA_KINDS[backend.name] = DoraKind(out_dim=0, weight_only=_dequantized_weight_only)
+    return Kind(
         name=backend.name,
         features=lambda m: (m.in_features, m.out_features),
         make_factors=lambda m, r, bias: (nn.Linear(m.in_features, r, bias=False),
@@ -71,18 +82,32 @@ def register_quant_backend(qualified_name: str, backend: QuantBackend) -> None:
         delta_weight=lambda m, A, B: B @ A,  # (out, in)
         matrix=dense_weight,  # by module, so a base swapped for nn.Linear (dequantize=True) still reads
         set_matrix=write_weight,
-    ))
-    LINEAR_KINDS.add(backend.name)  # "all-linear" targets quantized projections, as PEFT does
-    DORA_KINDS[backend.name] = DoraKind(out_dim=0, weight_only=_dequantized_weight_only)
+    )
 
 
-def find_backend(module: nn.Module) -> QuantBackend | None:
-    """The backend of ``module``'s class or its nearest registered base class; None for dense layers."""
-    for cls in type(module).__mro__:
-        backend = QUANT_BACKENDS.get(f"{cls.__module__}.{cls.__qualname__}")
+def register_weight_backend(qualified_name: str, backend: QuantBackend) -> None:
+    """Register ``backend`` for layers of a dense class (nn.Linear) whose ``weight`` is a quantized tensor
+    subclass named ``qualified_name`` (torchao): the layer keeps its Kind, only W's reading and writing change."""
+    WEIGHT_BACKENDS[qualified_name] = backend
+    WEIGHT_KINDS_BY_NAME[qualified_name] = _quantized_linear_kind(backend)
+
+
+def _nearest(table: dict[str, QuantBackend], cls: type) -> QuantBackend | None:
+    for klass in cls.__mro__:
+        backend = table.get(f"{klass.__module__}.{klass.__qualname__}")
         if backend is not None:
             return backend
     return None
+
+
+def find_backend(module: nn.Module) -> QuantBackend | None:
+    """The backend of ``module``'s class (or nearest registered base class), else of its weight's tensor
+    class; None for dense layers."""
+    backend = _nearest(QUANT_BACKENDS, type(module))
+    if backend is None and WEIGHT_BACKENDS:
+        weight = module._parameters.get("weight")  # the layer's own weight, never one a LoRA wrapper shows
+        backend = _nearest(WEIGHT_BACKENDS, type(weight)) if weight is not None else None
+    return backend
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -113,6 +138,12 @@ def write_weight(module: nn.Module, W: Tensor) -> float | None:
         error = backend.dequantize(module) - target.to(module.weight.device)  # (out, in)
         probe = torch.randn(PROBE_ROWS, error.shape[1], generator=torch.Generator().manual_seed(0))
         return (probe.to(error.device) @ error.T).abs().max().item()
+
+
+def _high_precision_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype a quantized tensor-subclass weight stands for (its ``dtype``), float32 otherwise."""
+    dtype = getattr(module, "weight").dtype
+    return dtype if dtype.is_floating_point else torch.float32
 
 
 def _dequantized_weight_only(base: nn.Module, x: Tensor) -> Tensor:
@@ -156,6 +187,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             linear.weight.copy_(W)
             if bias is not None:
                 linear.bias.copy_(bias.detach().float())
+        if backend.keeps_dtype:  # a dense layer with a quantized weight (torchao): back to the model's dtype
+            linear.to(_high_precision_dtype(module))
         linear.requires_grad_(False)
         model.set_submodule(path, linear)
     quantizer = getattr(model, "hf_quantizer", None)
@@ -230,3 +263,6 @@ register_quant_backend("bitsandbytes.nn.modules.Linear4bit",
                        QuantBackend("Linear4bit", _bnb4_dequantize, _bnb4_requantize, bits=4))
 register_quant_backend("bitsandbytes.nn.modules.Linear8bitLt",
                        QuantBackend("Linear8bitLt", _bnb8_dequantize, _bnb8_requantize, bits=8))
+
+
+from . import quant_torchao  # noqa: E402,F401  (registers torchao's weight formats)
