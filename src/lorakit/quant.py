@@ -48,6 +48,8 @@ class QuantBackend:
         dequantize: module -> W (out, in) float32.
         requantize: (module, W (out, in)) -> None; quantizes W into the module in place, in its own format.
         bits: bits per weight, for messages.
+        stored: module -> the tensor that holds the codes, whose version keys DoRA's norm cache
+            (``module.weight`` but for HQQ's ``W_q``).
         keeps_dtype: the quantized weight remembers the model's float dtype (torchao), which a dequantized
             layer returns to; False: the dequantized layer is float32 (bitsandbytes, as PEFT).
     """
@@ -57,6 +59,7 @@ class QuantBackend:
     requantize: Callable[[nn.Module, Tensor], None]
     bits: int
     keeps_dtype: bool = False
+    stored: Callable[[nn.Module], Tensor] = lambda m: m.weight
 
 
 QUANT_BACKENDS: dict[str, QuantBackend] = {}  # "module.QualName" of the layer class -> backend
@@ -82,6 +85,7 @@ def _quantized_linear_kind(backend: QuantBackend) -> Kind:
         delta_weight=lambda m, A, B: B @ A,  # (out, in)
         matrix=dense_weight,  # by module, so a base swapped for nn.Linear (dequantize=True) still reads
         set_matrix=write_weight,
+        weight=backend.stored,
     )
 
 
@@ -135,7 +139,8 @@ def write_weight(module: nn.Module, W: Tensor) -> float | None:
     with torch.no_grad():
         target = W.detach().float()
         backend.requantize(module, target)
-        error = backend.dequantize(module) - target.to(module.weight.device)  # (out, in)
+        dequantized = backend.dequantize(module)
+        error = dequantized - target.to(dequantized.device)  # (out, in)
         probe = torch.randn(PROBE_ROWS, error.shape[1], generator=torch.Generator().manual_seed(0))
         return (probe.to(error.device) @ error.T).abs().max().item()
 
@@ -266,3 +271,4 @@ register_quant_backend("bitsandbytes.nn.modules.Linear8bitLt",
 
 
 from . import quant_torchao  # noqa: E402,F401  (registers torchao's weight formats)
+from . import quant_hqq  # noqa: E402,F401  (registers HQQ's HQQLinear)

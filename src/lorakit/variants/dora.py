@@ -163,7 +163,7 @@ class Magnitude(nn.Module):
 
     def norm(self, layer: LoraLayer, A: Tensor, B: Tensor, s: float) -> Tensor:
         """n = ‖W + s·B A‖ per row of ``layer``'s base weight, detached, (out,); cached in eval mode."""
-        weight = layer.base_layer.weight
+        weight = layer.kind.weight(layer.base_layer)  # the stored tensor (codes for a quantized base): cache key
         key = _key(weight, A, B) + (s, torch.is_inference_mode_enabled())
         if not self.training and self._norm is not None and self._norm[0] == key:
             return self._norm[1]
