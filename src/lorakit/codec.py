@@ -97,7 +97,7 @@ def _plan_layer(shapes: dict, lora_paths: set[str], path: str, module: nn.Module
             shapes[stem] = tuple(factor.shape)
         else:
             shapes.update({f"{stem}.{k}": tuple(v.shape) for k, v in factor.state_dict().items()})
-    variant = resolve_variant(spec)
+    variant = resolve_variant(spec, kind, base)
     if variant is not None:  # DoRA's lora_magnitude_vector, BD-LoRA's compact factor: <container>.<name>.weight
         for container, shape in variant.shapes(kind, base).items():
             shapes[f"{PREFIX}{path}.{container}.{adapter_name}.weight"] = shape

@@ -155,7 +155,6 @@ NOT_YET = {
     "lora_ga_config": (None, "LoRA-GA init is not supported"),
     "velora_config": (None, "VeLoRA is not supported"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),
-    "use_qalora": (False, "QA-LoRA is not supported"),
     "monteclora_config": (None, "MonteCLoRA is not supported"),
     "layer_replication": (None, "layer replication is not supported"),
     "target_parameters": (None, "LoRA on bare nn.Parameters is not supported"),

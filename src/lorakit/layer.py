@@ -223,7 +223,7 @@ class LoraLayer(nn.Module):
             A, B = nn.Parameter(A.detach().to(**placement)), nn.Parameter(B.detach().to(**placement))
         elif (A.weight.dtype, A.weight.device) != (dtype, placement["device"] or A.weight.device):
             A, B = A.to(**placement), B.to(**placement)  # Module.to costs ~20 µs even when nothing moves
-        variant = resolve_variant(spec)
+        variant = resolve_variant(spec, self.kind, self.base_layer)
         if variant is not None:  # it may refuse this layer, so it runs before anything is registered
             replaced = variant.init(self, adapter_name, *((A, B) if self.kind.embedding else (A.weight, B.weight)),
                                     spec.scaling) or {}

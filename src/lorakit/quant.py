@@ -272,3 +272,4 @@ register_quant_backend("bitsandbytes.nn.modules.Linear8bitLt",
 
 from . import quant_torchao  # noqa: E402,F401  (registers torchao's weight formats)
 from . import quant_hqq  # noqa: E402,F401  (registers HQQ's HQQLinear)
+from . import quant_gptq  # noqa: E402,F401  (registers gptqmodel's GPTQ layers)

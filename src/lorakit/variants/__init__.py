@@ -42,6 +42,8 @@ class Variant:
         bind: spec -> the Variant for one layer's settings (BD-LoRA's factor and N); None: this Variant as is.
         select: config -> whether a LoraConfig asks for this variant (``use_dora``, ``use_bdlora``, ...).
         options: (module name, config) -> hashable per-layer settings, kept in ``LayerSpec.variant_options``.
+        applies: (kind, base layer) -> whether the variant runs on this layer; False: plain LoRA there (QA-LoRA,
+            which PEFT runs on GPTQ layers only); None: every layer (a layer it cannot run on refuses in ``init``).
     """
 
     init: Callable[[LoraLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
@@ -52,6 +54,7 @@ class Variant:
     bind: Callable[[LayerSpec], Variant] | None = None
     select: Callable[[LoraConfig], bool] | None = None
     options: Callable[[str, LoraConfig], tuple[Any, ...]] | None = None
+    applies: Callable[[Kind, nn.Module], bool] | None = None
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -89,13 +92,15 @@ def variant_options(name: str | None, module_name: str, config: LoraConfig) -> t
     return variant.options(module_name, config) if variant is not None and variant.options is not None else ()
 
 
-def resolve_variant(spec: LayerSpec) -> Variant | None:
-    """The Variant that runs an adapter created from ``spec`` (None for plain LoRA)."""
+def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module | None = None) -> Variant | None:
+    """The Variant that runs an adapter created from ``spec`` on ``base`` (None for plain LoRA)."""
     if spec.variant is None:
         return None
     variant = VARIANTS[spec.variant]
+    if variant.applies is not None and kind is not None and not variant.applies(kind, base):
+        return None
     return variant.bind(spec) if variant.bind is not None else variant
 
 
-from . import bdlora, dora  # noqa: E402,F401  (each registers itself)
+from . import bdlora, dora, qalora  # noqa: E402,F401  (each registers itself)
 from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
