@@ -157,7 +157,6 @@ NOT_YET = {
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),
     "use_qalora": (False, "QA-LoRA is not supported"),
     "monteclora_config": (None, "MonteCLoRA is not supported"),
-    "layer_replication": (None, "layer replication is not supported"),
     "arrow_config": (None, "Arrow routing is not supported"),
     "kasa_config": (None, "KaSA is not supported"),
 }

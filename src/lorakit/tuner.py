@@ -27,6 +27,7 @@ from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_
 from .inits import FRESH
 from .kinds_param import check_same_parameters, inject_parameters
 from .layer import LoraLayer
+from .replication import replicate_layers
 from .quant import dequantize_model, merge_reporting_rounding
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, task_modules_to_save
@@ -150,6 +151,8 @@ class LoraModel(nn.Module):
 
     def _inject_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True,
                         low_cpu_mem_usage: bool = False) -> None:
+        if config.layer_replication:  # copies of decoder layers first, so that they get adapters too (PEFT)
+            replicate_layers(self.model, config.layer_replication)
         candidates = candidate_modules(self.model)  # one walk for the shard and name checks and the targeting
         check_not_sharded(self.model, (module for _, module in candidates))
         if adapter_name in self.peft_config:
