@@ -422,7 +422,8 @@ def _check_names(value: object, field_name: str) -> None:
 def _check_targets(config: LoraConfig) -> None:
     _check_names(config.target_modules, "target_modules")
     _check_names(config.exclude_modules, "exclude_modules")
-    if isinstance(config.target_modules, (set, frozenset)) and not config.target_modules:
+    if isinstance(config.target_modules, (set, frozenset)) and not config.target_modules \
+            and not config.target_parameters:  # [] next to target_parameters: parameters only (PEFT)
         raise _fail("target_modules", [], "at least one module name", "or pass None for the architecture default")
     if config.modules_to_save is not None and (
         not isinstance(config.modules_to_save, (list, tuple, set, frozenset))

@@ -68,7 +68,7 @@ class TargetPlan:
     layers: dict[str, LayerSpec]
     kinds: dict[str, Kind]
     modules_to_save: list[str]
-    target_modules: set[str] | str  # what the saved config records ("all-linear" expanded to full names)
+    target_modules: set[str] | str | None  # what the saved config records ("all-linear" expanded to full names)
     parameters: tuple[ParamTarget, ...] = ()  # target_parameters, innermost wrapper first (kinds_param.py)
 
 
@@ -295,7 +295,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
     if layers and config.target_parameters and not parameters:
         warn(f"target_parameters={set(config.target_parameters)} were set but no parameter was matched.")
     _warn_unused_patterns(config, list(layers) + [target.full_name for target in parameters])
-    return TargetPlan(layers=layers, kinds=kinds, modules_to_save=saved, target_modules=targets,
+    recorded = None if config.target_modules is None and config.target_parameters else targets  # PEFT keeps None
+    return TargetPlan(layers=layers, kinds=kinds, modules_to_save=saved, target_modules=recorded,
                       parameters=tuple(parameters))
 
 
