@@ -266,3 +266,43 @@ def test_inits_draw_their_factors(case: str, init: object) -> None:
     with torch.no_grad():
         difference = (_output(ours, inputs()) - _output(base, inputs())).abs().max()
     assert (difference > 1e-3) if init is False else (difference == 0)
+
+
+class _Shifted(nn.Module):
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return 2 * W + 0.5
+
+
+def test_parametrized_weight_gets_delta_after_the_parametrization() -> None:
+    """W = f(W₀) by torch.nn.utils.parametrize: the forward uses f(W₀) + s·ΔW, as PEFT; f itself is kept."""
+    torch.manual_seed(0)
+    base = ParamMLP()
+    torch.nn.utils.parametrize.register_parametrization(base.lin1, "weight", _Shifted())
+    inputs = mlp_input()
+    arguments = dict(r=2, target_parameters=["lin1.weight"], init_lora_weights=False)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**arguments))
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**arguments))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    layer = ours.base_model.model.lin1
+    expected_weight = 2 * base.lin1.parametrizations.weight.original + 0.5 + layer.get_delta_weight("default")
+    lin1_out = torch.nn.functional.linear(torch.relu(base.lin0(inputs["x"])), expected_weight, base.lin1.bias)
+    expected = base.lin2(torch.relu(lin1_out))
+    torch.testing.assert_close(_output(ours, inputs), expected, **TOL)
+    torch.testing.assert_close(_output(ours, inputs), _output(ref, inputs), **TOL)
+    assert len(layer.base_layer.parametrizations.weight) == 1  # the call's own step is gone again
+    with pytest.raises(ValueError, match="cannot merge into a parametrized parameter"):
+        ours.merge_adapter()
+    torch.testing.assert_close(_output(ours.unload(), inputs), _output(base, inputs), **TOL)
+
+
+class _RootParam(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.param = nn.Parameter(torch.zeros(4, 4))
+        self.lin = nn.Linear(4, 4)
+
+
+def test_top_level_parameter_is_refused_as_peft() -> None:
+    for library in (peft, lorakit):
+        with pytest.raises(ValueError, match=r"Targeting an nn.Parameter on the top-level module is not supported"):
+            library.get_peft_model(_RootParam(), library.LoraConfig(target_parameters=["param"]))

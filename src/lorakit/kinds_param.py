@@ -30,12 +30,14 @@ Layout, keys and rules follow PEFT 0.21.2 (learned by running it):
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .config import LoraConfig
 from .errors import explain
@@ -147,11 +149,56 @@ def _forward(layer: LoraLayer, x: Tensor, args: tuple, kwargs: dict) -> object:
     if layer._disable_adapters:
         layer.unmerge()
         return layer.base_layer(x, *args, **kwargs)
+    module = owner(layer.base_layer)
+    if parametrize.is_parametrized(module, layer.parameter_name):  # W = f(W₀) already: add ΔW after f
+        names = [name for name in layer._active_adapter if name in layer.scaling]
+        if not names or layer.merged_adapters:
+            return layer.base_layer(x, *args, **kwargs)
+        with delta_appended(module, layer.parameter_name, sum(layer.get_delta_weight(name) for name in names)):
+            return layer.base_layer(x, *args, **kwargs)
     W = effective_weight(layer)  # None when merged or no adapter is active here
     if W is None:
         return layer.base_layer(x, *args, **kwargs)
-    with weights_replaced([(owner(layer.base_layer), layer.parameter_name, W)]):
+    with weights_replaced([(module, layer.parameter_name, W)]):
         return layer.base_layer(x, *args, **kwargs)
+
+
+class _AddDelta(nn.Module):
+    """The last step of a parametrization chain for one call: f(W₀) ↦ f(W₀) + s·ΔW."""
+
+    def __init__(self, delta: Tensor) -> None:
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, W: Tensor) -> Tensor:
+        return W + self.delta.to(W.dtype)
+
+
+@contextlib.contextmanager
+def delta_appended(module: nn.Module, parameter_name: str, delta: Tensor) -> Iterator[None]:
+    """Inside the block, the parametrized ``module.<parameter_name>`` reads f(W₀) + delta; the user's own
+    parametrizations stay as they are (torch's remove_parametrizations would drop them all)."""
+    chain = module.parametrizations[parameter_name]
+    chain.append(_AddDelta(delta))
+    try:
+        yield
+    finally:
+        del chain[len(chain) - 1]
+
+
+def _weight(parameter_name: str, base: nn.Module) -> Tensor:
+    """The tensor a merge changes: the parameter itself.
+
+    Raises:
+        ValueError: the parameter is computed by a torch parametrization, so there is no tensor W to change.
+    """
+    module = owner(base)
+    if parametrize.is_parametrized(module, parameter_name):
+        raise ValueError(explain("cannot merge into a parametrized parameter", where=parameter_name,
+                                 got="a torch.nn.utils.parametrize parametrization",
+                                 fix="keep the adapter unmerged (forward adds ΔW after the parametrization), or "
+                                     "remove the parametrization first"))
+    return getattr(module, parameter_name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +212,7 @@ def param_kind(parameter_name: str) -> Kind:
         delta_weight=functools.partial(_delta, parameter_name),
         matrix=functools.partial(_matrix, parameter_name),
         set_matrix=functools.partial(_set_matrix, parameter_name),
-        weight=lambda base: getattr(owner(base), parameter_name),
+        weight=functools.partial(_weight, parameter_name),
         forward=_forward,
         extra_repr=lambda base: f"parameter_name={parameter_name!r},",  # PEFT's repr, comma included
     )
@@ -185,23 +232,41 @@ def wrapper_of(module: nn.Module, parameter_name: str) -> LoraLayer | None:
     return None
 
 
+def parameter_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own parameters in registration order, parametrized ones (``lin.weight`` computed
+    from ``lin.parametrizations.weight.original``) by the name the module shows."""
+    names = [name for name, W in module._parameters.items() if W is not None]
+    if parametrize.is_parametrized(module):
+        names += [name for name in module.parametrizations if name not in names]
+    return names
+
+
 def resolve_parameters(config: LoraConfig, candidates: list[tuple[str, nn.Module]], module_targets: set[str],
-                       spec_for: object) -> list[ParamTarget]:
+                       spec_for: object, root: nn.Module | None = None) -> list[ParamTarget]:
     """The parameters ``config.target_parameters`` selects, innermost first (module docstring).
 
-    ``module_targets``: paths target_modules adapts; ``spec_for``: full name -> LayerSpec (targeting.layer_spec).
+    ``module_targets``: paths target_modules adapts; ``spec_for``: full name -> LayerSpec (targeting.layer_spec);
+    ``root``: the model, whose own parameters cannot be targeted.
 
     Raises:
-        ValueError: an option lora.ParamWrapper refuses, a parameter that is not 2-D or 3-D, or a parameter of a
-            module that target_modules adapts too.
+        ValueError: an option lora.ParamWrapper refuses, a parameter that is not 2-D or 3-D, a parameter of a
+            module that target_modules adapts too, or one of the model's own parameters.
     """
     if not config.target_parameters:
         return []
     _check_options(config)
+    for name in parameter_names(root) if root is not None else []:
+        if name in config.target_parameters:
+            raise ValueError(
+                f"Targeting an nn.Parameter on the top-level module is not supported (parameter '{name}'). "
+                + explain("the wrapper would have to replace the model itself", where=type(root).__name__,
+                          fix="move the parameter into a submodule, or wrap the model in a module that holds it")
+            )
     found = []
     for path, module in candidates:
-        for name, W in owner(module)._parameters.items():
-            if W is None or not _matches(f"{path}.{name}", config.target_parameters):
+        for name in parameter_names(owner(module)):
+            W = getattr(owner(module), name)
+            if not _matches(f"{path}.{name}", config.target_parameters):
                 continue
             if path in module_targets:
                 raise ValueError(

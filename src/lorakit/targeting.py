@@ -289,7 +289,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
     for name in owned.intersection(layers):
         del layers[name], kinds[name]
     _warn_unreached_companions(candidates, layers)
-    parameters = resolve_parameters(config, candidates, set(layers), layer_spec)
+    parameters = resolve_parameters(config, candidates, set(layers), layer_spec, root=model)
     if not layers and not _parameters_stand_alone(config, targets, parameters):
         raise _nothing_matched(model, config, targets, excluded_hits)
     if layers and config.target_parameters and not parameters:
