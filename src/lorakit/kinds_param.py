@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +133,11 @@ def _no_branch(base: nn.Module, x: Tensor, A: object, B: object) -> Tensor:
                             fix="call the wrapper itself; it runs its base with W + s·ΔW"))
 
 
+def parameter_name_of(layer: LoraLayer) -> str:
+    """The name of the parameter a ParamWrapper adapts (PEFT's ``ParamWrapper.parameter_name``)."""
+    return layer.__dict__["parameter_name"]
+
+
 def _forward(layer: LoraLayer, x: Tensor, args: tuple, kwargs: dict) -> object:
     """M(x) with W + Σ_active s·ΔW standing in for the targeted parameter (module docstring).
 
@@ -142,24 +147,27 @@ def _forward(layer: LoraLayer, x: Tensor, args: tuple, kwargs: dict) -> object:
     if layer._routes is not None:
         raise ValueError(
             "lora.ParamWrapper does not support mixed adapter batches yet. "
-            + explain("adapter_names cannot route rows", where=f"the parameter {layer.parameter_name!r}",
+            + explain("adapter_names cannot route rows", where=f"the parameter {parameter_name_of(layer)!r}",
                       fix="its update is applied to the weight, one per call: run each adapter's rows in its own "
                           "call (set_adapter)")
         )
     if layer._disable_adapters:
         layer.unmerge()
         return layer.base_layer(x, *args, **kwargs)
-    module = owner(layer.base_layer)
-    if parametrize.is_parametrized(module, layer.parameter_name):  # W = f(W₀) already: add ΔW after f
+    module, parameter_name = owner(layer.base_layer), parameter_name_of(layer)
+    if parametrize.is_parametrized(module, parameter_name):  # W = f(W₀) already: add ΔW after f
         names = [name for name in layer._active_adapter if name in layer.scaling]
         if not names or layer.merged_adapters:
             return layer.base_layer(x, *args, **kwargs)
-        with delta_appended(module, layer.parameter_name, sum(layer.get_delta_weight(name) for name in names)):
+        delta = layer.get_delta_weight(names[0])
+        for name in names[1:]:
+            delta = delta + layer.get_delta_weight(name)
+        with delta_appended(module, parameter_name, delta):
             return layer.base_layer(x, *args, **kwargs)
     W = effective_weight(layer)  # None when merged or no adapter is active here
     if W is None:
         return layer.base_layer(x, *args, **kwargs)
-    with weights_replaced([(module, layer.parameter_name, W)]):
+    with weights_replaced([(module, parameter_name, W)]):
         return layer.base_layer(x, *args, **kwargs)
 
 
@@ -178,7 +186,7 @@ class _AddDelta(nn.Module):
 def delta_appended(module: nn.Module, parameter_name: str, delta: Tensor) -> Iterator[None]:
     """Inside the block, the parametrized ``module.<parameter_name>`` reads f(W₀) + delta; the user's own
     parametrizations stay as they are (torch's remove_parametrizations would drop them all)."""
-    chain = module.parametrizations[parameter_name]
+    chain: nn.ModuleList = module.parametrizations[parameter_name]  # type: ignore[index,assignment]
     chain.append(_AddDelta(delta))
     try:
         yield
@@ -228,7 +236,7 @@ def wrapper_of(module: nn.Module, parameter_name: str) -> LoraLayer | None:
     while isinstance(module, LoraLayer):
         if module.kind.name == NAME and module.__dict__.get("parameter_name") == parameter_name:
             return module
-        module = module.base_layer
+        module = module.base_layer  # type: ignore[assignment]
     return None
 
 
@@ -237,12 +245,13 @@ def parameter_names(module: nn.Module) -> list[str]:
     from ``lin.parametrizations.weight.original``) by the name the module shows."""
     names = [name for name, W in module._parameters.items() if W is not None]
     if parametrize.is_parametrized(module):
-        names += [name for name in module.parametrizations if name not in names]
+        names += [name for name in module.parametrizations if name not in names]  # type: ignore[union-attr]
     return names
 
 
 def resolve_parameters(config: LoraConfig, candidates: list[tuple[str, nn.Module]], module_targets: set[str],
-                       spec_for: object, root: nn.Module | None = None) -> list[ParamTarget]:
+                       spec_for: Callable[[str, LoraConfig], LayerSpec],
+                       root: nn.Module | None = None) -> list[ParamTarget]:
     """The parameters ``config.target_parameters`` selects, innermost first (module docstring).
 
     ``module_targets``: paths target_modules adapts; ``spec_for``: full name -> LayerSpec (targeting.layer_spec);
@@ -359,7 +368,7 @@ def plan_parameter_keys(model: nn.Module, targets: list[ParamTarget], adapter_na
         if layer is not None:  # a second adapter: the existing wrapper, at its depth below the outermost
             at, current = target.path, module
             while current is not layer:
-                at, current = at + ".base_layer", current.base_layer
+                at, current = at + ".base_layer", current.base_layer  # type: ignore[assignment]
             at = target.path + ".base_layer" * depth.get(target.path, 0) + at[len(target.path):]
         else:
             stem = prefix + target.path + "."

@@ -37,7 +37,8 @@ def _stack(model: nn.Module) -> tuple[nn.Module, str]:
     Raises:
         ValueError: none of LAYER_STACKS exists (PEFT's sentence first).
     """
-    root = model.model if isinstance(getattr(model, "model", None), nn.Module) else model
+    inner = getattr(model, "model", None)
+    root: nn.Module = inner if isinstance(inner, nn.Module) else model
     for path in LAYER_STACKS:
         parent_path, _, attribute = path.rpartition(".")
         try:
@@ -45,7 +46,7 @@ def _stack(model: nn.Module) -> tuple[nn.Module, str]:
         except AttributeError:
             continue
         if isinstance(getattr(parent, attribute, None), nn.ModuleList):
-            return parent, attribute
+            return parent, attribute  # type: ignore[return-value]
     raise ValueError(
         "Could not locate the layers attribute in the model. Expected Llama, Bert or Falcon compatible "
         "architectures. " + explain("layer_replication needs a stack of decoder layers", where=type(model).__name__,
@@ -94,7 +95,7 @@ def replicate_layers(model: nn.Module, ranges: Sequence[Sequence[int]]) -> None:
     for position, layer in enumerate(new_layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = position
+                module.layer_idx = position  # type: ignore[assignment]
     setattr(parent, attribute, nn.ModuleList(new_layers))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_hidden_layers"):
