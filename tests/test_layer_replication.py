@@ -168,3 +168,15 @@ def test_bad_ranges_are_refused_before_any_change(ranges: list) -> None:
     with pytest.raises(ValueError, match="invalid layer_replication range"):
         lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["q_proj"], layer_replication=ranges))
     assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4
+
+
+def test_failed_injection_puts_the_stack_back() -> None:
+    """An injection that fails after replicating leaves the model as it was, and a later one replicates anew."""
+    model = llama()
+    originals = list(model.model.layers)
+    with pytest.raises(ValueError, match="not found"):
+        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["nothing"], layer_replication=[[0, 2]]))
+    assert list(model.model.layers) == originals and model.config.num_hidden_layers == 4
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["q_proj"],
+                                                                  layer_replication=[[0, 2], [1, 4]]))
+    assert len(peft_model.base_model.model.model.layers) == 5 == model.config.num_hidden_layers

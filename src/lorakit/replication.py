@@ -17,8 +17,9 @@ replicated model folds every copy's update into the one shared weight.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -26,8 +27,8 @@ from .errors import explain
 
 # Attribute paths of the layer stack, tried in order under the model (after PEFT's ``.model`` unwrapping).
 LAYER_STACKS = ("layers", "bert.encoder.layer", "encoder.layer", "h")
-# Marker in the model's __dict__: the ranges already applied (a load checks the file against the replicated
-# model before injecting, and the injection must not replicate a second time).
+# Marker in the model's __dict__: (ranges, the ModuleList they made). A load checks the file against the replicated
+# model before injecting, and the injection must not replicate a second time; a stack put back since is redone.
 APPLIED = "_lorakit_layer_replication"
 
 
@@ -77,27 +78,51 @@ def _check_ranges(ranges: Sequence[Sequence[int]], length: int) -> list[tuple[in
     return checked
 
 
-def replicate_layers(model: nn.Module, ranges: Sequence[Sequence[int]]) -> None:
-    """Replace the layer stack of ``model`` by the copies ``ranges`` asks for (module docstring); once per model.
+def replicate_layers(model: nn.Module, ranges: Sequence[Sequence[int]]) -> Callable[[], None]:
+    """Replace the layer stack of ``model`` by the copies ``ranges`` asks for (module docstring), once per model.
+
+    Returns a function that puts the original stack and ``num_hidden_layers`` back (a no-op when the stack was
+    already replicated with these ranges).
 
     Raises:
         ValueError: no layer stack found, or an invalid range (nothing is changed then).
     """
     wanted = [list(entry) for entry in ranges]
-    if model.__dict__.get(APPLIED) == wanted:
-        return
     parent, attribute = _stack(model)
     layers = getattr(parent, attribute)
-    new_layers = []
-    for start, end in _check_ranges(ranges, len(layers)):
-        for index in range(start, end):
-            new_layers.append(shared_copy(layers[index]))
+    applied = model.__dict__.get(APPLIED)
+    if applied is not None and applied[0] == wanted and applied[1] is layers:
+        return lambda: None
+    new_layers = nn.ModuleList(shared_copy(layers[index]) for start, end in _check_ranges(ranges, len(layers))
+                               for index in range(start, end))
     for position, layer in enumerate(new_layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = position  # type: ignore[assignment]
-    setattr(parent, attribute, nn.ModuleList(new_layers))
+    setattr(parent, attribute, new_layers)
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "num_hidden_layers"):
-        config.num_hidden_layers = len(new_layers)
-    model.__dict__[APPLIED] = wanted
+    count = getattr(config, "num_hidden_layers", None)
+    if count is not None:
+        config.num_hidden_layers = len(new_layers)  # type: ignore[union-attr]
+    model.__dict__[APPLIED] = (wanted, new_layers)
+
+    def undo() -> None:
+        setattr(parent, attribute, layers)
+        if count is not None:
+            config.num_hidden_layers = count  # type: ignore[union-attr]
+        if applied is None:
+            model.__dict__.pop(APPLIED, None)
+        else:
+            model.__dict__[APPLIED] = applied
+    return undo
+
+
+@contextlib.contextmanager
+def replicated(model: nn.Module, ranges: Sequence[Sequence[int]] | None) -> Iterator[None]:
+    """Replicate for the block (nothing when ``ranges`` is empty); an error inside puts the model back as it was."""
+    undo = replicate_layers(model, ranges) if ranges else (lambda: None)
+    try:
+        yield
+    except BaseException:
+        undo()
+        raise

@@ -27,7 +27,7 @@ from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_
 from .inits import FRESH
 from .kinds_param import check_same_parameters, inject_parameters
 from .layer import LoraLayer
-from .replication import replicate_layers
+from .replication import replicated
 from .quant import dequantize_model, merge_reporting_rounding
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, task_modules_to_save
@@ -146,13 +146,12 @@ class LoraModel(nn.Module):
                 biases are the base model's, one adapter at most may train them), or a targeting error.
         """
         autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
-        with gc_paused():
+        # layer_replication: copies of decoder layers first, so that they get adapters too (PEFT); undone on error
+        with gc_paused(), replicated(self.model, config.layer_replication):
             self._inject_adapter(adapter_name, config, autocast, low_cpu_mem_usage)
 
     def _inject_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True,
                         low_cpu_mem_usage: bool = False) -> None:
-        if config.layer_replication:  # copies of decoder layers first, so that they get adapters too (PEFT)
-            replicate_layers(self.model, config.layer_replication)
         candidates = candidate_modules(self.model)  # one walk for the shard and name checks and the targeting
         check_not_sharded(self.model, (module for _, module in candidates))
         if adapter_name in self.peft_config:
