@@ -27,6 +27,7 @@ from torch import nn
 from .kinds import Kind, kind_for
 from .layer import LayerSpec, LoraLayer
 from .saved_modules import ModulesToSaveWrapper
+from .kinds_param import plan_parameter_keys
 from .targeting import TargetPlan
 from .variants import resolve_variant
 
@@ -71,6 +72,7 @@ def planned_layout(model: nn.Module, plan: TargetPlan, adapter_name: str) -> Lay
     lora_paths = set(now.lora_paths)
     for path, spec in plan.layers.items():
         _plan_layer(shapes, lora_paths, path, model.get_submodule(path), plan.kinds[path], spec, adapter_name)
+    plan_parameter_keys(model, list(plan.parameters), adapter_name, PREFIX, shapes, lora_paths)
     for path in plan.modules_to_save:
         if path not in now.saved_paths:
             _move_under(shapes, PREFIX + path, "original_module")

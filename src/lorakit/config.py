@@ -156,8 +156,6 @@ NOT_YET = {
     "velora_config": (None, "VeLoRA is not supported"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),
     "monteclora_config": (None, "MonteCLoRA is not supported"),
-    "layer_replication": (None, "layer replication is not supported"),
-    "target_parameters": (None, "LoRA on bare nn.Parameters is not supported"),
     "arrow_config": (None, "Arrow routing is not supported"),
     "kasa_config": (None, "KaSA is not supported"),
 }
@@ -239,6 +237,13 @@ class LoraConfig:
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
+        if self.target_parameters is not None and not isinstance(self.target_parameters, (list, tuple, set)):
+            raise TypeError("`target_parameters` must be a list of strings or None. "
+                            + explain("target_parameters has the wrong type", got=type(self.target_parameters).__name__,
+                                      expected="a list of parameter names (exact or dot-bounded suffixes)",
+                                      fix="wrap the name in a list: target_parameters=['mlp.experts.gate_up_proj']"))
+        if isinstance(self.target_parameters, (list, tuple)):
+            self.target_parameters = set(self.target_parameters)
         if isinstance(self.use_bdlora, dict):
             self.use_bdlora = BdLoraConfig(**self.use_bdlora)
         if isinstance(self.eva_config, dict):
@@ -416,7 +421,8 @@ def _check_names(value: object, field_name: str) -> None:
 def _check_targets(config: LoraConfig) -> None:
     _check_names(config.target_modules, "target_modules")
     _check_names(config.exclude_modules, "exclude_modules")
-    if isinstance(config.target_modules, (set, frozenset)) and not config.target_modules:
+    if isinstance(config.target_modules, (set, frozenset)) and not config.target_modules \
+            and not config.target_parameters:  # [] next to target_parameters: parameters only (PEFT)
         raise _fail("target_modules", [], "at least one module name", "or pass None for the architecture default")
     if config.modules_to_save is not None and (
         not isinstance(config.modules_to_save, (list, tuple, set, frozenset))

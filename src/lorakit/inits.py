@@ -86,7 +86,7 @@ def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False)
 
 
 # kinds.py builds these kinds' factors without nn.Linear's kaiming draws
-UNDRAWN_KINDS = ("Linear", "Conv1D", "MultiheadAttention")
+UNDRAWN_KINDS = ("Linear", "Conv1D", "MultiheadAttention", "ParamWrapper")  # factors built by kinds._linear_factors
 
 
 def _after_peft_draws(fn: InitFn) -> InitFn:

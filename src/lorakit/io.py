@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .version import __version__ as _lorakit_version
 from .atomic import replace_folder
+from .replication import replicate_layers
 from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, planned_layout, required_keys
 from .config import PEFT_VERSION_WRITTEN, LoraConfig
 from .errors import explain, warn
@@ -245,6 +246,8 @@ def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str,
         config = read_config(folder)
     config = dataclasses.replace(config, inference_mode=not is_trainable)
     tensors = remap_keys(read_weights(folder, device, use_safetensors), key_mapping)
+    if config.layer_replication:  # the file's keys name the copies; the only change a load makes before injecting
+        replicate_layers(model, config.layer_replication)
     try:
         config, plan, _ = resolve_with_ties(model, config, quiet=True)
     except ValueError as error:

@@ -51,6 +51,8 @@ class Kind:
             access (PEFT's lora.MultiheadAttention shows ``batch_first``, ``in_proj_weight``, ...). The names
             become descriptors of LoraLayer when layer.py is imported, so a Kind registered later can only
             show names some built-in kind already shows.
+        extra_repr: base -> the text inside the wrapper's repr parentheses (``parameter_name='w'`` for
+            kinds_param.py's ParamWrapper, as PEFT prints it).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Kind:
     forward: Callable[..., object] | None = None
     companions: Callable[[nn.Module], dict[str, nn.Module]] | None = None
     attributes: tuple[str, ...] = ()
+    extra_repr: Callable[[nn.Module], str] = lambda m: ""
 
 
 KINDS: dict[type, Kind] = {}

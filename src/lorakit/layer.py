@@ -165,6 +165,9 @@ class LoraLayer(nn.Module):
     def _get_name(self) -> str:  # repr as PEFT prints it: lora.Linear(...)
         return f"lora.{self.kind.name}"
 
+    def extra_repr(self) -> str:
+        return self.kind.extra_repr(self.base_layer)
+
     # ---- adapters ----------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, spec: LayerSpec, *, autocast_adapter_dtype: bool = True,
                      device: str | torch.device | None = None) -> None:
@@ -466,7 +469,7 @@ class LoraLayer(nn.Module):
 
     def unmerged_weight(self) -> Tensor:
         """The base weight with every merged adapter taken out, in float32 and its own layout (W is unchanged)."""
-        W = dense_weight(self.base_layer)  # deq(Q) for a quantized base (quant.py)
+        W = dense_weight(self.base_layer, self.kind)  # deq(Q) for a quantized base (quant.py)
         for name in reversed(self.merged_adapters):
             W = self._merged_weight(name, W, -1.0)
         return W
@@ -480,7 +483,7 @@ class LoraLayer(nn.Module):
                           where=f"lora.{self.kind.name}", fix="keep the adapter unmerged")
             )
         with torch.no_grad():
-            new_weight = self._merged_weight(adapter_name, dense_weight(self.base_layer), sign)
+            new_weight = self._merged_weight(adapter_name, dense_weight(self.base_layer, self.kind), sign)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken. "
@@ -488,7 +491,7 @@ class LoraLayer(nn.Module):
                               where=f"lora.{self.kind.name}", fix="the base weights were left unchanged; retrain or "
                                                                    "reload the adapter")
                 )
-            rounding = write_weight(self.base_layer, new_weight)  # requantizes a quantized base: the rounding
+            rounding = write_weight(self.base_layer, new_weight, self.kind)  # requantizes a quantized base: the rounding
             if rounding is not None:
                 self.rounding_error = max(rounding, self.rounding_error or 0.0)
             if self.lora_bias.get(adapter_name):

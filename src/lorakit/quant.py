@@ -118,13 +118,19 @@ def is_quantized(module: nn.Module) -> bool:
     return find_backend(module) is not None
 
 
-def dense_weight(module: nn.Module) -> Tensor:
-    """W in the module's own layout as float32, detached: deq(Q) for a quantized layer, a copy-free cast else."""
+def dense_weight(module: nn.Module, kind: Kind | None = None) -> Tensor:
+    """W in the module's own layout as float32, detached: deq(Q) for a quantized layer, a copy-free cast else.
+
+    ``kind``: the LoRA layer's own Kind, which says which tensor W is (a ParamWrapper's parameter); None: the
+    Kind registered for the module's type.
+    """
     backend = find_backend(module)
-    return backend.dequantize(module) if backend is not None else base_weight(module).detach().float()
+    if backend is not None:
+        return backend.dequantize(module)
+    return (base_weight(module) if kind is None else kind.weight(module)).detach().float()
 
 
-def write_weight(module: nn.Module, W: Tensor) -> float | None:
+def write_weight(module: nn.Module, W: Tensor, kind: Kind | None = None) -> float | None:
     """Write W (the module's own layout) into ``module``; for a quantized layer return the rounding it caused.
 
     Dense layers: W is cast once to the weight's dtype, in place. Quantized layers: Q ← quantize(W), and the
@@ -132,7 +138,7 @@ def write_weight(module: nn.Module, W: Tensor) -> float | None:
     """
     backend = find_backend(module)
     if backend is None:
-        weight = base_weight(module)  # module.weight; MultiheadAttention's in_proj_weight
+        weight = base_weight(module) if kind is None else kind.weight(module)  # module.weight, in_proj_weight, ...
         with torch.no_grad():
             weight.copy_(W.to(weight.dtype))
         return None

@@ -27,6 +27,7 @@ from torch import nn
 from .config import LoraConfig, TaskType
 from .errors import explain, warn
 from .kinds import Kind, find_kind, is_linear_like, kind_for
+from .kinds_param import ParamTarget, resolve_parameters
 from .layer import LayerSpec, LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .variants import select_variant, variant_options
@@ -67,7 +68,8 @@ class TargetPlan:
     layers: dict[str, LayerSpec]
     kinds: dict[str, Kind]
     modules_to_save: list[str]
-    target_modules: set[str] | str  # what the saved config records ("all-linear" expanded to full names)
+    target_modules: set[str] | str | None  # what the saved config records ("all-linear" expanded to full names)
+    parameters: tuple[ParamTarget, ...] = ()  # target_parameters, innermost wrapper first (kinds_param.py)
 
 
 def task_modules_to_save(config: LoraConfig) -> list[str] | None:
@@ -240,6 +242,8 @@ def _warn_unmatched_saves(config: LoraConfig, paths: list[str]) -> None:
 
 def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: list) -> set[str] | str:
     targets = config.target_modules
+    if targets is None and config.target_parameters:  # parameters only: no architecture defaults (PEFT)
+        return set()
     if targets is None:
         defaults = _default_targets(model)
         return defaults if isinstance(defaults, str) else set(defaults)
@@ -285,10 +289,39 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
     for name in owned.intersection(layers):
         del layers[name], kinds[name]
     _warn_unreached_companions(candidates, layers)
-    if not layers:
+    parameters = resolve_parameters(config, candidates, set(layers), layer_spec, root=model)
+    if not layers and not _parameters_stand_alone(config, targets, parameters):
         raise _nothing_matched(model, config, targets, excluded_hits)
-    _warn_unused_patterns(config, list(layers))
-    return TargetPlan(layers=layers, kinds=kinds, modules_to_save=saved, target_modules=targets)
+    if layers and config.target_parameters and not parameters:
+        warn(f"target_parameters={set(config.target_parameters)} were set but no parameter was matched.")
+    _warn_unused_patterns(config, list(layers) + [target.full_name for target in parameters])
+    recorded = None if config.target_modules is None and config.target_parameters else targets  # PEFT keeps None
+    return TargetPlan(layers=layers, kinds=kinds, modules_to_save=saved, target_modules=recorded,
+                      parameters=tuple(parameters))
+
+
+# ---- target_parameters next to target_modules (kinds_param.py does the matching) --------------------------------
+def _parameters_stand_alone(config: LoraConfig, targets: set[str] | str, parameters: list[ParamTarget]) -> bool:
+    """True when no module matched but the plan is still valid (PEFT 0.21.2's rules, learned by running it).
+
+    Raises:
+        ValueError: target_parameters was the only target and matches nothing (PEFT's sentence first).
+    """
+    if not config.target_parameters:
+        return False
+    if not parameters:
+        if config.target_modules is None:
+            raise ValueError(
+                "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                "these arguments. " + explain("target_parameters matches no parameter",
+                                              got=sorted(config.target_parameters),
+                                              fix="give full parameter names, or dot-bounded suffixes such as "
+                                                  "'mlp.experts.gate_up_proj'")
+            )
+        return False
+    if targets:  # target_modules was set but matched nothing: PEFT only warns when parameters matched
+        warn(f"target_modules={targets} were set but no module was matched.")
+    return True
 
 
 def _warn_unreached_companions(candidates: list[tuple[str, nn.Module]], layers: dict[str, LayerSpec]) -> None:

@@ -25,7 +25,9 @@ from .errors import explain, warn
 from .guards import checked_merge, resolve_with_ties, rollback_on_error, tie_adapters
 from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy, check_single_bias
 from .inits import FRESH
+from .kinds_param import check_same_parameters, inject_parameters
 from .layer import LoraLayer
+from .replication import replicated
 from .quant import dequantize_model, merge_reporting_rounding
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, task_modules_to_save
@@ -105,6 +107,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []  # target_parameters, "<module path>.<parameter name>"
         self.active_adapter: str | list[str] = adapter_name
         self.autocast_adapter_dtype = autocast_adapter_dtype
         config = config[adapter_name] if isinstance(config, dict) else config
@@ -143,7 +146,8 @@ class LoraModel(nn.Module):
                 biases are the base model's, one adapter at most may train them), or a targeting error.
         """
         autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
-        with gc_paused():
+        # layer_replication: copies of decoder layers first, so that they get adapters too (PEFT); undone on error
+        with gc_paused(), replicated(self.model, config.layer_replication):
             self._inject_adapter(adapter_name, config, autocast, low_cpu_mem_usage)
 
     def _inject_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True,
@@ -156,6 +160,7 @@ class LoraModel(nn.Module):
                                        fix="pick another adapter_name or delete_adapter() it first"))
         check_adapter_name(adapter_name, self.model, candidates)
         check_single_bias(self.peft_config, config, type(self).__name__)
+        check_same_parameters(self.peft_config, config)
         config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
         skip_init = _WEIGHTS_FOLLOW.get() or low_cpu_mem_usage
         injected: list[nn.Module] = []  # the adapter modules this call made or extended (set_adapter's walk)
@@ -175,6 +180,8 @@ class LoraModel(nn.Module):
             for param in module.adapter_parameters(adapter_name):
                 param.requires_grad_(False)
             injected.append(module)
+        injected += inject_parameters(self.model, list(plan.parameters), adapter_name, self.active_adapters,
+                                      autocast_adapter_dtype, low_cpu_mem_usage)
         for path in plan.modules_to_save:
             module = self.model.get_submodule(path)
             if isinstance(module, ModulesToSaveWrapper):
@@ -188,6 +195,8 @@ class LoraModel(nn.Module):
         tie_adapters(self.model, adapter_name, ties)
         self.peft_config[adapter_name] = self._recorded_config(config, plan)
         self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
+        self.targeted_parameter_names.extend(t.full_name for t in plan.parameters
+                                             if t.full_name not in self.targeted_parameter_names)
         if len(self.peft_config) == 1:  # the base is frozen; set_adapter re-enables what trains
             if any(isinstance(module, LoraLayer) for _, module in candidates):
                 self.model.requires_grad_(False)  # LoRA layers from an earlier get_peft_model: walk everything
