@@ -20,6 +20,7 @@ from .model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import LoraModel
 from .version import __version__
 from .integrations import install as _install_integrations
@@ -64,4 +65,8 @@ __all__ = [
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
     "preprocess_corda",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
 ]

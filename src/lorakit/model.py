@@ -26,6 +26,7 @@ from .functional import IncompatibleKeys
 from .integrations.signature import bind_forward_signature
 from .load_options import LoadOptions, save_state_dict
 from .model_card import create_or_update_model_card
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from . import guards, hub, io
 from .tuner import LoraModel, check_adapter_name, weights_follow
 
@@ -126,6 +127,14 @@ class PeftModel(nn.Module):
     def modules_to_save(self) -> set[str] | None:
         names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
         return names or None
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """One status per adapter layer (status.get_layer_status)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The adapter state of the whole model (status.get_model_status)."""
+        return get_model_status(self)
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with LoRA layers in it)."""
