@@ -6,7 +6,7 @@ from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfi
 from .errors import LoraWarning
 from .functional import get_base_model_state_dict, inject_adapter_in_model, set_base_model_state_dict
 from .guards import AdapterSaveError, MergeCheck, check_training
-from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+from .io import AdapterLoadError, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
 from .layer import LoraLayer
@@ -38,6 +38,7 @@ __all__ = [
     "__version__",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
+    "load_peft_weights",
     "get_base_model_state_dict",
     "set_base_model_state_dict",
     "inject_adapter_in_model",

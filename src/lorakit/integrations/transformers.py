@@ -30,7 +30,7 @@ from torch import nn
 from ..codec import PREFIX
 from ..config import LoraConfig
 from ..errors import explain
-from ..io import CONFIG_NAME, adapter_state_dict, set_peft_model_state_dict
+from ..io import CONFIG_NAME, adapter_state_dict, load_adapter_weights
 from ..model import PeftModel, get_peft_model
 from ..tuner import weights_follow
 from .hooks import replace
@@ -133,7 +133,7 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict | N
         add_adapter(model, config, name)
     keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
     try:
-        set_peft_model_state_dict(managed(model), keyed, adapter_name=name)
+        load_adapter_weights(managed(model), keyed, adapter_name=name)
     except Exception:
         delete_adapter(model, name)  # a state dict that does not fit leaves the model as it was
         raise
