@@ -7,6 +7,7 @@ from .errors import LoraWarning
 from .functional import get_base_model_state_dict, inject_adapter_in_model, set_base_model_state_dict
 from .guards import AdapterSaveError, MergeCheck, check_training
 from .io import AdapterLoadError, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .intruders import reduce_intruder_dimension
 from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
 from .layer import LoraLayer
@@ -70,4 +71,5 @@ __all__ = [
     "TunerModelStatus",
     "get_layer_status",
     "get_model_status",
+    "reduce_intruder_dimension",
 ]
