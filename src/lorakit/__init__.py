@@ -11,6 +11,7 @@ from .intruders import reduce_intruder_dimension
 from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
 from .layer import LoraLayer
+from .loftq import replace_lora_weights_loftq
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -72,4 +73,5 @@ __all__ = [
     "get_layer_status",
     "get_model_status",
     "reduce_intruder_dimension",
+    "replace_lora_weights_loftq",
 ]
