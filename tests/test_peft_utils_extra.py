@@ -146,3 +146,51 @@ def test_load_peft_weights_refuses_a_pickled_object(tmp_path: Path) -> None:
                tmp_path / "adapter_model.bin")
     with pytest.raises(AdapterLoadError, match="never runs pickled code"):
         lorakit.load_peft_weights(str(tmp_path))
+
+
+# ---- runtime_config (item 6) ------------------------------------------------------------------------------------
+def test_runtime_config_fields_as_peft() -> None:
+    import dataclasses
+
+    assert [(f.name, f.default) for f in dataclasses.fields(lorakit.LoraRuntimeConfig)] == \
+        [(f.name, f.default) for f in dataclasses.fields(peft.LoraRuntimeConfig)]
+    config = lorakit.LoraConfig(target_modules=["lin0"], runtime_config={"ephemeral_gpu_offload": True})
+    assert config.runtime_config == lorakit.LoraRuntimeConfig(ephemeral_gpu_offload=True)
+    assert "runtime_config" not in config.to_dict()  # never saved, as in peft
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "load_adapter"])
+def test_ephemeral_gpu_offload_recorded_and_harmless_without_dora(tmp_path: Path, how: str) -> None:
+    """peft: it only acts on DoRA's init, so a plain adapter loads the same; the flag lands in runtime_config."""
+    source = lorakit.get_peft_model(net(), lorakit.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+    source.save_pretrained(tmp_path)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    if how == "from_pretrained":
+        model = lorakit.PeftModel.from_pretrained(net(), tmp_path, ephemeral_gpu_offload=True)
+        name = "default"
+    else:
+        model = lorakit.PeftModel.from_pretrained(net(), tmp_path)
+        model.load_adapter(tmp_path, "again", ephemeral_gpu_offload=True)
+        model.set_adapter("again")
+        name = "again"
+    assert model.peft_config[name].runtime_config.ephemeral_gpu_offload is True
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+    if how == "from_pretrained":  # peft's from_pretrained records it the same way
+        theirs = peft.PeftModel.from_pretrained(net(), tmp_path, ephemeral_gpu_offload=True)
+        assert theirs.peft_config["default"].runtime_config.ephemeral_gpu_offload is True
+
+
+def test_ephemeral_gpu_offload_with_dora_refused_by_name(tmp_path: Path) -> None:
+    """peft moves DoRA's norm to "cuda" (it fails on a CPU-only machine); lorakit refuses the pair by name."""
+    config = lorakit.LoraConfig(target_modules=["lin0"], use_dora=True,
+                                runtime_config=lorakit.LoraRuntimeConfig(ephemeral_gpu_offload=True))
+    with pytest.raises(NotImplementedError, match="ephemeral_gpu_offload=True with use_dora=True"):
+        lorakit.get_peft_model(net(), config)
+    lorakit.get_peft_model(net(), lorakit.LoraConfig(target_modules=["lin0"], use_dora=True)).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="ephemeral_gpu_offload"):
+        lorakit.PeftModel.from_pretrained(net(), tmp_path, ephemeral_gpu_offload=True)
+    model = lorakit.PeftModel.from_pretrained(net(), tmp_path)
+    with pytest.raises(NotImplementedError, match="ephemeral_gpu_offload"):
+        model.load_adapter(tmp_path, "again", ephemeral_gpu_offload=True)
+    assert list(model.peft_config) == ["default"]

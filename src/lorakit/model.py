@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import LoraConfig, TaskType
+from .config import LoraConfig, LoraRuntimeConfig, TaskType
 from .convert import save_converted
 from .distributed import is_sharded, save_sharded
 from .errors import explain, warn
@@ -257,6 +257,7 @@ class PeftModel(nn.Module):
         disk_config, tensors = io.prepare_load(model, folder, adapter_name, is_trainable, config=config,
                                                device=options.torch_device, key_mapping=key_mapping,
                                                use_safetensors=options.use_safetensors)
+        disk_config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)  # as PEFT sets it
         task = getattr(disk_config.task_type, "value", disk_config.task_type)
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
         with weights_follow():  # every factor is in ``tensors``: no init to draw first
@@ -291,6 +292,8 @@ class PeftModel(nn.Module):
         config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable,
                                           device=options.torch_device, key_mapping=key_mapping,
                                           use_safetensors=options.use_safetensors)
+        config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)
+        _check_config(config)  # e.g. ephemeral_gpu_offload with DoRA: refused before anything changes
         with weights_follow():
             self.base_model.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         io.load_tensors(self.get_base_model(), tensors, adopt=True)
