@@ -198,3 +198,72 @@ def test_compiled_hotswap_does_not_recompile(folders: Path) -> None:
         torch.testing.assert_close(second, lorakit.PeftModel.from_pretrained(net(), folders / "r2")(X),
                                    rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+# ---- transformers' load_adapter(hotswap=...) / enable_peft_hotswap on a lorakit-managed model ------------------
+@pytest.fixture(scope="module")
+def llama_adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models import tiny_llama
+
+    root = tmp_path_factory.mktemp("llama_adapters")
+    for seed, (name, r, alpha) in enumerate([("r4", 4, 8), ("r2", 2, 3), ("r8", 8, 8)]):
+        config = lorakit.LoraConfig(target_modules=["q_proj", "v_proj"], r=r, lora_alpha=alpha,
+                                    init_lora_weights=False)
+        torch.manual_seed(seed)
+        lorakit.get_peft_model(tiny_llama(), config).save_pretrained(root / name)
+    return root
+
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 7]])
+
+
+def llama_with(folder: Path) -> nn.Module:
+    """A transformers model given its first adapter through transformers' API (lorakit claims a lorakit config)."""
+    from models import tiny_llama
+
+    model = tiny_llama()
+    config = lorakit.LoraConfig.from_pretrained(str(folder))
+    model.load_adapter(peft_config=config, adapter_state_dict=lorakit.load_peft_weights(str(folder)))
+    return model
+
+
+def fresh_logits(folder: Path) -> torch.Tensor:
+    from models import tiny_llama
+
+    with torch.no_grad():
+        return lorakit.PeftModel.from_pretrained(tiny_llama(), folder)(input_ids=IDS).logits
+
+
+def test_transformers_load_adapter_hotswap(llama_adapters: Path) -> None:
+    model = llama_with(llama_adapters / "r4")
+    with pytest.raises(ValueError, match="To hotswap an adapter, there must already be an existing adapter"):
+        model.load_adapter(str(llama_adapters / "r2"), adapter_name="other", hotswap=True)
+    with pytest.raises(ValueError, match="Adapter with name default already exists"):
+        model.load_adapter(str(llama_adapters / "r2"))  # hotswap="auto" without enable_peft_hotswap: a new load
+    model.load_adapter(str(llama_adapters / "r2"), hotswap=True)
+    assert list(model.peft_config) == ["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, fresh_logits(llama_adapters / "r2"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_enable_peft_hotswap_pads_and_swaps(llama_adapters: Path) -> None:
+    from models import tiny_llama
+
+    model = tiny_llama()
+    model.enable_peft_hotswap(target_rank=8)
+    config = lorakit.LoraConfig.from_pretrained(str(llama_adapters / "r4"))
+    model.load_adapter(peft_config=config, adapter_state_dict=lorakit.load_peft_weights(str(llama_adapters / "r4")))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_A["default"].weight.shape[0] == 8 and isinstance(q_proj.scaling["default"], torch.Tensor)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, fresh_logits(llama_adapters / "r4"),
+                                   rtol=1e-5, atol=1e-5)
+    for name in ("r8", "r2"):  # hotswap="auto": the same name swaps once enable_peft_hotswap was called
+        model.load_adapter(str(llama_adapters / name))
+        assert q_proj.lora_A["default"].weight.shape[0] == 8
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=IDS).logits, fresh_logits(llama_adapters / name),
+                                       rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="Call `enable_peft_hotswap` before loading the first adapter"):
+        model.enable_peft_hotswap(target_rank=8)
