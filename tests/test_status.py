@@ -161,3 +161,25 @@ def test_status_follows_changes() -> None:
     assert layers["model.lin0"].merged_adapters == ["default"] and layers["model.head"].merged_adapters == []
     model.unmerge_adapter()
     assert model.get_model_status().merged_adapters == []
+
+
+class Bnb8bitBackend:  # what code written for PEFT attaches: an object with a backend_name
+    backend_name = "bnb 8bit"
+
+
+def test_quantization_backend_attribute_read_as_peft() -> None:
+    reports = {}
+    for lib in (peft, lorakit):
+        model = lib.get_peft_model(net(), lib.LoraConfig(target_modules=["lin0", "lin1"]))
+        model.base_model.model.lin0.quantization_backend = Bnb8bitBackend()
+        reports[lib] = ([s.quantization_backend for s in model.get_layer_status()],
+                        model.get_model_status().quantization_backend)
+    assert reports[lorakit] == reports[peft] == (["bnb 8bit", None], "irregular")
+
+
+def test_active_adapter_set_as_a_string() -> None:
+    """PEFT's layers accept a str in _active_adapter (its tests set one to make an irregular model)."""
+    model = two_adapters(lorakit)
+    model.base_model.model.lin0._active_adapter = "other"
+    assert model.base_model.model.lin0.active_adapters == ["other"]
+    assert model.get_model_status().active_adapters == "irregular"

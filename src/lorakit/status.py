@@ -101,8 +101,15 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
         requires_grad={adapter: _agreement(p.requires_grad for p in params) for adapter, params in tensors.items()},
         available_adapters=sorted(tensors),
         devices={adapter: sorted({p.device.type for p in params}) for adapter, params in tensors.items()},
-        quantization_backend=None,  # peft 0.21.2 sets no quantization_backend on LoRA layers, bnb ones included
+        quantization_backend=_backend_name(module),
     )
+
+
+def _backend_name(module: nn.Module) -> str | None:
+    """The ``backend_name`` of a ``quantization_backend`` object set on the layer (PEFT's attribute; peft 0.21.2's
+    LoRA layers carry none, bnb ones included, so this is None unless code written for PEFT attached one)."""
+    backend = getattr(module, "quantization_backend", None)
+    return None if backend is None else backend.backend_name
 
 
 def _tuner_of(model: nn.Module) -> nn.Module:
