@@ -96,6 +96,51 @@ def test_hotswap_as_peft(folders: Path, loaded: str, new: str, target_rank: int 
     assert (scalings, shapes) == (peft_scalings, peft_shapes)
 
 
+class ConvNet(nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, groups=groups)
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("ranks", [(2, 4), (4, 2)])
+def test_conv_hotswap_padded_as_peft(tmp_path: Path, groups: int, ranks: tuple[int, int]) -> None:
+    """Conv2d factors padded to the target rank (a grouped conv: A's rank rows block by block), then swapped."""
+    def base() -> ConvNet:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return ConvNet(groups)
+
+    for index, r in enumerate(ranks):
+        torch.manual_seed(index)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft: "Merging is not supported" for groups > 1
+            model = peft.get_peft_model(base(), peft.LoraConfig(target_modules=["conv", "lin"], r=r, lora_alpha=3,
+                                                                init_lora_weights=False))
+        model.save_pretrained(tmp_path / str(index))
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for lib in (peft, lorakit):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.PeftModel.from_pretrained(base(), tmp_path / "0")
+            fresh = lib.PeftModel.from_pretrained(base(), tmp_path / "1")
+        with torch.no_grad():
+            before = model(x)
+            HOTSWAP[lib].prepare_model_for_compiled_hotswap(model, target_rank=4)
+            torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6)
+            HOTSWAP[lib].hotswap_adapter(model, str(tmp_path / "1"), adapter_name="default")
+            torch.testing.assert_close(model(x), fresh(x), rtol=1e-6, atol=1e-6)
+        conv = model.base_model.model.conv
+        outputs[lib] = model(x), conv.lora_A["default"].weight, conv.lora_B["default"].weight
+    for ours, theirs in zip(outputs[lorakit], outputs[peft]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
 def refusal(lib: ModuleType, folders: Path, case: str) -> str:
     hotswap = HOTSWAP[lib]
     loaded, new = {"rslora": ("r4", "rslora"), "more_layers": ("lin0_only", "r4"), "merged": ("r4", "r2"),

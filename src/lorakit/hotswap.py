@@ -60,23 +60,27 @@ def _scalings_to_tensors(layers: list[LoraLayer]) -> None:
                 layer.scaling[name] = torch.tensor(float(value), device=device)
 
 
-def _pad(factor: nn.Module, target_rank: int, rank_dim: int) -> None:
+def _pad(factor: nn.Module, target_rank: int, rank_dim: int, groups: int = 1) -> None:
     """Zero-pad a factor module's weight along its rank dimension (0 for A, 1 for B) to ``target_rank``, in place.
+
+    For a conv base of ``groups`` g, B is grouped: its weight holds r/g rank channels per group, and A's rank rows
+    come in g blocks of r/g that B's groups read in turn; each block moves to the start of its padded block.
 
     Raises:
         ValueError: the factor's rank is already larger than ``target_rank`` (PEFT's sentence).
     """
     weight = factor.weight
-    rank = weight.shape[rank_dim]
+    per_group = rank_dim == 1 and groups > 1  # B of a grouped conv: its weight holds r/g rank channels
+    rank = weight.shape[rank_dim] * (groups if per_group else 1)
     if rank == target_rank:
         return
     if rank > target_rank:
         raise ValueError(f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
                          f"({rank}). This is not possible.")
     shape = list(weight.shape)
-    shape[rank_dim] = target_rank
+    shape[rank_dim] = target_rank // groups if per_group else target_rank
     padded = weight.new_zeros(shape)
-    padded.narrow(rank_dim, 0, rank).copy_(weight.detach())
+    _copy_rank_blocks(padded, weight.detach(), rank_dim, groups if rank_dim == 0 else 1)
     factor.weight = nn.Parameter(padded, requires_grad=weight.requires_grad)
     if isinstance(factor, nn.Linear):
         setattr(factor, "out_features" if rank_dim == 0 else "in_features", target_rank)
@@ -84,19 +88,32 @@ def _pad(factor: nn.Module, target_rank: int, rank_dim: int) -> None:
         setattr(factor, "out_channels" if rank_dim == 0 else "in_channels", target_rank)
 
 
+def _copy_rank_blocks(destination: Tensor, source: Tensor, rank_dim: int, blocks: int) -> None:
+    """destination (zeros) ← source, block j of the rank dimension at the start of destination's block j."""
+    width, source_width = destination.shape[rank_dim] // blocks, source.shape[rank_dim] // blocks
+    for j in range(blocks):
+        destination.narrow(rank_dim, j * width, source_width).copy_(source.narrow(rank_dim, j * source_width,
+                                                                                  source_width))
+
+
 def _pad_layers(layers: list[LoraLayer], target_rank: int) -> bool:
-    """Pad every Linear / Conv factor pair (embeddings keep their rank, as in PEFT); True if any layer was seen."""
+    """Pad every Linear / Conv factor pair (embeddings keep their rank, as in PEFT); True if any layer was seen.
+
+    Raises:
+        ValueError: a grouped conv whose groups do not divide ``target_rank`` (PEFT's sentence).
+    """
     found = False
     for layer in layers:
         if layer.kind.embedding:
             continue
         groups = getattr(layer.base_layer, "groups", 1)
-        if groups != 1:
-            raise NotImplementedError(f"prepare_model_for_compiled_hotswap: lora.{layer.kind.name} with groups={groups} "
-                                      "is not padded by lorakit; hot-swap adapters of the same rank on grouped convs")
+        if target_rank % groups:
+            raise ValueError(f"Trying to pad a Conv2d LoRA adapter with groups={groups} to target rank {target_rank}, "
+                             f"but the target rank is not divisible by {groups}. Please choose a target rank that is "
+                             f"divisible by {groups}.")
         for name in layer.lora_A:
-            _pad(layer.lora_A[name], target_rank, 0)
-            _pad(layer.lora_B[name], target_rank, 1)
+            _pad(layer.lora_A[name], target_rank, 0, groups)
+            _pad(layer.lora_B[name], target_rank, 1, groups)
         found = True
     return found
 
@@ -156,8 +173,9 @@ def check_hotswap_configs_compatible(config0: LoraConfig, config1: LoraConfig) -
             raise ValueError(f"Configs are incompatible: for {key}, {values0.get(key)} != {values1.get(key)}")
 
 
-def _copy_into(old: Tensor, new: Tensor, key: str) -> None:
-    """old ← new in place; a smaller rank fills the leading block of a zeroed ``old`` (module docstring)."""
+def _copy_into(old: Tensor, new: Tensor, key: str, groups: int = 1) -> None:
+    """old ← new in place; a smaller rank fills the leading block of a zeroed ``old`` (module docstring), or of
+    each of A's ``groups`` rank blocks for a grouped conv."""
     new = new.to(device=old.device, dtype=old.dtype)
     if old.shape == new.shape:
         old.data.copy_(new)
@@ -175,7 +193,16 @@ def _copy_into(old: Tensor, new: Tensor, key: str) -> None:
                          "ensure that all ranks are padded to the largest rank among all LoRA adapters by using "
                          "peft.utils.hotswap.prepare_model_for_compiled_hotswap.")
     old.data.zero_()
-    old.data.narrow(rank_dim, 0, new.shape[rank_dim]).copy_(new)
+    _copy_rank_blocks(old.data, new, rank_dim, groups if rank_dim == 0 else 1)
+
+
+def _groups(model: nn.Module, key: str) -> int:
+    """The groups of the conv base under a ``lora_A`` key (its rank rows come in that many blocks), else 1."""
+    parts = key.split(".")
+    if "lora_A" not in parts:
+        return 1
+    layer = model.get_submodule(".".join(parts[:parts.index("lora_A")]))
+    return getattr(getattr(layer, "base_layer", None), "groups", 1)
 
 
 def _set_scaling(layer: LoraLayer, adapter_name: str, scaling: float) -> None:
@@ -214,7 +241,7 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, Tens
             if key not in state_dict:  # a layer the new adapter leaves alone: ΔW = 0
                 own[key].data.zero_()
         for key, value in state_dict.items():
-            _copy_into(attrgetter(key)(model), value, key)
+            _copy_into(attrgetter(key)(model), value, key, _groups(model, key))
         user_model = model.base_model.model if hasattr(model, "base_model") else model
         for path, module in user_model.named_modules():
             if isinstance(module, LoraLayer) and adapter_name in module.scaling:
