@@ -312,3 +312,15 @@ def test_enable_peft_hotswap_pads_and_swaps(llama_adapters: Path) -> None:
                                        rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="Call `enable_peft_hotswap` before loading the first adapter"):
         model.enable_peft_hotswap(target_rank=8)
+
+
+def test_peft_model_load_adapter_hotswap(folders: Path) -> None:
+    model = lorakit.PeftModel.from_pretrained(net(), folders / "r4")
+    lorakit.hotswap.prepare_model_for_compiled_hotswap(model, target_rank=4)
+    result = model.load_adapter(folders / "r2", adapter_name="default", hotswap=True)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), lorakit.PeftModel.from_pretrained(net(), folders / "r2")(X),
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="To hotswap an adapter, there must already be an existing adapter"):
+        model.load_adapter(folders / "r2", adapter_name="other", hotswap=True)

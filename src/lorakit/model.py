@@ -23,6 +23,7 @@ from .convert import save_converted
 from .distributed import is_sharded, save_sharded
 from .errors import explain, warn
 from .functional import IncompatibleKeys
+from .hotswap import hotswap_adapter
 from .integrations.signature import bind_forward_signature
 from .load_options import LoadOptions, save_state_dict
 from .model_card import create_or_update_model_card
@@ -279,15 +280,25 @@ class PeftModel(nn.Module):
         Returns PEFT's load result: ``missing_keys`` (this adapter's tensors the file lacked: always empty, the
         folder is validated first) and ``unexpected_keys``. Keywords as in ``from_pretrained``.
 
+        ``hotswap=True``: replace the weights of the loaded adapter ``adapter_name`` in place instead
+        (lorakit.hotswap.hotswap_adapter: a compiled model does not recompile).
+
         Raises:
             lorakit.io.AdapterLoadError: the folder does not fit this model; nothing was changed.
         """
+        if kwargs.pop("hotswap", False):
+            if adapter_name not in self.peft_config:
+                raise ValueError("To hotswap an adapter, there must already be an existing adapter with the same "
+                                 f"adapter name. (lorakit: no adapter {adapter_name!r} is loaded.)")
+            hotswap_adapter(self, model_id, adapter_name, torch_device=torch_device, **kwargs)
+            return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         options = LoadOptions.parse("load_adapter", ephemeral_gpu_offload, key_mapping,
                                     {**kwargs, "torch_device": torch_device}, self.get_base_model())
         folder = options.folder(model_id)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists. "
-                             + explain("load_adapter adds a new adapter", fix="pick another adapter_name"))
+                             + explain("load_adapter adds a new adapter", fix="pick another adapter_name, or pass "
+                                       "hotswap=True to replace this adapter's weights in place"))
         check_adapter_name(adapter_name, self.get_base_model())
         config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable,
                                           device=options.torch_device, key_mapping=key_mapping,
