@@ -27,7 +27,6 @@ X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
 
 # ---- keywords: refused with a clear error ----------------------------------------------------------------------
 REFUSED = [
-    (dict(ephemeral_gpu_offload=True), NotImplementedError, "ephemeral_gpu_offload"),
     (dict(ignore_mismatched_sizes=True), ValueError, "ignore_mismatched_sizes"),
     (dict(revison="main"), TypeError, "did you mean 'revision'"),
     (dict(key_mapping=["not", "a", "dict"]), TypeError, "key_mapping"),

@@ -6,10 +6,12 @@ from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfi
 from .errors import LoraWarning
 from .functional import get_base_model_state_dict, inject_adapter_in_model, set_base_model_state_dict
 from .guards import AdapterSaveError, MergeCheck, check_training
-from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
+from .io import AdapterLoadError, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .intruders import reduce_intruder_dimension
 from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
 from .layer import LoraLayer
+from .loftq import replace_lora_weights_loftq
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -20,6 +22,7 @@ from .model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import LoraModel
 from .version import __version__
 from .integrations import install as _install_integrations
@@ -37,6 +40,7 @@ __all__ = [
     "__version__",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
+    "load_peft_weights",
     "get_base_model_state_dict",
     "set_base_model_state_dict",
     "inject_adapter_in_model",
@@ -64,4 +68,10 @@ __all__ = [
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
     "preprocess_corda",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
+    "reduce_intruder_dimension",
+    "replace_lora_weights_loftq",
 ]

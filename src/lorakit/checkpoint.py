@@ -224,9 +224,9 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     Raises:
         CheckpointError: the checkpoint does not match this model or is damaged.
     """
-    from .io import read_weights, set_peft_model_state_dict
+    from .io import read_weights, load_adapter_weights
 
-    set_peft_model_state_dict(model, read_weights(Path(folder) / "adapter"), adapter_name)
+    load_adapter_weights(model, read_weights(Path(folder) / "adapter"), adapter_name)
     return load_trainer_state(model, optimizer, scheduler, folder)
 
 

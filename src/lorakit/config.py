@@ -103,7 +103,12 @@ class BdLoraConfig:
 @strict_init
 @dataclass
 class LoraRuntimeConfig:
-    """Settings that are not saved with the adapter (PEFT keeps them out of adapter_config.json)."""
+    """Settings that are not saved with the adapter (PEFT keeps them out of adapter_config.json).
+
+    ``ephemeral_gpu_offload``: in peft 0.21.2 it acts only on DoRA's initialization (the weight norm of CPU-held
+    factors is computed on a GPU and brought back). Without DoRA it changes nothing, in lorakit too; with DoRA
+    lorakit refuses it by name (``LoraConfig.not_yet_supported``).
+    """
 
     ephemeral_gpu_offload: bool = False
 
@@ -283,6 +288,10 @@ class LoraConfig:
             for name, (off, reason) in NOT_YET.items()
             if getattr(self, name) not in (off, {}, [])
         ]
+        if self.use_dora and self.runtime_config.ephemeral_gpu_offload:
+            found.append("runtime_config.ephemeral_gpu_offload=True with use_dora=True (it only moves DoRA's "
+                         "weight-norm computation to a GPU and back, as in PEFT; lorakit computes it where the "
+                         "weights are: set it to False, the result is the same)")
         method = self.init_method.name
         if method in INITS_NOT_YET:
             found.append(f"init_lora_weights={self.init_lora_weights!r} (arrives with {INITS_NOT_YET[method]})")

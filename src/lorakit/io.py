@@ -27,7 +27,7 @@ from .config import PEFT_VERSION_WRITTEN, LoraConfig
 from .errors import explain, warn
 from .functional import IncompatibleKeys
 from .layer import LoraLayer
-from .load_options import remap_keys
+from .load_options import LoadOptions, remap_keys
 from .guards import base_model_mismatch, embedding_layers_to_save, resolve_with_ties, verify_saved
 
 CONFIG_NAME = "adapter_config.json"
@@ -203,13 +203,26 @@ def validate(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, sour
     Raises:
         AdapterLoadError: unexpected keys, missing adapter tensors, shape mismatches or non-float tensors.
     """
+    return check_tensors(tensors, layout, adapter_name, source, strict=True)[0]
+
+
+def check_tensors(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, source: str,
+                  strict: bool) -> tuple[dict[str, str], list[str]]:
+    """({file key: model key}, [file keys with no place in the model]); ``strict``: those keys and missing adapter
+    tensors are problems too. Shapes and dtypes are always checked; one error lists every problem.
+
+    Raises:
+        AdapterLoadError: shape mismatches or non-float tensors (and, when ``strict``, unexpected or missing keys).
+    """
     mapping, unexpected = decode(list(tensors), layout, adapter_name)
     # a key for a LoRA layer of another adapter that this adapter's config does not target (found by fuzzing)
     unexpected += [key for key, model_key in mapping.items() if model_key not in layout.shapes]
     mapping = {key: model_key for key, model_key in mapping.items() if model_key in layout.shapes}
-    problems = [f"unexpected key {key} (no such module or tensor in this model)" for key in sorted(unexpected)]
-    missing = required_keys(layout, adapter_name) - set(mapping.values())
-    problems += [f"missing tensor for {key}" for key in sorted(missing)]
+    problems = []
+    if strict:
+        problems += [f"unexpected key {key} (no such module or tensor in this model)" for key in sorted(unexpected)]
+        missing = required_keys(layout, adapter_name) - set(mapping.values())
+        problems += [f"missing tensor for {key}" for key in sorted(missing)]
     for file_key, model_key in sorted(mapping.items()):
         got, want = tuple(tensors[file_key].shape), layout.shapes[model_key]
         if got != want:
@@ -225,7 +238,7 @@ def validate(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, sour
         shown = problems[:25] + ([f"... and {len(problems) - 25} more"] if len(problems) > 25 else [])
         raise AdapterLoadError(f"cannot load adapter {source!r} as {adapter_name!r}; nothing was changed. "
                                f"{len(problems)} problem(s):\n  " + "\n  ".join(shown))
-    return mapping
+    return mapping, unexpected
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -312,23 +325,76 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
                               adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
                               low_cpu_mem_usage: bool = False) -> IncompatibleKeys:
-    """PEFT's ``set_peft_model_state_dict``: load file-keyed tensors into an existing adapter, validated first.
+    """PEFT's ``set_peft_model_state_dict``: load file-keyed tensors into ``adapter_name``, as PEFT does.
 
-    Returns torch's ``(missing_keys, unexpected_keys)`` over the PeftModel's state dict, as PEFT does (the model
-    keys not loaded; ``unexpected_keys`` is always empty, they are refused). Factors created empty on the meta
-    device (``low_cpu_mem_usage``) are replaced by the loaded tensors, whatever this flag says.
+    Every key that has a place in the model is loaded (base tensors too, as PEFT's ``load_state_dict`` would);
+    the others are left out. Returns torch's ``(missing_keys, unexpected_keys)`` as PEFT 0.21.2 does:
+    ``missing_keys``, the PeftModel's state-dict keys not loaded (base weights included), in state-dict order;
+    ``unexpected_keys``, the given keys that have no place, as given, in the order torch's module walk meets them.
+    Factors created empty on the meta device (``low_cpu_mem_usage``) are replaced by the loaded tensors, whatever
+    this flag says. ``load_adapter_weights`` is the strict twin lorakit's own loaders use.
 
     Raises:
-        AdapterLoadError: unknown keys, missing tensors or shape mismatches; nothing is changed then.
+        AdapterLoadError: shape mismatches or non-float tensors; nothing is changed then.
         ValueError: ``ignore_mismatched_sizes=True`` (lorakit never loads a tensor of another shape).
     """
+    return _set_state_dict(model, peft_model_state_dict, adapter_name, ignore_mismatched_sizes, strict=False)
+
+
+def load_adapter_weights(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
+                         adapter_name: str = "default") -> IncompatibleKeys:
+    """``set_peft_model_state_dict`` that refuses unknown keys and missing adapter tensors too (resuming a
+    checkpoint, Trainer's resume): one error lists every problem, and nothing is changed then.
+
+    Raises:
+        AdapterLoadError: unexpected keys, missing adapter tensors, shape mismatches or non-float tensors.
+    """
+    return _set_state_dict(model, peft_model_state_dict, adapter_name, False, strict=True)
+
+
+def _set_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str,
+                    ignore_mismatched_sizes: bool, strict: bool) -> IncompatibleKeys:
     if ignore_mismatched_sizes:
         raise ValueError("set_peft_model_state_dict(ignore_mismatched_sizes=True) is not supported: lorakit refuses "
                          "tensors that do not fit (the error lists each one); resize the model to match")
     user_model = model.base_model.model
     layout = layout_of(user_model)
-    mapping = validate(peft_model_state_dict, layout, adapter_name, "state dict")
-    loaded = {mapping[k][len(PREFIX):]: v for k, v in peft_model_state_dict.items()}
+    mapping, unexpected = check_tensors(tensors, layout, adapter_name, "state dict", strict=strict)
+    loaded = {mapping[k][len(PREFIX):]: v for k, v in tensors.items() if k in mapping}
     load_tensors(user_model, loaded)
     missing = [PREFIX + key for key in user_model.state_dict(keep_vars=True) if key not in loaded]
-    return IncompatibleKeys(missing_keys=missing, unexpected_keys=[])
+    return IncompatibleKeys(missing_keys=missing, unexpected_keys=_walk_order(user_model, unexpected, tensors))
+
+
+def _walk_order(model: nn.Module, keys: list[str], tensors: dict[str, Tensor]) -> list[str]:
+    """``keys`` in the order torch's ``load_state_dict`` reports unexpected keys: by the module (in the PeftModel's
+    ``named_modules`` order) where the key leaves the model, then by their order in ``tensors``."""
+    roots = ["", "base_model", PREFIX[:-1]]
+    walk = roots + [PREFIX + name for name, _ in model.named_modules() if name]
+    index = {path: i for i, path in enumerate(walk)}
+    position = {key: i for i, key in enumerate(tensors)}
+
+    def leaves_at(key: str) -> int:
+        parts, deepest = key.split("."), 0
+        for end in range(1, len(parts)):
+            path = ".".join(parts[:end])
+            if path in index:
+                deepest = index[path]
+        return deepest
+
+    return sorted(keys, key=lambda key: (leaves_at(key), position[key]))
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
+                      key_mapping: dict[str, str] | None = None, **hf_hub_download_kwargs: object) -> dict[str, Tensor]:
+    """PEFT's ``load_peft_weights``: the adapter file of ``model_id`` (a folder, or a Hub repo) as a dict of
+    tensors under its file keys, on ``device`` (default: CPU, PEFT's ``infer_device()`` on a machine without an
+    accelerator). ``adapter_model.safetensors`` is read first, else ``adapter_model.bin`` without unpickling
+    code. ``key_mapping``: PEFT's regex renames (load_options.remap_keys). Hub keywords (``subfolder``,
+    ``revision``, ``token``, ...) as ``from_pretrained`` takes them.
+
+    Raises:
+        lorakit.io.AdapterLoadError: no weights file, or a damaged one. TypeError: an unknown keyword.
+    """
+    options = LoadOptions.parse("load_peft_weights", False, key_mapping, dict(hf_hub_download_kwargs))
+    return remap_keys(read_weights(options.folder(model_id), device), key_mapping)

@@ -311,7 +311,8 @@ class LoraLayer(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
+        active = self._active_adapter  # a str too when code written for PEFT sets PEFT's private attribute
+        return [active] if isinstance(active, str) else list(active)
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -358,7 +359,8 @@ class LoraLayer(nn.Module):
             return y
         if self._routes is not None:
             return self._mixed_batch(x, y)
-        if ops.FUSED and self.kind.name in ops.FUSED_KINDS:
+        # torch.compile traces the reference below (inductor fuses it; the in-place Function would break the graph)
+        if ops.FUSED and self.kind.name in ops.FUSED_KINDS and not torch.compiler.is_compiling():
             return self._fused(x, y)
         result_dtype = y.dtype
         variants = self._variants
@@ -385,6 +387,9 @@ class LoraLayer(nn.Module):
                 continue
             if variants and name in variants:
                 y = variants[name].forward(self, name, x, y)
+                continue
+            if isinstance(self.scaling[name], Tensor):  # hotswap.py's tensor scaling: GEMM alphas take numbers only
+                y = y + self._branch(name, x) * self.scaling[name]
                 continue
             B = self.lora_B[name]
             A, B_weight, bias = self.lora_A[name].weight, B.weight, B.bias
@@ -429,7 +434,7 @@ class LoraLayer(nn.Module):
                 y_rows = self._variants[name].forward(self, name, x.index_select(0, rows), y.index_select(0, rows))
                 y = y.index_copy(0, rows, y_rows.to(y.dtype))
                 continue
-            if not (in_place and self.kind.name in ops.FUSED_KINDS):
+            if not (in_place and self.kind.name in ops.FUSED_KINDS) or isinstance(self.scaling[name], Tensor):
                 delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
                 y = y.index_add(0, rows, delta.to(y.dtype))
                 continue

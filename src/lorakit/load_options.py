@@ -5,9 +5,9 @@ lorakit accepts every one PEFT documents and either honours it or refuses it wit
 nothing is dropped silently. Honoured: ``subfolder``, ``torch_device`` (the device the file is read onto),
 ``key_mapping`` (regex renames of the file's keys), ``use_safetensors`` (False reads ``adapter_model.bin``),
 ``ignore_mismatched_sizes=False`` and every Hub download keyword (``revision``, ``cache_dir``, ``token``, ...).
-Refused: accelerate's offloading options (``device_map``, ``max_memory``, ``offload_*``) for a model dispatched
-with CPU / disk offload (for any other model they do nothing, in PEFT too) and ``ephemeral_gpu_offload=True``,
-which lorakit does not run.
+``ephemeral_gpu_offload`` goes into the adapter's ``runtime_config`` (see config.LoraRuntimeConfig). Refused:
+accelerate's offloading options (``device_map``, ``max_memory``, ``offload_*``) for a model dispatched with CPU /
+disk offload (for any other model they do nothing, in PEFT too).
 """
 
 from __future__ import annotations
@@ -37,21 +37,19 @@ class LoadOptions:
     @classmethod
     def parse(cls, owner: str, ephemeral_gpu_offload: bool, key_mapping: dict[str, str] | None,
               kwargs: dict[str, Any], model: object = None) -> LoadOptions:
-        """Split ``kwargs``; refuse what lorakit does not run.
+        """Split ``kwargs``; refuse what lorakit does not run. ``ephemeral_gpu_offload`` is the caller's to record
+        on the adapter's config (``runtime_config``); it is taken here so that every loader names the same keywords.
 
         The offloading options act only on a model accelerate dispatched with CPU or disk offload
         (``hf_device_map`` naming "disk", or "cpu" next to another device); a model on one device has nothing
         to dispatch, so they change nothing there (PEFT re-dispatches it onto the same device).
 
         Raises:
-            NotImplementedError: an offloading option for an offloaded ``model``, or ``ephemeral_gpu_offload=True``.
+            NotImplementedError: an offloading option for an offloaded ``model``.
             ValueError: ``ignore_mismatched_sizes=True`` (lorakit never loads a tensor of another shape).
             TypeError: a keyword no loader takes (from ``hub.resolve_folder``).
         """
         kwargs = dict(kwargs)
-        if ephemeral_gpu_offload:
-            raise NotImplementedError(f"{owner}(ephemeral_gpu_offload=True): lorakit does not run accelerate-offloaded "
-                                      "models; load the base model onto one device")
         offload = [name for name in _OFFLOAD if kwargs.pop(name, None) is not None]
         devices = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
         offloaded = "disk" in devices or ("cpu" in devices and len(devices) > 1)  # a model all on CPU is not

@@ -18,14 +18,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import LoraConfig, TaskType
+from .config import LoraConfig, LoraRuntimeConfig, TaskType
 from .convert import save_converted
 from .distributed import is_sharded, save_sharded
 from .errors import explain, warn
 from .functional import IncompatibleKeys
+from .hotswap import hotswap_adapter
 from .integrations.signature import bind_forward_signature
 from .load_options import LoadOptions, save_state_dict
 from .model_card import create_or_update_model_card
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from . import guards, hub, io
 from .tuner import LoraModel, check_adapter_name, weights_follow
 
@@ -126,6 +128,14 @@ class PeftModel(nn.Module):
     def modules_to_save(self) -> set[str] | None:
         names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
         return names or None
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """One status per adapter layer (status.get_layer_status)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The adapter state of the whole model (status.get_model_status)."""
+        return get_model_status(self)
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with LoRA layers in it)."""
@@ -248,6 +258,7 @@ class PeftModel(nn.Module):
         disk_config, tensors = io.prepare_load(model, folder, adapter_name, is_trainable, config=config,
                                                device=options.torch_device, key_mapping=key_mapping,
                                                use_safetensors=options.use_safetensors)
+        disk_config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)  # as PEFT sets it
         task = getattr(disk_config.task_type, "value", disk_config.task_type)
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
         with weights_follow():  # every factor is in ``tensors``: no init to draw first
@@ -269,19 +280,31 @@ class PeftModel(nn.Module):
         Returns PEFT's load result: ``missing_keys`` (this adapter's tensors the file lacked: always empty, the
         folder is validated first) and ``unexpected_keys``. Keywords as in ``from_pretrained``.
 
+        ``hotswap=True``: replace the weights of the loaded adapter ``adapter_name`` in place instead
+        (lorakit.hotswap.hotswap_adapter: a compiled model does not recompile).
+
         Raises:
             lorakit.io.AdapterLoadError: the folder does not fit this model; nothing was changed.
         """
+        if kwargs.pop("hotswap", False):
+            if adapter_name not in self.peft_config:
+                raise ValueError("To hotswap an adapter, there must already be an existing adapter with the same "
+                                 f"adapter name. (lorakit: no adapter {adapter_name!r} is loaded.)")
+            hotswap_adapter(self, model_id, adapter_name, torch_device=torch_device, **kwargs)
+            return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         options = LoadOptions.parse("load_adapter", ephemeral_gpu_offload, key_mapping,
                                     {**kwargs, "torch_device": torch_device}, self.get_base_model())
         folder = options.folder(model_id)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists. "
-                             + explain("load_adapter adds a new adapter", fix="pick another adapter_name"))
+                             + explain("load_adapter adds a new adapter", fix="pick another adapter_name, or pass "
+                                       "hotswap=True to replace this adapter's weights in place"))
         check_adapter_name(adapter_name, self.get_base_model())
         config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable,
                                           device=options.torch_device, key_mapping=key_mapping,
                                           use_safetensors=options.use_safetensors)
+        config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)
+        _check_config(config)  # e.g. ephemeral_gpu_offload with DoRA: refused before anything changes
         with weights_follow():
             self.base_model.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         io.load_tensors(self.get_base_model(), tensors, adopt=True)

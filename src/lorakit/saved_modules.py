@@ -72,7 +72,8 @@ class ModulesToSaveWrapper(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         """The active adapters that have a copy here (at most one)."""
-        return list(self._active_adapter)
+        active = self._active_adapter  # a str too when code written for PEFT sets PEFT's private attribute
+        return [active] if isinstance(active, str) else list(active)
 
     @property
     def active_adapter(self) -> str | list[str]:

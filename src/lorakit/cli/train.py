@@ -276,9 +276,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
           f"{args.batch_size}x{args.grad_accum} examples ({steps * args.batch_size * args.grad_accum / len(train_set):.2f} epochs)")
 
     if saved is not None:  # the adapter goes in before wrapping or sharding, the optimizer state after
-        from ..io import read_weights, set_peft_model_state_dict
+        from ..io import read_weights, load_adapter_weights
 
-        set_peft_model_state_dict(peft_model, read_weights(output / "checkpoint" / "adapter"))
+        load_adapter_weights(peft_model, read_weights(output / "checkpoint" / "adapter"))
     train_model = _distribute(peft_model, args, world, device)
     optimizer, scheduler = make_optimizer(peft_model, settings)
     state = TrainState()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import read_weights, set_peft_model_state_dict
+from ..io import read_weights, load_adapter_weights
 from ..model import PeftModel
 from .hooks import replace
 
@@ -85,7 +85,7 @@ def _save(original: Any) -> Any:
 def load_adapters_into(model: PeftModel, folder: str) -> None:
     """Copy the adapters saved in ``folder`` ("default" there, others in subfolders) into ``model``'s."""
     for name in model.peft_config:
-        set_peft_model_state_dict(model, read_weights(folder if name == "default" else os.path.join(folder, name)),
+        load_adapter_weights(model, read_weights(folder if name == "default" else os.path.join(folder, name)),
                                   adapter_name=name)
 
 

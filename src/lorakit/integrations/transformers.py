@@ -27,10 +27,12 @@ from typing import Any
 
 from torch import nn
 
-from ..codec import PREFIX
+from ..codec import PREFIX, decode, layout_of
 from ..config import LoraConfig
 from ..errors import explain
-from ..io import CONFIG_NAME, adapter_state_dict, set_peft_model_state_dict
+from ..hotswap import (check_hotswap_configs_compatible, hotswap_adapter, hotswap_adapter_from_state_dict,
+                       prepare_model_for_compiled_hotswap)
+from ..io import CONFIG_NAME, adapter_state_dict, load_adapter_weights
 from ..model import PeftModel, get_peft_model
 from ..tuner import weights_follow
 from .hooks import replace
@@ -98,10 +100,16 @@ def load_adapter(self: nn.Module, peft_model_id: str | None = None, adapter_name
     ``low_cpu_mem_usage`` have nothing to act on for a local folder.
     """
     name = adapter_name or "default"
-    if hotswap is True:
-        raise NotImplementedError("load_adapter(hotswap=True) is not supported by lorakit; load the adapter under "
-                                  "a new adapter_name and call set_adapter(name)")
     peft_model = lorakit_of(self)
+    loaded = peft_model is not None and name in peft_model.peft_config
+    if hotswap == "auto":  # after enable_peft_hotswap, loading under a loaded adapter's name swaps it
+        hotswap = bool(getattr(self, "_hotswap_enabled", False)) and loaded
+    if hotswap:
+        if not loaded:
+            raise ValueError("To hotswap an adapter, there must already be an existing adapter with the same "
+                             "adapter name.")
+        _hotswap(managed(self), name, peft_model_id, peft_config, adapter_state_dict, adapter_kwargs)
+        return _load_info()
     if peft_model is not None and name in peft_model.peft_config:
         raise ValueError(f"Adapter with name {name} already exists. Please use a different name.")
     _refuse_mixing(self)
@@ -113,10 +121,35 @@ def load_adapter(self: nn.Module, peft_model_id: str | None = None, adapter_name
             _attach(self, PeftModel.from_pretrained(self, folder, adapter_name=name, is_trainable=is_trainable))
         else:
             peft_model.load_adapter(folder, name, is_trainable=is_trainable)
+    prepare = getattr(self, "_prepare_peft_hotswap_kwargs", None)
+    if prepare and getattr(self, "_hotswap_enabled", False):  # enable_peft_hotswap(target_rank=...) came first
+        prepare_model_for_compiled_hotswap(managed(self), config=managed(self).peft_config, **prepare)
+    return _load_info()
+
+
+def _load_info() -> Any:
     from transformers.utils.loading_report import LoadStateDictInfo
 
     return LoadStateDictInfo(missing_keys=set(), unexpected_keys=set(), mismatched_keys=set(), error_msgs=[],
                              conversion_errors={}, skipped_pp_keys=set())
+
+
+def _hotswap(peft_model: PeftModel, name: str, model_id: str | None, config: Any, tensors: dict | None,
+             adapter_kwargs: dict | None) -> None:
+    """transformers' ``load_adapter(hotswap=True)``: the weights (and scalings) of adapter ``name`` are replaced in
+    place by lorakit.hotswap, so a compiled model does not recompile."""
+    if tensors is None:
+        hotswap_adapter(peft_model, _local_folder(model_id, (adapter_kwargs or {}).get("subfolder")), name)
+        return
+    config = LoraConfig.from_dict(config) if isinstance(config, dict) else config
+    if not isinstance(config, LoraConfig):
+        raise ValueError(explain("load_adapter(hotswap=True, adapter_state_dict=...) needs the adapter's peft_config",
+                                 got=type(config).__name__, expected="a lorakit.LoraConfig"))
+    check_hotswap_configs_compatible(peft_model.peft_config[name], config)
+    keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
+    mapping, _ = decode(list(keyed), layout_of(peft_model.base_model.model), name)
+    state = {mapping.get(key, key): value for key, value in keyed.items()}
+    hotswap_adapter_from_state_dict(peft_model, state, name, config)
 
 
 def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict | None, is_trainable: bool) -> None:
@@ -133,7 +166,7 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict | N
         add_adapter(model, config, name)
     keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
     try:
-        set_peft_model_state_dict(managed(model), keyed, adapter_name=name)
+        load_adapter_weights(managed(model), keyed, adapter_name=name)
     except Exception:
         delete_adapter(model, name)  # a state dict that does not fit leaves the model as it was
         raise
