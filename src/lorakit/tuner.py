@@ -396,10 +396,12 @@ class LoraModel(nn.Module):
             return
 
         def merge() -> None:
+            # trainable tokens first (E <- E', trainable_tokens.py): a LoRA layer around a tied head's wrapper then
+            # reads and writes the wrapper's real weight, not the computed E'
+            for wrapper in self._token_wrappers():
+                wrapper.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
             for layer in self.lora_layers():  # default: each layer merges its own active adapters
                 layer.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
-            for wrapper in self._token_wrappers():  # trainable tokens: E <- E' (trainable_tokens.py)
-                wrapper.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
 
         merge_reporting_rounding(self.lora_layers(), merge)  # a quantized base is requantized: say how much
 
