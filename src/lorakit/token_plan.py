@@ -152,8 +152,9 @@ def _tied_paths(model: nn.Module) -> tuple[str, str] | None:
     """(input embedding path, output head path) as they sit in the model now, when the two share a weight."""
     if tied_embeddings(model) is None:
         return None
-    paths = [_path_of(model, getattr(model, getter)()) for getter in ("get_input_embeddings", "get_output_embeddings")]
-    return (paths[0], paths[1]) if None not in paths else None
+    embedding, head = (_path_of(model, getattr(model, getter)())
+                       for getter in ("get_input_embeddings", "get_output_embeddings"))
+    return (embedding, head) if embedding is not None and head is not None else None
 
 
 def inject_tokens(model: nn.Module, adapter_name: str, targets: dict[str, TokenTarget],
@@ -163,10 +164,11 @@ def inject_tokens(model: nn.Module, adapter_name: str, targets: dict[str, TokenT
     Raises:
         ValueError: a head tied to the embedding by an earlier adapter, asked to train its own rows now.
     """
-    wrappers = []
+    wrappers: list[nn.Module] = []
     for path, target in targets.items():
         module = model.get_submodule(path)
-        tied = model.get_submodule(target.tied_to).token_adapter if target.tied_to else None
+        source = model.get_submodule(target.tied_to) if target.tied_to else None
+        tied = source.token_adapter if isinstance(source, TrainableTokensWrapper) else None
         if isinstance(module, TrainableTokensWrapper):
             if (module.token_adapter.tied_adapter is None) != (tied is None):
                 raise ValueError(explain(f"{path!r} already holds trainable tokens {'tied' if tied is None else 'un'}"

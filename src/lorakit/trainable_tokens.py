@@ -19,7 +19,7 @@ tensors are the embedding's and are not written to adapter files.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ class BufferDict(nn.Module):
         self.register_buffer(name, tensor, persistent=False)
 
     def __getitem__(self, name: str) -> Tensor:
-        return self._buffers[name]
+        return cast(Tensor, self._buffers[name])
 
     def __delitem__(self, name: str) -> None:
         del self._buffers[name]
@@ -54,7 +54,7 @@ class BufferDict(nn.Module):
         return list(self._buffers)
 
     def items(self) -> list[tuple[str, Tensor]]:
-        return list(self._buffers.items())
+        return [(name, cast(Tensor, buffer)) for name, buffer in self._buffers.items()]
 
 
 def _overlap_error(adapter_name: str) -> ValueError:
@@ -86,7 +86,7 @@ class TrainableTokensLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        weight = base_layer.weight  # (vocab, dim) for an Embedding and for a Linear head alike
+        weight = cast(Tensor, base_layer.weight)  # (vocab, dim) for an Embedding and for a Linear head alike
         self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) \
             if isinstance(base_layer, nn.Embedding) else (weight.shape[1], weight.shape[0])
 
@@ -111,7 +111,12 @@ class TrainableTokensLayer(nn.Module):
         return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
 
     def get_base_layer(self) -> nn.Module:
-        return self.base_layer
+        return cast(nn.Module, self.base_layer)
+
+    @property
+    def _weight(self) -> Tensor:
+        """E, the base layer's (vocab, dim) weight."""
+        return cast(Tensor, self.base_layer.weight)
 
     def update_layer(self, adapter_name: str, token_indices: list[int], init_weights: bool = True) -> None:
         """Add D for ``adapter_name``: E[I] (``init_weights``) or a standard normal draw; a tied layer adds nothing.
@@ -121,7 +126,7 @@ class TrainableTokensLayer(nn.Module):
         """
         if self.tied_adapter is not None:
             return
-        weight = self.base_layer.weight
+        weight = self._weight
         bad = [i for i in token_indices if not -weight.shape[0] <= i < weight.shape[0]]
         if bad:
             raise IndexError(explain(f"trainable_token_indices {bad} are outside the vocabulary", got=bad,
@@ -151,7 +156,7 @@ class TrainableTokensLayer(nn.Module):
 
     def get_merged_weights(self, adapter_names: list[str]) -> Tensor:
         """E' for ``adapter_names`` (a new tensor, differentiable in each D; E itself when there are none)."""
-        W = self.base_layer.weight
+        W = self._weight
         for name in adapter_names:
             W = W.index_copy(0, self._index(name, W.device), self.trainable_tokens_delta[name].to(W.dtype))
         return W
@@ -211,7 +216,7 @@ class TrainableTokensLayer(nn.Module):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {names} seems to be broken")
         with torch.no_grad():
-            self.base_layer.weight.copy_(merged)
+            self._weight.copy_(merged)
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
@@ -219,7 +224,7 @@ class TrainableTokensLayer(nn.Module):
         if not self.merged:
             warn("Already unmerged. Nothing to do.")
             return
-        weight = self.base_layer.weight
+        weight = self._weight
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
@@ -248,14 +253,14 @@ class TrainableTokensWrapper(nn.Module):
 
     @property
     def original_module(self) -> nn.Module:
-        return self.token_adapter.base_layer
+        return cast(nn.Module, self.token_adapter.base_layer)
 
     @property
     def weight(self) -> Tensor:
         """E' of the active adapters (E when disabled): what the model reads as this layer's weight."""
-        layer = self.token_adapter
+        layer = cast(TrainableTokensLayer, self.token_adapter)
         if layer.disable_adapters or layer.merged:
-            return layer.base_layer.weight
+            return layer._weight
         return layer.get_merged_weights(layer.active_adapters)
 
     @property
@@ -286,6 +291,7 @@ class TrainableTokensWrapper(nn.Module):
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out = out.index_copy(0, rows, part)
+        assert out is not None  # routes cover the batch (LoraModel.routed)
         return out
 
     def check_set_adapter(self, adapter_names: list[str]) -> None:
