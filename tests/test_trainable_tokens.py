@@ -252,3 +252,21 @@ def test_invalid_indices_are_refused() -> None:
     with pytest.raises(ValueError, match="invalid trainable_token_indices"):
         lorakit.get_peft_model(tiny_llama(False), lorakit.LoraConfig(target_modules=["q_proj"],
                                                                      trainable_token_indices={"embed_tokens": "1"}))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_ensure_weight_tying_with_tokens(tie: bool) -> None:
+    """Tied: the head shares the embedding's D, silently. Untied: PEFT's warning, and each side has its own D."""
+    for library in (peft, lorakit):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = library.get_peft_model(tiny_llama(tie), library.LoraConfig(
+                target_modules=["q_proj"], ensure_weight_tying=True,
+                trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [1, 2]}))
+        messages = [str(w.message) for w in caught]
+        assert any("ensure_weight_tying=True but the model does not have tied weights" in m for m in messages) == (
+            not tie), (library.__name__, messages)
+        assert not any("nothing to tie" in m for m in messages)
+        head = model.get_base_model().lm_head.token_adapter
+        embedding = model.get_base_model().model.embed_tokens.token_adapter
+        assert (head.trainable_tokens_delta is embedding.trainable_tokens_delta) == tie

@@ -424,6 +424,8 @@ def resolve_with_ties(model: nn.Module, config: LoraConfig, *, quiet: bool = Fal
                 "LoraConfig(ensure_weight_tying=True) to train them as one matrix, as PEFT does")
         return config, resolve_targets(model, config, candidates), None
     if how is None:
+        if config.trainable_token_indices is not None:  # the tokens' own tie (token_plan.py) says what it does
+            return config, resolve_targets(model, config, candidates), None
         say("ensure_weight_tying=True but " + ("no tied embeddings were found in the model" if not tied else
             "no tied embedding is in modules_to_save or target_modules") + "; nothing to tie")
         return config, resolve_targets(model, config, candidates), None

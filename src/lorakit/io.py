@@ -250,7 +250,7 @@ def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str,
     tensors = remap_keys(read_weights(folder, device, use_safetensors), key_mapping)
     try:
         config, plan, _ = resolve_with_ties(model, config, quiet=True)
-        tokens = plan_tokens(model, config, plan)
+        tokens = plan_tokens(model, config, plan, quiet=True)
     except (ValueError, TypeError) as error:
         raise AdapterLoadError(f"cannot load adapter {str(folder)!r}: {error}") from None
     other_base = base_model_mismatch(model, config)

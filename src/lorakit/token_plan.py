@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import LoraConfig
-from .errors import explain
+from .errors import explain, warn
 from .guards import tied_embeddings
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
@@ -98,8 +98,9 @@ def _check_module(model: nn.Module, path: str, config: LoraConfig, plan: TargetP
                         "them. Drop it from target_modules / modules_to_save, or train its tokens in another adapter")
 
 
-def plan_tokens(model: nn.Module, config: LoraConfig, plan: TargetPlan) -> dict[str, TokenTarget]:
-    """The wrappers ``config`` asks for, input embedding first (see the module docstring).
+def plan_tokens(model: nn.Module, config: LoraConfig, plan: TargetPlan, *, quiet: bool = False
+                ) -> dict[str, TokenTarget]:
+    """The wrappers ``config`` asks for, input embedding first (see the module docstring); ``quiet``: no warning.
 
     Raises:
         ValueError: invalid ids, an unmatched name, a name also in modules_to_save, or mismatched ids on tied
@@ -114,6 +115,9 @@ def plan_tokens(model: nn.Module, config: LoraConfig, plan: TargetPlan) -> dict[
                              f'`modules_to_save=[..., "{name}", ...]` or `trainable_tokens={{\'{name}\': x}}` but '
                              "not both.")
     tied = _tied_paths(model)
+    if tied is None and config.ensure_weight_tying and not quiet:
+        warn("ensure_weight_tying=True but the model does not have tied weights (tie_word_embeddings=False). Weight "
+             "tying will not be applied for trainable_token_indices. (Each named layer trains its own rows.)")
     targets: dict[str, TokenTarget] = {}
     named_output: list[str] = []
     for name, ids in requested.items():
