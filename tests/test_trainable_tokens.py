@@ -211,8 +211,14 @@ def test_several_adapters_match_peft() -> None:
     for model in (theirs, ours):
         with pytest.raises(ValueError, match="Only one adapter can be set at a time for TrainableTokensWrapper"):
             model.base_model.set_adapter(["a", "b"])
-    names = ["a", "b"]
-    torch.testing.assert_close(logits(ours, adapter_names=names), logits(theirs, adapter_names=names), atol=ATOL, rtol=0)
+    for names in (["a", "b"], ["__base__", "a"]):  # mixed batches: one adapter per row
+        torch.testing.assert_close(logits(ours, adapter_names=names), logits(theirs, adapter_names=names),
+                                   atol=ATOL, rtol=0)
+    # an adapter without tokens in a mixed batch: peft raises KeyError there, lorakit uses E for its rows
+    mixed = logits(ours, adapter_names=["c", "b"])
+    for row, name in enumerate(["c", "b"]):
+        ours.set_adapter(name)
+        torch.testing.assert_close(mixed[row], logits(ours)[row], atol=ATOL, rtol=0)
     ours.set_adapter("a"), theirs.set_adapter("a")
     theirs.delete_adapter("a"), ours.delete_adapter("a")
     assert ours.active_adapters == theirs.active_adapters
@@ -270,3 +276,32 @@ def test_ensure_weight_tying_with_tokens(tie: bool) -> None:
         head = model.get_base_model().lm_head.token_adapter
         embedding = model.get_base_model().model.embed_tokens.token_adapter
         assert (head.trainable_tokens_delta is embedding.trainable_tokens_delta) == tie
+
+
+def test_delete_adapters_one_by_one_as_peft() -> None:
+    """PEFT's own test of this (test_custom_models.py) needs a hub model; the same steps on the tiny tied Llama."""
+    models = {}
+    for library in (peft, lorakit):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = library.get_peft_model(tiny_llama(True), library.LoraConfig(
+                target_modules=["q_proj"], trainable_token_indices=[0, 1]), adapter_name="adapter0")
+            model.add_adapter("adapter1", library.LoraConfig(target_modules=["q_proj"]))
+            model.add_adapter("adapter2", library.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 3]))
+        models[library.__name__] = model
+    layers = {name: (m.get_base_model().model.embed_tokens.token_adapter, m.get_base_model().lm_head.token_adapter)
+              for name, m in models.items()}
+    for deleted in (None, "adapter0", "adapter1", "adapter2"):
+        state = {}
+        for name, model in models.items():
+            if deleted is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model.delete_adapter(deleted)
+            state[name] = (model.active_adapters,
+                           [(set(layer.trainable_tokens_delta), set(layer.trainable_tokens_original))
+                            for layer in layers[name]])
+            if model.active_adapters:
+                logits(model)  # runs
+        assert state["lorakit"] == state["peft"], deleted
+    torch.testing.assert_close(logits(models["lorakit"]), logits(tiny_llama(True)), atol=0, rtol=0)
