@@ -305,3 +305,28 @@ def test_delete_adapters_one_by_one_as_peft() -> None:
                 logits(model)  # runs
         assert state["lorakit"] == state["peft"], deleted
     torch.testing.assert_close(logits(models["lorakit"]), logits(tiny_llama(True)), atol=0, rtol=0)
+
+
+def test_second_adapter_with_lora_on_the_tied_head() -> None:
+    """A second adapter with tokens, on a model whose tied head already holds LoRA around its tied wrapper.
+
+    peft 0.21.2 refuses this (its wrapper check sees the LoRA layer of the head: TypeError); lorakit extends the
+    tied wrapper inside that LoRA layer. Reference: the same adapter alone on a fresh model, same tensors.
+    """
+    config = dict(target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_llama(True), peft.LoraConfig(**config, trainable_token_indices=[1, 3]))
+        with pytest.raises(TypeError, match="trainable_token_indices cannot be applied to modules of type"):
+            theirs.add_adapter("b", peft.LoraConfig(**config, trainable_token_indices=[2, 4]))
+        ours = lorakit.get_peft_model(tiny_llama(True), lorakit.LoraConfig(**config, trainable_token_indices=[1, 3]))
+        ours.add_adapter("b", lorakit.LoraConfig(**config, trainable_token_indices=[2, 4]))
+        alone = lorakit.get_peft_model(tiny_llama(True), lorakit.LoraConfig(**config, trainable_token_indices=[2, 4]))
+    tensors = _noise(lorakit.get_peft_model_state_dict(alone))
+    lorakit.set_peft_model_state_dict(alone, tensors)
+    lorakit.set_peft_model_state_dict(ours, tensors, adapter_name="b")
+    ours.set_adapter("b")
+    head = ours.get_base_model().lm_head.base_layer
+    assert isinstance(head, TrainableTokensWrapper) and head.token_adapter.tied_adapter is not None
+    assert head.active_adapters == ["b"] and set(head.token_adapter.token_indices) == {"default", "b"}
+    torch.testing.assert_close(logits(ours), logits(alone), atol=ATOL, rtol=0)

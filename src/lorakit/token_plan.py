@@ -140,16 +140,10 @@ def plan_tokens(model: nn.Module, config: LoraConfig, plan: TargetPlan, *, quiet
         targets.pop(head, None)
         adapted = head in plan.layers or isinstance(model.get_submodule(head), LoraLayer)
         targets[f"{head}.base_layer" if adapted else head] = TokenTarget(targets[embedding].indices, embedding)
-    for path in targets:
-        _check_module(model, path.removesuffix(".base_layer"), config,
-                      plan if not path.endswith(".base_layer") else _without(plan, path.removesuffix(".base_layer")))
+    for path, target in targets.items():
+        if target.tied_to is None or not path.endswith(".base_layer"):  # (a LoRA head's base: LoRA checked it)
+            _check_module(model, path, config, plan)
     return targets
-
-
-def _without(plan: TargetPlan, path: str) -> TargetPlan:
-    """``plan`` with ``path`` not counted as a LoRA target (the tied wrapper goes inside its LoRA layer)."""
-    return TargetPlan({p: s for p, s in plan.layers.items() if p != path}, plan.kinds, plan.modules_to_save,
-                      plan.target_modules)
 
 
 def _tied_paths(model: nn.Module) -> tuple[str, str] | None:

@@ -264,6 +264,15 @@ class TrainableTokensWrapper(nn.Module):
         return layer.get_merged_weights(layer.active_adapters)
 
     @property
+    def in_features(self) -> int:
+        """The wrapped layer's (what a LoRA layer around a tied head's wrapper reads to size its factors)."""
+        return int(self.token_adapter.in_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.token_adapter.out_features)
+
+    @property
     def disable_adapters(self) -> bool:
         return self.token_adapter.disable_adapters
 
