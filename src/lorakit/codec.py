@@ -7,10 +7,11 @@ In memory an adapter tensor carries its adapter's name; on disk it does not (PEF
     base_model.model.<P>.lora_embedding_{A,B}.<name>     <->  base_model.model.<P>.lora_embedding_{A,B}
     base_model.model.<P>.lora_magnitude_vector.<name>.weight <-> base_model.model.<P>.lora_magnitude_vector
     base_model.model.<W>.modules_to_save.<name>.<rest>   <->  base_model.model.<W>.<rest>
-    base_model.model.<T>.token_adapter.trainable_tokens_delta.<name> <-> ....<T>.token_adapter.trainable_tokens_delta
+    base_model.model.<T>.token_adapter.trainable_tokens_delta.<name>
+                                                         <->  base_model.model.<T>.token_adapter.trainable_tokens_delta
 
-where <P> is a LoRA layer's path, <W> a modules_to_save wrapper's path and <T> a trainable-tokens wrapper's
-(one tied to the input embedding shares its tensor, which is written once, under the embedding). Base tensors saved by the bias
+where <P> is a LoRA layer's path, <W> a modules_to_save wrapper's path and <T> a trainable-tokens wrapper's (a
+head tied to the input embedding shares its tensor, written once, under the embedding). Base tensors saved by the bias
 rules (bias="all": every key containing "bias"; "lora_only": ``<P>.base_layer.bias``) and by
 ``save_embedding_layers`` keep their key, minus any ``.<name>`` segment, as PEFT writes them.
 
