@@ -330,3 +330,39 @@ def test_second_adapter_with_lora_on_the_tied_head() -> None:
     assert isinstance(head, TrainableTokensWrapper) and head.token_adapter.tied_adapter is not None
     assert head.active_adapters == ["b"] and set(head.token_adapter.token_indices) == {"default", "b"}
     torch.testing.assert_close(logits(ours), logits(alone), atol=ATOL, rtol=0)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's kind of embedding: the forward multiplies by ``embed_scale`` (a tensor or a Python number)."""
+
+    def __init__(self, scale: float | torch.Tensor) -> None:
+        super().__init__(12, 6)
+        self.embed_scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.embed_scale
+
+
+class ScaledNet(nn.Module):
+    def __init__(self, scale: float | torch.Tensor) -> None:
+        super().__init__()
+        self.emb = ScaledEmbedding(scale)
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(x))
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(3.0), 0.5], ids=["tensor", "float"])
+def test_scaled_embedding_matches_peft(scale: float | torch.Tensor) -> None:
+    outputs = []
+    for library in (peft, lorakit):
+        torch.manual_seed(0)
+        model = library.get_peft_model(ScaledNet(scale), library.LoraConfig(
+            target_modules=["lin"], trainable_token_indices={"emb": [1, 2]}))
+        with torch.no_grad():
+            model.base_model.model.emb.token_adapter.trainable_tokens_delta["default"].add_(1.0)
+            outputs.append(model(torch.tensor([[1, 2, 3, 4]])))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=0)
+    torch.manual_seed(0)
+    assert (outputs[1] - ScaledNet(scale)(torch.tensor([[1, 2, 3, 4]]))).abs().max() > 1e-3

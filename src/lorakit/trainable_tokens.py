@@ -178,7 +178,7 @@ class TrainableTokensLayer(nn.Module):
             out = F.embedding(x, W, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                               base.sparse)
             scale = getattr(base, "embed_scale", None)  # scaled embeddings (Gemma) multiply in their forward
-            return out * scale.to(out.dtype) if isinstance(scale, Tensor) else out
+            return out if scale is None else out * torch.as_tensor(scale, dtype=out.dtype, device=out.device)
         return F.linear(x, W, getattr(base, "bias", None))  # the tied head: (..., dim) -> (..., vocab)
 
     # ---- adapters ----------------------------------------------------------------------------------------
