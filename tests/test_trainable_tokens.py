@@ -52,6 +52,10 @@ CASES = [
     ("dict-both-different-untied", False, dict(target_modules=["q_proj"],
                                                trainable_token_indices={"embed_tokens": [1, 3], "lm_head": [2, 5]})),
     ("dict-head-only-untied", False, dict(target_modules=["q_proj"], trainable_token_indices={"lm_head": [4]})),
+    # tied, but each side its own rows (PEFT: no tie then); merging writes both into the one shared matrix
+    ("dict-head-only-tied", True, dict(target_modules=["q_proj"], trainable_token_indices={"lm_head": [4]})),
+    ("dict-both-different-tied", True, dict(target_modules=["q_proj"],
+                                            trainable_token_indices={"embed_tokens": [1, 3], "lm_head": [2, 5]})),
     ("lora-on-head-untied", False, dict(target_modules=["q_proj", "lm_head"], trainable_token_indices=[1, 3])),
     ("lora-on-head-tied", True, dict(target_modules=["q_proj", "lm_head"], trainable_token_indices=[1, 3])),
 ]
