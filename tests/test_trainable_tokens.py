@@ -242,7 +242,7 @@ REFUSED = [
     (dict(target_modules=["q_proj"], ensure_weight_tying=True,
           trainable_token_indices={"embed_tokens": [1], "lm_head": [2]}), ValueError,
      "Cannot ensure weight tying when different token indices are specified for tied layers"),
-    (dict(target_modules=["q_proj"], trainable_token_indices=[40]), IndexError, "out"),
+    (dict(target_modules=["q_proj"], trainable_token_indices=[40]), IndexError, "out of bounds"),
 ]
 
 
@@ -258,10 +258,16 @@ def test_refused_as_peft_refuses(kwargs: dict, error: type, message: str) -> Non
             assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
 
 
-def test_invalid_indices_are_refused() -> None:
-    with pytest.raises(ValueError, match="invalid trainable_token_indices"):
-        lorakit.get_peft_model(tiny_llama(False), lorakit.LoraConfig(target_modules=["q_proj"],
-                                                                     trainable_token_indices={"embed_tokens": "1"}))
+@pytest.mark.parametrize("indices, error, message", [
+    ({"embed_tokens": "1"}, ValueError, "invalid trainable_token_indices"),
+    ([3, 1, 3], ValueError, r"lists \[3\] more than once"),
+    ([-1], IndexError, "out of bounds"),
+])
+def test_invalid_indices_are_refused(indices: object, error: type, message: str) -> None:
+    model = tiny_llama(True)
+    with pytest.raises(error, match=message):
+        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices))
+    assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear  # unchanged
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])

@@ -122,16 +122,21 @@ class TrainableTokensLayer(nn.Module):
         """Add D for ``adapter_name``: E[I] (``init_weights``) or a standard normal draw; a tied layer adds nothing.
 
         Raises:
-            IndexError: an index outside the vocabulary.
+            IndexError: an index outside the vocabulary (PEFT's torch error says "out of bounds").
+            ValueError: an index given twice (which of two rows D would write is undefined).
         """
         if self.tied_adapter is not None:
             return
         weight = self._weight
-        bad = [i for i in token_indices if not -weight.shape[0] <= i < weight.shape[0]]
+        bad = [i for i in token_indices if not 0 <= i < weight.shape[0]]
         if bad:
-            raise IndexError(explain(f"trainable_token_indices {bad} are outside the vocabulary", got=bad,
+            raise IndexError(explain(f"trainable_token_indices {bad} are out of bounds of the vocabulary", got=bad,
                                      expected=f"indices in [0, {weight.shape[0]})",
                                      fix="resize the token embeddings first (model.resize_token_embeddings)"))
+        twice = sorted({i for i in token_indices if token_indices.count(i) > 1})
+        if twice:
+            raise ValueError(explain(f"trainable_token_indices lists {twice} more than once", got=list(token_indices),
+                                     expected="distinct token ids", fix="drop the repeated ids"))
         originals = weight.detach()[torch.tensor(token_indices, dtype=torch.long, device=weight.device)].clone()
         values = originals.clone() if init_weights else torch.randn_like(originals)
         self.token_indices[adapter_name] = list(token_indices)
