@@ -21,6 +21,7 @@ from .config import LoraConfig
 from .errors import warn
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper
 
 
 def check_single_bias(configs: Mapping[str, LoraConfig], new: LoraConfig, owner: str = "LoraModel") -> None:
@@ -54,6 +55,8 @@ def check_one_saved_copy(model: nn.Module, names: Iterable[str]) -> None:
             owners = [name for name in names if name in module.modules_to_save]
             if len(owners) > 1:
                 module.set_adapter(owners)  # raises PEFT's error, with lorakit's explanation after it
+        elif isinstance(module, TrainableTokensWrapper):
+            module.check_set_adapter(names)  # trainable tokens: the same rule (PEFT's error)
 
 
 def merged_adapter_names(layers: Iterable[LoraLayer]) -> list[str]:

@@ -7,8 +7,11 @@ In memory an adapter tensor carries its adapter's name; on disk it does not (PEF
     base_model.model.<P>.lora_embedding_{A,B}.<name>     <->  base_model.model.<P>.lora_embedding_{A,B}
     base_model.model.<P>.lora_magnitude_vector.<name>.weight <-> base_model.model.<P>.lora_magnitude_vector
     base_model.model.<W>.modules_to_save.<name>.<rest>   <->  base_model.model.<W>.<rest>
+    base_model.model.<T>.token_adapter.trainable_tokens_delta.<name>
+                                                         <->  base_model.model.<T>.token_adapter.trainable_tokens_delta
 
-where <P> is a LoRA layer's path and <W> a modules_to_save wrapper's path. Base tensors saved by the bias
+where <P> is a LoRA layer's path, <W> a modules_to_save wrapper's path and <T> a trainable-tokens wrapper's (a
+head tied to the input embedding shares its tensor, written once, under the embedding). Base tensors saved by the bias
 rules (bias="all": every key containing "bias"; "lora_only": ``<P>.base_layer.bias``) and by
 ``save_embedding_layers`` keep their key, minus any ``.<name>`` segment, as PEFT writes them.
 
@@ -29,6 +32,8 @@ from .layer import LayerSpec, LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .kinds_param import plan_parameter_keys
 from .targeting import TargetPlan
+from .token_plan import DELTA, TokenTarget, planned_token_shapes
+from .trainable_tokens import TrainableTokensWrapper
 from .variants import resolve_variant
 
 PREFIX = "base_model.model."
@@ -47,6 +52,8 @@ class Layout:
     lora_paths: frozenset[str]
     saved_paths: frozenset[str]
     shapes: dict[str, tuple[int, ...]]
+    token_paths: frozenset[str] = frozenset()  # trainable-tokens wrappers holding their own D
+    tied_token_paths: frozenset[str] = frozenset()  # ... and those sharing the input embedding's
 
 
 def layout_of(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> Layout:
@@ -54,19 +61,23 @@ def layout_of(model: nn.Module, state: dict[str, torch.Tensor] | None = None) ->
 
     ``state``: the model's ``state_dict(keep_vars=True)`` when the caller already has it (one walk, not two).
     """
-    lora, saved = set(), set()
+    lora, saved, tokens, tied = set(), set(), set(), set()
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
             lora.add(path)
         elif isinstance(module, ModulesToSaveWrapper):
             saved.add(path)
+        elif isinstance(module, TrainableTokensWrapper):
+            (tokens if module.token_adapter.tied_adapter is None else tied).add(path)
     state = model.state_dict(keep_vars=True) if state is None else state
     shapes = {PREFIX + k: tuple(v.shape) for k, v in state.items()}
-    return Layout(frozenset(lora), frozenset(saved), shapes)
+    return Layout(frozenset(lora), frozenset(saved), shapes, frozenset(tokens), frozenset(tied))
 
 
-def planned_layout(model: nn.Module, plan: TargetPlan, adapter_name: str) -> Layout:
-    """The layout ``model`` will have once ``plan`` is injected as ``adapter_name`` (nothing is changed)."""
+def planned_layout(model: nn.Module, plan: TargetPlan, adapter_name: str,
+                   tokens: dict[str, TokenTarget] | None = None) -> Layout:
+    """The layout ``model`` will have once ``plan`` (and the trainable-tokens plan ``tokens``, token_plan.py) is
+    injected as ``adapter_name`` (nothing is changed)."""
     now = layout_of(model)
     shapes = dict(now.shapes)
     lora_paths = set(now.lora_paths)
@@ -79,7 +90,11 @@ def planned_layout(model: nn.Module, plan: TargetPlan, adapter_name: str) -> Lay
         original = f"{PREFIX}{path}.original_module."
         for key in [k for k in shapes if k.startswith(original)]:
             shapes[f"{PREFIX}{path}.modules_to_save.{adapter_name}.{key[len(original):]}"] = shapes[key]
-    return Layout(frozenset(lora_paths), now.saved_paths | set(plan.modules_to_save), shapes)
+    tokens = tokens or {}
+    planned_token_shapes(model, shapes, tokens, adapter_name, PREFIX)
+    return Layout(frozenset(lora_paths), now.saved_paths | set(plan.modules_to_save), shapes,
+                  now.token_paths | {p for p, t in tokens.items() if t.tied_to is None},
+                  now.tied_token_paths | {p for p, t in tokens.items() if t.tied_to is not None})
 
 
 def _plan_layer(shapes: dict, lora_paths: set[str], path: str, module: nn.Module, kind: Kind, spec: LayerSpec,
@@ -132,6 +147,15 @@ def _saved_part(key: str, layout: Layout) -> tuple[str, str, str] | None:
     return None
 
 
+def _token_part(key: str, layout: Layout) -> tuple[str, str] | None:
+    """(wrapper path, adapter) when ``key`` is a trainable-tokens D (own or tied), else None."""
+    stem, _, name = key.rpartition(".")
+    path = stem[len(PREFIX):].removesuffix("." + DELTA)
+    if stem.endswith("." + DELTA) and path in layout.token_paths | layout.tied_token_paths:
+        return path, name
+    return None
+
+
 def _strip(key: str, adapter_name: str) -> str:
     """Drop the adapter-name segment that follows "modules_to_save" (PEFT's bias="all" keys keep the rest)."""
     parts = key.split(".")
@@ -144,6 +168,11 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[s
     """{model key: file key} of everything PEFT writes for ``adapter_name``."""
     mapping: dict[str, str] = {}
     for key in layout.shapes:
+        tokens = _token_part(key, layout)
+        if tokens is not None:  # a tied head's D is the embedding's: written once, under the embedding
+            if tokens[1] == adapter_name and tokens[0] in layout.token_paths:
+                mapping[key] = f"{PREFIX}{tokens[0]}.{DELTA}"
+            continue
         adapter = _adapter_part(key, layout)
         saved = _saved_part(key, layout) if adapter is None else None
         if adapter is not None:
@@ -163,7 +192,8 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[s
     for path in embedding_paths:
         stem = f"{PREFIX}{path}.base_layer." if path in layout.lora_paths else f"{PREFIX}{path}."
         for key in layout.shapes:
-            if key.startswith(stem) and not any(part in key[len(stem):].split(".") for part in ADAPTER_CONTAINERS):
+            if key.startswith(stem) and not any(part in key[len(stem):].split(".") for part in ADAPTER_CONTAINERS) \
+                    and _token_part(key, layout) is None:
                 mapping[key] = key
     return mapping
 
@@ -204,6 +234,9 @@ def decode(file_keys: list[str], layout: Layout, adapter_name: str) -> tuple[dic
 
 
 def _decode_one(key: str, layout: Layout, adapter_name: str) -> str | None:
+    path = key[len(PREFIX):].removesuffix("." + DELTA)
+    if key.endswith("." + DELTA) and path in layout.token_paths | layout.tied_token_paths:
+        return f"{key}.{adapter_name}"
     parts = key[len(PREFIX):].split(".")
     for i, part in enumerate(parts):
         path = ".".join(parts[:i])

@@ -156,7 +156,6 @@ def parse_init(value: bool | str) -> InitMethod:
 # get_peft_model raises NotImplementedError naming any of them that is set (never a silent no-op).
 NOT_YET = {
     "megatron_config": (None, "Megatron parallel layers are not supported"),
-    "trainable_token_indices": (None, "trainable token indices are not supported"),
     "lora_ga_config": (None, "LoRA-GA init is not supported"),
     "velora_config": (None, "VeLoRA is not supported"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .config import LoraConfig
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -71,6 +72,9 @@ def _original_key(model: nn.Module, key: str) -> str | None:
         elif isinstance(module, ModulesToSaveWrapper):
             if part != "original_module":
                 return None  # modules_to_save.<adapter>: the adapter's trained copy
+        elif isinstance(module, (TrainableTokensWrapper, TrainableTokensLayer)):
+            if part not in ("token_adapter", "base_layer"):
+                return None  # trainable_tokens_delta.<adapter>: the adapter's rows
         else:
             kept.append(part)
         module = module._modules.get(part) if module is not None else None

@@ -23,6 +23,7 @@ from .errors import explain, warn
 from .inits import NEEDS_WEIGHT
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper
 from .targeting import TargetPlan, resolve_targets
 
 
@@ -106,7 +107,8 @@ def _holders(model: nn.Module, adapter_name: str) -> set[str]:
     """Paths of the LoRA layers and modules_to_save wrappers that hold ``adapter_name``."""
     return {path for path, module in model.named_modules()
             if (isinstance(module, LoraLayer) and adapter_name in module.r)
-            or (isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save)}
+            or (isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save)
+            or (isinstance(module, TrainableTokensWrapper) and adapter_name in module._adapters)}
 
 
 def _undo(model: nn.Module, before: dict[str, nn.Module], adapter_name: str, weights: dict[Tensor, Tensor],
@@ -121,6 +123,8 @@ def _undo(model: nn.Module, before: dict[str, nn.Module], adapter_name: str, wei
             module.delete_adapter(adapter_name)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             del module.modules_to_save[adapter_name]
+        elif isinstance(module, TrainableTokensWrapper) and adapter_name in module._adapters:
+            module.delete_adapter(adapter_name)
     with torch.no_grad():
         for weight, copy in weights.items():
             weight.copy_(copy)
@@ -363,7 +367,7 @@ def checked_merge(model: nn.Module, unload: Callable[[], nn.Module], probe: obje
 def _unwrapped(module: nn.Module | None) -> nn.Module | None:
     if isinstance(module, LoraLayer):
         return module.base_layer
-    return module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+    return module.original_module if isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)) else module
 
 
 def tied_embeddings(model: nn.Module) -> tuple[str, str] | None:
@@ -420,6 +424,8 @@ def resolve_with_ties(model: nn.Module, config: LoraConfig, *, quiet: bool = Fal
                 "LoraConfig(ensure_weight_tying=True) to train them as one matrix, as PEFT does")
         return config, resolve_targets(model, config, candidates), None
     if how is None:
+        if config.trainable_token_indices is not None:  # the tokens' own tie (token_plan.py) says what it does
+            return config, resolve_targets(model, config, candidates), None
         say("ensure_weight_tying=True but " + ("no tied embeddings were found in the model" if not tied else
             "no tied embedding is in modules_to_save or target_modules") + "; nothing to tie")
         return config, resolve_targets(model, config, candidates), None

@@ -29,6 +29,7 @@ from .functional import IncompatibleKeys
 from .layer import LoraLayer
 from .load_options import LoadOptions, remap_keys
 from .guards import base_model_mismatch, embedding_layers_to_save, resolve_with_ties, verify_saved
+from .token_plan import plan_tokens
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -110,6 +111,8 @@ def adapter_model_keys(peft_model: nn.Module, adapter_name: str = "default",
     """{model key: file key} of every tensor PEFT writes for ``adapter_name`` (``state``: see layout_of)."""
     model = peft_model.base_model.model
     config = peft_model.peft_config[adapter_name]
+    if save_embedding_layers == "auto" and config.trainable_token_indices is not None:
+        save_embedding_layers = False  # PEFT: trainable tokens exist to save only their rows
     return encode(layout_of(model, state), adapter_name, config.bias,
                   embedding_paths(model, config.target_modules, save_embedding_layers))
 
@@ -263,11 +266,12 @@ def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str,
         replicate_layers(model, config.layer_replication)
     try:
         config, plan, _ = resolve_with_ties(model, config, quiet=True)
-    except ValueError as error:
+        tokens = plan_tokens(model, config, plan, quiet=True)
+    except (ValueError, TypeError) as error:
         raise AdapterLoadError(f"cannot load adapter {str(folder)!r}: {error}") from None
     other_base = base_model_mismatch(model, config)
     try:
-        mapping = validate(tensors, planned_layout(model, plan, adapter_name), adapter_name, str(folder))
+        mapping = validate(tensors, planned_layout(model, plan, adapter_name, tokens), adapter_name, str(folder))
     except AdapterLoadError as error:
         raise AdapterLoadError(f"{error}\n  {other_base}" if other_base else str(error)) from None
     if other_base:

@@ -30,6 +30,7 @@ from .kinds import Kind, find_kind, is_linear_like, kind_for
 from .kinds_param import ParamTarget, resolve_parameters
 from .layer import LayerSpec, LoraLayer
 from .saved_modules import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper
 from .variants import select_variant, variant_options
 
 # config.model_type -> default target_modules (PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -87,7 +88,7 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in hidden):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             hidden.append(name + ".")
         found.append((name, module))
     return found

@@ -31,6 +31,8 @@ from .replication import replicated
 from .quant import dequantize_model, merge_reporting_rounding
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, task_modules_to_save
+from .token_plan import inject_tokens, plan_tokens
+from .trainable_tokens import TrainableTokensWrapper
 
 RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -162,6 +164,7 @@ class LoraModel(nn.Module):
         check_single_bias(self.peft_config, config, type(self).__name__)
         check_same_parameters(self.peft_config, config)
         config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
+        tokens = plan_tokens(self.model, config, plan)  # trainable_token_indices (token_plan.py)
         skip_init = _WEIGHTS_FOLLOW.get() or low_cpu_mem_usage
         injected: list[nn.Module] = []  # the adapter modules this call made or extended (set_adapter's walk)
         for path, spec in plan.layers.items():
@@ -192,6 +195,7 @@ class LoraModel(nn.Module):
                 self.model.set_submodule(path, wrapper)
                 module = wrapper
             injected.append(module)
+        injected += inject_tokens(self.model, adapter_name, tokens, self.active_adapters)
         tie_adapters(self.model, adapter_name, ties)
         self.peft_config[adapter_name] = self._recorded_config(config, plan)
         self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
@@ -230,8 +234,12 @@ class LoraModel(nn.Module):
     def lora_layers(self) -> Iterator[LoraLayer]:
         return (m for m in self.model.modules() if isinstance(m, LoraLayer))
 
-    def _adapter_modules(self) -> Iterator[LoraLayer | ModulesToSaveWrapper]:
-        return (m for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper)))
+    def _adapter_modules(self) -> Iterator[LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper]:
+        return (m for m in self.model.modules()
+                if isinstance(m, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)))
+
+    def _token_wrappers(self) -> list[TrainableTokensWrapper]:
+        return [m for m in self.model.modules() if isinstance(m, TrainableTokensWrapper)]
 
     @property
     def active_adapters(self) -> list[str]:
@@ -271,7 +279,7 @@ class LoraModel(nn.Module):
             raise ValueError(explain(f"unknown adapter(s) {unknown}", expected=f"names among {list(self.peft_config)}"))
         for module in self._adapter_modules():
             for name in names:
-                params = (module.adapter_parameters(name) if isinstance(module, LoraLayer) else
+                params = (module.adapter_parameters(name) if isinstance(module, (LoraLayer, TrainableTokensWrapper)) else
                           module.modules_to_save[name].parameters() if name in module.modules_to_save else ())
                 for param in params:
                     param.requires_grad_(requires_grad)
@@ -314,11 +322,13 @@ class LoraModel(nn.Module):
         # innermost first: a layer nested in another's base (MultiheadAttention's out_proj) goes back to its base
         # while its owner's path still leads to it
         for path, module in reversed(list(self.model.named_modules())):
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
                 module.delete_adapter(adapter_name)
                 if isinstance(module, LoraLayer) and not module.r:
                     self.model.set_submodule(path, module.base_layer)
                 elif isinstance(module, ModulesToSaveWrapper) and not len(module.modules_to_save):
+                    self.model.set_submodule(path, module.original_module)
+                elif isinstance(module, TrainableTokensWrapper) and not module._adapters:
                     self.model.set_submodule(path, module.original_module)
         del self.peft_config[adapter_name]
         alive = {p for p, m in self.model.named_modules() if isinstance(m, LoraLayer)}
@@ -395,6 +405,10 @@ class LoraModel(nn.Module):
             return
 
         def merge() -> None:
+            # trainable tokens first (E <- E', trainable_tokens.py): a LoRA layer around a tied head's wrapper then
+            # reads and writes the wrapper's real weight, not the computed E'
+            for wrapper in self._token_wrappers():
+                wrapper.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
             for layer in self.lora_layers():  # default: each layer merges its own active adapters
                 layer.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
 
@@ -403,6 +417,8 @@ class LoraModel(nn.Module):
     def unmerge_adapter(self) -> None:
         for layer in self.lora_layers():
             layer.unmerge()
+        for wrapper in self._token_wrappers():
+            wrapper.unmerge()
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
                 progressbar: bool = False) -> nn.Module:
@@ -422,6 +438,12 @@ class LoraModel(nn.Module):
                 self.model.set_submodule(path, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
                 self.model.set_submodule(path, module.active_module)
+            elif isinstance(module, TrainableTokensWrapper):
+                if merge:
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                else:
+                    module.unmerge()
+                self.model.set_submodule(path, module.original_module)
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
