@@ -21,6 +21,7 @@ from .model import (
     get_peft_model,
 )
 from .tuner import LoraModel
+from .variants.velora import VeloraConfig
 from .version import __version__
 from .integrations import install as _install_integrations
 
@@ -59,6 +60,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "VeloraConfig",
     "get_peft_model",
     "register_kind",
     "get_eva_state_dict",
