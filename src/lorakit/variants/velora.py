@@ -46,13 +46,14 @@ if TYPE_CHECKING:
 INIT_TYPES = ("batch_average_once", "batch_average", "random")
 EMBED = "lora_velora_embed"  # PEFT's name of the per-adapter buffer container: key <path>.lora_velora_embed.<name>
 VELORA_KINDS = ("Linear", "Conv1D")  # the bases PEFT's lora.Linear wraps
-# PEFT's refusal for the other layer kinds (by Kind.name); any other kind gets "<kind> does not support VeLoRA."
+# PEFT's refusal for the other layer kinds (by Kind.name); any other kind (bnb's Linear4bit, Linear8bitLt) gets
+# "<kind> does not support VeLoRA."
 REFUSALS = {
-    "Embedding": "Embedding does not support VeLoRA, please set `velora_config=None`.",
+    "Embedding": "Invalid or unsupported variant combination: ('velora_config',)",
     "Conv1d": "VeLoRA does not support adapting conv layers.",
     "Conv2d": "VeLoRA does not support adapting conv layers.",
     "Conv3d": "VeLoRA does not support adapting conv layers.",
-    "MultiheadAttention": "lora.MultiheadAttention does not work when `velora_config` is set.",
+    "MultiheadAttention": "MultiheadAttention does not support VeLoRA, please set `velora_config=None`.",
 }
 
 
