@@ -291,7 +291,7 @@ class LoraLayer(nn.Module):
         variant = self._variants.get(adapter_name)
         if variant is None:
             return []
-        containers = (self._modules.get(name) for name in variant.buffers)
+        containers: list[Any] = [self._modules.get(name) for name in variant.buffers]  # dict-like modules
         return [c for c in containers if c is not None and adapter_name in c]
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -28,7 +28,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,7 @@ class AdapterBuffers(nn.Module):
         self.initialized: dict[str, bool] = {}
 
     def __getitem__(self, adapter_name: str) -> Tensor:
-        return self._buffers[adapter_name]
+        return cast(Tensor, self._buffers[adapter_name])
 
     def __setitem__(self, adapter_name: str, value: Tensor) -> None:
         self.register_buffer(adapter_name, value, persistent=True)
@@ -123,10 +123,10 @@ class AdapterBuffers(nn.Module):
         return list(self._buffers)
 
     def items(self) -> list[tuple[str, Tensor]]:
-        return list(self._buffers.items())
+        return [(name, self[name]) for name in self._buffers]
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}: {tuple(value.shape)} {value.dtype}" for name, value in self._buffers.items())
+        return ", ".join(f"{name}: {tuple(value.shape)} {value.dtype}" for name, value in self.items())
 
 
 # ---- the math --------------------------------------------------------------------------------------------------
@@ -192,16 +192,22 @@ def _velora_init(num_groups: int, scale: float, init_type: str, layer: LoraLayer
             fix="exclude these modules or set velora_config=None"))
     D = group_dim(layer.in_features, num_groups)
     if init_type == "random":
-        weight = layer.base_layer.weight  # drawn in the base dtype, as PEFT draws it
-        v = unit(torch.randn(D, device=A.device, dtype=weight.dtype)).to(weight.dtype).to(A.dtype)
+        base_dtype = cast(Tensor, layer.base_layer.weight).dtype  # drawn in the base dtype, as PEFT draws it
+        v = unit(torch.randn(D, device=A.device, dtype=base_dtype)).to(base_dtype).to(A.dtype)
     else:
         v = torch.zeros(D, device=A.device, dtype=A.dtype)
     if EMBED not in layer._modules:
-        layer.add_module(EMBED, AdapterBuffers())
-        layer.__dict__["lora_velora_initialized"] = layer._modules[EMBED].initialized  # PEFT's name for the flags
-    embeds = layer._modules[EMBED]
+        created = AdapterBuffers()
+        layer.add_module(EMBED, created)
+        layer.__dict__["lora_velora_initialized"] = created.initialized  # PEFT's name for the flags
+    embeds = _embeds(layer)
     embeds[adapter_name] = v
     embeds.initialized[adapter_name] = init_type == "random"
+
+
+def _embeds(layer: LoraLayer) -> AdapterBuffers:
+    """The layer's v container (created by ``_velora_init``)."""
+    return cast(AdapterBuffers, layer._modules[EMBED])
 
 
 def _update_embed(init_type: str, num_groups: int, embeds: AdapterBuffers, adapter_name: str, x: Tensor) -> None:
@@ -222,7 +228,7 @@ def _velora_forward(num_groups: int, scale: float, init_type: str, layer: LoraLa
     A, B = layer.factors(adapter_name)
     x = layer.lora_dropout[adapter_name](x if x.dtype == A.weight.dtype else x.to(A.weight.dtype))
     if layer.training and torch.is_grad_enabled():
-        embeds = layer._modules[EMBED]
+        embeds = _embeds(layer)
         _update_embed(init_type, num_groups, embeds, adapter_name, x)
         h = _VeloraProjection.apply(x, A.weight, embeds[adapter_name], num_groups, scale)
     else:
@@ -242,6 +248,7 @@ def _velora_shapes(num_groups: int, kind: Kind, base: nn.Module) -> dict[str, tu
 def _velora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
     """(num_groups, scale, init_type) of the config's VeloraConfig."""
     velora = config.velora_config
+    assert isinstance(velora, VeloraConfig)  # select() chose this variant; LoraConfig coerced a dict
     return (velora.num_groups, velora.scale, velora.init_type)
 
 
