@@ -272,6 +272,37 @@ def test_gradients_follow_the_velora_formula(num_groups, scale, init_type):
     torch.testing.assert_close(x.grad, grad_pre @ (W0 + s * B @ A).detach(), **TOL[torch.float32])  # exact
 
 
+@pytest.mark.parametrize("x_shape, out, num_groups, scale, bias", [
+    ((6, 10), 4, 3, 1.0, True), ((2, 3, 16), 5, 4, 0.5, False), ((2, 2, 7), 3, 8, 2.0, True)],
+    ids=["2d-padded-bias", "3d-divisible", "more-groups-than-features"])
+def test_velora_linear_matches_peft_function_and_formula(x_shape, out, num_groups, scale, bias):
+    """VeloraLinear: y = x Wᵀ + b exactly; ∂W from x̂, ∂x and ∂b exact; the same as PEFT's VeloraFunction."""
+    from peft.tuners.lora.velora import VeloraFunction
+
+    from lorakit.variants.velora import VeloraLinear, unit
+
+    generator = torch.Generator().manual_seed(0)
+    x, W = torch.randn(x_shape, generator=generator), torch.randn(out, x_shape[-1], generator=generator)
+    b = torch.randn(out, generator=generator) if bias else None
+    D = math.ceil(x_shape[-1] / num_groups)
+    v = unit(torch.randn(D, generator=generator))
+    grad_y = torch.randn(*x_shape[:-1], out, generator=generator)
+    results = []
+    for function in (VeloraFunction, VeloraLinear):
+        leaves = [t.clone().requires_grad_(True) for t in (x, W) + ((b,) if bias else ())]
+        y = function.apply(leaves[0], leaves[1], leaves[2] if bias else None, v, num_groups, scale)
+        y.backward(grad_y)
+        results.append((y, [t.grad for t in leaves]))
+    torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])
+    y, (grad_x, grad_W, *grad_b) = results[1]
+    g = grad_y.reshape(-1, out)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, W, b), **TOL[torch.float32])
+    torch.testing.assert_close(grad_x, (g @ W).reshape(x_shape), **TOL[torch.float32])
+    torch.testing.assert_close(grad_W, expected_grad_A(x, grad_y, v, num_groups, scale), **TOL[torch.float32])
+    if bias:
+        torch.testing.assert_close(grad_b[0], g.sum(0), **TOL[torch.float32])
+
+
 def test_one_feature_per_group_gives_plain_lora_gradients():
     """D = 1 (G >= K) and λ = 1: x̂ = ⟨x, v⟩v = x for v = ±1, so VeLoRA's gradients are plain LoRA's."""
     grads = []

@@ -151,29 +151,45 @@ def unit(v: Tensor) -> Tensor:
     return v / norm
 
 
-class _VeloraProjection(torch.autograd.Function):
-    """h = x Aᵀ, saving c = ⟨x_tg, v⟩ (T, G) for backward instead of x; ∂L/∂A from x̂ = λ·c_tg·v."""
+def compress(x: Tensor, v: Tensor, num_groups: int) -> Tensor:
+    """c_tg = ⟨x_tg, v⟩: x (..., K), v (D,) -> (T, G), the rank-1 code of every sub-token."""
+    return sub_tokens(x, num_groups) @ v
+
+
+def reconstruct(c: Tensor, v: Tensor, in_features: int, scale: float) -> Tensor:
+    """x̂_t = first K features of [λ·c_t1·v, ..., λ·c_tG·v]: c (T, G), v (D,) -> (T, K)."""
+    return (c[..., None] * v).reshape(c.shape[0], -1)[:, :in_features] * scale
+
+
+class VeloraLinear(torch.autograd.Function):
+    """y = x Wᵀ + b that keeps c = compress(x, v, G) for backward instead of x (the paper's op on a linear layer).
+
+    Backward: ∂L/∂W = (∂L/∂y)ᵀ reconstruct(c, v, K, λ) (approximate), ∂L/∂x = (∂L/∂y) W (exact),
+    ∂L/∂b = Σ_t ∂L/∂y_t. ``apply(x, W, b or None, v, num_groups, scale)``; for LoRA's A, W = A and b = None.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, A: Tensor, v: Tensor, num_groups: int, scale: float) -> Tensor:
-        ctx.x_shape, ctx.x_dtype, ctx.num_groups, ctx.scale = tuple(x.shape), x.dtype, num_groups, scale
-        c = sub_tokens(x, num_groups) @ v.to(x.dtype)  # (T, G)
-        ctx.save_for_backward(c, A, v)
-        return F.linear(x, A)  # (..., r)
+    def forward(ctx: Any, x: Tensor, W: Tensor, b: Tensor | None, v: Tensor, num_groups: int,
+                scale: float) -> Tensor:
+        ctx.x_shape, ctx.x_dtype, ctx.scale = tuple(x.shape), x.dtype, scale
+        ctx.b_dtype = None if b is None else b.dtype
+        ctx.save_for_backward(compress(x, v.to(x.dtype), num_groups), W, v)  # (T, G), not x (T, K)
+        return F.linear(x, W, b)  # (..., out)
 
     @staticmethod
-    def backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor | None, ...]:
-        c, A, v = ctx.saved_tensors
-        dtype = grad_h.dtype
-        g = grad_h.reshape(-1, grad_h.shape[-1])  # (T, r)
-        grad_x = grad_A = None
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        c, W, v = ctx.saved_tensors
+        dtype = grad_y.dtype
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
+        grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ A.to(dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)  # exact: (T, r) (r, K)
+            grad_x = (g @ W.to(dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)  # (T, out) (out, K)
         if ctx.needs_input_grad[1]:
-            K = ctx.x_shape[-1]
-            x_hat = (c.to(dtype)[..., None] * v.to(dtype)).reshape(c.shape[0], -1)[:, :K] * ctx.scale  # (T, K)
-            grad_A = (g.T @ x_hat).to(A.dtype)  # (r, K)
-        return grad_x, grad_A, None, None, None
+            x_hat = reconstruct(c.to(dtype), v.to(dtype), ctx.x_shape[-1], ctx.scale)  # (T, K)
+            grad_W = (g.T @ x_hat).to(W.dtype)  # (out, K)
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(ctx.b_dtype)
+        return grad_x, grad_W, grad_b, None, None, None
 
 
 # ---- the Variant -----------------------------------------------------------------------------------------------
@@ -224,13 +240,13 @@ def _update_embed(init_type: str, num_groups: int, embeds: AdapterBuffers, adapt
 
 def _velora_forward(num_groups: int, scale: float, init_type: str, layer: LoraLayer, adapter_name: str, x: Tensor,
                     y: Tensor) -> Tensor:
-    """y + s·B A dropout(x); in a training forward A runs through ``_VeloraProjection`` after v is updated."""
+    """y + s·B A dropout(x); in a training forward A runs through ``VeloraLinear`` after v is updated."""
     A, B = layer.factors(adapter_name)
     x = layer.lora_dropout[adapter_name](x if x.dtype == A.weight.dtype else x.to(A.weight.dtype))
     if layer.training and torch.is_grad_enabled():
         embeds = _embeds(layer)
         _update_embed(init_type, num_groups, embeds, adapter_name, x)
-        h = _VeloraProjection.apply(x, A.weight, embeds[adapter_name], num_groups, scale)
+        h = VeloraLinear.apply(x, A.weight, None, embeds[adapter_name], num_groups, scale)
     else:
         h = A(x)
     return y + B(h) * layer.scaling[adapter_name]
