@@ -154,6 +154,22 @@ def test_half_precision_bases_match_peft(dtype, autocast):
     torch.testing.assert_close(results[1], results[0], **TOL[dtype])
 
 
+@pytest.mark.parametrize("init_type", ["random", "batch_average"])
+def test_autocast_matches_peft(init_type):
+    """Under torch.autocast(bfloat16) the projection, the code c and the gradients follow PEFT's dtypes."""
+    ref, ours = _pair("mlp", dict(target_modules=["lin0", "lin1"]), dict(num_groups=5, init_type=init_type))
+    results = []
+    for model in (ref, ours):
+        model.train()
+        x = _inputs("mlp")["x"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        results.append((out, _grads(model), x.grad, _embeds(model)))
+    assert results[1][0].dtype == torch.bfloat16
+    torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])
+
+
 def test_random_v_is_a_unit_vector_drawn_in_the_base_dtype():
     model = lorakit.get_peft_model(_model("mlp").to(torch.bfloat16),
                                    _config(lorakit, dict(target_modules=["lin0"]), dict(num_groups=3, init_type="random")))
