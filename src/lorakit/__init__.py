@@ -24,6 +24,7 @@ from .model import (
 )
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import LoraModel
+from .variants.velora import VeloraConfig
 from .version import __version__
 from .integrations import install as _install_integrations
 
@@ -63,6 +64,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "VeloraConfig",
     "get_peft_model",
     "register_kind",
     "get_eva_state_dict",

@@ -6,6 +6,8 @@ In memory an adapter tensor carries its adapter's name; on disk it does not (PEF
     base_model.model.<P>.lora_B.<name>.{weight,bias}     <->  base_model.model.<P>.lora_B.{weight,bias}
     base_model.model.<P>.lora_embedding_{A,B}.<name>     <->  base_model.model.<P>.lora_embedding_{A,B}
     base_model.model.<P>.lora_magnitude_vector.<name>.weight <-> base_model.model.<P>.lora_magnitude_vector
+    base_model.model.<P>.<buffers>.<name>                <->  base_model.model.<P>.<buffers>   (Variant.buffers:
+                                                               lora_velora_embed)
     base_model.model.<W>.modules_to_save.<name>.<rest>   <->  base_model.model.<W>.<rest>
     base_model.model.<T>.token_adapter.trainable_tokens_delta.<name>
                                                          <->  base_model.model.<T>.token_adapter.trainable_tokens_delta
@@ -34,7 +36,7 @@ from .kinds_param import plan_parameter_keys
 from .targeting import TargetPlan
 from .token_plan import DELTA, TokenTarget, planned_token_shapes
 from .trainable_tokens import TrainableTokensWrapper
-from .variants import resolve_variant
+from .variants import buffer_containers, resolve_variant
 
 PREFIX = "base_model.model."
 FACTOR_CONTAINERS = ("lora_A", "lora_B")  # modules: the key goes on with .weight / .bias
@@ -42,6 +44,16 @@ PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")  # bare Paramete
 MAGNITUDE = "lora_magnitude_vector"  # a module holding .weight, written without ".weight"
 ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,)
 WRAPPER_PARTS = ("original_module", "modules_to_save")
+
+
+def _bare() -> tuple[str, ...]:
+    """Containers whose per-adapter entry is a bare tensor: key ``<container>.<name>``, file key ``<container>``."""
+    return PARAMETER_CONTAINERS + buffer_containers()
+
+
+def _containers() -> tuple[str, ...]:
+    """Every per-adapter container of a LoRA layer, the registered variants' buffer containers included."""
+    return ADAPTER_CONTAINERS + buffer_containers()
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
 
 
@@ -116,8 +128,9 @@ def _plan_layer(shapes: dict, lora_paths: set[str], path: str, module: nn.Module
             shapes.update({f"{stem}.{k}": tuple(v.shape) for k, v in factor.state_dict().items()})
     variant = resolve_variant(spec, kind, base)
     if variant is not None:  # DoRA's lora_magnitude_vector, BD-LoRA's compact factor: <container>.<name>.weight
-        for container, shape in variant.shapes(kind, base).items():
-            shapes[f"{PREFIX}{path}.{container}.{adapter_name}.weight"] = shape
+        for container, shape in variant.shapes(kind, base).items():  # a buffer (VeLoRA's v): <container>.<name>
+            suffix = "" if container in variant.buffers else ".weight"
+            shapes[f"{PREFIX}{path}.{container}.{adapter_name}{suffix}"] = shape
     for attribute, child in (kind.companions(base) if kind.companions is not None else {}).items():
         child_kind = child.kind if isinstance(child, LoraLayer) else kind_for(child, attribute)
         _plan_layer(shapes, lora_paths, f"{path}.base_layer.{attribute}", child, child_kind, spec, adapter_name)
@@ -131,9 +144,9 @@ def _move_under(shapes: dict, stem: str, child: str) -> None:
 # ---- classifying a model key ----------------------------------------------------------------------------------
 def _adapter_part(key: str, layout: Layout) -> tuple[str, str, str, str] | None:
     """(path, container, adapter, rest) when ``key`` is a LoRA tensor, else None."""
-    parts = key[len(PREFIX):].split(".")
+    parts, containers = key[len(PREFIX):].split("."), _containers()
     for i, part in enumerate(parts):
-        if part in ADAPTER_CONTAINERS and ".".join(parts[:i]) in layout.lora_paths and i + 1 < len(parts):
+        if part in containers and ".".join(parts[:i]) in layout.lora_paths and i + 1 < len(parts):
             return ".".join(parts[:i]), part, parts[i + 1], ".".join(parts[i + 2:])
     return None
 
@@ -167,6 +180,7 @@ def _strip(key: str, adapter_name: str) -> str:
 def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[str] = ()) -> dict[str, str]:
     """{model key: file key} of everything PEFT writes for ``adapter_name``."""
     mapping: dict[str, str] = {}
+    bare, containers = _bare(), _containers()
     for key in layout.shapes:
         tokens = _token_part(key, layout)
         if tokens is not None:  # a tied head's D is the embedding's: written once, under the embedding
@@ -178,7 +192,7 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[s
         if adapter is not None:
             path, container, name, rest = adapter
             if name == adapter_name:
-                tail = "" if container in PARAMETER_CONTAINERS or container == MAGNITUDE else "." + rest
+                tail = "" if container in bare or container == MAGNITUDE else "." + rest
                 mapping[key] = f"{PREFIX}{path}.{container}{tail}"
         elif saved is not None and saved[1] == adapter_name:
             mapping[key] = f"{PREFIX}{saved[0]}.{saved[2]}"
@@ -192,7 +206,7 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[s
     for path in embedding_paths:
         stem = f"{PREFIX}{path}.base_layer." if path in layout.lora_paths else f"{PREFIX}{path}."
         for key in layout.shapes:
-            if key.startswith(stem) and not any(part in key[len(stem):].split(".") for part in ADAPTER_CONTAINERS) \
+            if key.startswith(stem) and not any(part in key[len(stem):].split(".") for part in containers) \
                     and _token_part(key, layout) is None:
                 mapping[key] = key
     return mapping
@@ -237,15 +251,14 @@ def _decode_one(key: str, layout: Layout, adapter_name: str) -> str | None:
     path = key[len(PREFIX):].removesuffix("." + DELTA)
     if key.endswith("." + DELTA) and path in layout.token_paths | layout.tied_token_paths:
         return f"{key}.{adapter_name}"
-    parts = key[len(PREFIX):].split(".")
+    parts, containers, bare = key[len(PREFIX):].split("."), _containers(), _bare()
     for i, part in enumerate(parts):
         path = ".".join(parts[:i])
-        if part in ADAPTER_CONTAINERS and path in layout.lora_paths:
+        if part in containers and path in layout.lora_paths:
             rest = parts[i + 1:]
             if part == MAGNITUDE and rest in ([], ["weight"]):
                 rest = ["weight"]
-            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or part in PARAMETER_CONTAINERS \
-                else None
+            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or part in bare else None
         if path in layout.saved_paths and part not in WRAPPER_PARTS:
             return f"{PREFIX}{path}.modules_to_save.{adapter_name}.{'.'.join(parts[i:])}"
     if key in layout.shapes:

@@ -14,9 +14,12 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from .errors import explain, unknown_argument, warn
+
+if TYPE_CHECKING:
+    from .variants.velora import VeloraConfig
 
 PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release whose file format lorakit writes
 
@@ -157,7 +160,6 @@ def parse_init(value: bool | str) -> InitMethod:
 NOT_YET = {
     "megatron_config": (None, "Megatron parallel layers are not supported"),
     "lora_ga_config": (None, "LoRA-GA init is not supported"),
-    "velora_config": (None, "VeLoRA is not supported"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),
     "monteclora_config": (None, "MonteCLoRA is not supported"),
     "arrow_config": (None, "Arrow routing is not supported"),
@@ -186,7 +188,8 @@ class LoraConfig:
         "pissa_niter_N", "olora", "loftq", "eva", "corda". layers_to_transform / layers_pattern: restrict to
         layer indices. rank_pattern / alpha_pattern: per-module r / alpha, keys are regexes matched against
         the end of the module name. use_dora: weight-decomposed LoRA. lora_bias: a trainable bias in lora_B.
-        use_bdlora: block-diagonal LoRA. task_type: picks the PeftModel class.
+        use_bdlora: block-diagonal LoRA. velora_config: VeLoRA (variants/velora.py), a VeloraConfig or its
+        dict. task_type: picks the PeftModel class.
 
     Raises:
         ValueError: an invalid value or combination, naming the field (also for a misspelt argument).
@@ -221,7 +224,7 @@ class LoraConfig:
     corda_config: CordaConfig | None = None
     lora_ga_config: dict | None = None
     use_dora: bool = False
-    velora_config: dict | None = None
+    velora_config: VeloraConfig | dict | None = None
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
@@ -250,6 +253,9 @@ class LoraConfig:
             self.target_parameters = set(self.target_parameters)
         if isinstance(self.use_bdlora, dict):
             self.use_bdlora = BdLoraConfig(**self.use_bdlora)
+        from .variants import coerce_subconfigs  # variants/ reads LoraConfig: import here
+
+        coerce_subconfigs(self)  # a variant's sub-config given as a dict (velora_config) -> its dataclass
         if isinstance(self.eva_config, dict):
             self.eva_config = EvaConfig(**self.eva_config)
         if isinstance(self.corda_config, dict):

@@ -286,11 +286,21 @@ class LoraLayer(nn.Module):
                 old = container[adapter_name]
                 container[adapter_name] = nn.Parameter(torch.empty_like(old, device="meta"),
                                                        requires_grad=old.requires_grad)
+        for container in self._variant_buffers(adapter_name):
+            container[adapter_name] = torch.empty_like(container[adapter_name], device="meta")
+
+    def _variant_buffers(self, adapter_name: str) -> list[Any]:
+        """The containers of bare per-adapter tensors that the adapter's variant added (``Variant.buffers``)."""
+        variant = self._variants.get(adapter_name)
+        if variant is None:
+            return []
+        containers: list[Any] = [self._modules.get(name) for name in variant.buffers]  # dict-like modules
+        return [c for c in containers if c is not None and adapter_name in c]
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every tensor and setting of ``adapter_name`` from this layer."""
         for container in (self.lora_dropout, self.lora_A, self.lora_B, self.lora_embedding_A,
-                          self.lora_embedding_B, self.lora_magnitude_vector):
+                          self.lora_embedding_B, self.lora_magnitude_vector, *self._variant_buffers(adapter_name)):
             if adapter_name in container:
                 del container[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias, self._variants):

@@ -10,13 +10,14 @@ then calls ``init`` / ``forward`` / ``merge`` for the adapters created with it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ..errors import explain
+from ..errors import explain, warn
 from ..kinds import Kind
 
 if TYPE_CHECKING:
@@ -44,6 +45,11 @@ class Variant:
         options: (module name, config) -> hashable per-layer settings, kept in ``LayerSpec.variant_options``.
         applies: (kind, base layer) -> whether the variant runs on this layer; False: plain LoRA there (QA-LoRA,
             which PEFT runs on GPTQ layers only); None: every layer (a layer it cannot run on refuses in ``init``).
+        config: (LoraConfig field, dataclass) when the variant's settings are a sub-config (``velora_config``):
+            ``LoraConfig`` turns a dict there into the dataclass, as PEFT accepts one (``coerce_subconfigs``).
+        buffers: names of per-adapter containers of bare tensors that ``init`` adds to the layer (a dict-like
+            module of persistent buffers): state-dict key ``<container>.<adapter>``, file key ``<container>``;
+            ``shapes`` gives their tensors' shapes, and deleting or emptying an adapter covers them.
     """
 
     init: Callable[[LoraLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
@@ -55,6 +61,8 @@ class Variant:
     select: Callable[[LoraConfig], bool] | None = None
     options: Callable[[str, LoraConfig], tuple[Any, ...]] | None = None
     applies: Callable[[Kind, nn.Module], bool] | None = None
+    config: tuple[str, type] | None = None
+    buffers: tuple[str, ...] = ()
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -92,6 +100,37 @@ def variant_options(name: str | None, module_name: str, config: LoraConfig) -> t
     return variant.options(module_name, config) if variant is not None and variant.options is not None else ()
 
 
+def buffer_containers() -> tuple[str, ...]:
+    """Every registered variant's per-adapter buffer containers (``Variant.buffers``)."""
+    return tuple(name for variant in VARIANTS.values() for name in variant.buffers)
+
+
+def coerce_subconfigs(config: LoraConfig) -> None:
+    """Turn a dict in a variant's sub-config field of ``config`` into its dataclass, in place (PEFT's loading).
+
+    Keys the dataclass does not have are dropped with one warning (a file from a newer PEFT).
+
+    Raises:
+        TypeError: the field holds something other than None, the dataclass or a dict (PEFT's sentence first).
+    """
+    for variant in VARIANTS.values():
+        if variant.config is None:
+            continue
+        field_name, config_class = variant.config
+        value = getattr(config, field_name)
+        if value is None or isinstance(value, config_class):
+            continue
+        name = config_class.__name__
+        if not isinstance(value, dict):
+            raise TypeError(f"`{name}` must be a `{name}`, a dict, or None. " + explain(
+                f"invalid {field_name}", where="LoraConfig", got=value, expected=f"a {name}, its dict, or None"))
+        known = {f.name for f in dataclasses.fields(config_class) if f.init}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            warn(f"LoraConfig.{field_name}: ignoring keys {name} does not know: {unknown}")
+        setattr(config, field_name, config_class(**{k: v for k, v in value.items() if k in known}))
+
+
 def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module | None = None) -> Variant | None:
     """The Variant that runs an adapter created from ``spec`` on ``base`` (None for plain LoRA)."""
     if spec.variant is None:
@@ -102,5 +141,5 @@ def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module |
     return variant.bind(spec) if variant.bind is not None else variant
 
 
-from . import bdlora, dora, qalora  # noqa: E402,F401  (each registers itself)
+from . import bdlora, dora, qalora, velora  # noqa: E402,F401  (each registers itself)
 from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
