@@ -319,3 +319,14 @@ def test_top_level_parameter_is_refused_as_peft() -> None:
     for library in (peft, lorakit):
         with pytest.raises(ValueError, match=r"Targeting an nn.Parameter on the top-level module is not supported"):
             library.get_peft_model(_RootParam(), library.LoraConfig(target_parameters=["param"]))
+
+
+def test_unmatched_parameters_only_warn_when_modules_match() -> None:
+    """Parameters that match nothing next to modules that match: PEFT warns, and its ParamWrapper-only refusals
+    (lora_dropout here) do not apply, since no wrapper is built."""
+    for library in (peft, lorakit):
+        with pytest.warns(Warning, match="no parameter was matched"):
+            model = library.get_peft_model(ParamMLP(), library.LoraConfig(target_modules=["lin1"], lora_dropout=0.1,
+                                                                          target_parameters=["nothing"]))
+        assert model.targeted_module_names == ["lin1"]
+        assert not getattr(model, "targeted_parameter_names", [])
