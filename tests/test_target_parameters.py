@@ -236,6 +236,19 @@ def test_unmatched_modules_only_warn_when_parameters_match() -> None:
     assert model.targeted_parameter_names == ["lin0.weight"] and model.targeted_module_names == []
 
 
+@pytest.mark.parametrize("dtype, autocast", [(torch.float64, True), (torch.bfloat16, True), (torch.float16, False)])
+def test_factor_dtype_follows_peft(dtype: torch.dtype, autocast: bool) -> None:
+    """fp64 experts get fp64 factors, bf16 ones fp32 (autocast_adapter_dtype) or their own dtype without it."""
+    torch.manual_seed(0)
+    base = moe("qwen3_moe")().to(dtype)
+    dtypes = []
+    for library in (peft, lorakit):
+        model = library.get_peft_model(copy.deepcopy(base), library.LoraConfig(target_parameters=EXPERTS),
+                                       autocast_adapter_dtype=autocast)
+        dtypes.append({p.dtype for n, p in model.named_parameters() if "lora_" in n})
+    assert dtypes[0] == dtypes[1] and len(dtypes[1]) == 1
+
+
 def test_bf16_experts_train_float32_factors() -> None:
     """A bf16 base gets float32 factors and a bf16 output, as PEFT's autocast_adapter_dtype."""
     torch.manual_seed(0)
@@ -306,3 +319,14 @@ def test_top_level_parameter_is_refused_as_peft() -> None:
     for library in (peft, lorakit):
         with pytest.raises(ValueError, match=r"Targeting an nn.Parameter on the top-level module is not supported"):
             library.get_peft_model(_RootParam(), library.LoraConfig(target_parameters=["param"]))
+
+
+def test_unmatched_parameters_only_warn_when_modules_match() -> None:
+    """Parameters that match nothing next to modules that match: PEFT warns, and its ParamWrapper-only refusals
+    (lora_dropout here) do not apply, since no wrapper is built."""
+    for library in (peft, lorakit):
+        with pytest.warns(Warning, match="no parameter was matched"):
+            model = library.get_peft_model(ParamMLP(), library.LoraConfig(target_modules=["lin1"], lora_dropout=0.1,
+                                                                          target_parameters=["nothing"]))
+        assert model.targeted_module_names == ["lin1"]
+        assert not getattr(model, "targeted_parameter_names", [])

@@ -263,7 +263,6 @@ def resolve_parameters(config: LoraConfig, candidates: list[tuple[str, nn.Module
     """
     if not config.target_parameters:
         return []
-    _check_options(config)
     for name in parameter_names(root) if root is not None else []:
         if name in config.target_parameters:
             raise ValueError(
@@ -299,6 +298,8 @@ def resolve_parameters(config: LoraConfig, candidates: list[tuple[str, nn.Module
                                          where=f"the 3-D parameter {path}.{name}", got=tuple(W.shape),
                                          fix="use init_lora_weights=True, False or 'gaussian' for expert weights"))
             found.append(ParamTarget(path, name, spec))
+    if found:  # PEFT refuses these when it builds a wrapper, so only where a parameter matched
+        _check_options(config)
     return found
 
 

@@ -62,9 +62,15 @@ class LayerSpec:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
-    """float32 for half-precision or non-float (quantized) bases, else the base's own dtype (PEFT's autocast)."""
+def adapter_dtype(base_layer: nn.Module, kind: Kind | None = None) -> torch.dtype:
+    """float32 for half-precision or non-float (quantized) bases, else the base's own dtype (PEFT's autocast).
+
+    ``kind``: read its ``weight`` where the base has no ``.weight`` (a ParamWrapper's expert parameter).
+    """
     weight = getattr(base_layer, "weight", None)
+    if weight is None and kind is not None:
+        with contextlib.suppress(ValueError, AttributeError):
+            weight = kind.weight(base_layer)
     if weight is None or not weight.is_floating_point() or weight.dtype in HALF_DTYPES:
         return torch.float32
     return weight.dtype
@@ -216,7 +222,7 @@ class LoraLayer(nn.Module):
                     base_weight = self.kind.matrix(self.base_layer)
                     self.kind.set_matrix(self.base_layer, result.base_weight.to(base_weight.dtype))
         reference = next(self.base_layer.parameters(), None)
-        dtype = adapter_dtype(self.base_layer)
+        dtype = adapter_dtype(self.base_layer, self.kind)
         if not autocast_adapter_dtype and reference is not None and reference.is_floating_point():
             dtype = reference.dtype
         if device is None and reference is not None:
