@@ -116,7 +116,7 @@ class InitMethod:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
+NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 

@@ -262,7 +262,7 @@ class LoraModel(nn.Module):
             raise ValueError(explain(f"unknown adapter(s) {unknown}", expected=f"names among {list(self.peft_config)}"))
         for module in self._adapter_modules():
             for name in names:
-                params = (module.adapter_parameters(name) if isinstance(module, LoraLayer) else
+                params = (module.trainable_parameters(name) if isinstance(module, LoraLayer) else
                           module.modules_to_save[name].parameters() if name in module.modules_to_save else ())
                 for param in params:
                     param.requires_grad_(requires_grad)
