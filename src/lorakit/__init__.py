@@ -21,6 +21,7 @@ from .model import (
     get_peft_model,
 )
 from .tuner import LoraModel
+from .variants import KasaConfig
 from .version import __version__
 from .integrations import install as _install_integrations
 
@@ -43,6 +44,7 @@ __all__ = [
     "BdLoraConfig",
     "CordaConfig",
     "EvaConfig",
+    "KasaConfig",
     "Kind",
     "LoftQConfig",
     "LoraConfig",

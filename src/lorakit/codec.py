@@ -28,13 +28,14 @@ from .kinds import Kind, kind_for
 from .layer import LayerSpec, LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan
-from .variants import resolve_variant
+from .variants import resolve_variant, variant_containers
 
 PREFIX = "base_model.model."
 FACTOR_CONTAINERS = ("lora_A", "lora_B")  # modules: the key goes on with .weight / .bias
 PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")  # bare Parameters
 MAGNITUDE = "lora_magnitude_vector"  # a module holding .weight, written without ".weight"
-ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,)
+VARIANT_CONTAINERS = variant_containers()  # KaSA's lora_diag, MonteCLoRA's sampler: written like PEFT's own
+ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,) + VARIANT_CONTAINERS
 WRAPPER_PARTS = ("original_module", "modules_to_save")
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
 
@@ -100,7 +101,11 @@ def _plan_layer(shapes: dict, lora_paths: set[str], path: str, module: nn.Module
     variant = resolve_variant(spec)
     if variant is not None:  # DoRA's lora_magnitude_vector, BD-LoRA's compact factor: <container>.<name>.weight
         for container, shape in variant.shapes(kind, base).items():
-            shapes[f"{PREFIX}{path}.{container}.{adapter_name}.weight"] = shape
+            if isinstance(shape, dict):  # {rest: shape}: <container>.<name>.<rest>, or <container>.<name> for ""
+                for rest, sub in shape.items():
+                    shapes[f"{PREFIX}{path}.{container}.{adapter_name}{'.' + rest if rest else ''}"] = sub
+            else:
+                shapes[f"{PREFIX}{path}.{container}.{adapter_name}.weight"] = shape
     for attribute, child in (kind.companions(base) if kind.companions is not None else {}).items():
         child_kind = child.kind if isinstance(child, LoraLayer) else kind_for(child, attribute)
         _plan_layer(shapes, lora_paths, f"{path}.base_layer.{attribute}", child, child_kind, spec, adapter_name)
@@ -147,7 +152,7 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[s
         if adapter is not None:
             path, container, name, rest = adapter
             if name == adapter_name:
-                tail = "" if container in PARAMETER_CONTAINERS or container == MAGNITUDE else "." + rest
+                tail = "" if container in PARAMETER_CONTAINERS or container == MAGNITUDE or not rest else "." + rest
                 mapping[key] = f"{PREFIX}{path}.{container}{tail}"
         elif saved is not None and saved[1] == adapter_name:
             mapping[key] = f"{PREFIX}{saved[0]}.{saved[2]}"
@@ -209,8 +214,8 @@ def _decode_one(key: str, layout: Layout, adapter_name: str) -> str | None:
             rest = parts[i + 1:]
             if part == MAGNITUDE and rest in ([], ["weight"]):
                 rest = ["weight"]
-            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or part in PARAMETER_CONTAINERS \
-                else None
+            bare = part in PARAMETER_CONTAINERS or part in VARIANT_CONTAINERS  # <container>.<name>, no tail
+            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or bare else None
         if path in layout.saved_paths and part not in WRAPPER_PARTS:
             return f"{PREFIX}{path}.modules_to_save.{adapter_name}.{'.'.join(parts[i:])}"
     if key in layout.shapes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import re
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from .layer import LoraLayer
 from .quant import dequantize_model, merge_reporting_rounding
 from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, task_modules_to_save
+from .variants import check_new_adapter, model_method
 
 RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -125,6 +127,9 @@ class LoraModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+        method = model_method(name)  # a variant's model-level method (KaSA's _get_kasa_loss, ...)
+        if method is not None:
+            return functools.partial(method, self)
         return getattr(super().__getattr__("model"), name)
 
     # ---- injection ---------------------------------------------------------------------------------------
@@ -156,6 +161,7 @@ class LoraModel(nn.Module):
                                        fix="pick another adapter_name or delete_adapter() it first"))
         check_adapter_name(adapter_name, self.model, candidates)
         check_single_bias(self.peft_config, config, type(self).__name__)
+        check_new_adapter({k: v for k, v in self.peft_config.items() if v is not config}, config)
         config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
         skip_init = _WEIGHTS_FOLLOW.get() or low_cpu_mem_usage
         injected: list[nn.Module] = []  # the adapter modules this call made or extended (set_adapter's walk)

@@ -11,7 +11,7 @@ then calls ``init`` / ``forward`` / ``merge`` for the adapters created with it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -42,6 +42,13 @@ class Variant:
         bind: spec -> the Variant for one layer's settings (BD-LoRA's factor and N); None: this Variant as is.
         select: config -> whether a LoraConfig asks for this variant (``use_dora``, ``use_bdlora``, ...).
         options: (module name, config) -> hashable per-layer settings, kept in ``LayerSpec.variant_options``.
+        containers: names of the per-adapter containers ``init`` adds to a layer (``LoraLayer.add_container``:
+            KaSA's ``lora_diag``); the codec reads and writes their keys like PEFT's own containers.
+        check_adapters: (existing configs by adapter name, new config) -> None; raises when the new adapter
+            cannot join the model's adapters (KaSA's "cannot be combined" rule). Runs for every registered
+            variant, whichever the new config selects.
+        model_methods: {name: fn(tuner, *args, **kwargs)}: methods the variant adds to ``LoraModel`` (and so to
+            ``PeftModel``), PEFT's ``_get_kasa_loss`` and the like.
     """
 
     init: Callable[[LoraLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
@@ -52,6 +59,9 @@ class Variant:
     bind: Callable[[LayerSpec], Variant] | None = None
     select: Callable[[LoraConfig], bool] | None = None
     options: Callable[[str, LoraConfig], tuple[Any, ...]] | None = None
+    containers: tuple[str, ...] = ()
+    check_adapters: Callable[[dict[str, LoraConfig], LoraConfig], None] | None = None
+    model_methods: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -89,6 +99,30 @@ def variant_options(name: str | None, module_name: str, config: LoraConfig) -> t
     return variant.options(module_name, config) if variant is not None and variant.options is not None else ()
 
 
+def variant_containers() -> tuple[str, ...]:
+    """The per-adapter containers the registered variants add to layers (``Variant.containers``)."""
+    return tuple(dict.fromkeys(name for variant in VARIANTS.values() for name in variant.containers))
+
+
+def check_new_adapter(existing: dict[str, LoraConfig], config: LoraConfig) -> None:
+    """Run every variant's ``check_adapters`` rule for ``config`` joining the adapters ``existing``.
+
+    Raises:
+        ValueError: from a variant's rule.
+    """
+    for variant in VARIANTS.values():
+        if variant.check_adapters is not None:
+            variant.check_adapters(existing, config)
+
+
+def model_method(name: str) -> Callable[..., Any] | None:
+    """The ``LoraModel`` method ``name`` some variant adds (``Variant.model_methods``), or None."""
+    for variant in VARIANTS.values():
+        if name in variant.model_methods:
+            return variant.model_methods[name]
+    return None
+
+
 def resolve_variant(spec: LayerSpec) -> Variant | None:
     """The Variant that runs an adapter created from ``spec`` (None for plain LoRA)."""
     if spec.variant is None:
@@ -97,5 +131,6 @@ def resolve_variant(spec: LayerSpec) -> Variant | None:
     return variant.bind(spec) if variant.bind is not None else variant
 
 
-from . import bdlora, dora, mica  # noqa: E402,F401  (each registers itself)
+from . import bdlora, dora, kasa, mica  # noqa: E402,F401  (each registers itself)
 from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
+from .kasa import KasaConfig  # noqa: E402,F401
