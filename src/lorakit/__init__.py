@@ -21,7 +21,7 @@ from .model import (
     get_peft_model,
 )
 from .tuner import LoraModel
-from .variants import KasaConfig
+from .variants import KasaConfig, MontecloraConfig
 from .version import __version__
 from .integrations import install as _install_integrations
 
@@ -52,6 +52,7 @@ __all__ = [
     "LoraModel",
     "LoraRuntimeConfig",
     "LoraWarning",
+    "MontecloraConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

@@ -179,7 +179,6 @@ NOT_YET = {
     "velora_config": (None, "VeLoRA is not supported"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),
     "use_qalora": (False, "QA-LoRA is not supported"),
-    "monteclora_config": (None, "MonteCLoRA is not supported"),
     "layer_replication": (None, "layer replication is not supported"),
     "target_parameters": (None, "LoRA on bare nn.Parameters is not supported"),
     "arrow_config": (None, "Arrow routing is not supported"),
@@ -246,7 +245,7 @@ class LoraConfig:
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
-    monteclora_config: dict | None = None
+    monteclora_config: Any = None  # variants/monteclora.py's MontecloraConfig
     layer_replication: list[tuple[int, int]] | None = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = False

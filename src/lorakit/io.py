@@ -273,7 +273,10 @@ def load_tensors(model: nn.Module, tensors: dict[str, Tensor], adopt: bool = Fal
             target = getattr(module, name)  # validate() guarantees it exists
             if target.is_meta:  # created empty (low_cpu_mem_usage): the loaded tensor becomes the parameter
                 value = value.to(dtype=target.dtype, device=_home_device(model, module_path, value.device))
-                setattr(module, name, nn.Parameter(value, requires_grad=target.requires_grad))
+                if name in module._buffers:  # a variant's buffer (MonteCLoRA's sampler state) stays a buffer
+                    module._buffers[name] = value
+                else:
+                    setattr(module, name, nn.Parameter(value, requires_grad=target.requires_grad))
             elif adopt and (value.dtype, value.device, value.shape) == (target.dtype, target.device, target.shape) \
                     and value.is_contiguous():
                 target.data = value

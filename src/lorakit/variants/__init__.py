@@ -131,6 +131,7 @@ def resolve_variant(spec: LayerSpec) -> Variant | None:
     return variant.bind(spec) if variant.bind is not None else variant
 
 
-from . import bdlora, dora, kasa, mica  # noqa: E402,F401  (each registers itself)
+from . import bdlora, dora, kasa, mica, monteclora  # noqa: E402,F401  (each registers itself)
 from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
 from .kasa import KasaConfig  # noqa: E402,F401
+from .monteclora import MontecloraConfig, MontecloraSampler  # noqa: E402,F401
