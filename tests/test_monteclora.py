@@ -249,3 +249,19 @@ def test_config_defaults_validation_and_json_round_trip(tmp_path):
     assert config.monteclora_config == lorakit.MontecloraConfig(num_samples=2)
     config.save_pretrained(tmp_path)
     assert peft.LoraConfig.from_pretrained(tmp_path).monteclora_config == peft.MontecloraConfig(num_samples=2)
+
+
+def test_low_cpu_mem_usage_load_keeps_sampler_buffers_as_buffers():
+    config = _config(lorakit, dict(target_modules=["lin1"], r=4), dict(num_samples=2, buffer_size=2))
+    source = lorakit.get_peft_model(build("mlp", seed=0), copy.deepcopy(config))
+    state = lorakit.get_peft_model_state_dict(source)
+    model = lorakit.get_peft_model(build("mlp", seed=0), copy.deepcopy(config))
+    model.add_adapter("b", copy.deepcopy(config), low_cpu_mem_usage=True)  # the adapter's tensors are empty (meta)
+    sampler = model.get_submodule("base_model.model.lin1.lora_monteclora_sampler.b")
+    assert sampler.gaussian_var_prior.is_meta
+    lorakit.set_peft_model_state_dict(model, state, adapter_name="b", low_cpu_mem_usage=True)
+    assert {n for n, _ in sampler.named_buffers()} == {"gaussian_var_prior", "expert_weights"}
+    assert {n for n, _ in sampler.named_parameters()} == {"std_prior", "expert_weights_prior"}
+    loaded = {k: v for k, v in sampler.state_dict().items()}
+    expected = source.get_submodule("base_model.model.lin1.lora_monteclora_sampler.default").state_dict()
+    torch.testing.assert_close(loaded, dict(expected), atol=0, rtol=0)
