@@ -32,7 +32,9 @@ class Variant:
         init: (layer, adapter, A, B, s) -> None or {"lora_A" / "lora_B": module}; checks the layer and registers the
             variant's modules for the adapter about to be added (A, B: its placed, initialised factor weights).
             Runs before anything else of the adapter is registered, so a refusal leaves the layer unchanged;
-            a returned module replaces that factor (BD-LoRA's compact block-diagonal factor).
+            a returned module replaces that factor (BD-LoRA's compact block-diagonal factor). It may add its own
+            per-adapter container (``layer.add_container``: KaSA's ``lora_diag``, MonteCLoRA's sampler) and keep a
+            factor frozen through set_adapter / set_requires_grad (``layer.freeze``: MiCA's B).
         forward: (layer, adapter, x, y) -> y with the adapter applied; y is the running output.
         merge: (layer, adapter, W, sign) -> W with the adapter merged (+1) or unmerged (−1); W is a float32
             view of the base weight in its own layout; return a new tensor, never change W in place.

@@ -144,7 +144,9 @@ def kasa_loss(tuner: Any, adapter_names: str | list[str] | None = None) -> Tenso
     total: Tensor | float = 0.0
     for layer in tuner.lora_layers():
         diags = getattr(layer, CONTAINER, None)
-        for name in names if diags is not None else ():
+        if diags is None:
+            continue
+        for name in names:
             if name not in diags:
                 continue
             config = tuner.peft_config[name].kasa_config

@@ -114,6 +114,7 @@ class MontecloraSampler(nn.Module):
     def next_noise(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.noise is None or self.index >= self.noise[0].shape[0]:
             self.draw_noise()
+        assert self.noise is not None
         z, z_wishart, z_dirichlet = (t[self.index] for t in self.noise)
         self.index += 1
         return z, z_wishart, z_dirichlet
@@ -216,7 +217,9 @@ def monteclora_loss(tuner: Any, adapter_names: str | list[str] | None = None) ->
     count = 0
     for layer in tuner.lora_layers():
         samplers = getattr(layer, CONTAINER, None)
-        for name in names if samplers is not None else ():
+        if samplers is None:
+            continue
+        for name in names:
             if name in samplers:
                 kl, entropy = samplers[name].variational_loss()
                 total, count = total + kl + entropy, count + 1
