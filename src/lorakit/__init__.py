@@ -25,6 +25,7 @@ from .model import (
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import LoraModel
 from .variants.velora import VeloraConfig
+from .variants import KasaConfig, MontecloraConfig
 from .version import __version__
 from .integrations import install as _install_integrations
 
@@ -48,6 +49,7 @@ __all__ = [
     "BdLoraConfig",
     "CordaConfig",
     "EvaConfig",
+    "KasaConfig",
     "Kind",
     "LoftQConfig",
     "LoraConfig",
@@ -55,6 +57,7 @@ __all__ = [
     "LoraModel",
     "LoraRuntimeConfig",
     "LoraWarning",
+    "MontecloraConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

@@ -36,13 +36,14 @@ from .kinds_param import plan_parameter_keys
 from .targeting import TargetPlan
 from .token_plan import DELTA, TokenTarget, planned_token_shapes
 from .trainable_tokens import TrainableTokensWrapper
-from .variants import buffer_containers, resolve_variant
+from .variants import buffer_containers, resolve_variant, variant_containers
 
 PREFIX = "base_model.model."
 FACTOR_CONTAINERS = ("lora_A", "lora_B")  # modules: the key goes on with .weight / .bias
 PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")  # bare Parameters
 MAGNITUDE = "lora_magnitude_vector"  # a module holding .weight, written without ".weight"
-ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,)
+VARIANT_CONTAINERS = variant_containers()  # KaSA's lora_diag, MonteCLoRA's sampler: written like PEFT's own
+ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,) + VARIANT_CONTAINERS
 WRAPPER_PARTS = ("original_module", "modules_to_save")
 
 
@@ -128,9 +129,13 @@ def _plan_layer(shapes: dict, lora_paths: set[str], path: str, module: nn.Module
             shapes.update({f"{stem}.{k}": tuple(v.shape) for k, v in factor.state_dict().items()})
     variant = resolve_variant(spec, kind, base)
     if variant is not None:  # DoRA's lora_magnitude_vector, BD-LoRA's compact factor: <container>.<name>.weight
-        for container, shape in variant.shapes(kind, base).items():  # a buffer (VeLoRA's v): <container>.<name>
-            suffix = "" if container in variant.buffers else ".weight"
-            shapes[f"{PREFIX}{path}.{container}.{adapter_name}{suffix}"] = shape
+        for container, shape in variant.shapes(kind, base).items():
+            if isinstance(shape, dict):  # {rest: shape}: <container>.<name>.<rest>, or <container>.<name> for ""
+                for rest, sub in shape.items():
+                    shapes[f"{PREFIX}{path}.{container}.{adapter_name}{'.' + rest if rest else ''}"] = sub
+            else:  # a buffer (VeLoRA's v): <container>.<name>; a module's weight: <container>.<name>.weight
+                suffix = "" if container in variant.buffers else ".weight"
+                shapes[f"{PREFIX}{path}.{container}.{adapter_name}{suffix}"] = shape
     for attribute, child in (kind.companions(base) if kind.companions is not None else {}).items():
         child_kind = child.kind if isinstance(child, LoraLayer) else kind_for(child, attribute)
         _plan_layer(shapes, lora_paths, f"{path}.base_layer.{attribute}", child, child_kind, spec, adapter_name)
@@ -192,7 +197,7 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[s
         if adapter is not None:
             path, container, name, rest = adapter
             if name == adapter_name:
-                tail = "" if container in bare or container == MAGNITUDE else "." + rest
+                tail = "" if container in bare or container == MAGNITUDE or not rest else "." + rest
                 mapping[key] = f"{PREFIX}{path}.{container}{tail}"
         elif saved is not None and saved[1] == adapter_name:
             mapping[key] = f"{PREFIX}{saved[0]}.{saved[2]}"
@@ -258,7 +263,8 @@ def _decode_one(key: str, layout: Layout, adapter_name: str) -> str | None:
             rest = parts[i + 1:]
             if part == MAGNITUDE and rest in ([], ["weight"]):
                 rest = ["weight"]
-            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or part in bare else None
+            is_bare = part in bare or part in VARIANT_CONTAINERS  # <container>.<name>, no tail
+            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or is_bare else None
         if path in layout.saved_paths and part not in WRAPPER_PARTS:
             return f"{PREFIX}{path}.modules_to_save.{adapter_name}.{'.'.join(parts[i:])}"
     if key in layout.shapes:

@@ -124,7 +124,7 @@ class InitMethod:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
+NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -155,15 +155,36 @@ def parse_init(value: bool | str) -> InitMethod:
     )
 
 
+# Sub-config dataclasses that live with their variant (variants/kasa.py's KasaConfig, ...): LoraConfig field ->
+# class; a dict (as read from adapter_config.json) becomes the class, as PEFT's _get_lora_subconfig does.
+SUBCONFIGS: dict[str, type] = {}
+
+
+def register_subconfig(field_name: str, cls: type) -> type:
+    """Make ``LoraConfig.<field_name>`` hold a ``cls`` (a dict is converted, keys ``cls`` does not take dropped)."""
+    SUBCONFIGS[field_name] = cls
+    return cls
+
+
+def _subconfig(value: Any, cls: type) -> Any:
+    """Raises: TypeError: ``value`` is neither None, a ``cls`` nor a dict (PEFT's sentence)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        accepted = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in value.items() if k in accepted})
+    raise TypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None. "
+                    + explain("invalid sub-config", where="LoraConfig", got=type(value).__name__,
+                              expected=f"{cls.__name__}(...), a dict of its fields, or None"))
+
+
 # Options PEFT has that lorakit accepts and stores but does not run yet, with the value that means "off".
 # get_peft_model raises NotImplementedError naming any of them that is set (never a silent no-op).
 NOT_YET = {
     "megatron_config": (None, "Megatron parallel layers are not supported"),
     "lora_ga_config": (None, "LoRA-GA init is not supported"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),
-    "monteclora_config": (None, "MonteCLoRA is not supported"),
     "arrow_config": (None, "Arrow routing is not supported"),
-    "kasa_config": (None, "KaSA is not supported"),
 }
 INITS_NOT_YET: dict[str, str] = {}  # init methods accepted by LoraConfig but not yet built (none left)
 
@@ -228,14 +249,14 @@ class LoraConfig:
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
-    monteclora_config: dict | None = None
+    monteclora_config: Any = None  # variants/monteclora.py's MontecloraConfig
     layer_replication: list[tuple[int, int]] | None = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     use_bdlora: BdLoraConfig | dict | None = None
     arrow_config: dict | None = None
-    kasa_config: dict | None = None
+    kasa_config: Any = None  # variants/kasa.py's KasaConfig
     ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
@@ -262,6 +283,8 @@ class LoraConfig:
             self.corda_config = CordaConfig(**self.corda_config)
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
+        for name, cls in SUBCONFIGS.items():
+            setattr(self, name, _subconfig(getattr(self, name), cls))
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if self.alpha_pattern is None:

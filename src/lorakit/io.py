@@ -293,7 +293,7 @@ def load_tensors(model: nn.Module, tensors: dict[str, Tensor], adopt: bool = Fal
             target = getattr(module, name)  # validate() guarantees it exists
             if target.is_meta:  # created empty (low_cpu_mem_usage): the loaded tensor becomes the parameter
                 value = value.to(dtype=target.dtype, device=_home_device(model, module_path, value.device))
-                if name in module._buffers:  # a variant's buffer (VeLoRA's v) stays a buffer
+                if name in module._buffers:  # a variant's buffer (VeLoRA's v, MonteCLoRA's sampler) stays a buffer
                     module._buffers[name] = value
                 else:
                     setattr(module, name, nn.Parameter(value, requires_grad=target.requires_grad))

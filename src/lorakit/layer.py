@@ -132,6 +132,7 @@ class LoraLayer(nn.Module):
     use_dora: dict[str, bool]
     lora_bias: dict[str, bool]
     _variants: dict[str, Variant]
+    frozen_peft_weight_names: dict[str, tuple[str, ...]]
     merged_adapters: list[str]
     _active_adapter: list[str]
     _routes: tuple[int, list[tuple[str, Tensor]]] | None
@@ -160,6 +161,7 @@ class LoraLayer(nn.Module):
             use_dora={},
             lora_bias={},
             _variants={},  # adapters that run through a variant strategy
+            frozen_peft_weight_names={},  # adapter -> containers its variant keeps frozen (see ``freeze``)
             merged_adapters=[],
             _active_adapter=[],
             _disable_adapters=False,
@@ -272,10 +274,45 @@ class LoraLayer(nn.Module):
         """The trainable tensors of one adapter in this layer."""
         if adapter_name not in self.r:
             return []
-        containers = (self.lora_A, self.lora_B, self.lora_magnitude_vector)
-        params = [p for c in containers if adapter_name in c for p in c[adapter_name].parameters()]
-        params += [c[adapter_name] for c in (self.lora_embedding_A, self.lora_embedding_B) if adapter_name in c]
+        params = []
+        for container in self._containers():
+            if adapter_name in container:
+                entry = container[adapter_name]
+                params += [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
         return params + [p for child in self.companions() for p in child.adapter_parameters(adapter_name)]
+
+    def trainable_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """``adapter_parameters`` less those its variant keeps frozen (``frozen_peft_weight_names``, MiCA's B)."""
+        frozen_names = self.frozen_peft_weight_names.get(adapter_name, ())
+        frozen = {id(p) for name in frozen_names for p in self._entry_parameters(name, adapter_name)}
+        return [p for p in self.adapter_parameters(adapter_name) if id(p) not in frozen]
+
+    def _entry_parameters(self, container_name: str, adapter_name: str) -> list[nn.Parameter]:
+        container = getattr(self, container_name, None)
+        if container is None or adapter_name not in container:
+            return []
+        entry = container[adapter_name]
+        return [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
+
+    def _containers(self) -> list[nn.Module]:
+        """The per-adapter containers: PEFT's ``adapter_layer_names``, with those variants added (``add_container``)."""
+        return [getattr(self, name) for name in self.adapter_layer_names if hasattr(self, name)]
+
+    def add_container(self, name: str, container: nn.ModuleDict | nn.ParameterDict) -> None:
+        """Register a variant's per-adapter container (KaSA's ``lora_diag``) once; it joins ``adapter_layer_names``
+        (as in PEFT), so its entries train, move, save and delete with the adapter."""
+        if name not in self.adapter_layer_names:
+            setattr(self, name, container)
+            self.adapter_layer_names = (*self.adapter_layer_names, name)
+
+    def freeze(self, adapter_name: str, container_name: str) -> None:
+        """Keep ``container_name``'s entry of ``adapter_name`` frozen whatever set_adapter asks (PEFT's
+        ``frozen_peft_weight_names``: MiCA trains A only)."""
+        names = self.frozen_peft_weight_names.get(adapter_name, ())
+        if container_name not in names:
+            self.frozen_peft_weight_names[adapter_name] = (*names, container_name)
+        for param in self._entry_parameters(container_name, adapter_name):
+            param.requires_grad_(False)
 
     def _all_available_adapter_names(self) -> list[str]:
         """Every adapter this layer holds (PEFT's BaseTunerLayer method, read by code written for PEFT)."""
@@ -284,14 +321,15 @@ class LoraLayer(nn.Module):
     def move_adapter_to_meta(self, adapter_name: str) -> None:
         """Replace every tensor of ``adapter_name`` by an empty one on the meta device, for a load to fill
         (PEFT's ``low_cpu_mem_usage``); dtypes, shapes and ``requires_grad`` stay."""
-        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
-            if adapter_name in container:
-                container[adapter_name].to("meta")
-        for container in (self.lora_embedding_A, self.lora_embedding_B):
-            if adapter_name in container:
-                old = container[adapter_name]
+        for container in self._containers():
+            if adapter_name not in container:
+                continue
+            old = container[adapter_name]
+            if isinstance(old, nn.Parameter):
                 container[adapter_name] = nn.Parameter(torch.empty_like(old, device="meta"),
                                                        requires_grad=old.requires_grad)
+            else:
+                old.to("meta")
         for container in self._variant_buffers(adapter_name):
             container[adapter_name] = torch.empty_like(container[adapter_name], device="meta")
 
@@ -305,11 +343,11 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every tensor and setting of ``adapter_name`` from this layer."""
-        for container in (self.lora_dropout, self.lora_A, self.lora_B, self.lora_embedding_A,
-                          self.lora_embedding_B, self.lora_magnitude_vector, *self._variant_buffers(adapter_name)):
+        for container in (self.lora_dropout, *self._containers(), *self._variant_buffers(adapter_name)):
             if adapter_name in container:
                 del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias, self._variants):
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias, self._variants,
+                      self.frozen_peft_weight_names):
             table.pop(adapter_name, None)
         self._active_adapter = [name for name in self._active_adapter if name != adapter_name]
         for child in self.companions():
@@ -321,6 +359,10 @@ class LoraLayer(nn.Module):
         for name in self.r:
             for param in self.adapter_parameters(name):
                 param.requires_grad_(trainable and name in names)
+            if trainable and name in names and name in self.frozen_peft_weight_names:
+                for container_name in self.frozen_peft_weight_names[name]:
+                    for param in self._entry_parameters(container_name, name):
+                        param.requires_grad_(False)
         self._active_adapter = names
         for child in self.companions():
             child.set_adapter(names, trainable=trainable)

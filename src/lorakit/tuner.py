@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import re
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from .saved_modules import ModulesToSaveWrapper
 from .targeting import TargetPlan, candidate_modules, task_modules_to_save
 from .token_plan import inject_tokens, plan_tokens
 from .trainable_tokens import TrainableTokensWrapper
+from .variants import check_new_adapter, model_method
 
 RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -130,6 +132,9 @@ class LoraModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+        method = model_method(name)  # a variant's model-level method (KaSA's _get_kasa_loss, ...)
+        if method is not None:
+            return functools.partial(method, self)
         return getattr(super().__getattr__("model"), name)
 
     # ---- injection ---------------------------------------------------------------------------------------
@@ -163,6 +168,7 @@ class LoraModel(nn.Module):
         check_adapter_name(adapter_name, self.model, candidates)
         check_single_bias(self.peft_config, config, type(self).__name__)
         check_same_parameters(self.peft_config, config)
+        check_new_adapter({k: v for k, v in self.peft_config.items() if v is not config}, config)
         config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
         tokens = plan_tokens(self.model, config, plan)  # trainable_token_indices (token_plan.py)
         skip_init = _WEIGHTS_FOLLOW.get() or low_cpu_mem_usage
@@ -279,7 +285,8 @@ class LoraModel(nn.Module):
             raise ValueError(explain(f"unknown adapter(s) {unknown}", expected=f"names among {list(self.peft_config)}"))
         for module in self._adapter_modules():
             for name in names:
-                params = (module.adapter_parameters(name) if isinstance(module, (LoraLayer, TrainableTokensWrapper)) else
+                params = (module.trainable_parameters(name) if isinstance(module, LoraLayer) else
+                          module.adapter_parameters(name) if isinstance(module, TrainableTokensWrapper) else
                           module.modules_to_save[name].parameters() if name in module.modules_to_save else ())
                 for param in params:
                     param.requires_grad_(requires_grad)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -33,7 +33,9 @@ class Variant:
         init: (layer, adapter, A, B, s) -> None or {"lora_A" / "lora_B": module}; checks the layer and registers the
             variant's modules for the adapter about to be added (A, B: its placed, initialised factor weights).
             Runs before anything else of the adapter is registered, so a refusal leaves the layer unchanged;
-            a returned module replaces that factor (BD-LoRA's compact block-diagonal factor).
+            a returned module replaces that factor (BD-LoRA's compact block-diagonal factor). It may add its own
+            per-adapter container (``layer.add_container``: KaSA's ``lora_diag``, MonteCLoRA's sampler) and keep a
+            factor frozen through set_adapter / set_requires_grad (``layer.freeze``: MiCA's B).
         forward: (layer, adapter, x, y) -> y with the adapter applied; y is the running output.
         merge: (layer, adapter, W, sign) -> W with the adapter merged (+1) or unmerged (−1); W is a float32
             view of the base weight in its own layout; return a new tensor, never change W in place.
@@ -50,6 +52,13 @@ class Variant:
         buffers: names of per-adapter containers of bare tensors that ``init`` adds to the layer (a dict-like
             module of persistent buffers): state-dict key ``<container>.<adapter>``, file key ``<container>``;
             ``shapes`` gives their tensors' shapes, and deleting or emptying an adapter covers them.
+        containers: names of the per-adapter containers ``init`` adds to a layer (``LoraLayer.add_container``:
+            KaSA's ``lora_diag``); the codec reads and writes their keys like PEFT's own containers.
+        check_adapters: (existing configs by adapter name, new config) -> None; raises when the new adapter
+            cannot join the model's adapters (KaSA's "cannot be combined" rule). Runs for every registered
+            variant, whichever the new config selects.
+        model_methods: {name: fn(tuner, *args, **kwargs)}: methods the variant adds to ``LoraModel`` (and so to
+            ``PeftModel``), PEFT's ``_get_kasa_loss`` and the like.
     """
 
     init: Callable[[LoraLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
@@ -63,6 +72,9 @@ class Variant:
     applies: Callable[[Kind, nn.Module], bool] | None = None
     config: tuple[str, type] | None = None
     buffers: tuple[str, ...] = ()
+    containers: tuple[str, ...] = ()
+    check_adapters: Callable[[dict[str, LoraConfig], LoraConfig], None] | None = None
+    model_methods: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -131,6 +143,30 @@ def coerce_subconfigs(config: LoraConfig) -> None:
         setattr(config, field_name, config_class(**{k: v for k, v in value.items() if k in known}))
 
 
+def variant_containers() -> tuple[str, ...]:
+    """The per-adapter containers the registered variants add to layers (``Variant.containers``)."""
+    return tuple(dict.fromkeys(name for variant in VARIANTS.values() for name in variant.containers))
+
+
+def check_new_adapter(existing: dict[str, LoraConfig], config: LoraConfig) -> None:
+    """Run every variant's ``check_adapters`` rule for ``config`` joining the adapters ``existing``.
+
+    Raises:
+        ValueError: from a variant's rule.
+    """
+    for variant in VARIANTS.values():
+        if variant.check_adapters is not None:
+            variant.check_adapters(existing, config)
+
+
+def model_method(name: str) -> Callable[..., Any] | None:
+    """The ``LoraModel`` method ``name`` some variant adds (``Variant.model_methods``), or None."""
+    for variant in VARIANTS.values():
+        if name in variant.model_methods:
+            return variant.model_methods[name]
+    return None
+
+
 def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module | None = None) -> Variant | None:
     """The Variant that runs an adapter created from ``spec`` on ``base`` (None for plain LoRA)."""
     if spec.variant is None:
@@ -141,5 +177,7 @@ def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module |
     return variant.bind(spec) if variant.bind is not None else variant
 
 
-from . import bdlora, dora, qalora, velora  # noqa: E402,F401  (each registers itself)
+from . import bdlora, dora, kasa, mica, monteclora, qalora, velora  # noqa: E402,F401  (each registers itself)
 from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
+from .kasa import KasaConfig  # noqa: E402,F401
+from .monteclora import MontecloraConfig, MontecloraSampler  # noqa: E402,F401
