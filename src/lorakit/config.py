@@ -154,7 +154,6 @@ NOT_YET = {
     "trainable_token_indices": (None, "trainable token indices are not supported"),
     "lora_ga_config": (None, "LoRA-GA init is not supported"),
     "velora_config": (None, "VeLoRA is not supported"),
-    "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),
     "use_qalora": (False, "QA-LoRA is not supported"),
     "monteclora_config": (None, "MonteCLoRA is not supported"),
     "layer_replication": (None, "layer replication is not supported"),
@@ -479,6 +478,9 @@ def _check_combinations(config: LoraConfig) -> None:
         raise _fail("use_bdlora", config.use_bdlora, "use_bdlora=None with use_dora=True")
     if config.use_bdlora is not None:
         _check_bdlora(config)
+    if config.alora_invocation_tokens is not None and config.task_type != "CAUSAL_LM":
+        warn("aLoRA is currently only supported for CAUSAL_LM task. (lorakit computes the invocation offsets from "
+             "input_ids in PeftModel.forward / generate)")
 
 
 def _check_bdlora(config: LoraConfig) -> None:

@@ -10,8 +10,9 @@ then calls ``init`` / ``forward`` / ``merge`` for the adapters created with it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -42,6 +43,9 @@ class Variant:
         bind: spec -> the Variant for one layer's settings (BD-LoRA's factor and N); None: this Variant as is.
         select: config -> whether a LoraConfig asks for this variant (``use_dora``, ``use_bdlora``, ...).
         options: (module name, config) -> hashable per-layer settings, kept in ``LayerSpec.variant_options``.
+        context: ModelCall -> a context manager entered around one ``PeftModel.forward`` / ``generate`` call,
+            for variants whose forward depends on the whole input, not just a layer's x (aLoRA reads the
+            invocation tokens in ``input_ids``); it may pop its own keyword arguments from ``call.kwargs``.
     """
 
     init: Callable[[LoraLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
@@ -52,6 +56,36 @@ class Variant:
     bind: Callable[[LayerSpec], Variant] | None = None
     select: Callable[[LoraConfig], bool] | None = None
     options: Callable[[str, LoraConfig], tuple[Any, ...]] | None = None
+    context: Callable[[ModelCall], contextlib.AbstractContextManager[None]] | None = None
+
+
+@dataclass
+class ModelCall:
+    """One call of ``PeftModel.forward`` / ``generate`` as ``Variant.context`` sees it.
+
+    Attributes:
+        peft_config: adapter name -> LoraConfig. active_adapters: the active adapter names.
+        adapter_names: one adapter name per row (a mixed batch), or None.
+        args / kwargs: the call's arguments; a context pops the keyword arguments it owns from ``kwargs``.
+        generate: the call is ``generate`` (else ``forward``).
+    """
+
+    peft_config: dict[str, LoraConfig]
+    active_adapters: list[str]
+    adapter_names: list[str] | None
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    generate: bool = False
+
+
+def call_context(call: ModelCall) -> contextlib.ExitStack:
+    """Every registered variant's ``context`` for ``call``, entered in registration order."""
+    stack = contextlib.ExitStack()
+    with stack:
+        for variant in VARIANTS.values():
+            if variant.context is not None:
+                stack.enter_context(variant.context(call))
+        return stack.pop_all()
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -97,5 +131,5 @@ def resolve_variant(spec: LayerSpec) -> Variant | None:
     return variant.bind(spec) if variant.bind is not None else variant
 
 
-from . import bdlora, dora  # noqa: E402,F401  (each registers itself)
+from . import alora, bdlora, dora  # noqa: E402,F401  (each registers itself)
 from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
