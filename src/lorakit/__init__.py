@@ -9,6 +9,7 @@ from .guards import AdapterSaveError, MergeCheck, check_training
 from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
+from .loraga import LoraGAConfig, preprocess_loraga
 from .layer import LoraLayer
 from .model import (
     PeftModel,
@@ -64,4 +65,6 @@ __all__ = [
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
     "preprocess_corda",
+    "LoraGAConfig",
+    "preprocess_loraga",
 ]

@@ -116,7 +116,7 @@ class InitMethod:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
+NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -152,7 +152,6 @@ def parse_init(value: bool | str) -> InitMethod:
 NOT_YET = {
     "megatron_config": (None, "Megatron parallel layers are not supported"),
     "trainable_token_indices": (None, "trainable token indices are not supported"),
-    "lora_ga_config": (None, "LoRA-GA init is not supported"),
     "velora_config": (None, "VeLoRA is not supported"),
     "use_qalora": (False, "QA-LoRA is not supported"),
     "monteclora_config": (None, "MonteCLoRA is not supported"),
@@ -217,7 +216,7 @@ class LoraConfig:
     loftq_config: LoftQConfig | dict = field(default_factory=dict)
     eva_config: EvaConfig | None = None
     corda_config: CordaConfig | None = None
-    lora_ga_config: dict | None = None
+    lora_ga_config: Any = None  # a loraga.LoraGAConfig (or its dict)
     use_dora: bool = False
     velora_config: dict | None = None
     alora_invocation_tokens: list[int] | None = None
@@ -245,6 +244,10 @@ class LoraConfig:
             self.eva_config = EvaConfig(**self.eva_config)
         if isinstance(self.corda_config, dict):
             self.corda_config = CordaConfig(**self.corda_config)
+        if isinstance(self.lora_ga_config, dict):  # from adapter_config.json
+            from .loraga import LoraGAConfig  # loraga.py imports this module
+
+            self.lora_ga_config = LoraGAConfig(**self.lora_ga_config)
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         if self.rank_pattern is None:
@@ -265,6 +268,9 @@ class LoraConfig:
         if method.name == "loftq" and self.loftq_config:
             loftq = _loftq_dict(self.loftq_config)
             return InitMethod("loftq", {"bits": loftq.get("loftq_bits", 4), "iters": loftq.get("loftq_iter", 1)})
+        if method.name == "lora_ga":  # the LoraGAConfig's fields (None: none given, refused where a gradient is used)
+            return InitMethod("lora_ga", {"lora_ga_config": _loftq_dict(self.lora_ga_config)
+                                          if self.lora_ga_config is not None else None})
         return method
 
     @property
