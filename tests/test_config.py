@@ -297,7 +297,6 @@ LATER = [  # accepted and stored by LoraConfig, NotImplementedError at get_peft_
     (dict(layer_replication=[[0, 1]]), "layer_replication"),
     (dict(trainable_token_indices=[0, 1]), "trainable_token_indices"),
     (dict(target_parameters=["layer.weight"]), "target_parameters"),
-    (dict(arrow_config={"top_k": 2}), "arrow_config"),
 ]
 
 

@@ -10,6 +10,7 @@ from .io import AdapterLoadError, get_peft_model_state_dict, set_peft_model_stat
 from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
 from .loraga import LoraGAConfig, preprocess_loraga
+from .variants.arrow import ArrowConfig, create_arrow_model
 from .layer import LoraLayer
 from .model import (
     PeftModel,
@@ -67,4 +68,6 @@ __all__ = [
     "preprocess_corda",
     "LoraGAConfig",
     "preprocess_loraga",
+    "ArrowConfig",
+    "create_arrow_model",
 ]

@@ -157,7 +157,6 @@ NOT_YET = {
     "monteclora_config": (None, "MonteCLoRA is not supported"),
     "layer_replication": (None, "layer replication is not supported"),
     "target_parameters": (None, "LoRA on bare nn.Parameters is not supported"),
-    "arrow_config": (None, "Arrow routing is not supported"),
     "kasa_config": (None, "KaSA is not supported"),
 }
 INITS_NOT_YET: dict[str, str] = {}  # init methods accepted by LoraConfig but not yet built (none left)
@@ -228,7 +227,7 @@ class LoraConfig:
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     use_bdlora: BdLoraConfig | dict | None = None
-    arrow_config: dict | None = None
+    arrow_config: Any = None  # a variants.arrow.ArrowConfig (or its dict)
     kasa_config: dict | None = None
     ensure_weight_tying: bool = False
 
@@ -248,6 +247,10 @@ class LoraConfig:
             from .loraga import LoraGAConfig  # loraga.py imports this module
 
             self.lora_ga_config = LoraGAConfig(**self.lora_ga_config)
+        if isinstance(self.arrow_config, dict):  # from adapter_config.json
+            from .variants.arrow import ArrowConfig  # variants import this module
+
+            self.arrow_config = ArrowConfig.from_dict(self.arrow_config)
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         if self.rank_pattern is None:

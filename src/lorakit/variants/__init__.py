@@ -131,5 +131,5 @@ def resolve_variant(spec: LayerSpec) -> Variant | None:
     return variant.bind(spec) if variant.bind is not None else variant
 
 
-from . import alora, bdlora, dora  # noqa: E402,F401  (each registers itself)
+from . import alora, arrow, bdlora, dora  # noqa: E402,F401  (each registers itself)
 from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
