@@ -147,3 +147,37 @@ def test_warnings_as_peft():
     assert any("only inputs_embeds are provided" in str(w.message) for w in caught)
     with ours.disable_adapter():
         torch.testing.assert_close(out, ours(inputs_embeds=embeds).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_recomputes_with_the_same_offsets(use_reentrant):
+    """Checkpointed blocks recompute in backward, after the call returned: the gradients must not change."""
+    ref, ours = _pair()
+    ids = _ids()
+    grads = []
+    for model, checkpointing in ((ref, False), (ours, True)):
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model(input_ids=ids).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert all(g is not None for g in grads[1].values())
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+
+
+def test_peft_offset_helpers():
+    from lorakit.variants.alora import (calculate_alora_offsets, get_alora_offsets_for_forward,
+                                        get_alora_offsets_for_generate)
+
+    configs = {"a": lorakit.LoraConfig(alora_invocation_tokens=[1, 2], task_type="CAUSAL_LM"),
+               "b": lorakit.LoraConfig(alora_invocation_tokens=[4], task_type="CAUSAL_LM"),
+               "plain": lorakit.LoraConfig()}
+    ids = torch.tensor([[1, 2, 3, 1, 2], [0, 4, 5, 6, 7], [1, 2, 0, 0, 0], [4, 4, 4, 4, 4]])
+    assert calculate_alora_offsets(configs, "a", ids) == [2, None, 5, None]
+    assert calculate_alora_offsets(configs, "a", ids, adapter_names=["a", "b", "plain", "__base__"]) == \
+        [2, 4, None, None]
+    _, ours = _pair()
+    assert get_alora_offsets_for_forward(ours, _ids())["alora_offsets"] == [6, 10, None, 3]
+    assert get_alora_offsets_for_generate(ours, _ids()[0])["alora_offsets"] == [6]
+    with pytest.warns(UserWarning, match="Cannot calculate aLoRA offsets during generate"):
+        assert get_alora_offsets_for_generate(ours, inputs_embeds=torch.zeros(1, 2, 32))["alora_offsets"] is None

@@ -23,16 +23,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import explain, warn
 from ..kinds import LINEAR_KINDS
 from . import ModelCall, Variant, register_variant
 
 if TYPE_CHECKING:
+    from ..config import LoraConfig
     from ..layer import LoraLayer
 
 Offsets = list  # list[int | None]: one offset per row, None where the invocation was not found
@@ -73,7 +74,14 @@ def _row_mask(offsets: Offsets | None, batch: int, T: int, device: torch.device)
 def _alora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y with s·B A dropout(x) added at the positions at or after each row's invocation (module docstring)."""
     batch, T = y.shape[0], (y.shape[1] if y.dim() == 3 else 1)
-    offsets = (_OFFSETS.get() or {}).get(adapter_name)
+    mapping = _OFFSETS.get()
+    if mapping is None and torch._C._current_graph_task_id() != -1:
+        # gradient checkpointing recomputes this layer inside backward, after the call's context ended: use the
+        # offsets of the forward being recomputed (the last one that recorded its graph here)
+        mapping = layer.__dict__.get("_lorakit_alora_recorded")
+    elif mapping is not None and layer.training:  # (reentrant checkpointing runs the first pass without grad)
+        layer.__dict__["_lorakit_alora_recorded"] = mapping
+    offsets = (mapping or {}).get(adapter_name)
     rows = _row_mask(offsets, batch, T, y.device).reshape(-1).nonzero().squeeze(1)  # flat (b, t) positions
     x_flat, y_flat = x.reshape(batch * T, -1), y.reshape(batch * T, -1)
     delta = layer._branch(adapter_name, x_flat.index_select(0, rows)) * layer.scaling[adapter_name]
@@ -94,6 +102,67 @@ def _alora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) ->
     raise NotImplementedError("aLoRA does not support merging. "
                               + explain(f"adapter {adapter_name!r} is an aLoRA adapter", where=f"lora.{layer.kind.name}",
                                         fix="keep it unmerged: its update is applied only after the invocation tokens"))
+
+
+def calculate_alora_offsets(peft_config: dict[str, LoraConfig], active_adapter: str, input_ids: Tensor | None,
+                            adapter_names: list[str] | None = None) -> Offsets:
+    """PEFT's helper: one offset per row (None: no invocation, "__base__", or not an aLoRA adapter).
+
+    Row i uses ``adapter_names[i]`` when given, else ``active_adapter``; an unknown name warns and gets None.
+    """
+    if input_ids is None:
+        return []
+    offsets: Offsets = [None] * input_ids.shape[0]
+    rows: dict[str, list[int]] = {}
+    for row in range(input_ids.shape[0]):
+        name = adapter_names[row] if adapter_names and row < len(adapter_names) else active_adapter
+        if name == "__base__":
+            continue
+        if name not in peft_config:
+            warn(f"Adapter '{name}' not found in peft_config. Using base model for row {row}.")
+            continue
+        if getattr(peft_config[name], "alora_invocation_tokens", None) is not None:
+            rows.setdefault(name, []).append(row)
+    for name, indices in rows.items():
+        found = invocation_offsets(input_ids[indices], peft_config[name].alora_invocation_tokens)
+        for row, offset in zip(indices, found):
+            offsets[row] = offset
+    return offsets
+
+
+def is_alora_relevant_in_batch(model: nn.Module, adapter_names: list[str] | None = None) -> bool:
+    """PEFT's helper: the active adapter, or one of the rows' adapters, is an aLoRA adapter."""
+    names = [n for n in adapter_names or [] if n != "__base__"] + list(model.active_adapters)
+    return any(getattr(model.peft_config.get(n), "alora_invocation_tokens", None) for n in names)
+
+
+def _offsets_kwargs(model: nn.Module, input_ids: Tensor | None, generate: bool, kwargs: dict) -> dict:
+    if not is_alora_relevant_in_batch(model, kwargs.get("adapter_names")) or kwargs.get("alora_offsets") is not None:
+        return kwargs
+    if input_ids is None:
+        warn("Cannot calculate aLoRA offsets during generate as input_ids are not available. Disabling aLoRA."
+             if generate else "Cannot calculate aLoRA offsets when only inputs_embeds are provided. Disabling aLoRA "
+             "for this forward pass.")
+        return {**kwargs, "alora_offsets": None}
+    active = model.active_adapters[0] if model.active_adapters else "default"
+    offsets = calculate_alora_offsets(model.peft_config, active, input_ids, kwargs.get("adapter_names"))
+    return {**kwargs, "alora_offsets": offsets}
+
+
+def get_alora_offsets_for_forward(model: nn.Module, input_ids: Tensor | None = None,
+                                  inputs_embeds: Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
+    """PEFT's helper: ``kwargs`` with ``alora_offsets`` computed from ``input_ids`` where an aLoRA adapter runs."""
+    return _offsets_kwargs(model, input_ids, False, kwargs)
+
+
+def get_alora_offsets_for_generate(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """PEFT's helper: as ``get_alora_offsets_for_forward``, reading input_ids from kwargs or the first argument."""
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None and args and isinstance(args[0], Tensor):
+        input_ids = args[0]
+    if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
+        input_ids = input_ids[None, :]
+    return _offsets_kwargs(model, input_ids, True, kwargs)
 
 
 def _tokens(call: ModelCall, adapter_name: str) -> Sequence[int] | None:
@@ -124,12 +193,12 @@ def _alora_context(call: ModelCall) -> Iterator[None]:
     if not relevant:
         yield
         return
-    num_beams = call.kwargs.get("num_beams")
-    if call.generate and isinstance(num_beams, int) and num_beams > 1:
-        raise ValueError("Beam search not yet supported for aLoRA. "
-                         + explain("generate(num_beams > 1) with an aLoRA adapter",
-                                   fix="use greedy or sampling decoding (num_beams=1)"))
     input_ids = _input_ids(call)
+    num_beams = call.kwargs.get("num_beams")
+    if isinstance(num_beams, int) and num_beams > 1 and (explicit is not None or input_ids is not None):
+        raise ValueError("Beam search not yet supported for aLoRA. "
+                         + explain("num_beams > 1 with an aLoRA adapter",
+                                   fix="use greedy or sampling decoding (num_beams=1)"))
     mapping: dict[str, Offsets] = {}
     if explicit is None and input_ids is None:
         warn("Cannot calculate aLoRA offsets during generate as input_ids are not available. Disabling aLoRA."
