@@ -144,3 +144,20 @@ def test_config_round_trips_as_peft_writes_it(tmp_path):
     assert ref.lora_ga_config == peft.LoraGAConfig(scale="unit")
     ref.save_pretrained(str(tmp_path / "ref"))
     assert lorakit.LoraConfig.from_pretrained(str(tmp_path / "ref")).lora_ga_config == lorakit.LoraGAConfig(scale="unit")
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_bfloat16_base_matches_peft(autocast_adapter_dtype):
+    """A, B are rounded to the base dtype before W_res = W − s·B A (PEFT's order), with or without autocast."""
+    states = []
+    for lib in (peft, lorakit):
+        model = build("llama", seed=0).to(torch.bfloat16)
+        config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights="lora_ga",
+                                lora_ga_config=lib.LoraGAConfig())
+        lib.preprocess_loraga(model, config, _train_step(model, "llama"))
+        torch.manual_seed(11)
+        wrapped = lib.get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        states.append({k: v.float() for k, v in wrapped.state_dict().items()})
+        assert wrapped.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == \
+            (torch.float32 if autocast_adapter_dtype else torch.bfloat16)
+    torch.testing.assert_close(states[1], states[0], atol=1e-5, rtol=1e-5)

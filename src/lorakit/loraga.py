@@ -115,6 +115,8 @@ def lora_ga(request: InitRequest) -> InitResult:
     assert W is not None, "lora_ga is registered with needs_weight=True"
     A, B = loraga_factors(G.detach().float().to(W.device), W, request.r, request.scaling, config,
                           W.shape[_STORED_FIRST_AXIS.get(kind, 0)])
+    # as PEFT: A and B are rounded to the base weight's dtype (G's) first, and W_res is computed from the rounded ones
+    A, B = A.to(G.dtype).float(), B.to(G.dtype).float()
     return InitResult(A=A, B=B, base_weight=W - request.scaling * (B @ A))
 
 
