@@ -96,7 +96,7 @@ def loraga_factors(G: Tensor, W: Tensor, r: int, s: float, config: dict[str, Any
 
 
 @register_init("lora_ga", needs_weight=True, attached={GRAD_ATTRIBUTE: "grad"})
-def lora_ga(request: InitRequest) -> InitResult:
+def lora_ga(request: InitRequest) -> InitResult | None:
     """LoRA-GA's init from the gradient ``preprocess_loraga`` left on the layer (module docstring).
 
     Raises:

@@ -26,7 +26,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import explain, warn
 from ..kinds import LINEAR_KINDS
@@ -124,19 +124,19 @@ def calculate_alora_offsets(peft_config: dict[str, LoraConfig], active_adapter: 
         if getattr(peft_config[name], "alora_invocation_tokens", None) is not None:
             rows.setdefault(name, []).append(row)
     for name, indices in rows.items():
-        found = invocation_offsets(input_ids[indices], peft_config[name].alora_invocation_tokens)
+        found = invocation_offsets(input_ids[indices], peft_config[name].alora_invocation_tokens or [])
         for row, offset in zip(indices, found):
             offsets[row] = offset
     return offsets
 
 
-def is_alora_relevant_in_batch(model: nn.Module, adapter_names: list[str] | None = None) -> bool:
+def is_alora_relevant_in_batch(model: Any, adapter_names: list[str] | None = None) -> bool:
     """PEFT's helper: the active adapter, or one of the rows' adapters, is an aLoRA adapter."""
     names = [n for n in adapter_names or [] if n != "__base__"] + list(model.active_adapters)
     return any(getattr(model.peft_config.get(n), "alora_invocation_tokens", None) for n in names)
 
 
-def _offsets_kwargs(model: nn.Module, input_ids: Tensor | None, generate: bool, kwargs: dict) -> dict:
+def _offsets_kwargs(model: Any, input_ids: Tensor | None, generate: bool, kwargs: dict) -> dict:
     if not is_alora_relevant_in_batch(model, kwargs.get("adapter_names")) or kwargs.get("alora_offsets") is not None:
         return kwargs
     if input_ids is None:
@@ -149,13 +149,13 @@ def _offsets_kwargs(model: nn.Module, input_ids: Tensor | None, generate: bool, 
     return {**kwargs, "alora_offsets": offsets}
 
 
-def get_alora_offsets_for_forward(model: nn.Module, input_ids: Tensor | None = None,
+def get_alora_offsets_for_forward(model: Any, input_ids: Tensor | None = None,
                                   inputs_embeds: Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
     """PEFT's helper: ``kwargs`` with ``alora_offsets`` computed from ``input_ids`` where an aLoRA adapter runs."""
     return _offsets_kwargs(model, input_ids, False, kwargs)
 
 
-def get_alora_offsets_for_generate(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def get_alora_offsets_for_generate(model: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """PEFT's helper: as ``get_alora_offsets_for_forward``, reading input_ids from kwargs or the first argument."""
     input_ids = kwargs.get("input_ids")
     if input_ids is None and args and isinstance(args[0], Tensor):
@@ -207,7 +207,11 @@ def _alora_context(call: ModelCall) -> Iterator[None]:
              "forward pass.")
     else:
         for name in relevant:
-            offsets = list(explicit) if explicit is not None else invocation_offsets(input_ids, _tokens(call, name))
+            if explicit is not None:
+                offsets = list(explicit)
+            else:
+                assert input_ids is not None
+                offsets = invocation_offsets(input_ids, _tokens(call, name) or [])
             if row_adapters is not None:  # a mixed batch: the adapter sees only its own rows, in order
                 offsets = [offsets[row] for row, row_name in enumerate(row_adapters) if row_name == name]
             mapping[name] = offsets
