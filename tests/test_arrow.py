@@ -151,3 +151,17 @@ def test_refusals_keep_peft_sentences(experts, tmp_path):
         lorakit.ArrowConfig(router_temperature=0)
     with pytest.raises(ValueError, match="does not contain 'adapter_config.json'"):
         _routed(lorakit, [str(tmp_path)])
+
+
+def test_prototypes_are_built_once_and_rebuilt_for_a_new_expert(experts):
+    from unittest.mock import patch
+
+    model = _routed(lorakit, experts[:2])
+    state = model.base_model.model.model.layers[0].self_attn.q_proj.lora_arrow["arrow_router"]
+    with patch.object(state, "top_right_singular_vec_from_BA", wraps=state.top_right_singular_vec_from_BA) as spy:
+        model(input_ids=_ids())
+        model(input_ids=_ids())
+        assert spy.call_count == 2 == len(state.task_adapter_names)
+        model.load_adapter(experts[2], adapter_name="late")
+        model(input_ids=_ids())
+        assert spy.call_count == 5 and state.task_adapter_names == ["task_0", "task_1", "late"]

@@ -102,6 +102,15 @@ class ArrowState(nn.Module):
         self.gks_done = False
         self.gks_pending: list[str] = []
 
+    @property
+    def task_adapter_names(self) -> list[str]:
+        """The experts routed over (PEFT's attribute name)."""
+        return list(self.experts)
+
+    def top_right_singular_vec_from_BA(self, A: Tensor, B: Tensor) -> Tensor:
+        """One expert's prototype (PEFT's method name); called once per expert each time prototypes are built."""
+        return top_right_singular_vector(A, B, self.settings.rng_seed)
+
 
 def _is_general(name: str) -> bool:
     return name.startswith(GKS_ADAPTER_PREFIX) and name[len(GKS_ADAPTER_PREFIX):].isdigit()
@@ -141,7 +150,7 @@ def _refresh(layer: LoraLayer, state: ArrowState, router: str) -> None:
             layer.lora_B[name].weight.data.sub_(mean_B)
         state.gks_done, state.gks_pending = True, []
     if not state.prototypes_ready:
-        prototypes = [top_right_singular_vector(layer.lora_A[n].weight, layer.lora_B[n].weight, settings.rng_seed)
+        prototypes = [state.top_right_singular_vec_from_BA(layer.lora_A[n].weight, layer.lora_B[n].weight)
                       .to(layer.lora_A[n].weight.dtype) for n in state.experts]
         state.register_buffer("prototypes", torch.stack(prototypes), persistent=False)  # (E, in)
         state.prototypes_ready = True
