@@ -13,7 +13,10 @@ token ``generate`` decodes after its cached prefill (so every generated token of
 gets the adapter). Offsets are computed once per ``PeftModel.forward`` / ``generate`` call from its
 ``input_ids`` (or taken from an explicit ``alora_offsets=[...]`` argument) and reach the layers through a
 context (``Variant.context``), so ``LoraLayer`` stays generic; a layer called outside such a call sees no
-offsets and runs the base weights only, as PEFT's layers do without ``alora_offsets``.
+offsets and runs the base weights only, as PEFT's layers do without ``alora_offsets``. Under gradient
+checkpointing a block is recomputed inside backward, after the call ended; a layer in training mode records
+the offsets it ran with and reuses them for that recomputation (one forward per backward, as PEFT requires).
+PEFT's helpers ``calculate_alora_offsets`` / ``get_alora_offsets_for_forward`` / ``_generate`` are here too.
 
 aLoRA runs on linear kinds only, and cannot be merged: the update depends on the token position.
 """
