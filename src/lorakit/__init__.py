@@ -10,6 +10,8 @@ from .io import AdapterLoadError, get_peft_model_state_dict, load_peft_weights, 
 from .intruders import reduce_intruder_dimension
 from .kbit import prepare_model_for_kbit_training, quantize_model
 from .kinds import Kind, register_kind
+from .loraga import LoraGAConfig, preprocess_loraga
+from .variants.arrow import ArrowConfig, create_arrow_model
 from .layer import LoraLayer
 from .loftq import replace_lora_weights_loftq
 from .model import (
@@ -79,4 +81,8 @@ __all__ = [
     "get_model_status",
     "reduce_intruder_dimension",
     "replace_lora_weights_loftq",
+    "LoraGAConfig",
+    "preprocess_loraga",
+    "ArrowConfig",
+    "create_arrow_model",
 ]

@@ -124,7 +124,7 @@ class InitMethod:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
+NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -182,9 +182,6 @@ def _subconfig(value: Any, cls: type) -> Any:
 # get_peft_model raises NotImplementedError naming any of them that is set (never a silent no-op).
 NOT_YET = {
     "megatron_config": (None, "Megatron parallel layers are not supported"),
-    "lora_ga_config": (None, "LoRA-GA init is not supported"),
-    "alora_invocation_tokens": (None, "activated LoRA (aLoRA) is not supported"),
-    "arrow_config": (None, "Arrow routing is not supported"),
 }
 INITS_NOT_YET: dict[str, str] = {}  # init methods accepted by LoraConfig but not yet built (none left)
 
@@ -243,7 +240,7 @@ class LoraConfig:
     loftq_config: LoftQConfig | dict = field(default_factory=dict)
     eva_config: EvaConfig | None = None
     corda_config: CordaConfig | None = None
-    lora_ga_config: dict | None = None
+    lora_ga_config: Any = None  # a loraga.LoraGAConfig (or its dict)
     use_dora: bool = False
     velora_config: VeloraConfig | dict | None = None
     alora_invocation_tokens: list[int] | None = None
@@ -255,7 +252,7 @@ class LoraConfig:
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     use_bdlora: BdLoraConfig | dict | None = None
-    arrow_config: dict | None = None
+    arrow_config: Any = None  # a variants.arrow.ArrowConfig (or its dict)
     kasa_config: Any = None  # variants/kasa.py's KasaConfig
     ensure_weight_tying: bool = False
 
@@ -281,6 +278,14 @@ class LoraConfig:
             self.eva_config = EvaConfig(**self.eva_config)
         if isinstance(self.corda_config, dict):
             self.corda_config = CordaConfig(**self.corda_config)
+        if isinstance(self.lora_ga_config, dict):  # from adapter_config.json
+            from .loraga import LoraGAConfig  # loraga.py imports this module
+
+            self.lora_ga_config = LoraGAConfig(**self.lora_ga_config)
+        if isinstance(self.arrow_config, dict):  # from adapter_config.json
+            from .variants.arrow import ArrowConfig  # variants import this module
+
+            self.arrow_config = ArrowConfig.from_dict(self.arrow_config)
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         for name, cls in SUBCONFIGS.items():
@@ -303,6 +308,9 @@ class LoraConfig:
         if method.name == "loftq" and self.loftq_config:
             loftq = _loftq_dict(self.loftq_config)
             return InitMethod("loftq", {"bits": loftq.get("loftq_bits", 4), "iters": loftq.get("loftq_iter", 1)})
+        if method.name == "lora_ga":  # the LoraGAConfig's fields (None: none given, refused where a gradient is used)
+            return InitMethod("lora_ga", {"lora_ga_config": _loftq_dict(self.lora_ga_config)
+                                          if self.lora_ga_config is not None else None})
         return method
 
     @property
@@ -521,6 +529,9 @@ def _check_combinations(config: LoraConfig) -> None:
         raise _fail("use_bdlora", config.use_bdlora, "use_bdlora=None with use_dora=True")
     if config.use_bdlora is not None:
         _check_bdlora(config)
+    if config.alora_invocation_tokens is not None and config.task_type != "CAUSAL_LM":
+        warn("aLoRA is currently only supported for CAUSAL_LM task. (lorakit computes the invocation offsets from "
+             "input_ids in PeftModel.forward / generate)")
 
 
 def _check_bdlora(config: LoraConfig) -> None:

@@ -35,7 +35,7 @@ from .errors import explain, warn
 _FACTOR = re.compile(r".*\.(?:(?P<A>lora_A\.weight|lora_embedding_A)|(?P<B>lora_B\.weight|lora_embedding_B)"
                      r"|(?P<bias>lora_B\.bias)|(?P<m>lora_magnitude_vector))")
 SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
-EXACT_INITS = ("pissa", "olora", "corda", "default", "gaussian")  # B₀A₀ is what the base lost (or 0)
+EXACT_INITS = ("pissa", "olora", "corda", "lora_ga", "default", "gaussian")  # B₀A₀ is what the base lost (or 0)
 
 
 def residual_to_plain_lora(tensors: dict[str, Tensor], config: LoraConfig, initial_tensors: dict[str, Tensor],

@@ -65,17 +65,25 @@ InitFn = Callable[[InitRequest], "InitResult | None"]
 INITS: dict[str, InitFn] = {}
 NEEDS_WEIGHT: set[str] = set()  # methods that read the base weight (the layer passes it only to these)
 FRESH: set[str] = set()  # methods whose A and B are new tensors nothing else holds: the layer adopts them
+# method -> {base-layer attribute: option key}: data a preprocess step left on the base layer (CorDA's eigens,
+# LoRA-GA's gradient); the layer pops it (used once, as PEFT) into the request's options, a tensor shaped like
+# the base weight turned into the (out, in·k) matrix layout first
+ATTACHED: dict[str, dict[str, str]] = {}
 
 
-def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False) -> Callable[[InitFn], InitFn]:
+def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
+                  attached: dict[str, str] | None = None) -> Callable[[InitFn], InitFn]:
     """Decorator: register an init method under the name ``config.parse_init`` produces.
 
     ``fresh=True`` promises that A and B are newly made and referenced nowhere else, so ``write_factor``
     may take their storage instead of copying (no second pass over fresh memory at injection).
+    ``attached`` names base-layer attributes the method reads (see ``ATTACHED``).
     """
 
     def decorate(fn: InitFn) -> InitFn:
         INITS[name] = fn if fresh else _after_peft_draws(fn)
+        if attached:
+            ATTACHED[name] = dict(attached)
         if needs_weight:
             NEEDS_WEIGHT.add(name)
         if fresh:
@@ -314,7 +322,7 @@ def eva(request: InitRequest) -> InitResult:
     return default(request)
 
 
-@register_init("corda", needs_weight=True)
+@register_init("corda", needs_weight=True, attached={"eigens": "eigens"})
 def corda(request: InitRequest) -> InitResult:
     """CorDA (arXiv:2406.05223), PEFT's "corda": the covariance-oriented SVD W = U S Vᵀ becomes the adapter.
 

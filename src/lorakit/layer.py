@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from . import ops
 from .config import InitMethod
 from .errors import explain, warn
-from .inits import FRESH, INITS, NEEDS_WEIGHT, InitRequest, write_factor
+from .inits import ATTACHED, FRESH, INITS, NEEDS_WEIGHT, InitRequest, write_factor
 from .kinds import Kind, exposed_attributes, kind_for
 from .quant import dense_weight, write_weight
 from .variants import Variant, resolve_variant
@@ -199,8 +200,9 @@ class LoraLayer(nn.Module):
         weight, options = None, spec.init.options
         if spec.init.name in NEEDS_WEIGHT:
             weight = self.kind.matrix(self.base_layer).detach().float()
-        if spec.init.name == "corda":  # corda.preprocess_corda left it on the base layer; used once, as PEFT
-            options = {**options, "eigens": self.base_layer.__dict__.pop("eigens", None)}
+        attached = ATTACHED.get(spec.init.name)  # what a preprocess step left on the base layer (inits.ATTACHED)
+        if attached:
+            options = {**options, **{key: self._take_attached(attribute) for attribute, key in attached.items()}}
         result = INITS[spec.init.name](
             InitRequest(
                 A_shape=tuple(A.shape if self.kind.embedding else A.weight.shape),
@@ -251,6 +253,14 @@ class LoraLayer(nn.Module):
         self.use_dora[adapter_name] = spec.variant == "dora"
         self.lora_bias[adapter_name] = spec.lora_bias
         self._update_companions(adapter_name, spec, autocast_adapter_dtype)
+
+    def _take_attached(self, attribute: str) -> object:
+        """Pop ``attribute`` off the base layer; a tensor in the base weight's layout comes as the (out, in·k) matrix."""
+        value = self.base_layer.__dict__.pop(attribute, None)
+        weight = getattr(self.base_layer, "weight", None)
+        if isinstance(value, Tensor) and isinstance(weight, Tensor) and value.shape == weight.shape:
+            return self.kind.matrix(types.SimpleNamespace(weight=value))  # Kind.matrix reads only .weight
+        return value
 
     # ---- companions: child layers that get this layer's adapters (Kind.companions, e.g. MHA's out_proj) ------
     def _update_companions(self, adapter_name: str, spec: LayerSpec, autocast_adapter_dtype: bool) -> None:

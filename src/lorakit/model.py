@@ -30,6 +30,7 @@ from .model_card import create_or_update_model_card
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from . import guards, hub, io
 from .tuner import LoraModel, check_adapter_name, weights_follow
+from .variants import ModelCall, call_context
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -58,7 +59,7 @@ class PeftModel(nn.Module):
         super().__init__()
         _check_config(peft_config)
         self.peft_type = "LORA"
-        self.special_peft_forward_args = {"adapter_names"}
+        self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
         checkpointing = _is_checkpointing(model)  # read before injection: fewer modules to walk
         self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                     low_cpu_mem_usage=low_cpu_mem_usage)
@@ -85,7 +86,7 @@ class PeftModel(nn.Module):
         """The wrapped model's forward; ``adapter_names`` (one per row) runs a mixed-adapter batch."""
         if self._lorakit_frozen_load and self.training and torch.is_grad_enabled():
             guards.check_frozen_training(self)
-        with self._routing(adapter_names, args, kwargs):
+        with self._routing(adapter_names, args, kwargs), self._variant_context(adapter_names, args, kwargs, False):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
@@ -97,8 +98,13 @@ class PeftModel(nn.Module):
         generate = getattr(self.get_base_model(), "generate", None)
         if generate is None:
             raise AttributeError(f"{type(self.get_base_model()).__name__} has no generate()")
-        with self._routing(adapter_names, args, kwargs):
+        with self._routing(adapter_names, args, kwargs), self._variant_context(adapter_names, args, kwargs, True):
             return generate(*args, **kwargs)
+
+    def _variant_context(self, adapter_names: list[str] | None, args: tuple, kwargs: dict,
+                         generate: bool) -> contextlib.AbstractContextManager:
+        """The variants' per-call contexts (``Variant.context``; aLoRA's invocation offsets); pops their kwargs."""
+        return call_context(ModelCall(self.peft_config, self.active_adapters, adapter_names, args, kwargs, generate))
 
     def _routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
         if adapter_names is None:

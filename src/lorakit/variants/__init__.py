@@ -10,6 +10,7 @@ then calls ``init`` / ``forward`` / ``merge`` for the adapters created with it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ class Variant:
             variant, whichever the new config selects.
         model_methods: {name: fn(tuner, *args, **kwargs)}: methods the variant adds to ``LoraModel`` (and so to
             ``PeftModel``), PEFT's ``_get_kasa_loss`` and the like.
+        context: ModelCall -> a context manager entered around one ``PeftModel.forward`` / ``generate`` call,
+            for variants whose forward depends on the whole input, not just a layer's x (aLoRA reads the
+            invocation tokens in ``input_ids``); it may pop its own keyword arguments from ``call.kwargs``.
     """
 
     init: Callable[[LoraLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
@@ -75,6 +79,36 @@ class Variant:
     containers: tuple[str, ...] = ()
     check_adapters: Callable[[dict[str, LoraConfig], LoraConfig], None] | None = None
     model_methods: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    context: Callable[[ModelCall], contextlib.AbstractContextManager[None]] | None = None
+
+
+@dataclass
+class ModelCall:
+    """One call of ``PeftModel.forward`` / ``generate`` as ``Variant.context`` sees it.
+
+    Attributes:
+        peft_config: adapter name -> LoraConfig. active_adapters: the active adapter names.
+        adapter_names: one adapter name per row (a mixed batch), or None.
+        args / kwargs: the call's arguments; a context pops the keyword arguments it owns from ``kwargs``.
+        generate: the call is ``generate`` (else ``forward``).
+    """
+
+    peft_config: dict[str, LoraConfig]
+    active_adapters: list[str]
+    adapter_names: list[str] | None
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    generate: bool = False
+
+
+def call_context(call: ModelCall) -> contextlib.ExitStack:
+    """Every registered variant's ``context`` for ``call``, entered in registration order."""
+    stack = contextlib.ExitStack()
+    with stack:
+        for variant in VARIANTS.values():
+            if variant.context is not None:
+                stack.enter_context(variant.context(call))
+        return stack.pop_all()
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -177,7 +211,7 @@ def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module |
     return variant.bind(spec) if variant.bind is not None else variant
 
 
-from . import bdlora, dora, kasa, mica, monteclora, qalora, velora  # noqa: E402,F401  (each registers itself)
+from . import alora, arrow, bdlora, dora, kasa, mica, monteclora, qalora, velora  # noqa: E402,F401  (each registers itself)
 from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
 from .kasa import KasaConfig  # noqa: E402,F401
 from .monteclora import MontecloraConfig, MontecloraSampler  # noqa: E402,F401
