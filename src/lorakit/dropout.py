@@ -21,6 +21,13 @@ cost this file removes, while 1 byte per element is 1/8 of what nn.Dropout keeps
 The words come from torch's generator for the tensor's device, so ``torch.manual_seed`` reproduces the
 masks, and gradient checkpointing (which saves and restores that generator's state around the recompute)
 redraws the same mask. Masks are not bit-identical to ``nn.Dropout``'s (a different draw of the same law).
+
+torch.compile: ``random_`` is an in-place random op that TorchDynamo cannot trace (a graph break per
+call), so traced code draws through ``torch.ops.lorakit.keep_mask``, a custom op (``torch.library``) that
+runs the same ``keep_mask`` when the graph runs: the same words from the same generator, so a compiled
+model draws exactly the masks eager mode draws from the same seed. Its fake kernel gives the bool
+tensor's shape and device; it is tagged ``nondeterministic_seeded`` so the compiler neither merges two
+draws of the same shape nor recomputes one in backward (which would draw a different mask).
 """
 
 from __future__ import annotations
@@ -50,3 +57,18 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), None, generator=generator)  # 64 uniform bits per word: four int16 draws
     return words.view(torch.int16)[:numel].view(shape) >= keep_threshold(p)
+
+
+@torch.library.custom_op("lorakit::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _keep_mask_op(shape: list[int], p: float, device: torch.device) -> Tensor:
+    return keep_mask(tuple(shape), p, device)
+
+
+@_keep_mask_op.register_fake
+def _(shape: list[int], p: float, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=torch.bool, device=device)
+
+
+def traced_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """``keep_mask(shape, p, device)`` as one opaque node of a torch.compile graph (module docstring)."""
+    return torch.ops.lorakit.keep_mask(list(shape), p, device)

@@ -163,6 +163,9 @@ class Magnitude(nn.Module):
 
     def norm(self, layer: LoraLayer, A: Tensor, B: Tensor, s: float) -> Tensor:
         """n = ‖W + s·B A‖ per row of ``layer``'s base weight, detached, (out,); cached in eval mode."""
+        if torch.compiler.is_compiling():  # no cache: data_ptr and _version keys would break the graph
+            with torch.no_grad():
+                return weight_norm(layer.kind.matrix(layer.base_layer), A, B, s)
         weight = layer.base_layer.weight
         key = _key(weight, A, B) + (s, torch.is_inference_mode_enabled())
         if not self.training and self._norm is not None and self._norm[0] == key:
@@ -204,7 +207,7 @@ def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> T
     """
     A, B = layer.factors(adapter_name)
     magnitude = layer.lora_magnitude_vector[adapter_name]
-    if not (ops.FUSED and layer.kind.name in ops.FUSED_KINDS and B.bias is None and layer.dropout_p(adapter_name) == 0
+    if not (ops.FUSED and not torch.compiler.is_compiling() and layer.kind.name in ops.FUSED_KINDS and B.bias is None and layer.dropout_p(adapter_name) == 0
             and y.dtype == A.weight.dtype and ops.autocast_dtype(x) is None
             and bool((magnitude.weight != 0).all())):
         return dora_reference(layer, adapter_name, x, y)

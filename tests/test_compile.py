@@ -1,0 +1,139 @@
+"""torch.compile sees through lorakit: no graph break, and compiled runs equal to eager runs and to PEFT.
+
+The table is every base kind x {plain LoRA, DoRA} x {train, eval} x {dropout 0, 0.1} (MultiheadAttention
+has no DoRA, in PEFT as in lorakit). Each case wraps one base layer, compiles it with ``fullgraph=True``
+(any graph break raises, so passing means TorchDynamo's graph_break_count is 0) on the ``aot_eager``
+backend (AOTAutograd's traced forward and backward, run op by op: the graphs inductor would get, at test
+speed), and runs eager and compiled from the same seed. Outputs and the gradients of the input and of
+every trainable tensor must agree within float32 rounding (the compiled plain-LoRA formula adds y and
+c·h Bᵀ in two ops where eager's addmm_ adds them in one: an ulp of the output). Dropout masks are equal,
+not just equal in law: the compiled graph draws through ``torch.ops.lorakit.keep_mask``, the eager op's
+own draw. Where PEFT computes the same thing (dropout 0 or eval; not MultiheadAttention, whose out_proj
+update PEFT 0.21.2 applies twice, see kinds_mha.py), the compiled output also equals PEFT's eager output.
+
+``test_llama_has_no_graph_break`` is the issue's measurement (``torch._dynamo.explain`` on a 2-layer Llama,
+all-linear LoRA, dropout 0.1, training); ``test_inductor_llama`` compiles the same model once with inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from models import tiny_llama
+
+BASES = {  # kind -> (factory, input shape, or None for token ids)
+    "linear": (lambda: nn.Linear(12, 10), (2, 5, 12)),
+    "conv1d_gpt2": (lambda: Conv1D(10, 12), (2, 5, 12)),  # weight (in, out)
+    "embedding": (lambda: nn.Embedding(20, 10), None),
+    "conv1d": (lambda: nn.Conv1d(3, 6, 3), (2, 3, 9)),
+    "conv2d": (lambda: nn.Conv2d(3, 6, 3), (2, 3, 6, 6)),
+    "conv3d": (lambda: nn.Conv3d(3, 4, 3), (2, 3, 4, 4, 4)),
+    "mha": (lambda: nn.MultiheadAttention(12, 2, batch_first=True), (2, 5, 12)),
+}
+VARIANTS = {"plain": {}, "dora": {"use_dora": True}}
+CASES = [(kind, variant, mode, p) for kind, variant, mode, p in
+         itertools.product(BASES, VARIANTS, ("train", "eval"), (0.0, 0.1)) if not (kind == "mha" and variant == "dora")]
+TOL = dict(atol=2e-5, rtol=2e-5)  # float32: a few ulps of values of order 1
+
+
+class Net(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layer = BASES[kind][0]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, x, x)[0] if self.kind == "mha" else self.layer(x)
+
+
+def _build(library, kind: str, variant: str, mode: str, p: float) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = Net(kind)
+        config = library.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["layer"], **VARIANTS[variant])
+        model = library.get_peft_model(net, config)
+        torch.manual_seed(1)
+        with torch.no_grad():  # B non-zero (the branch is not a no-op), m ≠ ‖W + s·B A‖ for DoRA
+            for name, param in sorted(model.named_parameters()):
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    param.normal_(0, 0.5)
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1.5)
+    return model.train(mode == "train")
+
+
+def _inputs(kind: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2)
+    shape = BASES[kind][1]
+    if shape is None:
+        return torch.randint(0, 20, (2, 5), generator=generator)
+    return torch.randn(shape, generator=generator).requires_grad_(True)
+
+
+def _plain(name: str) -> str:
+    """A parameter's name without the compiled module's and PeftModel's prefixes."""
+    return name.replace("_orig_mod.", "").replace("base_model.model.", "")
+
+
+def _run(model: nn.Module, x: torch.Tensor, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Output, ∂x and the gradient of every trainable tensor for loss = Σ w ⊙ out, from ``seed``."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(x.is_floating_point())
+    torch.manual_seed(seed)
+    out = model(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    (out * weights).sum().backward()
+    result = {"out": out.detach()}
+    if x.is_floating_point():
+        result["x"] = x.grad
+    result.update({_plain(name): p.grad for name, p in model.named_parameters() if p.requires_grad})
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()  # each case compiles new modules: no cache entries or recompile counts carried over
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind,variant,mode,p", CASES, ids=["-".join(map(str, case)) for case in CASES])
+def test_compiled_equals_eager_and_peft(kind: str, variant: str, mode: str, p: float) -> None:
+    model = _build(lorakit, kind, variant, mode, p)
+    x = _inputs(kind)
+    eager = _run(model, x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break raises
+    _run(compiled, x, seed=5)  # compiles; a different seed, so a mask cached from this call would show
+    result = _run(compiled, x)
+    assert result.keys() == eager.keys() and len(result) >= 3  # out, ∂x or ∂A, ∂B at least
+    for name in eager:
+        torch.testing.assert_close(result[name], eager[name], **TOL, msg=lambda m: f"{name}: {m}")
+    if p > 0 and mode == "train" and kind not in ("embedding", "mha"):  # the dropout is really active
+        again = _run(compiled, x, seed=6)
+        assert not torch.equal(again["out"], result["out"])
+    if kind != "mha" and (p == 0 or mode == "eval"):
+        twin = _build(peft, kind, variant, mode, p)
+        twin.load_state_dict(model.state_dict())  # lorakit's keys are PEFT's, key for key
+        reference = _run(twin, x)
+        assert reference.keys() == result.keys()
+        for name, value in result.items():
+            torch.testing.assert_close(value, reference[name], **TOL, msg=lambda m: f"{name} vs peft: {m}")
+
+
+@pytest.mark.parametrize("library", [lorakit, peft], ids=["lorakit", "peft"])
+def test_llama_has_no_graph_break(library) -> None:
+    """The issue's count: 2-layer Llama, all-linear, dropout 0.1, training (42 breaks before, PEFT 0)."""
+    model = library.get_peft_model(tiny_llama(0), library.LoraConfig(r=4, target_modules="all-linear",
+                                                                    lora_dropout=0.1)).train()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1
