@@ -1,7 +1,7 @@
 """torch.compile sees through lorakit: no graph break, and compiled runs equal to eager runs and to PEFT.
 
-The table is every base kind x {plain LoRA, DoRA} x {train, eval} x {dropout 0, 0.1} (MultiheadAttention
-has no DoRA, in PEFT as in lorakit). Each case wraps one base layer, compiles it with ``fullgraph=True``
+The table is {plain LoRA, DoRA} x {train, eval} x {dropout 0, 0.1}; each case holds one base layer of
+every kind (``BASES``; MultiheadAttention has no DoRA, in PEFT as in lorakit) side by side, compiles them with ``fullgraph=True``
 (any graph break raises, so passing means TorchDynamo's graph_break_count is 0) on the ``aot_eager``
 backend (AOTAutograd's traced forward and backward, run op by op: the graphs inductor would get, at test
 speed), and runs eager and compiled from the same seed. Outputs and the gradients of the input and of
@@ -31,6 +31,7 @@ from models import tiny_llama
 
 BASES = {  # kind -> (factory, input shape, or None for token ids)
     "linear": (lambda: nn.Linear(12, 10), (2, 5, 12)),
+    "linear_twin": (lambda: nn.Linear(12, 7), (2, 5, 12)),  # reads linear's x, as q, k and v read one tensor
     "conv1d_gpt2": (lambda: Conv1D(10, 12), (2, 5, 12)),  # weight (in, out)
     "embedding": (lambda: nn.Embedding(20, 10), None),
     "conv1d": (lambda: nn.Conv1d(3, 6, 3), (2, 3, 9)),
@@ -39,26 +40,33 @@ BASES = {  # kind -> (factory, input shape, or None for token ids)
     "mha": (lambda: nn.MultiheadAttention(12, 2, batch_first=True), (2, 5, 12)),
 }
 VARIANTS = {"plain": {}, "dora": {"use_dora": True}}
-CASES = [(kind, variant, mode, p) for kind, variant, mode, p in
-         itertools.product(BASES, VARIANTS, ("train", "eval"), (0.0, 0.1)) if not (kind == "mha" and variant == "dora")]
+SHARED = {"linear_twin": "linear"}  # kind -> the kind whose input it reads (its mask must still be its own)
+NO_DORA = {"mha"}  # PEFT refuses DoRA on nn.MultiheadAttention, and so does lorakit
+CASES = list(itertools.product(VARIANTS, ("train", "eval"), (0.0, 0.1)))
 TOL = dict(atol=2e-5, rtol=2e-5)  # float32: a few ulps of values of order 1
 
 
 class Net(nn.Module):
-    def __init__(self, kind: str) -> None:
+    """One base layer of each kind side by side (one compile per case covers every kind); out[kind] = layer(x)."""
+
+    def __init__(self, kinds: list[str]) -> None:
         super().__init__()
-        self.kind = kind
-        self.layer = BASES[kind][0]()
+        self.layers = nn.ModuleDict({kind: BASES[kind][0]() for kind in kinds})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x, x, x)[0] if self.kind == "mha" else self.layer(x)
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = {}
+        for kind, layer in self.layers.items():
+            x = inputs[SHARED.get(kind, kind)]
+            outputs[kind] = layer(x, x, x)[0] if kind == "mha" else layer(x)
+        return outputs
 
 
-def _build(library, kind: str, variant: str, mode: str, p: float) -> nn.Module:
+def _build(library, variant: str, mode: str, p: float) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = Net(kind)
-        config = library.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["layer"], **VARIANTS[variant])
+        net = Net([kind for kind in BASES if not (variant == "dora" and kind in NO_DORA)])
+        config = library.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=list(net.layers),
+                                    **VARIANTS[variant])
         model = library.get_peft_model(net, config)
         torch.manual_seed(1)
         with torch.no_grad():  # B non-zero (the branch is not a no-op), m ≠ ‖W + s·B A‖ for DoRA
@@ -70,12 +78,16 @@ def _build(library, kind: str, variant: str, mode: str, p: float) -> nn.Module:
     return model.train(mode == "train")
 
 
-def _inputs(kind: str) -> torch.Tensor:
+def _inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
-    shape = BASES[kind][1]
-    if shape is None:
-        return torch.randint(0, 20, (2, 5), generator=generator)
-    return torch.randn(shape, generator=generator).requires_grad_(True)
+    inputs = {}
+    for kind in model.base_model.model.layers:
+        if kind in SHARED:
+            continue
+        shape = BASES[kind][1]
+        inputs[kind] = (torch.randint(0, 20, (2, 5), generator=generator) if shape is None
+                        else torch.randn(shape, generator=generator))
+    return inputs
 
 
 def _plain(name: str) -> str:
@@ -83,17 +95,16 @@ def _plain(name: str) -> str:
     return name.replace("_orig_mod.", "").replace("base_model.model.", "")
 
 
-def _run(model: nn.Module, x: torch.Tensor, seed: int = 3) -> dict[str, torch.Tensor]:
-    """Output, ∂x and the gradient of every trainable tensor for loss = Σ w ⊙ out, from ``seed``."""
+def _run(model: nn.Module, inputs: dict[str, torch.Tensor], seed: int = 3) -> dict[str, torch.Tensor]:
+    """Outputs, input gradients and the gradient of every trainable tensor for loss = Σ w ⊙ out, from ``seed``."""
     model.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_(x.is_floating_point())
+    inputs = {kind: x.detach().requires_grad_(x.is_floating_point()) for kind, x in inputs.items()}
     torch.manual_seed(seed)
-    out = model(x)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
-    (out * weights).sum().backward()
-    result = {"out": out.detach()}
-    if x.is_floating_point():
-        result["x"] = x.grad
+    outputs = model(inputs)
+    generator = torch.Generator().manual_seed(4)
+    sum((out * torch.randn(out.shape, generator=generator)).sum() for out in outputs.values()).backward()
+    result = {f"out {kind}": out.detach() for kind, out in outputs.items()}
+    result.update({f"grad x {kind}": x.grad for kind, x in inputs.items() if x.is_floating_point()})
     result.update({_plain(name): p.grad for name, p in model.named_parameters() if p.requires_grad})
     return result
 
@@ -105,27 +116,33 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("kind,variant,mode,p", CASES, ids=["-".join(map(str, case)) for case in CASES])
-def test_compiled_equals_eager_and_peft(kind: str, variant: str, mode: str, p: float) -> None:
-    model = _build(lorakit, kind, variant, mode, p)
-    x = _inputs(kind)
-    eager = _run(model, x)
+@pytest.mark.parametrize("variant,mode,p", CASES, ids=["-".join(map(str, case)) for case in CASES])
+def test_compiled_equals_eager_and_peft(variant: str, mode: str, p: float) -> None:
+    model = _build(lorakit, variant, mode, p)
+    inputs = _inputs(model)
+    eager = _run(model, inputs)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break raises
-    _run(compiled, x, seed=5)  # compiles; a different seed, so a mask cached from this call would show
-    result = _run(compiled, x)
-    assert result.keys() == eager.keys() and len(result) >= 3  # out, ∂x or ∂A, ∂B at least
+    _run(compiled, inputs, seed=5)  # compiles; another seed, so a mask kept from this call would show
+    result = _run(compiled, inputs)
+    kinds = list(inputs)
+    assert result.keys() == eager.keys()
+    assert all(f"{kind}.lora_{factor}.default.weight" in "".join(result) or kind == "embedding"
+               for kind in kinds for factor in "AB")  # every layer's factors got gradients
     for name in eager:
         torch.testing.assert_close(result[name], eager[name], **TOL, msg=lambda m: f"{name}: {m}")
-    if p > 0 and mode == "train" and kind not in ("embedding", "mha"):  # the dropout is really active
-        again = _run(compiled, x, seed=6)
-        assert not torch.equal(again["out"], result["out"])
-    if kind != "mha" and (p == 0 or mode == "eval"):
-        twin = _build(peft, kind, variant, mode, p)
+    if p > 0 and mode == "train":  # the dropout is really active: another seed, other outputs
+        again = _run(compiled, inputs, seed=6)
+        for kind in kinds:
+            if kind not in ("embedding", "mha"):  # PEFT applies no dropout to these two
+                assert not torch.equal(again[f"out {kind}"], result[f"out {kind}"]), kind
+    if p == 0 or mode == "eval":  # PEFT computes the same function (not for MHA: kinds_mha.py, peft#3774)
+        twin = _build(peft, variant, mode, p)
         twin.load_state_dict(model.state_dict())  # lorakit's keys are PEFT's, key for key
-        reference = _run(twin, x)
+        reference = _run(twin, inputs)
         assert reference.keys() == result.keys()
         for name, value in result.items():
-            torch.testing.assert_close(value, reference[name], **TOL, msg=lambda m: f"{name} vs peft: {m}")
+            if "mha" not in name:
+                torch.testing.assert_close(value, reference[name], **TOL, msg=lambda m: f"{name} vs peft: {m}")
 
 
 @pytest.mark.parametrize("library", [lorakit, peft], ids=["lorakit", "peft"])
