@@ -30,6 +30,7 @@ def build(layers: int) -> torch.nn.Module:
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                          tie_word_embeddings=True)
     base = LlamaForCausalLM(config)
+    base.config.use_cache = False  # as `lorakit train`: a KV cache would hand each block its layer index
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return lorakit.get_peft_model(base, lorakit.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1,
                                                            target_modules=seven))

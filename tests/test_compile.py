@@ -12,7 +12,7 @@ own draw. Where PEFT computes the same thing (dropout 0 or eval; not MultiheadAt
 update PEFT 0.21.2 applies twice, see kinds_mha.py), the compiled output also equals PEFT's eager output.
 
 ``test_llama_has_no_graph_break`` is the issue's measurement (``torch._dynamo.explain`` on a 2-layer Llama,
-all-linear LoRA, dropout 0.1, training); ``test_inductor_llama`` compiles the same model once with inductor.
+all-linear LoRA, dropout 0.1, training); the last tests cover lorakit.compiling's regional compilation.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
+from lorakit.compiling import compile_blocks, repeated_blocks
 from models import tiny_llama
 
 BASES = {  # kind -> (factory, input shape, or None for token ids)
@@ -154,3 +155,35 @@ def test_llama_has_no_graph_break(library) -> None:
     explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_compile_blocks_compiles_one_block_once_and_trains_as_eager() -> None:
+    """Regional compilation: the decoder layers share compiled graphs (no recompile per layer); a training
+    step with dropout 0.1 gives eager's loss and gradients (same seed, same masks)."""
+    from torch._dynamo.utils import counters
+
+    config = lorakit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1)
+    eager = lorakit.get_peft_model(tiny_llama(0), config).train()
+    compiled = copy.deepcopy(eager)
+    blocks = compile_blocks(compiled, backend="aot_eager", fullgraph=True)
+    assert blocks == list(compiled.base_model.model.model.layers) and len(blocks) == 2
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(7)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {_plain(n): p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
+    assert results[1][1].keys() == results[0][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, **TOL, msg=lambda m: f"{name}: {m}")
+    # two graphs, not one per layer: layer 0's input (the frozen embedding's output) needs no gradient, the
+    # input of layers 1 … L − 1 does (a guard on requires_grad); with 2 layers this also proves layer 1 ≠ layer 0
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_compile_blocks_refuses_a_model_without_repeated_blocks() -> None:
+    assert repeated_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == []
+    with pytest.raises(ValueError, match="no repeated blocks to compile.*torch.compile\\(model\\)"):
+        compile_blocks(nn.Sequential(nn.Linear(2, 2)))

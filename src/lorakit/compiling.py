@@ -9,7 +9,10 @@ block's forward in place (``nn.Module.compile``) gives one graph that every bloc
 blocks run the same code and TorchDynamo treats a block's parameters as graph inputs, not constants
 (``inline_inbuilt_nn_modules``, torch's default): block 0 compiles, blocks 1 … L − 1 pass the same guards
 (same types, same adapter settings, same shapes) and run the cached code. Compile time is that of one
-block (forward and, in training, backward), whatever L is. Embedding, head and loss stay eager.
+block (forward and, in training, backward), whatever L is; in training with a frozen embedding it is two:
+block 0's input needs no gradient and the others' inputs do, and Dynamo guards on ``requires_grad``.
+Embedding, head and loss stay eager. Train with ``use_cache=False`` (``lorakit train`` does): a KV cache
+hands each block its own layer index, a guarded constant, which would compile every block anew.
 
 LoRA layers inside the blocks trace without a graph break (ops.py "Compiled", dropout.py): the compiled
 block draws the same dropout masks as eager mode from the same seed and computes the same function.

@@ -50,6 +50,22 @@ while addmm_ rounds y + c·h Bᵀ once (at most a few ulps of d on the output, a
 float64 factors are never lowered (autocast leaves float64 alone). DoRA under autocast runs the reference
 (variants.py), whose norm is computed with autocast off.
 
+Compiled (``torch.compile``). TorchDynamo cannot trace the two Functions above: they write into their
+input y (``mark_dirty``) and draw the mask with the in-place ``random_``, which cost a graph break per
+layer and per draw (42 on a 2-layer Llama with all-linear LoRA and dropout). While Dynamo traces
+(``torch.compiler.is_compiling()``) the same formula runs out of place in plain ops, ``add_lora``:
+
+    h = (x ⊙ m) Aᵀ,   y' = y + c·h Bᵀ (+ s·b_B)       m from ``torch.ops.lorakit.keep_mask_`` (dropout.py)
+
+AOTAutograd derives the backward (the four matmuls above) and its partitioner picks what to keep (x,
+the bool m and h, as the Function does); inductor fuses the elementwise parts into their neighbours. The
+mask op runs dropout.py's own draw, so a compiled model draws the masks eager mode draws from the same
+seed, and compiled outputs and gradients equal eager ones within float32 rounding (tests/test_compile.py).
+DoRA takes its reference formula while compiling (variants/dora.py), whose norm is then recomputed per
+call instead of cached (the cache keys on ``data_ptr``, which Dynamo cannot guard). Eager mode is
+unchanged: one ``is_compiling()`` test per layer call. Measured on CPU (inductor, regional compilation of
+the decoder layers, lorakit.compiling): see that module.
+
 Switch: ``LORAKIT_FUSED=0`` in the environment (read at import) or ``ops.FUSED = False`` selects the
 reference path (layer.py's ``_branch`` with ``nn.Dropout``, variants.py's ``dora_reference``); ``FUSED_KINDS``
 lists the kinds that take the fused path, every other kind (Embedding, ConvNd) always runs the reference.
