@@ -22,6 +22,10 @@ The norm never forms the (out, K) matrix W + s·B A; per row i (the low-rank ide
 (storage, ``_version``) of W, A and B, so inference pays for the norm once (PEFT recomputes it every call).
 In-place changes made through autograd-visible ops (optimizer steps, ``copy_``, merges, loads) bump
 ``_version``; a write through ``.data`` does not, and ``train()`` clears the cache for that case.
+
+Under ``torch.compile`` (while Dynamo traces) the forward is ``dora_reference``, plain ops that trace
+without a graph break and that inductor fuses, and n is recomputed per call, not cached: the cache's keys
+(``data_ptr``, ``_version``) cannot be guarded on. The fused ``ops.dora_`` stays the eager path.
 """
 
 from __future__ import annotations
