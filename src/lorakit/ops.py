@@ -50,6 +50,22 @@ while addmm_ rounds y + c·h Bᵀ once (at most a few ulps of d on the output, a
 float64 factors are never lowered (autocast leaves float64 alone). DoRA under autocast runs the reference
 (variants.py), whose norm is computed with autocast off.
 
+Compiled (``torch.compile``). TorchDynamo cannot trace the two Functions above: they write into their
+input y (``mark_dirty``) and draw the mask with the in-place ``random_``, which cost a graph break per
+layer and per draw (42 on a 2-layer Llama with all-linear LoRA and dropout). While Dynamo traces
+(``torch.compiler.is_compiling()``) the same formula runs out of place in plain ops, ``add_lora``:
+
+    h = (x ⊙ m) Aᵀ,   y' = y + c·h Bᵀ (+ s·b_B)       m from ``torch.ops.lorakit.keep_mask_`` (dropout.py)
+
+AOTAutograd derives the backward (the four matmuls above) and its partitioner picks what to keep (x,
+the bool m and h, as the Function does); inductor fuses the elementwise parts into their neighbours. The
+mask op runs dropout.py's own draw, so a compiled model draws the masks eager mode draws from the same
+seed, and compiled outputs and gradients equal eager ones within float32 rounding (tests/test_compile.py).
+DoRA takes its reference formula while compiling (variants/dora.py), whose norm is then recomputed per
+call instead of cached (the cache keys on ``data_ptr``, which Dynamo cannot guard). Eager mode is
+unchanged: one ``is_compiling()`` test per layer call. Measured on CPU (inductor, regional compilation of
+the decoder layers, lorakit.compiling): see that module.
+
 Switch: ``LORAKIT_FUSED=0`` in the environment (read at import) or ``ops.FUSED = False`` selects the
 reference path (layer.py's ``_branch`` with ``nn.Dropout``, variants.py's ``dora_reference``); ``FUSED_KINDS``
 lists the kinds that take the fused path, every other kind (Embedding, ConvNd) always runs the reference.
@@ -63,7 +79,7 @@ import os
 import torch
 from torch import Tensor
 
-from .dropout import keep_mask
+from .dropout import keep_mask, traced_keep_mask
 
 FUSED: bool = os.environ.get("LORAKIT_FUSED", "1") != "0"
 FUSED_KINDS = frozenset({"Linear", "Conv1D"})  # kinds whose branch is B(A(x)) with two nn.Linear factors
@@ -78,7 +94,7 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     The common case (no autocast anywhere) costs one C call, so the fused path asks once per forward (0.3 µs
     per layer call measured on the CI CPU, against tens of µs for the layer itself).
     """
-    if _any_autocast is not None and not _any_autocast():
+    if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
         return None
     device_type = x.device.type  # "meta" and other devices without autocast: nothing to lower
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
@@ -164,7 +180,24 @@ def add_lora_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s
         bias: lora_B's bias or None. s: the scaling. p: dropout probability (0: none, e.g. in eval).
         mask: (N, in) bool keep-mask to use instead of drawing one (tests); N = x.numel() // in.
     """
+    if torch.compiler.is_compiling():
+        return add_lora(y, x, A, B, bias, s, p, mask)
     return LoraBranch.apply(writable(y), x, A, B, bias, s, p, mask)
+
+
+def add_lora(y: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s: float, p: float = 0.0,
+             mask: Tensor | None = None) -> Tensor:
+    """y + c·((x ⊙ m) Aᵀ) Bᵀ + s·b_B out of place: ``add_lora_``'s traceable twin (module docstring, "Compiled").
+
+    Same arguments and result as ``add_lora_``, and the same mask (drawn through ``dropout.traced_keep_mask``);
+    autograd and the compiler's partitioner derive the backward and what it keeps.
+    """
+    if p > 0 and mask is None:
+        mask = traced_keep_mask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device)
+    c = s / (1.0 - p) if p > 0 else s
+    h = torch.nn.functional.linear(x if mask is None else x * mask.view(x.shape), A)  # (..., r)
+    y = torch.add(y, torch.nn.functional.linear(h, B), alpha=c)
+    return y if bias is None else torch.add(y, bias, alpha=s)
 
 
 class DoraBranch(torch.autograd.Function):

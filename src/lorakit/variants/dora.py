@@ -22,6 +22,10 @@ The norm never forms the (out, K) matrix W + s·B A; per row i (the low-rank ide
 (storage, ``_version``) of W, A and B, so inference pays for the norm once (PEFT recomputes it every call).
 In-place changes made through autograd-visible ops (optimizer steps, ``copy_``, merges, loads) bump
 ``_version``; a write through ``.data`` does not, and ``train()`` clears the cache for that case.
+
+Under ``torch.compile`` (while Dynamo traces) the forward is ``dora_reference``, plain ops that trace
+without a graph break and that inductor fuses, and n is recomputed per call, not cached: the cache's keys
+(``data_ptr``, ``_version``) cannot be guarded on. The fused ``ops.dora_`` stays the eager path.
 """
 
 from __future__ import annotations
@@ -163,6 +167,9 @@ class Magnitude(nn.Module):
 
     def norm(self, layer: LoraLayer, A: Tensor, B: Tensor, s: float) -> Tensor:
         """n = ‖W + s·B A‖ per row of ``layer``'s base weight, detached, (out,); cached in eval mode."""
+        if torch.compiler.is_compiling():  # no cache: data_ptr and _version keys would break the graph
+            with torch.no_grad():
+                return weight_norm(layer.kind.matrix(layer.base_layer), A, B, s)
         weight = layer.kind.weight(layer.base_layer)  # the stored tensor (codes for a quantized base): cache key
         key = _key(weight, A, B) + (s, torch.is_inference_mode_enabled())
         if not self.training and self._norm is not None and self._norm[0] == key:
@@ -204,7 +211,7 @@ def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> T
     """
     A, B = layer.factors(adapter_name)
     magnitude = layer.lora_magnitude_vector[adapter_name]
-    if not (ops.FUSED and layer.kind.name in ops.FUSED_KINDS and B.bias is None and layer.dropout_p(adapter_name) == 0
+    if not (ops.FUSED and not torch.compiler.is_compiling() and layer.kind.name in ops.FUSED_KINDS and B.bias is None and layer.dropout_p(adapter_name) == 0
             and y.dtype == A.weight.dtype and ops.autocast_dtype(x) is None
             and bool((magnitude.weight != 0).all())):
         return dora_reference(layer, adapter_name, x, y)
