@@ -4,6 +4,9 @@ Per optimizer step t (AdamW on the trainable parameters only), with ``grad_accum
 
     g_t = Σ_k ∇ L(batch_k) / grad_accum,   clip ‖g_t‖ ≤ 1,   lr_t = lr · warmup-then-linear-decay(t)
 
+L is the mean loss over a micro-batch's reply tokens, computed by ``lm_loss.causal_lm_loss`` (the LM head
+only at label positions, chunked; equal to ``model(**batch).loss``).
+
 The loop is deliberately small: it is what the ``lorakit train`` command runs, and what a user can read
 to see what a LoRA training step is. ``transformers.Trainer`` works on lorakit models too (see README).
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .lm_loss import causal_lm_loss
 from .sft import Example, batches, collate
 
 
@@ -177,7 +181,7 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
                 step_tokens += tokens
                 continue
             batch = collate(next(stream), pad_id)
-            loss = model(**batch).loss / settings.grad_accum
+            loss = causal_lm_loss(model, **batch) / settings.grad_accum  # the LM head at label positions only
             loss.backward()
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].sum())
@@ -244,7 +248,7 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += model(**batch).loss.item() * tokens
+        total += causal_lm_loss(model, **batch).item() * tokens
         count += tokens
     model.train(was_training)
     return total / max(count, 1)

@@ -36,6 +36,7 @@ from ..checkpoint import (
 )
 from ..config import LoraConfig
 from ..model import get_peft_model
+from ..precision import CHOICES, Choice, decide, hold_frozen_in
 from ..training import (
     NonFiniteError,
     PeakMemory,
@@ -88,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=2, help="sample answers printed before and after (0: none)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the model with FSDP2 instead of replicating it with DDP")
+    parser.add_argument("--precision", choices=list(CHOICES), default="auto",
+                        help="dtype of the frozen base: bf16 (adapters and optimizer stay fp32), fp32, or auto: "
+                             "bf16 where the CPU has AMX / AVX512-BF16 and a probe finds it faster (precision.py)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                         help="with --fsdp on bf16-capable CUDA GPUs: compute in bf16, reduce in fp32")
     add_lora_flags(parser, SFT_RECIPE, "the SFT recipe")
@@ -107,7 +111,22 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError(f"--model {args.model} is not a transformers model folder (no config.json)")
 
 
-def _load(args: argparse.Namespace) -> tuple[object, object, Path]:
+def _precision(args: argparse.Namespace, world: int, device: torch.device) -> Choice:
+    """The base's dtype for ``--precision``, decided before anything loads (a refusal costs nothing)."""
+    if world > 1:  # DDP / FSDP2 keep one dtype per process group here; FSDP2 has --mixed-precision
+        if args.precision == "bf16":
+            raise CliError("--precision bf16 trains in one process; under torchrun use --fsdp --mixed-precision bf16")
+        return Choice(torch.float32, f"{args.precision}: fp32 under torchrun (--fsdp --mixed-precision bf16 lowers it)")
+    if args.load_in_4bit and args.precision == "auto":
+        return Choice(torch.float32, "auto: fp32 compute for the 4-bit base (bf16 not measured there; "
+                                     "ask with --precision bf16)")
+    try:
+        return decide(args.precision, device)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def _load(args: argparse.Namespace, compute: torch.dtype = torch.float32) -> tuple[object, object, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -124,10 +143,10 @@ def _load(args: argparse.Namespace) -> tuple[object, object, Path]:
         tokenizer.pad_token = tokenizer.eos_token
     if args.gradient_checkpointing:
         model.config.use_cache = False
-    if args.load_in_4bit:  # QLoRA: NF4 projections, fp32 compute (bf16 is slower on CPU), lm_head kept
+    if args.load_in_4bit:  # QLoRA: NF4 projections computing in the --precision dtype, lm_head kept
         from ..kbit import quantize_model
 
-        quantize_model(model, quant_type="nf4", compute_dtype=torch.float32, double_quant=True)
+        quantize_model(model, quant_type="nf4", compute_dtype=compute, double_quant=True)
     return model, tokenizer, folder
 
 
@@ -242,18 +261,22 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
 
     output = args.output
     saved, notes, config = _settings(args)
+    choice = _precision(args, world, device)  # after --resume filled args, before anything loads
+    args.precision = choice.name  # the checkpoint records the resolved dtype: a resume does not re-probe
     train_rows, held_rows = _rows(args)
     import transformers  # noqa: F401  (imported before the baseline so only model memory is counted)
 
     baseline = rss_mb()
-    model, tokenizer, folder = _load(args)
+    model, tokenizer, folder = _load(args, choice.dtype)
     torch.manual_seed(args.seed)  # the adapter's random init is part of the run's reproducibility
     peft_model = get_peft_model(model, config)  # inject before wrapping or sharding
+    hold_frozen_in(peft_model, choice.dtype)  # after injection: the adapters were made fp32 and stay so
     if args.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     print(f"model {folder}: {type(model).__name__}; LoRA r={config.r} alpha={config.lora_alpha} "
           f"dropout={config.lora_dropout} rslora={config.use_rslora} targets={sorted(config.target_modules)}")
     peft_model.print_trainable_parameters()
+    print(f"precision: frozen base in {choice.name}, adapters and optimizer in fp32 ({choice.reason})")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     problem = free_space_problem(output, trainable * DISK_BYTES_PER_PARAMETER) if rank == 0 else None
     if problem:
