@@ -138,3 +138,16 @@ def test_a_lora_adapted_head_falls_back_to_the_model():
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     torch.testing.assert_close(causal_lm_loss(model, ids, None, ids),
                                model(input_ids=ids, labels=ids).loss)
+
+
+def test_under_autocast_it_computes_as_f_linear_would():
+    h, w, _, t = _case(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _plain(h, w, None, t)  # F.linear lowers to bf16 under autocast; the loss upcasts
+        fused = linear_cross_entropy(h, w, t, chunk=16)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)  # the same bf16 logits, float32 sums
+    got, want = _grads(fused, (h, w)), _grads(plain, (h, w))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # bf16 rounding of p − e_t (see CASES)

@@ -14,7 +14,7 @@ with respect to h (and W, b when they train) is formed in the forward pass, chun
 only scales it by the incoming gradient. What autograd keeps is ∂L/∂h, an (M, H) tensor: M ≤ tokens and
 H ≪ V. Positions whose label is ignored (prompts, padding) never reach the head at all.
 
-Precision: z is computed in the dtype of h and W (bfloat16 under a bf16 base, as ``lm_head`` would) and
+Precision: z is computed in the dtype of h and W, or autocast's (bfloat16 under a bf16 base, as ``lm_head`` would) and
 upcast to float32 before logsumexp, as transformers' loss does; the sums are float32 (float64 for
 float64 inputs).
 
@@ -109,6 +109,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= weight.shape[0]):
         raise ValueError(f"linear_cross_entropy: target ids must lie in [0, {weight.shape[0]}) or equal "
                          f"ignore_index {ignore_index}; got ids from {int(t.min())} to {int(t.max())}")
+    device = h.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        lower = torch.get_autocast_dtype(device)  # autocast's matmul dtype, applied here once, as F.linear would
+        h, weight = h.to(lower), weight.to(lower)
+        bias = None if bias is None else bias.to(lower)
+        with torch.autocast(device, enabled=False):  # the float32 sums inside must stay float32
+            return linear_cross_entropy(h, weight, t, bias, ignore_index, reduction, chunk)
     grad = torch.is_grad_enabled()
     want = (grad and h.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
     chunk = chunk or default_chunk(weight.shape[0])

@@ -13,14 +13,23 @@ matmul of a transformer projection's shape timed in both dtypes, says bfloat16 i
 such a CPU bfloat16 matmuls are emulated and several times slower than float32, so an explicit ``bf16``
 there is refused with that explanation.
 
+The step itself runs under ``torch.autocast`` in that dtype (``compute``): with the base already bf16
+it only lowers the LoRA factors' matmuls, so the branches use the same bf16 units instead of casting x
+up to float32 (measured faster than those explicit casts; BENCHMARKS.md). Gradients still reach the
+float32 factors in float32.
+
 In your own loop::
 
     choice = decide("auto")                    # Choice(dtype=torch.bfloat16, reason="...")
     hold_frozen_in(peft_model, choice.dtype)   # after get_peft_model: adapters stay float32
+    with compute(choice.dtype):
+        loss = causal_lm_loss(peft_model, **batch)
+    loss.backward()
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,6 +136,13 @@ def decide(requested: str, device: torch.device | str = "cpu",
     if measured.speedup >= AUTO_MARGIN:
         return Choice(torch.bfloat16, verdict)
     return Choice(torch.float32, f"{verdict}, under the {AUTO_MARGIN}x needed, so fp32")
+
+
+def compute(dtype: torch.dtype, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in ``dtype`` on ``device`` for a half dtype; nothing for float32 / float64."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(torch.device(device).type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 def hold_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:

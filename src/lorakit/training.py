@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .lm_loss import causal_lm_loss
+from .precision import compute
 from .sft import Example, batches, collate
 
 
@@ -40,6 +41,7 @@ class TrainSettings:
     save_every: int = 50
     max_grad_norm: float = 1.0
     time_limit: float | None = None  # seconds of training; stop early (and say so) rather than overrun
+    dtype: torch.dtype = torch.float32  # the forward's compute dtype (precision.py): bf16 runs under autocast
 
 
 @dataclass
@@ -181,7 +183,8 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
                 step_tokens += tokens
                 continue
             batch = collate(next(stream), pad_id)
-            loss = causal_lm_loss(model, **batch) / settings.grad_accum  # the LM head at label positions only
+            with compute(settings.dtype, device):
+                loss = causal_lm_loss(model, **batch) / settings.grad_accum  # the LM head at label positions only
             loss.backward()
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].sum())
@@ -239,7 +242,8 @@ def _rank_backward(model: nn.Module, examples: list[Example], pad_id: int, rank:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> float:
+def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+             dtype: torch.dtype = torch.float32) -> float:
     """Mean loss per reply token over ``examples`` (token-weighted across batches)."""
     was_training = model.training
     model.eval()
@@ -248,7 +252,8 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += causal_lm_loss(model, **batch).item() * tokens
+        with compute(dtype, device):
+            total += causal_lm_loss(model, **batch).item() * tokens
         count += tokens
     model.train(was_training)
     return total / max(count, 1)

@@ -240,13 +240,13 @@ def _settings(args: argparse.Namespace) -> tuple[dict | None, list[str], LoraCon
 
 
 def _before(peft_model: torch.nn.Module, tokenizer: object, held_set: list, prompts: list[str], batch_size: int,
-            evaluating: bool, saved: dict | None) -> tuple[float, list[str]]:
+            evaluating: bool, saved: dict | None, dtype: torch.dtype) -> tuple[float, list[str]]:
     """The untrained model's held-out loss and answers: measured, or on resume as the checkpoint recorded them."""
     if saved is not None:
         before, answers = saved["run"]["held_out_loss_before"], saved["run"]["samples_before"][: len(prompts)]
         print(f"held-out loss before training: {before:.4f} (the untrained model's, recorded in the checkpoint)")
     else:
-        before = evaluate(peft_model, held_set, batch_size, tokenizer.pad_token_id) if evaluating else 0.0
+        before = evaluate(peft_model, held_set, batch_size, tokenizer.pad_token_id, dtype) if evaluating else 0.0
         answers = _sample(peft_model, tokenizer, prompts) if evaluating else []
         print(f"held-out loss before training: {before:.4f}")
     if evaluating:
@@ -294,7 +294,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         notes.append(f"--epochs {args.epochs} = {steps} steps (was {saved['run']['settings']['max_steps']}): "
                      + resume.CHANGEABLE["max_steps"])
     settings = TrainSettings(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                             seed=args.seed, save_every=args.save_every, time_limit=args.time_limit or None)
+                             seed=args.seed, save_every=args.save_every, time_limit=args.time_limit or None,
+                             dtype=choice.dtype)
     print(f"data: {len(train_set)} training and {len(held_set)} held-out examples; {steps} steps of "
           f"{args.batch_size}x{args.grad_accum} examples ({steps * args.batch_size * args.grad_accum / len(train_set):.2f} epochs)")
 
@@ -314,7 +315,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     # held-out loss and samples: FSDP2 needs every rank in each forward; DDP's rank 0 runs the bare model
     evaluating = args.fsdp or rank == 0
     prompts = SAMPLE_PROMPTS[: args.samples]
-    before, answers = _before(peft_model, tokenizer, held_set, prompts, args.batch_size, evaluating, saved)
+    before, answers = _before(peft_model, tokenizer, held_set, prompts, args.batch_size, evaluating, saved,
+                              choice.dtype)
     record = {**resume.record(args, steps, config.to_dict()), "held_out_loss_before": before,
               "samples_before": answers}
 
@@ -344,7 +346,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         print(f"note: {state.stopped_early}; the adapter is saved as trained so far (a 2-core CPU does about "
               "2-4 s per step of the default recipe)")
         checkpoint(state)
-    after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id) if evaluating else 0.0
+    after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id, choice.dtype) if evaluating else 0.0
     print(f"held-out loss after training: {after:.4f} (before: {before:.4f})")
     if evaluating:
         print_samples("after", prompts, _sample(peft_model, tokenizer, prompts))
