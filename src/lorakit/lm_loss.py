@@ -34,6 +34,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+try:  # an FSDP2 root gathers its own parameters (the embeddings) only in its forward: it must run
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch without distributed
+    FSDPModule = ()
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4 Mi floats = 16 MiB in float32 (85 rows of SmolLM2's 49,152)
 
@@ -126,8 +131,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
 
 def head_and_body(model: nn.Module) -> tuple[nn.Linear, nn.Module] | None:
     """(the plain nn.Linear LM head, the decoder body) of a transformers causal LM, or None where the
-    logits are more than ``head(body(x))`` (a LoRA-adapted or quantized head, logit scaling or soft-capping)."""
+    logits are more than ``head(body(x))`` (a LoRA-adapted or quantized head, logit scaling or soft-capping)
+    or where the model's own forward must run (an FSDP2-sharded root; DDP wrappers have no head to find)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(model, FSDPModule) or isinstance(base, FSDPModule):
+        return None
     get_head, get_body = getattr(base, "get_output_embeddings", None), getattr(base, "get_decoder", None)
     if get_head is None or get_body is None:
         return None

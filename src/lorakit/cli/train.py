@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the frozen base: bf16 (adapters and optimizer stay fp32), fp32, or auto: "
                              "bf16 where the CPU has AMX / AVX512-BF16 and a probe finds it faster (precision.py)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
-                        help="with --fsdp on bf16-capable CUDA GPUs: compute in bf16, reduce in fp32")
+                        help="with --fsdp on bf16-capable GPUs or CPUs (AMX / AVX512-BF16): compute in bf16, "
+                             "reduce in fp32")
     add_lora_flags(parser, SFT_RECIPE, "the SFT recipe")
 
 
@@ -116,7 +117,9 @@ def _precision(args: argparse.Namespace, world: int, device: torch.device) -> Ch
     if world > 1:  # DDP / FSDP2 keep one dtype per process group here; FSDP2 has --mixed-precision
         if args.precision == "bf16":
             raise CliError("--precision bf16 trains in one process; under torchrun use --fsdp --mixed-precision bf16")
-        return Choice(torch.float32, f"{args.precision}: fp32 under torchrun (--fsdp --mixed-precision bf16 lowers it)")
+        lowered = "FSDP2 computes in bf16 (--mixed-precision bf16)" if args.mixed_precision == "bf16" else \
+            "--fsdp --mixed-precision bf16 computes in bf16"
+        return Choice(torch.float32, f"{args.precision}: fp32 parameters under torchrun; {lowered}")
     if args.load_in_4bit and args.precision == "auto":
         return Choice(torch.float32, "auto: fp32 compute for the 4-bit base (bf16 not measured there; "
                                      "ask with --precision bf16)")
@@ -184,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise CliError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
     if args.mixed_precision != "no" and not args.fsdp:
-        raise CliError("--mixed-precision applies to FSDP2: add --fsdp (and launch with torchrun on CUDA GPUs)")
+        raise CliError("--mixed-precision applies to FSDP2: add --fsdp (and launch with torchrun); in one process "
+                       "use --precision bf16")
     _check(args)
     if args.model is None and not args.resume:
         from ..embedded import is_converted
