@@ -34,28 +34,35 @@ def test_mean_batch_tokens():
     assert mean_batch_tokens(examples, 2) == 2 * (2 + 2 + 11 + 12 + 1 + 9) / 6  # label[0] is never a target
 
 
-def test_a_step_is_the_gradient_of_the_token_sum_over_n_bar():
-    examples, settings = _examples(), TrainSettings(max_steps=1, batch_size=2, grad_accum=2, lr=1.0, warmup_steps=0,
+def test_each_step_is_the_gradient_of_the_token_sum_over_n_bar():
+    """Two SGD steps (lr 1, no clipping) of the loop equal two by hand: p ← p − ∇ Σ ℓ / n̄ / grad_accum. (The
+    second step caught n̄ being overwritten by the gradient norm inside the loop.)"""
+    examples, settings = _examples(), TrainSettings(max_steps=2, batch_size=2, grad_accum=2, lr=1.0, warmup_steps=0,
                                                     max_grad_norm=1e9)
     model = _model()
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1.0)
     train_loop(model, examples, settings, PAD, TrainState(), optimizer,
                torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-    # the same two micro-batches by hand: Σ ℓ over their reply tokens / n̄ / grad_accum
     reference = _model()
     n_bar = mean_batch_tokens(examples, 2)
-    total = 0.0
-    for batch in batches(examples, 2, 0, 0)[:2]:
-        inputs = collate(batch, PAD)
-        logits = reference(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        total = total + torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                          inputs["labels"][:, 1:].reshape(-1), reduction="sum")
-    (total / n_bar / 2).backward()
-    sizes = [sum(sum(label != -100 for label in e.labels[1:]) for e in b) for b in batches(examples, 2, 0, 0)[:2]]
-    assert sizes[0] != sizes[1]  # batches of different reply counts: a per-batch mean would weigh them apart
+    stream = [*batches(examples, 2, 0, 0), *batches(examples, 2, 0, 1)]  # the loop's endless seeded epochs
+    sizes = [sum(sum(label != -100 for label in e.labels[1:]) for e in b) for b in stream[:4]]
+    assert len(set(sizes)) > 1  # batches of different reply counts: a per-batch mean would weigh them apart
+    for step in range(2):
+        total = 0.0
+        for batch in stream[2 * step : 2 * step + 2]:
+            inputs = collate(batch, PAD)
+            logits = reference(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            total = total + torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                              inputs["labels"][:, 1:].reshape(-1), reduction="sum")
+        (total / n_bar / 2).backward()
+        with torch.no_grad():
+            for parameter in reference.parameters():
+                if parameter.requires_grad:
+                    parameter -= parameter.grad
+                    parameter.grad = None
+    trained = dict(model.named_parameters())
     for name, parameter in reference.named_parameters():
         if parameter.requires_grad:
-            moved = before[name] - dict(model.named_parameters())[name].detach()
-            torch.testing.assert_close(moved, parameter.grad, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(trained[name].detach(), parameter.detach(), rtol=1e-4, atol=1e-6)

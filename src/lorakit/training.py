@@ -177,7 +177,7 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     stream = micro_batches(examples, settings, skip=state.step * settings.grad_accum)
-    norm = settings.loss_tokens or mean_batch_tokens(examples, settings.batch_size)
+    n_bar = settings.loss_tokens or mean_batch_tokens(examples, settings.batch_size)
     smoothed, first_step, first_seconds = None, state.step, state.seconds
     device = params[0].device if params else torch.device("cpu")
     while state.step < settings.max_steps:
@@ -200,14 +200,14 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
         for _ in range(settings.grad_accum):
             if world > 1:
                 part, tokens = _rank_backward(model, next(stream), pad_id, rank, world, settings.grad_accum, device,
-                                              norm)
+                                              n_bar)
                 step_loss += part
                 step_tokens += tokens
                 continue
             batch = collate(next(stream), pad_id)
             with compute(settings.dtype, device):
                 mean = causal_lm_loss(model, **batch)  # the LM head at label positions only
-            (mean * (reply_tokens(batch["labels"]) / norm / settings.grad_accum)).backward()
+            (mean * (reply_tokens(batch["labels"]) / n_bar / settings.grad_accum)).backward()
             step_loss += mean.item() / settings.grad_accum
             step_tokens += int(batch["attention_mask"].sum())
         if world > 1:  # each rank holds its share of the global mean; sum the shares
@@ -243,7 +243,7 @@ def _scalar(value: torch.Tensor) -> float:
 
 
 def _rank_backward(model: nn.Module, examples: list[Example], pad_id: int, rank: int, world: int,
-                   grad_accum: int, device: torch.device, norm: float) -> tuple[float, int]:
+                   grad_accum: int, device: torch.device, n_bar: float) -> tuple[float, int]:
     """Backward of this rank's rows of one global micro-batch; returns (its share of the loss, global tokens).
 
     DDP and FSDP2 average gradients over ranks, so the local loss sum is divided by n̄ and scaled by
@@ -262,7 +262,7 @@ def _rank_backward(model: nn.Module, examples: list[Example], pad_id: int, rank:
     if not local:
         (output.logits.sum() * 0.0).backward()
         return 0.0, int(counts[1])
-    (output.loss * (local / norm * world / grad_accum)).backward()  # Σ ℓ over the global batch / n̄, averaged
+    (output.loss * (local / n_bar * world / grad_accum)).backward()  # Σ ℓ over the global batch / n̄, averaged
     return float(output.loss.detach()) * local / max(float(counts[0]), 1.0) / grad_accum, int(counts[1])
 
 
