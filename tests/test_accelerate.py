@@ -71,12 +71,20 @@ def test_saved_adapter_loads_and_moved_from_init(runs: tuple[Path, Path, Path]) 
             assert not torch.allclose(param, trained[name]), name
 
 
-def test_fsdp_bf16_on_cpu_is_a_clear_error() -> None:
+def test_fsdp_bf16_on_a_cpu_without_bf16_units_is_a_clear_error(monkeypatch) -> None:
+    from lorakit import precision
+
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="bf16 mixed precision needs a CUDA device.*CPU, which is not supported"):
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    with pytest.raises(ValueError, match="bf16 mixed precision needs a CUDA device .* or a CPU with bf16 matmul.*"
+                                         "CPU without amx_bf16 or avx512_bf16"):
         shard(model, mixed_precision="bf16")
     with pytest.raises(ValueError, match="unknown mixed_precision"):
         shard(model, mixed_precision="fp16")
+    # with the instructions, the precision check passes: what stops this call is the missing process group
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    with pytest.raises(RuntimeError, match="cannot shard"):
+        shard(model, mixed_precision="bf16")
 
 
 def test_cli_mixed_precision_needs_fsdp(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .codec import PREFIX
+from . import precision
 from .errors import explain
 
 try:  # torch builds without distributed support have neither
@@ -68,12 +69,14 @@ def shard(peft_model: nn.Module, mixed_precision: str | None = None, **fsdp_kwar
     (``fully_shard``'s own default mesh needs an accelerator). ``mixed_precision="bf16"`` computes in
     bfloat16 and reduces gradients in float32 (``MixedPrecisionPolicy(param_dtype=torch.bfloat16,
     reduce_dtype=torch.float32)``); the sharded parameters, optimizer state and saved adapter stay float32.
-    It needs a CUDA model on a GPU with bf16 support; ``None`` or ``"no"`` leaves precision alone.
+    It needs a CUDA GPU with bf16 support, or a CPU with bfloat16 matmul instructions (AMX-BF16 or
+    AVX512-BF16: there a bf16 matmul runs about 6x faster than float32, precision.py; elsewhere it is
+    emulated and slower); ``None`` or ``"no"`` leaves precision alone.
 
     Raises:
-        ValueError: ``mixed_precision`` is not None / "no" / "bf16", is "bf16" for a model not on a CUDA
-            device with bf16 support (bf16 compute on CPU is several times slower than float32), or is
-            given together with ``mp_policy``.
+        ValueError: ``mixed_precision`` is not None / "no" / "bf16", is "bf16" for a model on a CUDA
+            device without bf16 support or a CPU without bf16 matmul instructions, or is given together
+            with ``mp_policy``.
         RuntimeError: torch lacks FSDP2 or no process group is initialised.
     """
     if mixed_precision not in (None, "no", "bf16"):
@@ -83,14 +86,17 @@ def shard(peft_model: nn.Module, mixed_precision: str | None = None, **fsdp_kwar
             raise ValueError(explain("mixed_precision and mp_policy both given", got="both",
                                      fix="pass one: mixed_precision='bf16' or your own mp_policy"))
         device = next(peft_model.parameters()).device
-        if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+        supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
+            device.type == "cpu" and bool(precision.cpu_bf16_flags())
+        if not supported:
             raise ValueError(explain(
-                "FSDP2 bf16 mixed precision needs a CUDA device with bf16 support",
-                where=f"model on {device.type}",
-                got="bf16 compute on CPU, which is not supported (it runs several times slower than float32)"
-                if device.type == "cpu" else f"a {device.type} device without CUDA bf16 support",
+                "FSDP2 bf16 mixed precision needs a CUDA device with bf16 support or a CPU with bf16 matmul "
+                "instructions", where=f"model on {device.type}",
+                got=f"a CPU without {' or '.join(precision.BF16_FLAGS)}, where bf16 matmuls are emulated and "
+                    "several times slower than float32" if device.type == "cpu"
+                else f"a {device.type} device without bf16 support",
                 fix="train in float32 (mixed_precision=None / --mixed-precision no), or move the model to a "
-                    "bf16-capable GPU before shard"))
+                    "bf16-capable device before shard"))
     if fully_shard is None or not torch.distributed.is_initialized():
         raise RuntimeError(explain("cannot shard", got="no FSDP2 in this torch or no process group",
                                    fix="run under torchrun and call torch.distributed.init_process_group"))

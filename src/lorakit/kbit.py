@@ -76,8 +76,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", compute_dtype: tor
     """Replace every nn.Linear of ``model`` by a bitsandbytes Linear4bit in place and return ``model``.
 
     Args:
-        quant_type: "nf4" (QLoRA's NormalFloat) or "fp4". compute_dtype: the dtype of the matmul (fp32 on
-            CPU, where bf16 is slower; bf16 on GPU). double_quant: quantize the absmax too.
+        quant_type: "nf4" (QLoRA's NormalFloat) or "fp4". compute_dtype: the dtype of the matmul (bf16 on GPUs
+            and on CPUs with AMX / AVX512-BF16, where it measured faster than fp32; fp32 on other CPUs, where
+            bf16 is emulated). double_quant: quantize the absmax too.
         skip: module names (a path or its last segment) left in full precision; the output embedding is
             always skipped, as transformers' 4-bit load does, and so are LoRA factors (``lora_*``) when
             ``model`` already holds adapters (LoftQ on the full-precision model, then quantize its base).

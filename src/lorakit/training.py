@@ -4,6 +4,17 @@ Per optimizer step t (AdamW on the trainable parameters only), with ``grad_accum
 
     g_t = Σ_k ∇ L(batch_k) / grad_accum,   clip ‖g_t‖ ≤ 1,   lr_t = lr · warmup-then-linear-decay(t)
 
+with the loss of a micro-batch b normalised by a constant, not by its own reply-token count n_b:
+
+    L(b) = Σ_{i ∈ replies(b)} ℓ_i / n̄,     n̄ = batch_size · (mean reply tokens per training example)
+
+Every reply token of an epoch then weighs the same in the gradient, as in the held-out loss (a token
+mean). Dividing by n_b instead (transformers' per-batch mean) weighs a token by 1/n_b: with length-bucketed
+batches (``sft.batches``) the batches of short replies have small n_b, so short replies got 58% of the
+gradient weight instead of 41% (``python -m benchmarks.learning --weights``), and held-out loss, dominated
+by long replies, fell more slowly. ``mean_batch_tokens`` gives n̄. The reported loss is still the batch
+mean. ℓ_i comes from ``lm_loss.causal_lm_loss`` (the LM head only at label positions, chunked).
+
 The loop is deliberately small: it is what the ``lorakit train`` command runs, and what a user can read
 to see what a LoRA training step is. ``transformers.Trainer`` works on lorakit models too (see README).
 """
@@ -22,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .lm_loss import causal_lm_loss
+from .precision import compute
 from .sft import Example, batches, collate
 
 
@@ -36,6 +49,8 @@ class TrainSettings:
     save_every: int = 50
     max_grad_norm: float = 1.0
     time_limit: float | None = None  # seconds of training; stop early (and say so) rather than overrun
+    dtype: torch.dtype = torch.float32  # the forward's compute dtype (precision.py): bf16 runs under autocast
+    loss_tokens: float | None = None  # n̄ of the module docstring; None: mean_batch_tokens of the training set
 
 
 @dataclass
@@ -119,6 +134,17 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> tuple[torch.opt
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
 
 
+def reply_tokens(labels: torch.Tensor) -> int:
+    """Label positions the loss counts after the shift by one (labels ≠ -100 past the first column)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def mean_batch_tokens(examples: list[Example], batch_size: int) -> float:
+    """n̄: batch_size times the mean number of reply tokens per example (the loss's constant normaliser)."""
+    per_example = sum(sum(label != -100 for label in e.labels[1:]) for e in examples) / max(len(examples), 1)
+    return max(batch_size * per_example, 1.0)
+
+
 def micro_batches(examples: list[Example], settings: TrainSettings, skip: int) -> "iter":
     """Endless seeded epochs of micro-batches, skipping the first ``skip`` (to resume in place)."""
     epoch, seen = 0, 0
@@ -151,6 +177,7 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     stream = micro_batches(examples, settings, skip=state.step * settings.grad_accum)
+    n_bar = settings.loss_tokens or mean_batch_tokens(examples, settings.batch_size)
     smoothed, first_step, first_seconds = None, state.step, state.seconds
     device = params[0].device if params else torch.device("cpu")
     while state.step < settings.max_steps:
@@ -172,14 +199,16 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
         start, step_loss, step_tokens = time.perf_counter(), 0.0, 0
         for _ in range(settings.grad_accum):
             if world > 1:
-                part, tokens = _rank_backward(model, next(stream), pad_id, rank, world, settings.grad_accum, device)
+                part, tokens = _rank_backward(model, next(stream), pad_id, rank, world, settings.grad_accum, device,
+                                              n_bar)
                 step_loss += part
                 step_tokens += tokens
                 continue
             batch = collate(next(stream), pad_id)
-            loss = model(**batch).loss / settings.grad_accum
-            loss.backward()
-            step_loss += loss.item()
+            with compute(settings.dtype, device):
+                mean = causal_lm_loss(model, **batch)  # the LM head at label positions only
+            (mean * (reply_tokens(batch["labels"]) / n_bar / settings.grad_accum)).backward()
+            step_loss += mean.item() / settings.grad_accum
             step_tokens += int(batch["attention_mask"].sum())
         if world > 1:  # each rank holds its share of the global mean; sum the shares
             total = torch.tensor([step_loss], dtype=torch.float64, device=device)
@@ -214,11 +243,12 @@ def _scalar(value: torch.Tensor) -> float:
 
 
 def _rank_backward(model: nn.Module, examples: list[Example], pad_id: int, rank: int, world: int,
-                   grad_accum: int, device: torch.device) -> tuple[float, int]:
+                   grad_accum: int, device: torch.device, n_bar: float) -> tuple[float, int]:
     """Backward of this rank's rows of one global micro-batch; returns (its share of the loss, global tokens).
 
-    DDP and FSDP2 average gradients over ranks, so the local loss is scaled by ``world`` times this rank's
-    fraction of the batch's reply tokens: the average is then the gradient of the global token mean.
+    DDP and FSDP2 average gradients over ranks, so the local loss sum is divided by n̄ and scaled by
+    ``world``: the average is then the gradient of Σ ℓ over the global batch / n̄, as in one process. The
+    returned share (reported only) is weighted by this rank's fraction of the global reply tokens.
     """
     mine, weight = examples[rank::world], 1.0
     if not mine:  # a last batch smaller than the world: run a zero-weight row to keep collectives in step
@@ -229,13 +259,16 @@ def _rank_backward(model: nn.Module, examples: list[Example], pad_id: int, rank:
     local = float(counts[0])
     torch.distributed.all_reduce(counts)
     output = model(**batch)
-    share = output.loss * (local / max(float(counts[0]), 1.0)) if local else output.logits.sum() * 0.0
-    (share * world / grad_accum).backward()
-    return float(share.detach()) / grad_accum, int(counts[1])
+    if not local:
+        (output.logits.sum() * 0.0).backward()
+        return 0.0, int(counts[1])
+    (output.loss * (local / n_bar * world / grad_accum)).backward()  # Σ ℓ over the global batch / n̄, averaged
+    return float(output.loss.detach()) * local / max(float(counts[0]), 1.0) / grad_accum, int(counts[1])
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> float:
+def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+             dtype: torch.dtype = torch.float32) -> float:
     """Mean loss per reply token over ``examples`` (token-weighted across batches)."""
     was_training = model.training
     model.eval()
@@ -244,7 +277,8 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += model(**batch).loss.item() * tokens
+        with compute(dtype, device):
+            total += causal_lm_loss(model, **batch).item() * tokens
         count += tokens
     model.train(was_training)
     return total / max(count, 1)

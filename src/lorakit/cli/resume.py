@@ -16,12 +16,14 @@ from typing import Any
 from .common import LORA_FLAGS, CliError
 
 # Recorded training settings (argparse destinations) besides the LoRA fields.
-TRAIN_SETTINGS = ("model", "data", "max_steps", "batch_size", "grad_accum", "max_length", "lr", "seed", "load_in_4bit")
+TRAIN_SETTINGS = ("model", "data", "max_steps", "batch_size", "grad_accum", "max_length", "lr", "seed", "load_in_4bit",
+                  "precision")
 # setting -> what a new value means from the checkpoint's step on
 CHANGEABLE = {
     "lr": "the learning-rate schedule continues from here with the new peak rate",
     "max_steps": "the run now ends at the new step count and the learning-rate decay is rescaled to it",
     "lora_dropout": "dropout on the adapter's input changes from here",
+    "precision": "the frozen base computes in the new dtype from here (the adapter and optimizer stay fp32)",
 }
 # setting -> why it cannot change (the default reason: it fixes the adapter's shape or scaling)
 WHY_FIXED = {
@@ -64,7 +66,8 @@ def apply(args: argparse.Namespace, saved: dict[str, Any], given: set[str]) -> l
     if "config" in given:
         raise CliError("--config cannot be given with --resume: the adapter keeps the checkpoint's LoRA settings; "
                        "drop --config, or start a new run into another --output")
-    recorded = {**saved["settings"], **{name: saved["lora"].get(name) for name in LORA_FLAGS}}
+    # checkpoints written before --precision existed trained in fp32
+    recorded = {"precision": "fp32", **saved["settings"], **{name: saved["lora"].get(name) for name in LORA_FLAGS}}
     if "epochs" in given:
         given = given | {"max_steps"}  # recomputed into a step count once the data is read
     notes, refused = [], []

@@ -36,6 +36,7 @@ from ..checkpoint import (
 )
 from ..config import LoraConfig
 from ..model import get_peft_model
+from ..precision import CHOICES, Choice, decide, hold_frozen_in
 from ..training import (
     NonFiniteError,
     PeakMemory,
@@ -88,8 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=2, help="sample answers printed before and after (0: none)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the model with FSDP2 instead of replicating it with DDP")
+    parser.add_argument("--precision", choices=list(CHOICES), default="auto",
+                        help="dtype of the frozen base: bf16 (adapters and optimizer stay fp32), fp32, or auto: "
+                             "bf16 where the CPU has AMX / AVX512-BF16 and a probe finds it faster (precision.py)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
-                        help="with --fsdp on bf16-capable CUDA GPUs: compute in bf16, reduce in fp32")
+                        help="with --fsdp on bf16-capable GPUs or CPUs (AMX / AVX512-BF16): compute in bf16, "
+                             "reduce in fp32")
     add_lora_flags(parser, SFT_RECIPE, "the SFT recipe")
 
 
@@ -107,7 +112,24 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError(f"--model {args.model} is not a transformers model folder (no config.json)")
 
 
-def _load(args: argparse.Namespace) -> tuple[object, object, Path]:
+def _precision(args: argparse.Namespace, world: int, device: torch.device) -> Choice:
+    """The base's dtype for ``--precision``, decided before anything loads (a refusal costs nothing)."""
+    if world > 1:  # DDP / FSDP2 keep one dtype per process group here; FSDP2 has --mixed-precision
+        if args.precision == "bf16":
+            raise CliError("--precision bf16 trains in one process; under torchrun use --fsdp --mixed-precision bf16")
+        lowered = "FSDP2 computes in bf16 (--mixed-precision bf16)" if args.mixed_precision == "bf16" else \
+            "--fsdp --mixed-precision bf16 computes in bf16"
+        return Choice(torch.float32, f"{args.precision}: fp32 parameters under torchrun; {lowered}")
+    if args.load_in_4bit and args.precision == "auto":
+        return Choice(torch.float32, "auto: fp32 compute for the 4-bit base (bf16 not measured there; "
+                                     "ask with --precision bf16)")
+    try:
+        return decide(args.precision, device)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def _load(args: argparse.Namespace, compute: torch.dtype = torch.float32) -> tuple[object, object, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -124,10 +146,10 @@ def _load(args: argparse.Namespace) -> tuple[object, object, Path]:
         tokenizer.pad_token = tokenizer.eos_token
     if args.gradient_checkpointing:
         model.config.use_cache = False
-    if args.load_in_4bit:  # QLoRA: NF4 projections, fp32 compute (bf16 is slower on CPU), lm_head kept
+    if args.load_in_4bit:  # QLoRA: NF4 projections computing in the --precision dtype, lm_head kept
         from ..kbit import quantize_model
 
-        quantize_model(model, quant_type="nf4", compute_dtype=torch.float32, double_quant=True)
+        quantize_model(model, quant_type="nf4", compute_dtype=compute, double_quant=True)
     return model, tokenizer, folder
 
 
@@ -165,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise CliError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
     if args.mixed_precision != "no" and not args.fsdp:
-        raise CliError("--mixed-precision applies to FSDP2: add --fsdp (and launch with torchrun on CUDA GPUs)")
+        raise CliError("--mixed-precision applies to FSDP2: add --fsdp (and launch with torchrun); in one process "
+                       "use --precision bf16")
     _check(args)
     if args.model is None and not args.resume:
         from ..embedded import is_converted
@@ -221,13 +244,13 @@ def _settings(args: argparse.Namespace) -> tuple[dict | None, list[str], LoraCon
 
 
 def _before(peft_model: torch.nn.Module, tokenizer: object, held_set: list, prompts: list[str], batch_size: int,
-            evaluating: bool, saved: dict | None) -> tuple[float, list[str]]:
+            evaluating: bool, saved: dict | None, dtype: torch.dtype) -> tuple[float, list[str]]:
     """The untrained model's held-out loss and answers: measured, or on resume as the checkpoint recorded them."""
     if saved is not None:
         before, answers = saved["run"]["held_out_loss_before"], saved["run"]["samples_before"][: len(prompts)]
         print(f"held-out loss before training: {before:.4f} (the untrained model's, recorded in the checkpoint)")
     else:
-        before = evaluate(peft_model, held_set, batch_size, tokenizer.pad_token_id) if evaluating else 0.0
+        before = evaluate(peft_model, held_set, batch_size, tokenizer.pad_token_id, dtype) if evaluating else 0.0
         answers = _sample(peft_model, tokenizer, prompts) if evaluating else []
         print(f"held-out loss before training: {before:.4f}")
     if evaluating:
@@ -242,18 +265,22 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
 
     output = args.output
     saved, notes, config = _settings(args)
+    choice = _precision(args, world, device)  # after --resume filled args, before anything loads
+    args.precision = choice.name  # the checkpoint records the resolved dtype: a resume does not re-probe
     train_rows, held_rows = _rows(args)
     import transformers  # noqa: F401  (imported before the baseline so only model memory is counted)
 
     baseline = rss_mb()
-    model, tokenizer, folder = _load(args)
+    model, tokenizer, folder = _load(args, choice.dtype)
     torch.manual_seed(args.seed)  # the adapter's random init is part of the run's reproducibility
     peft_model = get_peft_model(model, config)  # inject before wrapping or sharding
+    hold_frozen_in(peft_model, choice.dtype)  # after injection: the adapters were made fp32 and stay so
     if args.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     print(f"model {folder}: {type(model).__name__}; LoRA r={config.r} alpha={config.lora_alpha} "
           f"dropout={config.lora_dropout} rslora={config.use_rslora} targets={sorted(config.target_modules)}")
     peft_model.print_trainable_parameters()
+    print(f"precision: frozen base in {choice.name}, adapters and optimizer in fp32 ({choice.reason})")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     problem = free_space_problem(output, trainable * DISK_BYTES_PER_PARAMETER) if rank == 0 else None
     if problem:
@@ -271,7 +298,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         notes.append(f"--epochs {args.epochs} = {steps} steps (was {saved['run']['settings']['max_steps']}): "
                      + resume.CHANGEABLE["max_steps"])
     settings = TrainSettings(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                             seed=args.seed, save_every=args.save_every, time_limit=args.time_limit or None)
+                             seed=args.seed, save_every=args.save_every, time_limit=args.time_limit or None,
+                             dtype=choice.dtype)
     print(f"data: {len(train_set)} training and {len(held_set)} held-out examples; {steps} steps of "
           f"{args.batch_size}x{args.grad_accum} examples ({steps * args.batch_size * args.grad_accum / len(train_set):.2f} epochs)")
 
@@ -291,7 +319,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     # held-out loss and samples: FSDP2 needs every rank in each forward; DDP's rank 0 runs the bare model
     evaluating = args.fsdp or rank == 0
     prompts = SAMPLE_PROMPTS[: args.samples]
-    before, answers = _before(peft_model, tokenizer, held_set, prompts, args.batch_size, evaluating, saved)
+    before, answers = _before(peft_model, tokenizer, held_set, prompts, args.batch_size, evaluating, saved,
+                              choice.dtype)
     record = {**resume.record(args, steps, config.to_dict()), "held_out_loss_before": before,
               "samples_before": answers}
 
@@ -321,7 +350,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         print(f"note: {state.stopped_early}; the adapter is saved as trained so far (a 2-core CPU does about "
               "2-4 s per step of the default recipe)")
         checkpoint(state)
-    after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id) if evaluating else 0.0
+    after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id, choice.dtype) if evaluating else 0.0
     print(f"held-out loss after training: {after:.4f} (before: {before:.4f})")
     if evaluating:
         print_samples("after", prompts, _sample(peft_model, tokenizer, prompts))
