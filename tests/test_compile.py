@@ -162,6 +162,8 @@ def test_compile_blocks_compiles_one_block_once_and_trains_as_eager() -> None:
     step with dropout 0.1 gives eager's loss and gradients (same seed, same masks)."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
+    counters.clear()  # global: graphs compiled by earlier tests in this process count too
     config = lorakit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1)
     eager = lorakit.get_peft_model(tiny_llama(0), config).train()
     compiled = copy.deepcopy(eager)

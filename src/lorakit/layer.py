@@ -427,8 +427,7 @@ class LoraLayer(nn.Module):
             return y
         if self._routes is not None:
             return self._mixed_batch(x, y)
-        # torch.compile traces the reference below (inductor fuses it; the in-place Function would break the graph)
-        if ops.FUSED and self.kind.name in ops.FUSED_KINDS and not torch.compiler.is_compiling():
+        if ops.FUSED and self.kind.name in ops.FUSED_KINDS:  # compile traces ops.py's traceable twin (ops.py)
             return self._fused(x, y)
         result_dtype = y.dtype
         variants = self._variants
