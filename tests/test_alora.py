@@ -181,3 +181,16 @@ def test_peft_offset_helpers():
     assert get_alora_offsets_for_generate(ours, _ids()[0])["alora_offsets"] == [6]
     with pytest.warns(UserWarning, match="Cannot calculate aLoRA offsets during generate"):
         assert get_alora_offsets_for_generate(ours, inputs_embeds=torch.zeros(1, 2, 32))["alora_offsets"] is None
+
+
+def test_prepare_model_for_gradient_checkpointing_as_peft():
+    """PEFT's aLoRA checkpointing recipe: prepare_model_for_gradient_checkpointing, then checkpointed training."""
+    ref, ours = _pair()
+    grads = []
+    for model in (ref, ours):
+        model.train()
+        model.prepare_model_for_gradient_checkpointing(model)
+        model.gradient_checkpointing_enable()
+        model(input_ids=_ids()).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(grads[1], grads[0], **TOL)

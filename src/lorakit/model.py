@@ -356,8 +356,14 @@ class PeftModel(nn.Module):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
-    def _enable_input_grads(self) -> None:
-        model = self.get_base_model()
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """PEFT's: make ``model``'s input embeddings' output require grad (left alone for quantized models)."""
+        if not any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            self._enable_input_grads(model)
+        return model
+
+    def _enable_input_grads(self, model: nn.Module | None = None) -> None:
+        model = self.get_base_model() if model is None else model
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         elif hasattr(model, "get_input_embeddings"):
