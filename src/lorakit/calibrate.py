@@ -397,7 +397,7 @@ def _load_eva_state_dict(model: nn.Module, eva_state_dict: dict[str, Tensor], ad
         config, target_modules=calibrated + missing, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     alive = {n for n, m in tuner.model.named_modules() if isinstance(m, LoraLayer)}
     tuner.targeted_module_names = [n for n in tuner.targeted_module_names if n in alive]
-    tuner.set_adapter(tuner.active_adapter)
+    tuner.set_adapter(tuner.active_adapter, inference_mode=tuner._inference_only(tuner.active_adapters))
     if missing:
         warn(f"EVA does not calibrate Embedding or convolution layers; these got init_lora_weights=True instead: "
              f"{missing}")

@@ -120,7 +120,8 @@ class LoraModel(nn.Module):
             self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         finally:
             del self.__dict__["_constructing"]
-        self.set_adapter(adapter_name, _modules=self.__dict__.pop("_injected", None))  # no walk: the only adapter
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode,  # PEFT freezes inference adapters
+                         _modules=self.__dict__.pop("_injected", None))  # no walk: the only adapter
 
     def forward(self, *args: object, **kwargs: object) -> object:
         return self.model(*args, **kwargs)
@@ -173,6 +174,7 @@ class LoraModel(nn.Module):
         tokens = plan_tokens(self.model, config, plan)  # trainable_token_indices (token_plan.py)
         skip_init = _WEIGHTS_FOLLOW.get() or low_cpu_mem_usage
         injected: list[nn.Module] = []  # the adapter modules this call made or extended (set_adapter's walk)
+        stale: list[str] = []
         for path, spec in plan.layers.items():
             device = None
             if skip_init and spec.variant is None and spec.init.name in FRESH:
@@ -183,12 +185,18 @@ class LoraModel(nn.Module):
                 module = LoraLayer(module, plan.kinds[path])
                 module._active_adapter = list(self.active_adapters)  # follows the model (PEFT), holds none of them
                 self.model.set_submodule(path, module)
+            if adapter_name in module.r:  # left by an earlier PEFT model of this base: replaced, as PEFT does
+                stale.append(path)
+                module.delete_adapter(adapter_name)
             module.update_layer(adapter_name, spec, autocast_adapter_dtype=autocast_adapter_dtype, device=device)
             if low_cpu_mem_usage and device is None:  # variants and data-driven inits are built, then emptied
                 module.move_adapter_to_meta(adapter_name)
             for param in module.adapter_parameters(adapter_name):
                 param.requires_grad_(False)
             injected.append(module)
+        if stale:
+            warn(f"adapter {adapter_name!r} of an earlier PEFT model of this base is replaced in {len(stale)} layer(s) "
+                 f"(e.g. {stale[0]}), as PEFT does; wrap the plain base model to avoid this")
         injected += inject_parameters(self.model, list(plan.parameters), adapter_name, self.active_adapters,
                                       autocast_adapter_dtype, low_cpu_mem_usage)
         for path in plan.modules_to_save:
@@ -253,8 +261,8 @@ class LoraModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False,
                     _modules: list[nn.Module] | None = None) -> None:
-        """Activate one adapter or several (their outputs add); only active, non-inference adapters train
-        (``inference_mode=True``: none does).
+        """Activate one adapter or several (their outputs add) and make them trainable, as PEFT does, whatever
+        their configs' ``inference_mode`` (``inference_mode=True``: they stay frozen).
 
         A merged layer is unmerged first, with PEFT's warning, so W never holds an adapter that is not active.
         """
@@ -264,7 +272,7 @@ class LoraModel(nn.Module):
             raise ValueError(explain(f"unknown adapter(s) {unknown}", got=unknown,
                                      expected=f"one of {list(self.peft_config)}"))
         check_one_saved_copy(self.model, names)
-        trainable = not inference_mode and not any(self.peft_config[name].inference_mode for name in names)
+        trainable = not inference_mode
         for module in self._adapter_modules() if _modules is None else _modules:
             if getattr(module, "merged_adapters", None):  # W holds the old adapter: unmerge first, as PEFT does
                 warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
@@ -272,6 +280,10 @@ class LoraModel(nn.Module):
             module.set_adapter(names, trainable=trainable)
         self._set_bias_trainable(names, trainable)
         self.active_adapter = adapter_name
+
+    def _inference_only(self, names: list[str]) -> bool:
+        """True when any of ``names`` was created for inference (a load without ``is_trainable``)."""
+        return any(self.peft_config[name].inference_mode for name in names)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Switch ``requires_grad`` of the named adapters' tensors (factors, DoRA m, modules_to_save copies).
@@ -345,7 +357,8 @@ class LoraModel(nn.Module):
             return
         remaining = [n for n in self.active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
         if remaining != self.active_adapters:  # an inactive adapter went: the active ones (merged too) stay as they are
-            self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+            self.set_adapter(remaining[0] if len(remaining) == 1 else remaining,
+                             inference_mode=self._inference_only(remaining))
 
     @contextlib.contextmanager
     def routed(self, adapter_names: list[str]) -> Iterator[None]:

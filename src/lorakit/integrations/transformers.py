@@ -86,7 +86,8 @@ def add_adapter(self: nn.Module, adapter_config: Any, adapter_name: str | None =
         raise ValueError(f"Adapter with name {name} already exists. Please use a different name.")
     else:
         peft_model.add_adapter(name, adapter_config)
-    set_adapter(self, name)
+    # active; trainable unless its config is for inference (a load with is_trainable=False), as PEFT injects it
+    managed(self).set_adapter(name, inference_mode=bool(getattr(adapter_config, "inference_mode", False)))
 
 
 def load_adapter(self: nn.Module, peft_model_id: str | None = None, adapter_name: str | None = None,
