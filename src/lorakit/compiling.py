@@ -20,6 +20,13 @@ A change the guards see (``set_adapter``, ``train()`` / ``eval()``, a new sequen
 recompile Dynamo marks the length dynamic) recompiles once; ``torch._dynamo.config.recompile_limit`` caps
 how many variants of the block are kept.
 
+Measured (``python -m benchmarks.compile_blocks``: SmolLM2-135M's shape, random weights, 30 layers, LoRA
+r=64 on the seven projections, dropout 0.1, batch 8x128, AdamW, float32, inductor, 2 threads, torch
+2.13 CPU, on a 2-core machine shared with a dozen other jobs, so absolute times are inflated and noisy):
+2 graphs compiled, no recompile; compile ≈ 192 s; compiled step / eager step, paired per round, 0.477
+(0.56, 0.48, 0.38 over three rounds); an 80-step job ≈ 7.8 ks compiled against 15.9 ks eager. bfloat16
+autocast was not measured compiled.
+
     compile_blocks(model)                  # before training; returns the compiled blocks
     compile_blocks(model, backend="aot_eager", fullgraph=True)   # any torch.compile argument
 """
