@@ -20,6 +20,14 @@ A change the guards see (``set_adapter``, ``train()`` / ``eval()``, a new sequen
 recompile Dynamo marks the length dynamic) recompiles once; ``torch._dynamo.config.recompile_limit`` caps
 how many variants of the block are kept.
 
+Measured (``python -m benchmarks.compile_blocks``: SmolLM2-135M's shape, random weights, 30 layers, LoRA
+r=64 on the seven projections, dropout 0.1, batch 8x128, AdamW, float32, inductor, 2 threads, torch
+2.13 CPU, on a 2-core machine shared with other jobs, so times are noisy): 2 graphs, no recompile.
+Load ~17, cold inductor cache: compile ≈ 192 s, compiled/eager step 0.477 paired (0.56, 0.48, 0.38), an
+80-step job ≈ 7.8 ks against 15.9 ks eager. Load ~4, warm on-disk inductor cache: compile ≈ 6.6 s,
+compiled/eager step 0.855 (0.86, 0.83, 1.07; 20.2 against 24.3 s), 80 steps ≈ 1.63 ks against 1.94 ks.
+Compiled was faster per step in 5 of 6 rounds; bfloat16 autocast was not measured compiled.
+
     compile_blocks(model)                  # before training; returns the compiled blocks
     compile_blocks(model, backend="aot_eager", fullgraph=True)   # any torch.compile argument
 """
