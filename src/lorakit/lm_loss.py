@@ -37,7 +37,7 @@ from torch import Tensor, nn
 try:  # an FSDP2 root gathers its own parameters (the embeddings) only in its forward: it must run
     from torch.distributed.fsdp import FSDPModule
 except ImportError:  # torch without distributed
-    FSDPModule = ()
+    FSDPModule = ()  # type: ignore[assignment,misc]
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4 Mi floats = 16 MiB in float32 (85 rows of SmolLM2's 49,152)
@@ -133,7 +133,8 @@ def head_and_body(model: nn.Module) -> tuple[nn.Linear, nn.Module] | None:
     """(the plain nn.Linear LM head, the decoder body) of a transformers causal LM, or None where the
     logits are more than ``head(body(x))`` (a LoRA-adapted or quantized head, logit scaling or soft-capping)
     or where the model's own forward must run (an FSDP2-sharded root; DDP wrappers have no head to find)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
     if isinstance(model, FSDPModule) or isinstance(base, FSDPModule):
         return None
     get_head, get_body = getattr(base, "get_output_embeddings", None), getattr(base, "get_decoder", None)

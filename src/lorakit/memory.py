@@ -33,9 +33,10 @@ heads, s the sequence length, V the vocabulary and r each adapter's rank:
                     (lorakit casts x to the adapter's dtype), plus with dropout a 1-byte keep-mask per
                     module (ops.py); x·Aᵀ, r per module. With LORAKIT_FUSED=0, 2·in per module with
                     dropout (the noise and the dropped copy)
-    loss            log_softmax over the vocabulary saved for backward (V, fp32: transformers upcasts the
-                    logits), and at the start of backward two more V-sized fp32 tensors are alive (the NLL
-                    gradient and the logits' gradient): 3·V·4 bytes per token at the peak
+    loss            lorakit train's chunked loss (lm_loss.py): the selected hidden rows and ∂L/∂h, 2·d per
+                    token (an upper bound: only reply tokens are selected), plus one chunk's float32 logits
+                    and their gradient, 2·CHUNK_ELEMENTS·4 bytes in all. (transformers' own loss would keep
+                    3·V·4 bytes per token: the fp32 log_softmax, the NLL gradient and the logits' gradient.)
 
 A tensor is counted once however many ops save it: o_proj's LoRA input is the SDPA output the fused kernel
 already saves. Tensors that need no gradient save nothing: block 0 reads the frozen embedding, so a pre-norm
@@ -53,6 +54,7 @@ from torch import nn
 
 from . import ops
 from .config import LoraConfig
+from .lm_loss import CHUNK_ELEMENTS
 from .kinds import is_linear_like, with_companions
 from .targeting import layer_index, resolve_targets
 
@@ -63,7 +65,6 @@ COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "4bit": 2}  # QLoRA computes in bf16 (bnb
 NF4_BYTES = 1 / 2 + 1 / 64 + 4 / (64 * 256)  # 4-bit code + 8-bit absmax per 64 + fp32 per 256 absmax
 ADAPTER_BYTES = 4  # fp32 adapter weights, and their gradients
 ADAMW_STATES = 2  # exp_avg, exp_avg_sq
-LOSS_COPIES = 3  # saved log_softmax, its incoming gradient, the logits' gradient (all T·V fp32)
 # Measured in `lorakit train` with SmolLM2's tokenizer: loading the tokenizer imports ~970 transformers
 # modules (+135 MiB resident); the model's Python objects and lorakit add ~15 MiB.
 RUNTIME_MIB = 150.0
@@ -404,7 +405,7 @@ def activation_terms(model: nn.Module, lora: LoraConfig, setup: Setup, s: Shapes
         terms["norms"] -= tokens * norm
         terms["lora"] = tokens * sum(branches.values())
     terms["final norm and head LoRA"] = tokens * (norm + outside)
-    terms["loss"] = tokens * LOSS_COPIES * s.vocab * 4 if setup.causal_lm else 0.0
+    terms["loss"] = tokens * 2 * s.hidden * a + 2 * CHUNK_ELEMENTS * 4 if setup.causal_lm else 0.0
     terms["allocator slack"] = ALLOCATOR_SLACK * (sum(terms.values()) - terms["loss"])
     return terms
 
