@@ -371,25 +371,9 @@ def set_adapter_trains_a_loaded_adapter(lib, tmp_path: Path, inference_mode: boo
     return record + [trainable(loaded), loaded.peft_config["other"].inference_mode]
 
 
-def from_pretrained_over_injected_model(lib, tmp_path: Path):
-    """A model that still holds LoRA layers of an earlier PEFT model gets the loaded adapter in their place."""
-    torch.manual_seed(0)
-    lib.get_peft_model(mlp(), lib.LoraConfig(target_modules=["lin0", "lin1"], r=4,
-                                             init_lora_weights=False)).save_pretrained(tmp_path)
-    earlier = lib.get_peft_model(mlp(), lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = lib.PeftModel.from_pretrained(earlier.base_model.model, tmp_path)
-    fresh = lib.PeftModel.from_pretrained(mlp(), tmp_path)
-    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
-    return (sorted(k for k in loaded.state_dict() if "lora" in k), torch.equal(loaded(x), fresh(x)),
-            loaded.base_model.model.lin0.lora_A["default"].weight.shape)
-
-
 SCENARIOS = [
     *[(f"set_adapter_trains_a_loaded_adapter-{i}", set_adapter_trains_a_loaded_adapter, dict(inference_mode=i))
       for i in (False, True)],
-    ("from_pretrained_over_injected_model", from_pretrained_over_injected_model, {}),
     ("duplicate_adapter_name", duplicate_adapter_name, {}),
     *[(f"mixed_batch_errors-{c}", mixed_batch_errors, dict(case=c)) for c in ("length", "unknown", "training",
                                                                               "merged")],

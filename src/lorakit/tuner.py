@@ -174,7 +174,6 @@ class LoraModel(nn.Module):
         tokens = plan_tokens(self.model, config, plan)  # trainable_token_indices (token_plan.py)
         skip_init = _WEIGHTS_FOLLOW.get() or low_cpu_mem_usage
         injected: list[nn.Module] = []  # the adapter modules this call made or extended (set_adapter's walk)
-        stale: list[str] = []
         for path, spec in plan.layers.items():
             device = None
             if skip_init and spec.variant is None and spec.init.name in FRESH:
@@ -185,18 +184,12 @@ class LoraModel(nn.Module):
                 module = LoraLayer(module, plan.kinds[path])
                 module._active_adapter = list(self.active_adapters)  # follows the model (PEFT), holds none of them
                 self.model.set_submodule(path, module)
-            if adapter_name in module.r:  # left by an earlier PEFT model of this base: replaced, as PEFT does
-                stale.append(path)
-                module.delete_adapter(adapter_name)
             module.update_layer(adapter_name, spec, autocast_adapter_dtype=autocast_adapter_dtype, device=device)
             if low_cpu_mem_usage and device is None:  # variants and data-driven inits are built, then emptied
                 module.move_adapter_to_meta(adapter_name)
             for param in module.adapter_parameters(adapter_name):
                 param.requires_grad_(False)
             injected.append(module)
-        if stale:
-            warn(f"adapter {adapter_name!r} of an earlier PEFT model of this base is replaced in {len(stale)} layer(s) "
-                 f"(e.g. {stale[0]}), as PEFT does; wrap the plain base model to avoid this")
         injected += inject_parameters(self.model, list(plan.parameters), adapter_name, self.active_adapters,
                                       autocast_adapter_dtype, low_cpu_mem_usage)
         for path in plan.modules_to_save:
