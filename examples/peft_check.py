@@ -23,8 +23,12 @@ def quiet_third_parties() -> None:
       ``kernels`` package is missing; its built-in CPU path is used instead, and nothing here runs 4-bit.
     - peft 0.21.2 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates (FutureWarning).
     - transformers draws a "Loading weights" progress bar per model load.
+    - torchao (imported by peft when installed) logs each optional CUDA kernel library it cannot load on a CPU
+      machine, and torch's pytree logs a deprecation for the enums torchao registers.
     """
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     from transformers.utils import logging as transformers_logging
 

@@ -85,7 +85,7 @@ def _quantized_linear_kind(backend: QuantBackend) -> Kind:
         delta_weight=lambda m, A, B: B @ A,  # (out, in)
         matrix=dense_weight,  # by module, so a base swapped for nn.Linear (dequantize=True) still reads
         set_matrix=write_weight,
-        weight=backend.stored,
+        weight=lambda m: backend.stored(m) if find_backend(m) is not None else m.weight,  # dequantize=True: nn.Linear
     )
 
 
