@@ -10,6 +10,7 @@ one thing swapped, in its own process; the table gives the held-out loss after t
   summed over reply tokens / n̄ (training.py), warmup then linear decay to 10% (training.schedule);
 - ``batch_mean``: the loss a mean over each batch's reply tokens (lorakit before this change, and TRL);
 - ``batch_mean_shuffled``: that, with plain shuffled batches (bucket=1: random lengths, as TRL's sampler);
+- ``shuffled``: lorakit's loss (Σ / n̄) with plain shuffled batches (bucket=1);
 - ``trl_schedule``: TRL's default schedule, linear from the peak to 0 with no warmup.
 
 ``--weights`` prints, without training, how bucketing moves the weight of each reply token in the
@@ -28,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = ("default", "batch_mean", "batch_mean_shuffled", "trl_schedule")
+VARIANTS = ("default", "batch_mean", "batch_mean_shuffled", "shuffled", "trl_schedule")
 
 
 def _patch(variant: str) -> None:
