@@ -27,10 +27,12 @@ def tiny(tmp_path_factory):
 
 
 def train(tiny, output, *extra):
-    """A tiny run with the default dropout (0.1): rank 4, batch 4, no time limit, no samples."""
+    """A tiny run with the default dropout (0.1): rank 4, batch 4, no time limit, no samples, fp32 (``auto``
+    times a probe, and two runs compared bit for bit must not depend on how busy the machine was)."""
     model, data = tiny
     return main(["train", "--model", str(model), "--data", str(data), "--output", str(output), "--samples", "0",
-                 "--r", "4", "--lora-alpha", "8", "--batch-size", "4", "--lr", "1e-2", "--time-limit", "0", *extra])
+                 "--r", "4", "--lora-alpha", "8", "--batch-size", "4", "--lr", "1e-2", "--time-limit", "0",
+                 "--precision", "fp32", *extra])
 
 
 def one_error_line(capsys) -> str:

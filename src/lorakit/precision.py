@@ -78,21 +78,23 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
 
 
 def probe_speed(shape: tuple[int, int, int] = PROBE_SHAPE, tries: int = 5) -> Probe:
-    """Time (m, k) @ (k, n) in float32 and in bfloat16 on the CPU, best of ``tries`` after one warm-up."""
+    """Time (m, k) @ (k, n) in float32 and in bfloat16 on the CPU, best of ``tries`` after one warm-up each.
+
+    The two are timed alternately, round by round, so that other work on the machine slows both alike.
+    """
     m, k, n = shape
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
-
-    def best(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y
-        times = []
-        for _ in range(tries):
+    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    times: dict[str, list[float]] = {name: [] for name in pairs}
+    for x, y in pairs.values():
+        x @ y  # warm-up
+    for _ in range(tries):
+        for name, (x, y) in pairs.items():
             start = time.perf_counter()
             x @ y
-            times.append(time.perf_counter() - start)
-        return min(times) * 1e3
-
-    return Probe(fp32_ms=best(a, b), bf16_ms=best(a.bfloat16(), b.bfloat16()))
+            times[name].append(time.perf_counter() - start)
+    return Probe(fp32_ms=min(times["fp32"]) * 1e3, bf16_ms=min(times["bf16"]) * 1e3)
 
 
 def decide(requested: str, device: torch.device | str = "cpu",
