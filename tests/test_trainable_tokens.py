@@ -376,3 +376,25 @@ def test_scaled_embedding_matches_peft(scale: float | torch.Tensor) -> None:
     torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=0)
     torch.manual_seed(0)
     assert (outputs[1] - ScaledNet(scale)(torch.tensor([[1, 2, 3, 4]]))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name, tie, kwargs", [c for c in CASES if c[0] != "lora-on-head-tied"],
+                         ids=[i for i in IDS if i != "lora-on-head-tied"])
+def test_save_embedding_layers_true_matches_peft(name: str, tie: bool, kwargs: dict, tmp_path: Path) -> None:
+    """With save_embedding_layers=True the files also hold E (and, tied, the head's copy of D), as peft's do.
+
+    (LoRA on a tied head is left out: there peft writes neither the head's E nor its D, lorakit writes both.)
+    """
+    theirs, ours, _ = pair(tie, kwargs)
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    ours.save_pretrained(tmp_path / "lorakit", save_embedding_layers=True)
+    file_theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    file_ours = load_file(tmp_path / "lorakit" / "adapter_model.safetensors")
+    assert sorted(file_ours) == sorted(file_theirs)
+    assert any(tuple(value.shape) == (32, 16) for value in file_ours.values())  # a whole embedding matrix
+    for key, value in file_theirs.items():
+        assert torch.equal(file_ours[key], value), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = lorakit.PeftModel.from_pretrained(tiny_llama(tie), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded), logits(theirs), atol=ATOL, rtol=0)

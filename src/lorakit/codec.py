@@ -211,9 +211,12 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[s
     for path in embedding_paths:
         stem = f"{PREFIX}{path}.base_layer." if path in layout.lora_paths else f"{PREFIX}{path}."
         for key in layout.shapes:
-            if key.startswith(stem) and not any(part in key[len(stem):].split(".") for part in containers) \
-                    and _token_part(key, layout) is None:
-                mapping[key] = key
+            if key.startswith(stem) and not any(part in key[len(stem):].split(".") for part in containers):
+                tokens = _token_part(key, layout)
+                if tokens is None:
+                    mapping[key] = key
+                elif tokens[0] in layout.tied_token_paths and tokens[1] == adapter_name:
+                    mapping[key] = f"{PREFIX}{tokens[0]}.{DELTA}"  # PEFT writes the tied head's D here too
     return mapping
 
 
