@@ -166,3 +166,15 @@ def test_refusals_match_peft(model_name, kwargs, match):
 def test_mica_r_equal_to_min_dimension_uses_every_singular_vector():
     ref, ours = (_wrap(lib, "mlp", dict(target_modules=["lin2"], r=5)) for lib in (peft, lorakit))
     torch.testing.assert_close(ours.state_dict(), ref.state_dict(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_base_init_matches_peft_exactly(dtype):
+    """B is rounded to the base dtype and kept in the adapter's float32, as PEFT does."""
+    states = []
+    for lib in (peft, lorakit):
+        model = lib.get_peft_model(build("mlp", seed=0).to(dtype),
+                                   lib.LoraConfig(target_modules=["lin1", "emb"], r=4, init_lora_weights="mica"))
+        states.append({k: v for k, v in model.state_dict().items() if "lora" in k})
+    assert all(v.dtype == torch.float32 for v in states[1].values())
+    torch.testing.assert_close(states[1], states[0], atol=0, rtol=0)

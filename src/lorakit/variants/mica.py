@@ -72,8 +72,16 @@ def _b_container(layer: LoraLayer) -> str:
 
 
 def _mica_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
-    """Mark B frozen for this adapter (it never trains); the factors were written by the ``mica`` init."""
+    """Mark B frozen for this adapter (it never trains); the factors were written by the ``mica`` init.
+
+    Over a half-precision base, B is rounded to the base dtype (then kept in the adapter's float32), as
+    PEFT writes MiCA's factors in the base dtype before it upcasts the adapter.
+    """
     _refuse_kind(layer.kind.name)
+    base_dtype = layer.kind.matrix(layer.base_layer).dtype
+    if base_dtype in (torch.float16, torch.bfloat16) and B.dtype != base_dtype:
+        with torch.no_grad():
+            B.copy_(B.to(base_dtype))
     layer.freeze(adapter_name, _b_container(layer))
     B.requires_grad_(False)
 
