@@ -14,6 +14,7 @@ import peft
 import pytest
 import torch
 from models import build
+from variant_parity import perturb_trainable
 
 import lorakit
 from lorakit.variants.alora import invocation_offsets
@@ -41,11 +42,7 @@ def _pair(**kwargs):
                                 alora_invocation_tokens=list(INVOKE), **copy.deepcopy(kwargs))
         wrapped.append(lib.get_peft_model(build("llama", seed=0), config))
     ref, ours = wrapped
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, param in sorted(ref.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(ref)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref.eval(), ours.eval()
 

@@ -13,6 +13,7 @@ import peft
 import pytest
 import torch
 from models import build, example_inputs
+from variant_parity import outputs, perturb_trainable
 from safetensors.torch import load_file
 
 import lorakit
@@ -33,19 +34,10 @@ def _config(lib, kwargs: dict, kasa: dict):
     return lib.LoraConfig(lora_alpha=8, kasa_config=lib.KasaConfig(**kasa), **copy.deepcopy(kwargs))
 
 
-def _outputs(model, inputs):
-    out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def _pair(model_name: str, kwargs: dict, kasa: dict):
     """peft's and lorakit's KaSA models on the same base; PEFT's non-zero adapter copied into lorakit."""
     ref, ours = (lib.get_peft_model(build(model_name, seed=0), _config(lib, kwargs, kasa)) for lib in (peft, lorakit))
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, param in sorted(ref.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(ref)
     truncated = {k: v for k, v in ours.state_dict().items() if "base_layer" in k}
     torch.testing.assert_close(truncated, {k: v for k, v in ref.state_dict().items() if "base_layer" in k}, **TOL)
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -75,20 +67,20 @@ def test_init_truncates_w_to_its_top_singular_components(model_name, kwargs, kas
     inputs = example_inputs(model_name)
     model.eval()
     with model.disable_adapter():
-        disabled = _outputs(model, inputs)
-    torch.testing.assert_close(_outputs(model, inputs), disabled, atol=0, rtol=0)  # B = 0
-    assert not torch.allclose(disabled, _outputs(original.eval(), inputs), atol=1e-4)  # truncation stays
+        disabled = outputs(model, inputs)
+    torch.testing.assert_close(outputs(model, inputs), disabled, atol=0, rtol=0)  # B = 0
+    assert not torch.allclose(disabled, outputs(original.eval(), inputs), atol=1e-4)  # truncation stays
 
 
 @pytest.mark.parametrize("model_name, kwargs, kasa", CASE_PARAMS)
 def test_outputs_gradients_and_regulariser_match_peft(model_name, kwargs, kasa):
     ref, ours = _pair(model_name, kwargs, kasa)
     inputs = example_inputs(model_name)
-    torch.testing.assert_close(_outputs(ours.eval(), inputs), _outputs(ref.eval(), inputs), **TOL)
+    torch.testing.assert_close(outputs(ours.eval(), inputs), outputs(ref.eval(), inputs), **TOL)
     ref.train(), ours.train()
     for model in (ref, ours):  # same seed, same dropout masks
         torch.manual_seed(3)
-        (_outputs(model, inputs).square().mean() + model._get_kasa_loss()).backward()
+        (outputs(model, inputs).square().mean() + model._get_kasa_loss()).backward()
     grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     assert any("lora_diag" in n for n in grads)
     torch.testing.assert_close({n: p.grad for n, p in ours.named_parameters() if p.requires_grad}, grads, **TOL)
@@ -123,12 +115,12 @@ def test_merge_and_unmerge_match_peft(model_name, kwargs, kasa):
     ref, ours = _pair(model_name, kwargs, kasa)
     inputs = example_inputs(model_name)
     ref.eval(), ours.eval()
-    unmerged = _outputs(ours, inputs)
+    unmerged = outputs(ours, inputs)
     truncated = {k: v.clone() for k, v in ours.state_dict().items() if "base_layer" in k}
     ref.merge_adapter(), ours.merge_adapter()
     merged = {k: v for k, v in ours.state_dict().items() if "base_layer" in k}
     torch.testing.assert_close(merged, {k: v for k, v in ref.state_dict().items() if "base_layer" in k}, **TOL)
-    torch.testing.assert_close(_outputs(ours, inputs), unmerged, **TOL)
+    torch.testing.assert_close(outputs(ours, inputs), unmerged, **TOL)
     ours.unmerge_adapter()  # back to the truncated W, not the original one
     torch.testing.assert_close({k: v for k, v in ours.state_dict().items() if "base_layer" in k}, truncated, **TOL)
     plain = ours.merge_and_unload()
@@ -141,7 +133,7 @@ def test_merge_and_unmerge_match_peft(model_name, kwargs, kasa):
 def test_save_load_both_ways_onto_the_original_base(model_name, kwargs, kasa, tmp_path):
     ref, ours = _pair(model_name, kwargs, kasa)
     inputs = example_inputs(model_name)
-    expected = _outputs(ref.eval(), inputs)
+    expected = outputs(ref.eval(), inputs)
     ref.save_pretrained(tmp_path / "peft"), ours.save_pretrained(tmp_path / "ours")
     ref_file, ours_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
     assert any(k.endswith(".lora_diag") for k in ours_file)
@@ -151,7 +143,7 @@ def test_save_load_both_ways_onto_the_original_base(model_name, kwargs, kasa, tm
     loaded = [lorakit.PeftModel.from_pretrained(build(model_name, seed=0), tmp_path / "peft"),  # original W:
               peft.PeftModel.from_pretrained(build(model_name, seed=0), tmp_path / "ours")]  # truncated again
     for model in loaded:
-        torch.testing.assert_close(_outputs(model.eval(), inputs), expected, **TOL)
+        torch.testing.assert_close(outputs(model.eval(), inputs), expected, **TOL)
 
 
 @pytest.mark.parametrize("model_name, targets, r, match", [

@@ -11,6 +11,7 @@ import peft
 import pytest
 import torch
 from models import build, example_inputs
+from variant_parity import assert_merge_matches_peft, outputs, perturb_trainable
 from safetensors.torch import load_file
 
 import lorakit
@@ -33,19 +34,10 @@ def _wrap(lib, model_name: str, kwargs: dict):
     return lib.get_peft_model(build(model_name, seed=0), lib.LoraConfig(init_lora_weights="mica", **kwargs))
 
 
-def _outputs(model, inputs):
-    out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def _trained_pair(model_name: str, kwargs: dict):
     """peft's and lorakit's MiCA models with the same non-zero A (PEFT's, perturbed) copied into lorakit."""
     ref, ours = _wrap(peft, model_name, kwargs), _wrap(lorakit, model_name, kwargs)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, param in sorted(ref.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(ref)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -63,8 +55,8 @@ def test_init_matches_peft_exactly_and_is_the_minor_subspace(model_name, kwargs)
     assert _trainable(ours) == _trainable(ref)
     inputs = example_inputs(model_name)
     with ours.disable_adapter():
-        base = _outputs(ours.eval(), inputs)
-    torch.testing.assert_close(_outputs(ours, inputs), base, atol=0, rtol=0)  # A = 0: the base model
+        base = outputs(ours.eval(), inputs)
+    torch.testing.assert_close(outputs(ours, inputs), base, atol=0, rtol=0)  # A = 0: the base model
     for layer in (m for m in ours.modules() if isinstance(m, LoraLayer)):
         A, B = layer.factors("default") if layer.kind.embedding else (f.weight for f in layer.factors("default"))
         assert A.requires_grad and not B.requires_grad
@@ -83,13 +75,13 @@ def test_init_matches_peft_exactly_and_is_the_minor_subspace(model_name, kwargs)
 def test_outputs_gradients_and_a_training_step_match_peft(model_name, kwargs):
     ref, ours = _trained_pair(model_name, kwargs)
     inputs = example_inputs(model_name)
-    torch.testing.assert_close(_outputs(ours.eval(), inputs), _outputs(ref.eval(), inputs), **TOL)
+    torch.testing.assert_close(outputs(ours.eval(), inputs), outputs(ref.eval(), inputs), **TOL)
     ref.train(), ours.train()
     frozen_before = {n: p.detach().clone() for n, p in ours.named_parameters() if "lora" in n and not p.requires_grad}
     assert frozen_before and all("lora_B" in n or "lora_embedding_B" in n for n in frozen_before)
     for model in (ref, ours):  # same seed, same dropout masks
         torch.manual_seed(3)
-        _outputs(model, inputs).square().mean().backward()
+        outputs(model, inputs).square().mean().backward()
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     torch.testing.assert_close({n: p.grad for n, p in ours.named_parameters() if p.requires_grad}, grads, **TOL)
@@ -117,27 +109,14 @@ def test_b_stays_frozen_through_set_adapter_set_requires_grad_and_other_adapters
 @pytest.mark.parametrize("model_name, kwargs", CASE_PARAMS)
 def test_merge_and_unmerge_match_peft(model_name, kwargs):
     ref, ours = _trained_pair(model_name, kwargs)
-    inputs = example_inputs(model_name)
-    ref.eval(), ours.eval()
-    unmerged = _outputs(ours, inputs)
-    before = {k: v.clone() for k, v in ours.state_dict().items() if "base_layer" in k}
-    ref.merge_adapter(), ours.merge_adapter()
-    merged = {k: v for k, v in ours.state_dict().items() if "base_layer" in k}
-    torch.testing.assert_close(merged, {k: v for k, v in ref.state_dict().items() if "base_layer" in k}, **TOL)
-    torch.testing.assert_close(_outputs(ours, inputs), unmerged, **TOL)
-    ours.unmerge_adapter()
-    torch.testing.assert_close({k: v for k, v in ours.state_dict().items() if "base_layer" in k}, before, **TOL)
-    plain = ours.merge_and_unload()
-    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
-    out = plain(**inputs)
-    torch.testing.assert_close(out if isinstance(out, torch.Tensor) else out.logits, unmerged, **TOL)
+    assert_merge_matches_peft(ref, ours, example_inputs(model_name), TOL)
 
 
 @pytest.mark.parametrize("model_name, kwargs", CASE_PARAMS)
 def test_save_load_both_ways_with_peft(model_name, kwargs, tmp_path):
     ref, ours = _trained_pair(model_name, kwargs)
     inputs = example_inputs(model_name)
-    expected = _outputs(ref.eval(), inputs)
+    expected = outputs(ref.eval(), inputs)
     ref.save_pretrained(tmp_path / "peft"), ours.save_pretrained(tmp_path / "ours")
     ref_file, ours_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
     torch.testing.assert_close(ours_file, ref_file, atol=0, rtol=0)
@@ -146,7 +125,7 @@ def test_save_load_both_ways_with_peft(model_name, kwargs, tmp_path):
     loaded = [lorakit.PeftModel.from_pretrained(build(model_name, seed=0), tmp_path / "peft", is_trainable=True),
               peft.PeftModel.from_pretrained(build(model_name, seed=0), tmp_path / "ours", is_trainable=True)]
     for model in loaded:
-        torch.testing.assert_close(_outputs(model.eval(), inputs), expected, **TOL)
+        torch.testing.assert_close(outputs(model.eval(), inputs), expected, **TOL)
     assert _trainable(loaded[0]) == _trainable(loaded[1])  # a loaded MiCA adapter still trains A only
 
 

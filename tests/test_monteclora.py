@@ -15,10 +15,10 @@ import peft
 import pytest
 import torch
 from models import build, example_inputs
+from variant_parity import assert_merge_matches_peft, outputs, perturb_trainable
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.layer import LoraLayer
 from lorakit.variants.monteclora import MontecloraSampler
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -38,11 +38,6 @@ def _config(lib, kwargs: dict, mc: dict):
     return lib.LoraConfig(lora_alpha=8, monteclora_config=lib.MontecloraConfig(**mc), **copy.deepcopy(kwargs))
 
 
-def _outputs(model, inputs):
-    out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def _samplers(model) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if type(m).__name__ == "MontecloraSampler"}
 
@@ -59,11 +54,7 @@ def _copy_noise(ref, ours) -> None:
 def _pair(model_name: str, kwargs: dict, mc: dict):
     """peft's and lorakit's MonteCLoRA models on the same base; PEFT's perturbed adapter copied into lorakit."""
     ref, ours = (lib.get_peft_model(build(model_name, seed=0), _config(lib, kwargs, mc)) for lib in (peft, lorakit))
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, param in sorted(ref.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(ref)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -77,7 +68,7 @@ def test_keys_and_eval_outputs_match_peft(model_name, kwargs, mc):
     assert all(isinstance(m, MontecloraSampler) for m in _samplers(ours).values()) and _samplers(ours)
     inputs = example_inputs(model_name)
     ref.eval(), ours.eval()
-    torch.testing.assert_close(_outputs(ours, inputs), _outputs(ref, inputs), **TOL)
+    torch.testing.assert_close(outputs(ours, inputs), outputs(ref, inputs), **TOL)
     assert ours._get_monteclora_loss() == 0.0 == ref._get_monteclora_loss()  # eval mode: no variational loss
     assert all(s.noise is None for s in _samplers(ours).values())  # inference never draws noise
 
@@ -93,7 +84,7 @@ def test_training_steps_with_peft_noise_match_peft(model_name, kwargs, mc):
         for model in (ref, ours):
             model.zero_grad()
             torch.manual_seed(3 + step)  # same dropout masks
-            out = _outputs(model, inputs)
+            out = outputs(model, inputs)
             variational = model._get_monteclora_loss()
             (out.square().mean() + variational).backward()
             losses.append((out, variational))
@@ -135,7 +126,7 @@ def test_sampled_average_formula_in_float64():
 def test_variational_loss_formula_in_float64():
     _, ours = _pair(*CASES[0][1:])
     ours.train()
-    _outputs(ours, example_inputs("llama"))  # samples Σ and w
+    outputs(ours, example_inputs("llama"))  # samples Σ and w
     total = 0.0
     samplers = _samplers(ours).values()
     for sampler in samplers:
@@ -183,31 +174,18 @@ def test_noise_follows_its_distributions_and_refills():
 def test_zero_sample_scaler_makes_training_equal_to_eval():
     _, ours = _pair("mlp", CASES[2][2], dict(num_samples=4, buffer_size=2, sample_scaler=0.0))
     inputs = example_inputs("mlp")
-    eval_out = _outputs(ours.eval(), inputs)
-    torch.testing.assert_close(_outputs(ours.train(), inputs), eval_out, atol=1e-6, rtol=1e-6)  # Σ w_k = 1
+    eval_out = outputs(ours.eval(), inputs)
+    torch.testing.assert_close(outputs(ours.train(), inputs), eval_out, atol=1e-6, rtol=1e-6)  # Σ w_k = 1
     _, noisy = _pair("mlp", CASES[2][2], dict(num_samples=4, buffer_size=2, sample_scaler=0.5))
     noisy.train()
-    first, second = _outputs(noisy, inputs), _outputs(noisy, inputs)
+    first, second = outputs(noisy, inputs), outputs(noisy, inputs)
     assert not torch.allclose(first, second, atol=1e-4)  # each training step samples anew
 
 
 @pytest.mark.parametrize("model_name, kwargs, mc", CASE_PARAMS)
 def test_merge_and_unmerge_match_peft(model_name, kwargs, mc):
     ref, ours = _pair(model_name, kwargs, mc)
-    inputs = example_inputs(model_name)
-    ref.eval(), ours.eval()
-    unmerged = _outputs(ours, inputs)
-    before = {k: v.clone() for k, v in ours.state_dict().items() if "base_layer" in k}
-    ref.merge_adapter(), ours.merge_adapter()
-    merged = {k: v for k, v in ours.state_dict().items() if "base_layer" in k}
-    torch.testing.assert_close(merged, {k: v for k, v in ref.state_dict().items() if "base_layer" in k}, **TOL)
-    torch.testing.assert_close(_outputs(ours, inputs), unmerged, **TOL)
-    ours.unmerge_adapter()
-    torch.testing.assert_close({k: v for k, v in ours.state_dict().items() if "base_layer" in k}, before, **TOL)
-    plain = ours.merge_and_unload()
-    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
-    out = plain(**inputs)
-    torch.testing.assert_close(out if isinstance(out, torch.Tensor) else out.logits, unmerged, **TOL)
+    assert_merge_matches_peft(ref, ours, example_inputs(model_name), TOL)
 
 
 @pytest.mark.parametrize("model_name, kwargs, mc", CASE_PARAMS)
@@ -215,20 +193,20 @@ def test_merge_and_unmerge_match_peft(model_name, kwargs, mc):
 def test_save_load_both_ways_with_peft(model_name, kwargs, mc, low_cpu_mem_usage, tmp_path):
     ref, ours = _pair(model_name, kwargs, mc)
     inputs = example_inputs(model_name)
-    expected = _outputs(ref.eval(), inputs)
+    expected = outputs(ref.eval(), inputs)
     ref.save_pretrained(tmp_path / "peft"), ours.save_pretrained(tmp_path / "ours")
     ref_file, ours_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
     torch.testing.assert_close(ours_file, ref_file, atol=0, rtol=0)
     assert lorakit.LoraConfig.from_pretrained(tmp_path / "peft").monteclora_config == lorakit.MontecloraConfig(**mc)
     loaded = lorakit.PeftModel.from_pretrained(build(model_name, seed=0), tmp_path / "peft",
                                                low_cpu_mem_usage=low_cpu_mem_usage)
-    torch.testing.assert_close(_outputs(loaded.eval(), inputs), expected, **TOL)
+    torch.testing.assert_close(outputs(loaded.eval(), inputs), expected, **TOL)
     assert {n for n, _ in loaded.named_buffers() if "monteclora" in n} == \
         {n for n, _ in ours.named_buffers() if "monteclora" in n}  # Σ and w stay buffers
     torch.testing.assert_close({k: v for k, v in loaded.state_dict().items() if "monteclora" in k},
                                {k: v for k, v in ref.state_dict().items() if "monteclora" in k}, atol=0, rtol=0)
     back = peft.PeftModel.from_pretrained(build(model_name, seed=0), tmp_path / "ours")
-    torch.testing.assert_close(_outputs(back.eval(), inputs), expected, **TOL)
+    torch.testing.assert_close(outputs(back.eval(), inputs), expected, **TOL)
 
 
 @pytest.mark.parametrize("targets", [["emb"], ["conv"]], ids=["embedding", "conv2d"])

@@ -1,0 +1,45 @@
+"""Shared steps of the variant tests against peft (MiCA, KaSA, MonteCLoRA, aLoRA): perturbing PEFT's adapter,
+reading a model's output, and the merge / unmerge / unload check."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit import LoraLayer
+
+
+def perturb_trainable(model: nn.Module, seed: int = 7, scale: float = 0.3) -> None:
+    """Add scale·N(0, 1) (fixed seed, parameters in name order) to every trainable tensor, in place, so that
+    a B initialised to zero takes part in the comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def outputs(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's output tensor (a plain module's return value, or a transformers output's logits)."""
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _base(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "base_layer" in k}
+
+
+def assert_merge_matches_peft(ref: nn.Module, ours: nn.Module, inputs: dict, tol: dict) -> None:
+    """merge_adapter writes PEFT's base weights and keeps the outputs; unmerge restores the base;
+    merge_and_unload leaves no LoRA layer and the same outputs."""
+    ref.eval(), ours.eval()
+    unmerged = outputs(ours, inputs)
+    before = {k: v.clone() for k, v in _base(ours).items()}
+    ref.merge_adapter(), ours.merge_adapter()
+    torch.testing.assert_close(_base(ours), _base(ref), **tol)
+    torch.testing.assert_close(outputs(ours, inputs), unmerged, **tol)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(_base(ours), before, **tol)
+    plain = ours.merge_and_unload()
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    torch.testing.assert_close(outputs(plain, inputs), unmerged, **tol)
