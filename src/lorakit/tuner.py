@@ -443,20 +443,15 @@ class LoraModel(nn.Module):
                 raise ImportError("progressbar=True needs tqdm: pip install tqdm") from None
             modules = tqdm(modules, desc="Unloading " + ("and merging " if merge else "") + "model")
         for path, module in modules:
-            if isinstance(module, LoraLayer):
-                if merge:
-                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                else:
-                    module.unmerge()
-                self.model.set_submodule(path, module.base_layer)
-            elif isinstance(module, ModulesToSaveWrapper):
+            if isinstance(module, ModulesToSaveWrapper):
                 self.model.set_submodule(path, module.active_module)
-            elif isinstance(module, TrainableTokensWrapper):
+            elif isinstance(module, (LoraLayer, TrainableTokensWrapper)):
                 if merge:
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 else:
                     module.unmerge()
-                self.model.set_submodule(path, module.original_module)
+                plain = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+                self.model.set_submodule(path, plain)
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
