@@ -1,0 +1,72 @@
+"""Count logical lines of lorakit: every source line that holds code, not blank, not a comment, not a docstring.
+
+    python tools/loc.py            # core / app / total, per file with --files
+
+"Core" is the library: ``src/lorakit`` minus the app (``src/lorakit/app``). A line counts once however many
+statements it holds; a statement spanning several lines counts each of its non-blank code lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import pathlib
+import sys
+import tokenize
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "src" / "lorakit"
+APP = "app"
+
+
+def docstring_lines(tree: ast.AST) -> set[int]:
+    """Line numbers covered by module, class and function docstrings."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                lines.update(range(body[0].lineno, (body[0].end_lineno or body[0].lineno) + 1))
+    return lines
+
+
+def logical_lines(source: str) -> int:
+    """Lines carrying at least one code token that is not part of a docstring."""
+    skip = docstring_lines(ast.parse(source))
+    code: set[int] = set()
+    ignored = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+               tokenize.ENCODING, tokenize.ENDMARKER}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in ignored:
+            continue
+        code.update(n for n in range(tok.start[0], tok.end[0] + 1) if n not in skip)
+    return len(code)
+
+
+def part(path: pathlib.Path) -> str:
+    return "app" if path.relative_to(ROOT).parts[0] == APP else "core"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", action="store_true", help="print every file's count")
+    args = parser.parse_args(argv)
+    totals: dict[str, list[int]] = {"core": [0, 0], "app": [0, 0]}
+    rows = []
+    for path in sorted(ROOT.rglob("*.py")):
+        n = logical_lines(path.read_text())
+        totals[part(path)][0] += n
+        totals[part(path)][1] += 1
+        rows.append((n, str(path.relative_to(ROOT)), part(path)))
+    if args.files:
+        for n, name, where in sorted(rows, reverse=True):
+            print(f"{n:6d}  {where:4s}  {name}")
+    for where, (n, files) in totals.items():
+        print(f"{where}: {n} logical lines in {files} files")
+    print(f"total: {sum(t[0] for t in totals.values())} logical lines")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
