@@ -168,7 +168,7 @@ def child_peak(key: str, library: str, threads: int) -> float:
 
 
 def peak_in_this_process(key: str, library: str) -> None:
-    from lorakit.training import PeakMemory, rss_mb
+    from lorakit.app.training import PeakMemory, rss_mb
 
     row = ROWS[key]
     before = rss_mb()

@@ -15,7 +15,7 @@ Each run is its own process, run back to back (``--rounds`` > 1 repeats the set,
 Measured: seconds per optimizer step (the step loop only: lorakit's ``train_seconds``, TRL's time between
 ``on_step_begin`` and ``on_step_end``), the process's peak resident memory (ru_maxrss, model loading
 included), and the held-out loss of each saved adapter, computed in a separate process by one function
-(``lorakit.training.evaluate``, fp32 base, the adapter loaded with ``peft.PeftModel``) on the same pairs.
+(``lorakit.app.training.evaluate``, fp32 base, the adapter loaded with ``peft.PeftModel``) on the same pairs.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ RUNS = ("lorakit auto", "lorakit fp32", "TRL+PEFT")
 
 
 def _held_out_rows() -> tuple[list[dict], list[dict]]:
-    from lorakit.cli.train import HELD_OUT
-    from lorakit.embedded import chatterbot_pairs
-    from lorakit.sft import split
+    from lorakit.app.cli.train import HELD_OUT
+    from lorakit.app.embedded import chatterbot_pairs
+    from lorakit.app.sft import split
 
     return split(chatterbot_pairs(), HELD_OUT, SEED)
 
@@ -66,7 +66,7 @@ def trl_child(output: Path, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from lorakit.embedded import default_model_folder
+    from lorakit.app.embedded import default_model_folder
 
     folder = default_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -110,14 +110,14 @@ def run_trl(output: Path, steps: int) -> dict:
 
 
 def eval_child(adapters: list[str], output: Path) -> None:
-    """Held-out loss of the base and of each adapter: lorakit.training.evaluate, fp32, peft-loaded."""
+    """Held-out loss of the base and of each adapter: lorakit.app.training.evaluate, fp32, peft-loaded."""
     import peft
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorakit.embedded import default_model_folder
-    from lorakit.sft import encode_all
-    from lorakit.training import evaluate
+    from lorakit.app.embedded import default_model_folder
+    from lorakit.app.sft import encode_all
+    from lorakit.app.training import evaluate
 
     folder = default_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}, lorakit "
               f"{lorakit.__version__}, Python {platform.python_version()}. Recipe: SmolLM2-135M-Instruct (embedded, "
               f"fp32 folder), chatterbot pairs, r=64 alpha=16 dropout 0.1, seven projections, rsLoRA, batch {BATCH}, "
-              f"max length {MAX_LENGTH}, lr {LR:g}. Held-out loss: `lorakit.training.evaluate` (fp32, adapter loaded "
+              f"max length {MAX_LENGTH}, lr {LR:g}. Held-out loss: `lorakit.app.training.evaluate` (fp32, adapter loaded "
               f"with peft) on the same pairs for every adapter.\n\n")
     text = header + body + (f"\n{args.note}\n" if args.note else "")
     print(text)

@@ -33,7 +33,7 @@ VARIANTS = ("default", "batch_mean", "batch_mean_shuffled", "shuffled", "trl_sch
 
 
 def _patch(variant: str) -> None:
-    from lorakit import sft, training
+    from lorakit.app import sft, training
 
     if variant.startswith("batch_mean"):  # loss = mean · n_b / n̄ with n_b = n̄ = 1: the per-batch mean
         training.reply_tokens = lambda labels: 1
@@ -47,7 +47,7 @@ def _patch(variant: str) -> None:
 
 
 def child(variant: str, output: Path, steps: int) -> None:
-    from lorakit.cli import main
+    from lorakit.app.cli import main
 
     _patch(variant)
     code = main(["train", "--output", str(output), "--max-steps", str(steps), "--samples", "0", "--time-limit", "0",
@@ -59,9 +59,9 @@ def child(variant: str, output: Path, steps: int) -> None:
 def weights() -> None:
     from transformers import AutoTokenizer
 
-    from lorakit.cli.train import HELD_OUT
-    from lorakit.embedded import chatterbot_pairs, default_model_folder
-    from lorakit.sft import batches, encode_all, split
+    from lorakit.app.cli.train import HELD_OUT
+    from lorakit.app.embedded import chatterbot_pairs, default_model_folder
+    from lorakit.app.sft import batches, encode_all, split
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_folder())
     examples = encode_all(tokenizer, split(chatterbot_pairs(), HELD_OUT, 0)[0], 128)

@@ -2,9 +2,9 @@
 
     python -m benchmarks.qlora [--steps 30] [--repeats 7] [--threads 1] [--out BENCHMARKS.md]
 
-1. Training: the fp32 checkpoint (``lorakit.embedded``) is quantized in place with ``lorakit.quantize_model``
+1. Training: the fp32 checkpoint (``lorakit.app.embedded``) is quantized in place with ``lorakit.quantize_model``
    (NF4, double quant, fp32 compute; embeddings / tied lm_head and norms stay fp32), LoRA r=8 on the seven
-   projections is trained for ``--steps`` steps on the chatterbot pairs (``lorakit.training.train_loop``), and
+   projections is trained for ``--steps`` steps on the chatterbot pairs (``lorakit.app.training.train_loop``), and
    the held-out loss per reply token is measured before and after.
 2. Footprint: bytes of the weights held in memory (every parameter and buffer once; for 4-bit layers the
    packed codes plus their quantization state: absmax, nested absmax, code books), QLoRA vs fp32.
@@ -69,9 +69,9 @@ def with_lora(model: nn.Module) -> nn.Module:
 
 def train_run(folder: Path, tokenizer: object, steps: int) -> dict:
     """QLoRA training for ``steps`` steps; held-out and first/last training losses."""
-    from lorakit.embedded import chatterbot_pairs
-    from lorakit.sft import encode_all, split
-    from lorakit.training import (
+    from lorakit.app.embedded import chatterbot_pairs
+    from lorakit.app.sft import encode_all, split
+    from lorakit.app.training import (
         TrainSettings,
         TrainState,
         evaluate,
@@ -95,8 +95,8 @@ def train_run(folder: Path, tokenizer: object, steps: int) -> dict:
 
 def step_times(folder: Path, tokenizer: object, repeats: int, warmup: int = 2) -> dict:
     """Interleaved training-step times of LoRA on the fp32 model and on the NF4 model (same batch)."""
-    from lorakit.embedded import chatterbot_pairs
-    from lorakit.sft import collate, encode_all
+    from lorakit.app.embedded import chatterbot_pairs
+    from lorakit.app.sft import collate, encode_all
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = collate(encode_all(tokenizer, chatterbot_pairs()[:8], 256), pad)
@@ -130,7 +130,7 @@ def main() -> None:
     from transformers.utils import logging as transformers_logging
 
     import lorakit
-    from lorakit.embedded import default_model_folder
+    from lorakit.app.embedded import default_model_folder
 
     transformers_logging.disable_progress_bar()
     folder = default_model_folder(verbose=False)

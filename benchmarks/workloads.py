@@ -42,11 +42,11 @@ def build_base(seed: int = 0) -> nn.Module:
 
 
 def build_smollm(seed: int = 0) -> nn.Module:
-    """SmolLM2-135M-Instruct in fp32, from the copy lorakit.embedded converts once from the PyPI package."""
+    """SmolLM2-135M-Instruct in fp32, from the copy lorakit.app.embedded converts once from the PyPI package."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
-    from lorakit.embedded import default_model_folder
+    from lorakit.app.embedded import default_model_folder
 
     logging.disable_progress_bar()
     torch.manual_seed(seed)

@@ -45,7 +45,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lorakit
-    from lorakit.embedded import default_model_folder
+    from lorakit.app.embedded import default_model_folder
 
     base_folder = args.model or default_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(base_folder)

@@ -89,7 +89,7 @@ def test_fsdp_bf16_on_a_cpu_without_bf16_units_is_a_clear_error(monkeypatch) -> 
 
 def test_cli_mixed_precision_needs_fsdp(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--mixed-precision", "bf16",
+    result = subprocess.run([sys.executable, "-m", "lorakit.app.cli", "train", "--mixed-precision", "bf16",
                              "--output", str(tmp_path / "out")], env=env, capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode != 0 and "--mixed-precision applies to FSDP2" in result.stdout + result.stderr

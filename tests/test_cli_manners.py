@@ -16,8 +16,8 @@ import pytest
 import torch
 from tiny_lm import save_tiny_llm, write_chat_jsonl
 
-import lorakit.cli.train as train_command
-from lorakit.cli import build_parser, main
+import lorakit.app.cli.train as train_command
+from lorakit.app.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_chat_answers_one_prompt_and_stdin_lines(trained, tiny, capsys, monkeypa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lorakit
-    from lorakit.training import sample_answers
+    from lorakit.app.training import sample_answers
 
     output, _ = trained
     model, _ = tiny
@@ -149,7 +149,7 @@ def test_embedded_base_is_named_by_its_hub_id(tiny, tmp_path, monkeypatch, capsy
     adapter names the hub id; chat maps that id back to the local folder and loads with no base warning."""
     import warnings
 
-    import lorakit.embedded as embedded
+    import lorakit.app.embedded as embedded
     from lorakit.errors import LoraWarning
 
     _, data = tiny

@@ -1,4 +1,4 @@
-"""``lorakit inspect``, ``merge`` and ``export`` through ``lorakit.cli.main`` on tiny saved models.
+"""``lorakit inspect``, ``merge`` and ``export`` through ``lorakit.app.cli.main`` on tiny saved models.
 
 Invariants: merged checkpoint == base + adapter (and loads without lorakit); an exported adapter gives the
 original's outputs in real PEFT and in lorakit, with r == lora_alpha and one rank for every layer; every
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import lorakit
-from lorakit.cli import main
+from lorakit.app.cli import main
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 # rsLoRA plus rank and alpha patterns: four different per-layer scalings, three ranks, an Embedding target.
@@ -103,7 +103,7 @@ def test_inspect_collapses_blocks_and_shows_picks(capsys, base_dir):
 
 
 def test_inspect_embedded_model_on_meta(capsys):
-    from lorakit.embedded import cache_dir
+    from lorakit.app.embedded import cache_dir
 
     if not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():
         pytest.skip("the embedded SmolLM2 is not converted on this machine")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny_lm import save_tiny_llm, tokenizer, write_chat_jsonl
 
-from lorakit.cli import main
-from lorakit.sft import IGNORE, encode, read_jsonl
+from lorakit.app.cli import main
+from lorakit.app.sft import IGNORE, encode, read_jsonl
 
 
 @pytest.fixture(scope="module")

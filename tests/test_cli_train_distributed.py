@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.checkpoint import read_trainer_state
+from lorakit.app.checkpoint import read_trainer_state
 from tiny_lm import save_tiny_llm, write_chat_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
@@ -36,11 +36,11 @@ def _train(tiny, output: Path, *extra: str, procs: int = 1) -> subprocess.Comple
     model, data = tiny
     args = ["train", "--model", str(model), "--data", str(data), "--output", str(output), *FLAGS, *extra]
     if procs == 1:
-        command = [sys.executable, "-m", "lorakit.cli", *args]
+        command = [sys.executable, "-m", "lorakit.app.cli", *args]
     else:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         command = [torchrun, f"--nproc-per-node={procs}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-                   "-m", "lorakit.cli", *args]
+                   "-m", "lorakit.app.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -157,7 +157,7 @@ def test_checkpoints_resume_across_process_counts(runs, tiny, tmp_path):
 
 
 def test_fsdp_needs_torchrun(tiny, tmp_path, monkeypatch, capsys):
-    from lorakit.cli import main
+    from lorakit.app.cli import main
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model, data = tiny

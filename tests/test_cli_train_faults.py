@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_lm import save_tiny_llm, write_chat_jsonl
 
-import lorakit.cli.train as train_command
-from lorakit.cli import main
+import lorakit.app.cli.train as train_command
+from lorakit.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +216,8 @@ def test_read_only_output_fails_before_the_model_loads():
     import shutil
     import tempfile
 
-    from lorakit.cli.common import CliError
-    from lorakit.cli.guard import claim_output
+    from lorakit.app.cli.common import CliError
+    from lorakit.app.cli.guard import claim_output
 
     root = tempfile.mkdtemp(prefix="lorakit-read-only-")  # /tmp itself: pytest's tmp_path is 0700 root's
     target = os.path.join(root, "adapter-runs")
@@ -272,7 +272,7 @@ def test_disk_full_is_one_clear_line(tiny, tmp_path, capsys, monkeypatch, error)
 def test_too_little_free_space_is_refused_before_training(tiny, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import lorakit.cli.guard as guard
+    import lorakit.app.cli.guard as guard
 
     monkeypatch.setattr(guard.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     assert train(tiny, tmp_path, "--max-steps", "2") == 2
@@ -343,8 +343,8 @@ def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
     import random
 
     from lorakit import LoraConfig, get_peft_model
-    from lorakit.checkpoint import read_trainer_state, save_checkpoint
-    from lorakit.training import TrainSettings, TrainState, make_optimizer
+    from lorakit.app.checkpoint import read_trainer_state, save_checkpoint
+    from lorakit.app.training import TrainSettings, TrainState, make_optimizer
 
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)),

@@ -24,7 +24,7 @@ import torch
 from gguf_llama import engine_llama, write_base_gguf
 
 import lorakit
-from lorakit.cli import main
+from lorakit.app.cli import main
 
 TOKENS = 16
 # rsLoRA with rank and alpha patterns: ranks 2, 4, 6 and several scalings in one adapter

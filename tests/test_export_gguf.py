@@ -27,7 +27,7 @@ from gguf_llama import rope_rows
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import lorakit
-from lorakit.cli import main
+from lorakit.app.cli import main
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (lorakit[cli]) is not installed")
 

@@ -117,7 +117,7 @@ def test_check_training_finds_layers_that_did_not_move(optimizer_after_peft, lr,
 
 
 def test_trainer_callback_checks_once_after_n_steps():
-    from lorakit.hf_trainer import LoraTrainer, LoraTrainingCheckCallback
+    from lorakit.app.hf_trainer import LoraTrainer, LoraTrainingCheckCallback
 
     model = get_peft_model(build("llama"), LoraConfig(**LLAMA))
     callback = LoraTrainingCheckCallback(after_steps=3)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 import lorakit
 from lorakit import LoraConfig, PeftModel, get_peft_model
-from lorakit.hf_trainer import LoraTrainer
+from lorakit.app.hf_trainer import LoraTrainer
 
 CASES = ["trainer_default", "trainer_bf16_checkpointing", "transformers_add_adapter"]
 

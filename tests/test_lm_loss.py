@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from models import tiny_llama
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.lm_loss import causal_lm_loss, head_and_body, linear_cross_entropy
+from lorakit.app.lm_loss import causal_lm_loss, head_and_body, linear_cross_entropy
 
 TOKENS, HIDDEN, VOCAB = 96, 16, 300
 

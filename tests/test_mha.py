@@ -317,7 +317,7 @@ def test_fsdp_wrapped_forward_and_state_dict(process_group):
 
 
 def test_parameter_count_includes_out_proj():
-    from lorakit.memory import adapter_parameters
+    from lorakit.app.memory import adapter_parameters
 
     config = dict(target_modules=["mha", "lin0"], r=4)
     expected = adapter_parameters(_model({}), lorakit.LoraConfig(**config))

@@ -1,4 +1,4 @@
-"""``lorakit.memory`` and ``lorakit plan``: exact counts, the recommendation rules, and a real training run.
+"""``lorakit.app.memory`` and ``lorakit plan``: exact counts, the recommendation rules, and a real training run.
 
 (a) Parameter counts, adapter, gradient and optimizer bytes are exact; the activation count matches the
     tensors autograd really saves (a walk of the backward graph) for Llama, GPT-2 and BERT.
@@ -23,15 +23,15 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
     LlamaForCausalLM
 
 import lorakit
-from lorakit import memory
-from lorakit.cli import main
-from lorakit.cli.inspect import read_model_config
-from lorakit.cli.plan import PRESETS, build_model, choose_base, default_task, parse_memory, preset_config, \
+from lorakit.app import memory
+from lorakit.app.cli import main
+from lorakit.app.cli.inspect import read_model_config
+from lorakit.app.cli.plan import PRESETS, build_model, choose_base, default_task, parse_memory, preset_config, \
     recommend_lora
-from lorakit.memory import Setup, estimate_memory
+from lorakit.app.memory import Setup, estimate_memory
 from lorakit.model import count_parameters
-from lorakit.lm_loss import causal_lm_loss
-from lorakit.training import TrainSettings, make_optimizer
+from lorakit.app.lm_loss import causal_lm_loss
+from lorakit.app.training import TrainSettings, make_optimizer
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -309,7 +309,7 @@ def test_estimate_matches_measured_training_memory(llama_folder, tmp_path, batch
     argv = ["train", "--model", llama_folder, "--data", llama_folder / "data.jsonl", "--output", tmp_path,
             "--max-steps", 2, "--batch-size", batch, "--max-length", length, "--samples", 0, "--save-every", 0,
             "--precision", "fp32", *_flags(settings)]  # the estimate is of an fp32 run (auto may pick bf16)
-    script = "import sys; from lorakit.cli import main; sys.exit(main(sys.argv[1:]))"
+    script = "import sys; from lorakit.app.cli import main; sys.exit(main(sys.argv[1:]))"
     run = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     measured = json.loads((tmp_path / "metrics.json").read_text())["train_memory_mib"]

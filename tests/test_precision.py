@@ -13,8 +13,8 @@ from safetensors import safe_open
 from tiny_lm import save_tiny_llm, write_chat_jsonl
 
 from lorakit import LoraConfig, get_peft_model, precision
-from lorakit.cli import main
-from lorakit.lm_loss import causal_lm_loss
+from lorakit.app.cli import main
+from lorakit.app.lm_loss import causal_lm_loss
 from lorakit.precision import AUTO_MARGIN, Probe, decide, hold_frozen_in
 
 FAST, SLOW = Probe(fp32_ms=22.4, bf16_ms=3.6), Probe(fp32_ms=10.0, bf16_ms=9.0)

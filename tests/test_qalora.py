@@ -65,7 +65,7 @@ def gptq_checkpoint(tmp_path_factory):
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.embedded import default_model_folder
+    from lorakit.app.embedded import default_model_folder
 
     base, out = tmp_path_factory.mktemp("llama"), tmp_path_factory.mktemp("gptq")
     torch.manual_seed(0)

@@ -293,7 +293,7 @@ def test_loftq_then_quantize_model_stores_exactly_loftqs_quantized_base(checkpoi
 def test_cli_train_load_in_4bit_adapter_loads_in_peft(tmp_path):
     from tiny_lm import save_tiny_llm, write_chat_jsonl
 
-    from lorakit.cli import main
+    from lorakit.app.cli import main
 
     model_dir, data = save_tiny_llm(tmp_path / "model"), write_chat_jsonl(tmp_path / "chat.jsonl")
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "out"),

@@ -8,8 +8,8 @@ import torch
 from models import tiny_llama
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.sft import Example, batches, collate
-from lorakit.training import TrainSettings, TrainState, mean_batch_tokens, train_loop
+from lorakit.app.sft import Example, batches, collate
+from lorakit.app.training import TrainSettings, TrainState, mean_batch_tokens, train_loop
 
 PAD = 0
 

@@ -9,8 +9,8 @@ writing it in PEFT's format.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
-
 from typing import Any
 
 import torch
@@ -20,19 +20,25 @@ from .codec import PREFIX
 from . import precision
 from .errors import explain
 
-try:  # torch builds without distributed support have neither
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    FSDPModule = DTensor = fully_shard = None
+
+def _loaded(module: str, name: str) -> Any:
+    """``module.name`` once ``module`` is imported, else ``()`` (``isinstance(x, ())`` is False).
+
+    No FSDP2 module or DTensor can exist before torch.distributed.fsdp / .tensor is imported (by the user, by
+    ``shard``, or never on torch builds without distributed support), so lorakit does not import them itself:
+    torch.distributed.fsdp alone was about half a second of ``import lorakit``.
+    """
+    return getattr(sys.modules.get(module), name, ())
 
 
 def is_sharded(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> bool:
     """True when any submodule of ``model`` (or of ``modules``, its submodules if already listed) is an FSDP2
     module or holds a DTensor parameter."""
-    if FSDPModule is None:
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    if not fsdp_module and not dtensor:
         return False
-    return any(isinstance(m, FSDPModule) or any(isinstance(p, DTensor) for p in m._parameters.values())
+    return any(isinstance(m, fsdp_module) or any(isinstance(p, dtensor) for p in m._parameters.values())
                for m in (model.modules() if modules is None else modules))
 
 
@@ -97,6 +103,10 @@ def shard(peft_model: nn.Module, mixed_precision: str | None = None, **fsdp_kwar
                 else f"a {device.type} device without bf16 support",
                 fix="train in float32 (mixed_precision=None / --mixed-precision no), or move the model to a "
                     "bf16-capable device before shard"))
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # pragma: no cover - torch built without distributed support
+        fully_shard = None
     if fully_shard is None or not torch.distributed.is_initialized():
         raise RuntimeError(explain("cannot shard", got="no FSDP2 in this torch or no process group",
                                    fix="run under torchrun and call torch.distributed.init_process_group"))
@@ -122,6 +132,7 @@ def full_adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default"
     Returns the full dict on rank 0 and an empty one elsewhere.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
     from . import io
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)

@@ -51,8 +51,8 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         NonFiniteError: an adapter weight is NaN or infinite (the previous checkpoint is kept).
         OSError: the folder cannot be written (the previous checkpoint is kept).
     """
-    from .atomic import replace_folder
-    from .distributed import is_sharded
+    from ..atomic import replace_folder
+    from ..distributed import is_sharded
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
@@ -60,7 +60,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     _check_finite(model, state.step)
     gathered = None
     if sharded:
-        from .distributed import full_adapter_state_dict
+        from ..distributed import full_adapter_state_dict
 
         gathered = {name: full_adapter_state_dict(model, name) for name in model.peft_config}
         optimizer_state = _full_optimizer_state(model, optimizer)
@@ -69,7 +69,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     if rank == 0:
         def write(staging: Path) -> None:
             if gathered is not None:
-                from . import io
+                from .. import io
 
                 io.save_adapters(model, staging / "adapter", None, True, "auto", gathered=gathered)
             else:
@@ -175,7 +175,7 @@ def load_trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sched
     Raises:
         CheckpointError: the checkpoint is damaged or does not match this configuration.
     """
-    from .distributed import is_sharded
+    from ..distributed import is_sharded
 
     saved = read_trainer_state(folder)
     try:
@@ -224,7 +224,7 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     Raises:
         CheckpointError: the checkpoint does not match this model or is damaged.
     """
-    from .io import read_weights, load_adapter_weights
+    from ..io import read_weights, load_adapter_weights
 
     load_adapter_weights(model, read_weights(Path(folder) / "adapter"), adapter_name)
     return load_trainer_state(model, optimizer, scheduler, folder)

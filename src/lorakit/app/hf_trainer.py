@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .guards import check_training
-from .model import PeftModel
+from ..guards import check_training
+from ..model import PeftModel
 
 
 class LoraTrainingCheckCallback(TrainerCallback):

@@ -52,11 +52,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops
-from .config import LoraConfig
+from .. import ops
+from ..config import LoraConfig
 from .lm_loss import CHUNK_ELEMENTS
-from .kinds import is_linear_like, with_companions
-from .targeting import layer_index, resolve_targets
+from ..kinds import is_linear_like, with_companions
+from ..targeting import layer_index, resolve_targets
 
 MIB = 2**20
 BASE_DTYPES = ("fp32", "bf16", "4bit")
@@ -155,7 +155,7 @@ def read_shapes(config: object) -> Shapes:
     missing = [CONFIG_FIELDS[name][0] for name in ("hidden", "layers", "heads", "vocab") if not found[name]]
     if missing:
         raise ValueError(f"cannot estimate activations: the {type(config).__name__} has no {', '.join(missing)}; "
-                         "lorakit.memory reads transformer decoder and encoder configs")
+                         "lorakit.app.memory reads transformer decoder and encoder configs")
     hidden, heads = found["hidden"], found["heads"]
     found["intermediate"] = found["intermediate"] or 4 * hidden
     found["kv_heads"] = found["kv_heads"] or heads

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .lm_loss import causal_lm_loss
-from .precision import compute
+from ..precision import compute
 from .sft import Example, batches, collate
 
 

@@ -48,7 +48,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from ..model import PeftModel
+    from ...model import PeftModel
 
     base = _base_reference(args)
     transformers_logging.disable_progress_bar()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..config import LoraConfig
+from ...config import LoraConfig
 
 
 class CliError(Exception):

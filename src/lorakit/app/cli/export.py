@@ -34,12 +34,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..atomic import replace_folder
-from ..codec import PREFIX
-from ..config import LoraConfig
-from ..io import BIN_NAME, CONFIG_NAME, PEFT_VERSION_TAG, SAFETENSORS_NAME, read_config, read_weights
-from ..targeting import layer_spec
-from ..targeting import task_modules_to_save
+from ...atomic import replace_folder
+from ...codec import PREFIX
+from ...config import LoraConfig
+from ...io import BIN_NAME, CONFIG_NAME, PEFT_VERSION_TAG, SAFETENSORS_NAME, read_config, read_weights
+from ...targeting import layer_spec
+from ...targeting import task_modules_to_save
 from .common import CliError, Command, register
 from .export_gguf import export_gguf
 

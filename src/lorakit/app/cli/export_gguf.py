@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import LoraConfig
+from ...config import LoraConfig
 from .common import CliError
 
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")

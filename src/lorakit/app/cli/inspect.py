@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import LoraWarning
-from ..kinds import find_kind
-from ..targeting import DEFAULT_TARGETS, TASK_MODULES_TO_SAVE, candidate_modules, resolve_targets
+from ...config import LoraConfig
+from ...errors import LoraWarning
+from ...kinds import find_kind
+from ...targeting import DEFAULT_TARGETS, TASK_MODULES_TO_SAVE, candidate_modules, resolve_targets
 from .common import CliError, Command, register
 
 # Class-name suffix of a transformers architecture -> PEFT task type (decides which heads "all-linear" skips).

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import replace_folder
-from ..io import read_config
+from ...atomic import replace_folder
+from ...io import read_config
 from .common import CliError, Command, register
 from .inspect import TASK_AUTO_CLASSES, model_folder
 
@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model import PeftModel
+    from ...model import PeftModel
 
     if not args.adapter.is_dir():
         raise CliError(f"adapter folder {args.adapter} does not exist")

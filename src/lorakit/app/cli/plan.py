@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import LoraConfig
-from ..errors import LoraWarning
-from ..kinds import find_kind
+from ...config import LoraConfig
+from ...errors import LoraWarning
+from ...kinds import find_kind
 from ..memory import BASE_DTYPES, FAMILIES, MemoryEstimate, Setup, estimate_memory
-from ..targeting import DEFAULT_TARGETS
+from ...targeting import DEFAULT_TARGETS
 from .common import CliError, Command, register
 from .train import SFT_RECIPE as TRAIN_RECIPE
 

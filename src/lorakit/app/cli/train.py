@@ -34,9 +34,9 @@ from ..checkpoint import (
     save_checkpoint,
     set_peak_lr,
 )
-from ..config import LoraConfig
-from ..model import get_peft_model
-from ..precision import CHOICES, Choice, decide, hold_frozen_in
+from ...config import LoraConfig
+from ...model import get_peft_model
+from ...precision import CHOICES, Choice, decide, hold_frozen_in
 from ..training import (
     NonFiniteError,
     PeakMemory,
@@ -147,7 +147,7 @@ def _load(args: argparse.Namespace, compute: torch.dtype = torch.float32) -> tup
     if args.gradient_checkpointing:
         model.config.use_cache = False
     if args.load_in_4bit:  # QLoRA: NF4 projections computing in the --precision dtype, lm_head kept
-        from ..kbit import quantize_model
+        from ...kbit import quantize_model
 
         quantize_model(model, quant_type="nf4", compute_dtype=compute, double_quant=True)
     return model, tokenizer, folder
@@ -304,7 +304,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
           f"{args.batch_size}x{args.grad_accum} examples ({steps * args.batch_size * args.grad_accum / len(train_set):.2f} epochs)")
 
     if saved is not None:  # the adapter goes in before wrapping or sharding, the optimizer state after
-        from ..io import read_weights, load_adapter_weights
+        from ...io import read_weights, load_adapter_weights
 
         load_adapter_weights(peft_model, read_weights(output / "checkpoint" / "adapter"))
     train_model = _distribute(peft_model, args, world, device)
@@ -368,7 +368,7 @@ def _distribute(peft_model: torch.nn.Module, args: argparse.Namespace, world: in
     peft_model.to(device)
     train_model = peft_model
     if args.fsdp:
-        from ..distributed import shard
+        from ...distributed import shard
 
         shard(peft_model, mixed_precision=args.mixed_precision)
     else:
@@ -381,7 +381,7 @@ def _distribute(peft_model: torch.nn.Module, args: argparse.Namespace, world: in
 
 def _sample(peft_model: object, tokenizer: object, prompts: list[str]) -> list[str]:
     """Greedy answers; an FSDP2 root is unsharded around generate (which bypasses the root's forward)."""
-    from ..distributed import is_sharded
+    from ...distributed import is_sharded
 
     if not prompts or not is_sharded(peft_model):
         return sample_answers(peft_model, tokenizer, prompts)

@@ -28,7 +28,7 @@ def what_next(adapter: Path, base: str, prompt: str) -> str:
 def finish(peft_model: nn.Module, state: TrainState, output: Path, before: float, after: float,
            memory: tuple[float, float], folder: Path, rank: int = 0, world: int = 1) -> None:
     """Save the adapter (every rank gathers an FSDP2 one), then rank 0 writes the plot and metrics and reports."""
-    from ..distributed import is_sharded
+    from ...distributed import is_sharded
 
     sharded = world > 1 and is_sharded(peft_model)
     if sharded:
