@@ -217,19 +217,6 @@ def restore_rng(rng: dict | None) -> None:
         random.setstate((version, tuple(internal), gauss))
 
 
-def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, folder: Path,
-                    adapter_name: str = "default") -> TrainState:
-    """Restore adapter weights, optimizer and schedule from ``folder`` (validated; no pickled code runs).
-
-    Raises:
-        CheckpointError: the checkpoint does not match this model or is damaged.
-    """
-    from ..io import read_weights, load_adapter_weights
-
-    load_adapter_weights(model, read_weights(Path(folder) / "adapter"), adapter_name)
-    return load_trainer_state(model, optimizer, scheduler, folder)
-
-
 def set_peak_lr(scheduler: LambdaLR, lr: float) -> None:
     """Make ``lr`` the schedule's peak from the current step on (``--lr`` changed on resume).
 
