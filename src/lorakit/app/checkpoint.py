@@ -22,13 +22,16 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .training import NonFiniteError, TrainState
+
+if TYPE_CHECKING:
+    from ..model import PeftModel
 
 FORMAT = 2  # trainer_state.json's "format"; 1 was trainer_state.pt (a torch pickle, no longer read)
 STATE_FILE, TENSOR_FILE, LEGACY_FILE = "trainer_state.json", "optimizer.safetensors", "trainer_state.pt"
@@ -39,7 +42,7 @@ class CheckpointError(ValueError):
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------
-def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, state: TrainState,
+def save_checkpoint(model: PeftModel, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, state: TrainState,
                     folder: Path, run: dict | None = None) -> None:
     """Write ``folder`` atomically; ``run`` is stored as given (JSON values).
 
@@ -232,7 +235,7 @@ def set_peak_lr(scheduler: LambdaLR, lr: float) -> None:
 
 def reschedule(scheduler: LambdaLR) -> None:
     """Recompute the current rate from the (new) schedule function, e.g. after --max-steps changed."""
-    set_peak_lr(scheduler, scheduler.base_lrs[0])
+    set_peak_lr(scheduler, float(scheduler.base_lrs[0]))
 
 
 # ---- FSDP2: the optimizer state in the one-process layout -------------------------------------------------------

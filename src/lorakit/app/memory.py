@@ -48,6 +48,7 @@ backward. Sequence-level terms (rotary tables, the classifier's pooled vector) a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,7 +149,7 @@ def read_shapes(config: object) -> Shapes:
     Raises:
         ValueError: the config names no hidden size, layer count, head count or vocabulary size.
     """
-    found = {}
+    found: dict[str, Any] = {}
     for name, attributes in CONFIG_FIELDS.items():
         values = [getattr(config, attribute, None) for attribute in attributes]
         found[name] = next((value for value in values if value is not None), None)
@@ -163,7 +164,7 @@ def read_shapes(config: object) -> Shapes:
     found["attention_dropout"] = float(found["attention_dropout"] or 0.0)
     found["hidden_dropout"] = float(found["hidden_dropout"] or 0.0)
     found["activation"] = str(found["activation"] or "silu")
-    family = FAMILIES.get(getattr(config, "model_type", None), LLAMA)
+    family = FAMILIES.get(getattr(config, "model_type", ""), LLAMA)
     return Shapes(family=family, **found)
 
 
@@ -355,7 +356,7 @@ def lora_bytes(model: nn.Module, lora: LoraConfig, s: Shapes, setup: Setup) -> d
     for path, spec in plan.layers.items():
         kind, block = plan.kinds[path], layer_index(path, None)
         in_features, out_features = kind.features(modules[path])
-        saved = spec.r + (2 * out_features if lora.use_dora else 0)
+        saved: float = spec.r + (2 * out_features if lora.use_dora else 0)
         if not kind.embedding:
             tensor = (block, _input_name(path, s.family))
             saved += _saved_input(in_features, spec.lora_dropout, tensor if shared else None, seen,

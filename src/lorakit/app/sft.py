@@ -12,11 +12,22 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 IGNORE = -100
+
+
+class ChatTokenizer(Protocol):
+    """What the app uses of a transformers tokenizer: its chat template, decoding and the pad id."""
+
+    pad_token_id: int | None
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+    def decode(self, token_ids: Any, **kwargs: Any) -> Any: ...  # a str for one sequence of ids
 
 
 @dataclass(frozen=True)
@@ -79,12 +90,12 @@ def to_messages(row: dict) -> list[dict[str, str]]:
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
 
 
-def _render(tokenizer: object, messages: list[dict], generation_prompt: bool) -> list[int]:
+def _render(tokenizer: ChatTokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
                                               return_dict=False))
 
 
-def encode(tokenizer: object, messages: list[dict[str, str]], max_length: int) -> Example:
+def encode(tokenizer: ChatTokenizer, messages: list[dict[str, str]], max_length: int) -> Example:
     """Token ids of a conversation and labels that keep only the assistant turns (truncated to max_length)."""
     input_ids = _render(tokenizer, messages, generation_prompt=False)
     labels = [IGNORE] * len(input_ids)
@@ -97,7 +108,7 @@ def encode(tokenizer: object, messages: list[dict[str, str]], max_length: int) -
     return Example(input_ids[:max_length], labels[:max_length])
 
 
-def encode_all(tokenizer: object, rows: list[dict], max_length: int) -> list[Example]:
+def encode_all(tokenizer: ChatTokenizer, rows: list[dict], max_length: int) -> list[Example]:
     """Encode every row, dropping those whose replies were truncated away entirely."""
     examples = [encode(tokenizer, to_messages(row), max_length) for row in rows]
     return [e for e in examples if any(label != IGNORE for label in e.labels)]

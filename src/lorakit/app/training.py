@@ -26,16 +26,26 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from .lm_loss import causal_lm_loss
 from ..precision import compute
-from .sft import Example, batches, collate
+from .sft import ChatTokenizer, Example, batches, collate
+
+
+class Progress(Protocol):
+    """A tqdm bar, as far as the loop uses it."""
+
+    def set_postfix(self, **kwargs: Any) -> Any: ...
+
+    def update(self, n: int = 1) -> Any: ...
 
 
 @dataclass
@@ -125,7 +135,7 @@ def schedule(settings: TrainSettings) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model: nn.Module, settings: TrainSettings) -> tuple[torch.optim.Optimizer, object]:
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> tuple[torch.optim.Optimizer, LambdaLR]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: nothing would train (is the adapter frozen? "
@@ -145,7 +155,7 @@ def mean_batch_tokens(examples: list[Example], batch_size: int) -> float:
     return max(batch_size * per_example, 1.0)
 
 
-def micro_batches(examples: list[Example], settings: TrainSettings, skip: int) -> "iter":
+def micro_batches(examples: list[Example], settings: TrainSettings, skip: int) -> Iterator[list[Example]]:
     """Endless seeded epochs of micro-batches, skipping the first ``skip`` (to resume in place)."""
     epoch, seen = 0, 0
     while True:
@@ -157,8 +167,8 @@ def micro_batches(examples: list[Example], settings: TrainSettings, skip: int) -
 
 
 def train_loop(model: nn.Module, examples: list[Example], settings: TrainSettings, pad_id: int,
-               state: TrainState, optimizer: torch.optim.Optimizer, scheduler: object,
-               progress: object = None, on_step: Callable[[TrainState], None] | None = None,
+               state: TrainState, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+               progress: Progress | None = None, on_step: Callable[[TrainState], None] | None = None,
                rank: int = 0, world: int = 1, interrupt: Callable[[], str | None] | None = None) -> TrainState:
     """Run optimizer steps from ``state.step`` to ``settings.max_steps``; ``progress`` is a tqdm bar or None.
 
@@ -206,7 +216,8 @@ def train_loop(model: nn.Module, examples: list[Example], settings: TrainSetting
                 continue
             batch = collate(next(stream), pad_id)
             with compute(settings.dtype, device):
-                mean = causal_lm_loss(model, **batch)  # the LM head at label positions only
+                # the LM head at label positions only
+                mean = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             (mean * (reply_tokens(batch["labels"]) / n_bar / settings.grad_accum)).backward()
             step_loss += mean.item() / settings.grad_accum
             step_tokens += int(batch["attention_mask"].sum())
@@ -278,14 +289,15 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         with compute(dtype, device):
-            total += causal_lm_loss(model, **batch).item() * tokens
+            total += causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).item() * tokens
         count += tokens
     model.train(was_training)
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def sample_answers(model: nn.Module, tokenizer: object, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+def sample_answers(model: nn.Module, tokenizer: ChatTokenizer, prompts: list[str],
+                   max_new_tokens: int = 40) -> list[str]:
     """Greedy answers to ``prompts`` through the chat template."""
     was_training = model.training
     model.eval()
@@ -294,8 +306,9 @@ def sample_answers(model: nn.Module, tokenizer: object, prompts: list[str], max_
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                             add_generation_prompt=True, return_dict=False, return_tensors="pt")
         ids = ids.to(next(model.parameters()).device)
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        generate = getattr(model, "generate")  # a transformers model or PeftModel; nn.Module declares no generate
+        output = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
     model.train(was_training)
     return answers

@@ -13,10 +13,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .common import CliError, Command, existing_folder, register
+
+if TYPE_CHECKING:
+    from ..sft import ChatTokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +48,7 @@ def _base_reference(args: argparse.Namespace) -> str:
     return resolve_base(name)
 
 
-def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, object]:
+def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, ChatTokenizer]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 

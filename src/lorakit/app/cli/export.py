@@ -166,6 +166,7 @@ def _pad(tensor: Tensor, dim: int, size: int) -> Tensor:
 
 def fold_layer(tensors: dict[str, Tensor], layer: LayerFactors, rank: int, scaling: float, R: int) -> dict[str, Tensor]:
     """A' = [A; 0], B' = [s·B, 0], bias' = s·bias (scaled in float64, stored in the file's dtype)."""
+    assert layer.A is not None and layer.B is not None  # layers missing a factor were refused before folding
     A, B = tensors[layer.A], tensors[layer.B]
     if rank < R and B.shape[1] != rank:  # grouped conv B: (out, r/groups, 1, ...) cannot be padded column-wise
         raise CliError(f"cannot pad {layer.B} (shape {tuple(B.shape)}) from rank {rank} to {R}")

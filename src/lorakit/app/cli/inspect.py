@@ -210,7 +210,7 @@ def _left_out(model: nn.Module, task: str | None) -> str:
     head = getter() if callable(getter) else None
     notes = [f"output head {path} left out" for path, module in candidate_modules(model) if module is head]
     leaves = {path.rsplit(".", 1)[-1] for path, _ in candidate_modules(model)}
-    saved = [name for name in TASK_MODULES_TO_SAVE.get(task, []) if name in leaves]
+    saved = [name for name in TASK_MODULES_TO_SAVE.get(task or "", []) if name in leaves]
     if saved:
         notes.append(f"{', '.join(saved)} trained in full as modules_to_save with task_type={task}")
     return f" ({'; '.join(notes)})" if notes else ""

@@ -13,6 +13,7 @@ import argparse
 import fnmatch
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from ...atomic import replace_folder
 from ...io import read_config
 from .common import CliError, Command, register
 from .inspect import TASK_AUTO_CLASSES, model_folder
+
+if TYPE_CHECKING:
+    from ...model import PeftModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files of a transformers tokenizer, copied byte for byte from the base folder.
@@ -53,7 +57,7 @@ def base_class(task: str | None, auto_mapping: dict | None) -> type:
     return getattr(transformers, TASK_AUTO_CLASSES.get(task, "AutoModelForCausalLM"))
 
 
-def load_base(folder: Path, auto: type, dtype: str | None) -> nn.Module:
+def load_base(folder: Path, auto: type[Any], dtype: str | None) -> nn.Module:
     """``auto.from_pretrained(folder)`` in eval mode, in ``dtype`` (default: the checkpoint's own).
 
     Raises:
@@ -80,7 +84,7 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return (output.logits if hasattr(output, "logits") else output[0]).float()
 
 
-def merged_with_check(peft_model: nn.Module) -> tuple[nn.Module, float, float]:
+def merged_with_check(peft_model: PeftModel) -> tuple[nn.Module, float, float]:
     """(merged plain model, max |merged − unmerged|, max |unmerged − base|) on the probe batch."""
     ids = probe_ids(peft_model)
     unmerged = logits(peft_model, ids)
@@ -98,7 +102,7 @@ def save_checkpoint(model: nn.Module, base: Path, out: Path) -> list[str]:
                                                           for pattern in CHECKPOINT_PATTERNS)] if out.is_dir() else []
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        getattr(model, "save_pretrained")(folder)  # a transformers model; nn.Module declares no save_pretrained
         for name in tokenizer_files:
             shutil.copy2(base / name, folder / name)
 

@@ -25,8 +25,10 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -71,7 +73,7 @@ DEFAULT_EXAMPLES = 2361  # lorakit train's default data: the non-empty English c
 # Starting points: PEFT's defaults (targets by architecture), and lorakit train's SFT recipe.
 LIBRARY_DEFAULT = dict(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=None)
 SFT_RECIPE = {name: value for name, value in TRAIN_RECIPE.items() if name != "task_type"}
-STARTS = {"causal-lm": ("the SFT recipe", SFT_RECIPE), "classification": ("library defaults", LIBRARY_DEFAULT)}
+STARTS: dict[str, tuple[str, dict[str, Any]]] = {"causal-lm": ("the SFT recipe", SFT_RECIPE), "classification": ("library defaults", LIBRARY_DEFAULT)}
 # task -> [(fewer examples than this, rank)]: lower r for classification and small data, higher for generation.
 RANKS = {"classification": [(1_000, 4), (100_000, 8), (math.inf, 16)],
          "causal-lm": [(1_000, 8), (10_000, 16), (100_000, 32), (math.inf, 64)]}
@@ -152,7 +154,10 @@ class Recommendation:
     reasons: list[str]
 
 
-def _first(table: list[tuple[float, object]], examples: int) -> object:
+Value = TypeVar("Value")
+
+
+def _first(table: Sequence[tuple[float, Value]], examples: int) -> Value:
     return next(value for limit, value in table if examples < limit)
 
 
@@ -193,7 +198,7 @@ def recommend_lora(model: nn.Module, task: str, examples: int) -> Recommendation
     if task == "classification" and _head(model):
         settings["modules_to_save"] = _head(model)
         reasons.append(f"modules_to_save={_head(model)}: the new classifier head starts random, so it trains in full")
-    if any(find_kind(module) is not None and find_kind(module).weight_is_in_out for module in model.modules()):
+    if any((kind := find_kind(module)) is not None and kind.weight_is_in_out for module in model.modules()):
         settings["fan_in_fan_out"] = True
         reasons.append("fan_in_fan_out=True: GPT-2's Conv1D layers store their weight as (in, out), as PEFT expects")
     reasons.append(_dora_note(settings, r))
@@ -243,7 +248,7 @@ def choose_base(model: nn.Module, lora: LoraConfig, setup: Setup, budget: int) -
     the checkpointed choices are tried.
     """
     choices = [(dtype, gc) for dtype, gc in PREFERENCE if gc or not setup.gradient_checkpointing]
-    totals = {}
+    totals: dict[tuple[str, bool], float] = {}
     for checkpointing in sorted({gc for _, gc in choices}):
         trial = replace(setup, gradient_checkpointing=checkpointing)
         totals |= {(dtype, checkpointing): e.total for dtype, e in estimates(model, lora, trial).items()}

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -53,6 +54,11 @@ from . import resume
 from .common import CliError, Command, add_lora_flags, lora_config, register
 from .guard import StopSignals, check_dependencies, claim_output, disk_full, free_space_problem
 from .train_report import finish, print_samples, what_next
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+    from ..sft import ChatTokenizer
 
 SFT_RECIPE = dict(task_type="CAUSAL_LM", r=64, lora_alpha=16, lora_dropout=0.1, use_rslora=True,
                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -129,7 +135,8 @@ def _precision(args: argparse.Namespace, world: int, device: torch.device) -> Ch
         raise CliError(str(error)) from None
 
 
-def _load(args: argparse.Namespace, compute: torch.dtype = torch.float32) -> tuple[object, object, Path]:
+def _load(args: argparse.Namespace,
+          compute: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ChatTokenizer, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -151,6 +158,12 @@ def _load(args: argparse.Namespace, compute: torch.dtype = torch.float32) -> tup
 
         quantize_model(model, quant_type="nf4", compute_dtype=compute, double_quant=True)
     return model, tokenizer, folder
+
+
+def _pad_id(tokenizer: ChatTokenizer) -> int:
+    """The tokenizer's pad id (``_load`` gives a tokenizer without one its EOS token)."""
+    assert tokenizer.pad_token_id is not None
+    return tokenizer.pad_token_id
 
 
 def _rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -243,14 +256,14 @@ def _settings(args: argparse.Namespace) -> tuple[dict | None, list[str], LoraCon
     return saved, notes, lora_config(args, recipe)  # invalid LoRA settings fail before anything is loaded
 
 
-def _before(peft_model: torch.nn.Module, tokenizer: object, held_set: list, prompts: list[str], batch_size: int,
+def _before(peft_model: torch.nn.Module, tokenizer: ChatTokenizer, held_set: list, prompts: list[str], batch_size: int,
             evaluating: bool, saved: dict | None, dtype: torch.dtype) -> tuple[float, list[str]]:
     """The untrained model's held-out loss and answers: measured, or on resume as the checkpoint recorded them."""
     if saved is not None:
         before, answers = saved["run"]["held_out_loss_before"], saved["run"]["samples_before"][: len(prompts)]
         print(f"held-out loss before training: {before:.4f} (the untrained model's, recorded in the checkpoint)")
     else:
-        before = evaluate(peft_model, held_set, batch_size, tokenizer.pad_token_id, dtype) if evaluating else 0.0
+        before = evaluate(peft_model, held_set, batch_size, _pad_id(tokenizer), dtype) if evaluating else 0.0
         answers = _sample(peft_model, tokenizer, prompts) if evaluating else []
         print(f"held-out loss before training: {before:.4f}")
     if evaluating:
@@ -278,7 +291,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     if args.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     print(f"model {folder}: {type(model).__name__}; LoRA r={config.r} alpha={config.lora_alpha} "
-          f"dropout={config.lora_dropout} rslora={config.use_rslora} targets={sorted(config.target_modules)}")
+          f"dropout={config.lora_dropout} rslora={config.use_rslora} targets={sorted(config.target_modules or ())}")
     peft_model.print_trainable_parameters()
     print(f"precision: frozen base in {choice.name}, adapters and optimizer in fp32 ({choice.reason})")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -336,7 +349,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     try:
         with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                   disable=rank != 0) as bar, PeakMemory() as memory, stop:
-            train_loop(train_model, train_set, settings, tokenizer.pad_token_id, state, optimizer, scheduler,
+            train_loop(train_model, train_set, settings, _pad_id(tokenizer), state, optimizer, scheduler,
                        progress=bar, on_step=on_step, rank=rank, world=world, interrupt=stop)
     except NonFiniteError as error:
         raise CliError(f"training diverged: {error}. Nothing from that step was saved; {_last_checkpoint(output)} "
@@ -350,7 +363,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         print(f"note: {state.stopped_early}; the adapter is saved as trained so far (a 2-core CPU does about "
               "2-4 s per step of the default recipe)")
         checkpoint(state)
-    after = evaluate(peft_model, held_set, args.batch_size, tokenizer.pad_token_id, choice.dtype) if evaluating else 0.0
+    after = evaluate(peft_model, held_set, args.batch_size, _pad_id(tokenizer), choice.dtype) if evaluating else 0.0
     print(f"held-out loss after training: {after:.4f} (before: {before:.4f})")
     if evaluating:
         print_samples("after", prompts, _sample(peft_model, tokenizer, prompts))
@@ -379,17 +392,18 @@ def _distribute(peft_model: torch.nn.Module, args: argparse.Namespace, world: in
     return train_model
 
 
-def _sample(peft_model: object, tokenizer: object, prompts: list[str]) -> list[str]:
+def _sample(peft_model: torch.nn.Module, tokenizer: ChatTokenizer, prompts: list[str]) -> list[str]:
     """Greedy answers; an FSDP2 root is unsharded around generate (which bypasses the root's forward)."""
     from ...distributed import is_sharded
 
     if not prompts or not is_sharded(peft_model):
         return sample_answers(peft_model, tokenizer, prompts)
-    peft_model.unshard()
+    root = cast("FSDPModule", peft_model)  # shard() made the root an FSDP2 module
+    root.unshard()
     try:
         return sample_answers(peft_model, tokenizer, prompts)
     finally:
-        peft_model.reshard()
+        root.reshard()
 
 
 COMMAND = register("train", Command(help="fine-tune a causal LM with LoRA (default: SmolLM2-135M on chatterbot)",

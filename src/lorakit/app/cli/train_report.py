@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..training import TrainState, peak_rss_mb, plot_losses, throughput
+
+if TYPE_CHECKING:
+    from ...model import PeftModel
 
 
 def print_samples(label: str, prompts: list[str], answers: list[str]) -> None:
@@ -25,7 +27,7 @@ def what_next(adapter: Path, base: str, prompt: str) -> str:
             f"or talk to it: lorakit chat {adapter} --prompt {json.dumps(prompt)}")
 
 
-def finish(peft_model: nn.Module, state: TrainState, output: Path, before: float, after: float,
+def finish(peft_model: PeftModel, state: TrainState, output: Path, before: float, after: float,
            memory: tuple[float, float], folder: Path, rank: int = 0, world: int = 1) -> None:
     """Save the adapter (every rank gathers an FSDP2 one), then rank 0 writes the plot and metrics and reports."""
     from ...distributed import is_sharded
