@@ -73,7 +73,8 @@ DEFAULT_EXAMPLES = 2361  # lorakit train's default data: the non-empty English c
 # Starting points: PEFT's defaults (targets by architecture), and lorakit train's SFT recipe.
 LIBRARY_DEFAULT = dict(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=None)
 SFT_RECIPE = {name: value for name, value in TRAIN_RECIPE.items() if name != "task_type"}
-STARTS: dict[str, tuple[str, dict[str, Any]]] = {"causal-lm": ("the SFT recipe", SFT_RECIPE), "classification": ("library defaults", LIBRARY_DEFAULT)}
+STARTS: dict[str, tuple[str, dict[str, Any]]] = {"causal-lm": ("the SFT recipe", SFT_RECIPE),
+                                                  "classification": ("library defaults", LIBRARY_DEFAULT)}
 # task -> [(fewer examples than this, rank)]: lower r for classification and small data, higher for generation.
 RANKS = {"classification": [(1_000, 4), (100_000, 8), (math.inf, 16)],
          "causal-lm": [(1_000, 8), (10_000, 16), (100_000, 32), (math.inf, 64)]}
