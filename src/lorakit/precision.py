@@ -23,7 +23,7 @@ In your own loop::
     choice = decide("auto")                    # Choice(dtype=torch.bfloat16, reason="...")
     hold_frozen_in(peft_model, choice.dtype)   # after get_peft_model: adapters stay float32
     with compute(choice.dtype):
-        loss = causal_lm_loss(peft_model, **batch)
+        loss = peft_model(**batch).loss        # or lorakit.app.lm_loss.causal_lm_loss (logits at labels only)
     loss.backward()
 """
 
