@@ -105,9 +105,10 @@ def shard(peft_model: nn.Module, mixed_precision: str | None = None, **fsdp_kwar
                     "bf16-capable device before shard"))
     try:
         from torch.distributed.fsdp import fully_shard
+        ready = torch.distributed.is_initialized()
     except ImportError:  # pragma: no cover - torch built without distributed support
-        fully_shard = None
-    if fully_shard is None or not torch.distributed.is_initialized():
+        ready = False
+    if not ready:
         raise RuntimeError(explain("cannot shard", got="no FSDP2 in this torch or no process group",
                                    fix="run under torchrun and call torch.distributed.init_process_group"))
     if mixed_precision == "bf16":
