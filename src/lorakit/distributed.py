@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
+from typing import TYPE_CHECKING, cast  # (a line of its own: the app branch edits the imports above)
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,6 @@ from torch import Tensor, nn
 from .codec import PREFIX
 from . import precision
 from .errors import explain
-
 if TYPE_CHECKING:
     from .model import PeftModel
 
