@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build that installs from this machine's disk.
 TORCH  := torch==2.13.0
 
-.PHONY: setup run test clean
+.PHONY: setup run typecheck test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ run: setup
 	$(VENV)/bin/lorakit train --output out/lorakit-train
 	$(PY) examples/peft_check.py out/lorakit-train/adapter
 
-test: setup
+# mypy with pyproject.toml's [tool.mypy]: strict on the core, plain on lorakit.app; `make test` runs it first.
+typecheck: setup
+	$(PY) -m mypy
+
+test: setup typecheck
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info .mypy_cache

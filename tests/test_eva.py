@@ -176,3 +176,25 @@ def test_parity_with_peft(calibrated):
         cosines = torch.linalg.svdvals(ours[:k].double() @ ref[:k].double().T)
         assert cosines.min() > 0.75 and cosines.mean() > 0.93, (name, cosines)
         assert (ours[0].double() @ ref[0].double()).abs() > 0.99 or cosines[:2].min() > 0.99, name  # the leading direction agrees
+
+
+def test_layer_the_forward_never_reaches_is_refused():
+    """A targeted layer that the calibration forward never calls has no statistics: a clear error naming it
+    (it was an AttributeError on None; PEFT fails with an IndexError)."""
+
+    class TwoBranches(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(TwoBranches(), LoraConfig(r=2, target_modules=["used", "unused"],
+                                                         init_lora_weights="eva"))
+    data = [torch.randn(16, 8) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"EVA saw no input.*base_model\.model\.unused"):
+        get_eva_state_dict(model, data, forward_fn=lambda m, x: m(x), prepare_model_inputs_fn=None)

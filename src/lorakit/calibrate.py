@@ -31,33 +31,48 @@ EVA (arXiv:2410.07170), PEFT 0.21.2's ``init_lora_weights="eva"``:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .config import InitMethod, LoraConfig
+from .config import EvaConfig, InitMethod, LoraConfig
 from .errors import explain, warn
 from .layer import LoraLayer
 from .targeting import layer_spec, resolve_targets
+if TYPE_CHECKING:
+    from .model import PeftModel
 
 CALIBRATED_KINDS = ("Linear", "Conv1D")  # EVA reads 2-D inputs of these kinds; PEFT skips Embedding/Conv too
 _PREFIX = "base_model.model."
 _RHO_THRESHOLD = 1000
 
+# the three hooks of get_eva_state_dict, PEFT's signatures: (model, batch) -> anything; (batch, config) -> what the
+# layer hooks receive as model_input; (layer input, model_input, layer name) -> the (k, in) rows to record
+ForwardFn = Callable[[nn.Module, Any], Any]
+ModelInputsFn = Callable[[Any, LoraConfig], Any]
+LayerInputsFn = Callable[[Any, Any, str], Tensor]
+
 
 # ---- what the hooks see (PEFT's defaults for language modelling) ------------------------------------------
-def prepare_model_inputs_fn_language_modeling(model_input: Mapping, peft_config: LoraConfig) -> Tensor:
+def prepare_model_inputs_fn_language_modeling(model_input: Mapping[str, Any], peft_config: LoraConfig) -> Tensor:
     """Indices (k, 2) of the (batch, position) pairs to use: attention mask, and labels != label_mask_value."""
     if not isinstance(model_input, Mapping):
         raise TypeError("prepare_model_inputs_fn_language_modeling needs the batch as a dict of tensors")
     mask = model_input.get("attention_mask", torch.ones_like(model_input["input_ids"])).bool()
-    eva = peft_config.eva_config
+    eva = _eva(peft_config)
     if eva.use_label_mask and "labels" in model_input:
         mask = mask & (model_input["labels"] != eva.label_mask_value)
-    return mask.nonzero()
+    indices: Tensor = mask.nonzero()
+    return indices
+
+
+def _eva(peft_config: LoraConfig) -> EvaConfig:
+    """The config's EvaConfig: LoraConfig sets one for init_lora_weights="eva"; a None (another init) fails on
+    its first attribute, as in PEFT."""
+    return cast(EvaConfig, peft_config.eva_config)
 
 
 def prepare_layer_inputs_fn_language_modeling(layer_input: Any, model_input: Tensor, layer_name: str) -> Tensor:
@@ -65,7 +80,7 @@ def prepare_layer_inputs_fn_language_modeling(layer_input: Any, model_input: Ten
     return _first_tensor(layer_input, layer_name)[model_input.T.unbind()]
 
 
-def forward_fn_dict(model: nn.Module, inputs: Mapping) -> Any:
+def forward_fn_dict(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
     return model(**inputs)
 
 
@@ -98,6 +113,7 @@ class _Moments:
         if self.sum is None:
             self.sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        assert self.gram is not None  # set with self.sum
         self.n += x.shape[0]
         self.sum += x.sum(0)
         self.gram += x.T @ x
@@ -108,6 +124,7 @@ class _Moments:
         C = Σxxᵀ − n·μμᵀ = V diag(S²) Vᵀ; components are the rows of Vᵀ, each signed so its largest-magnitude
         entry is positive (sklearn's / PEFT's ``svd_flip(u_based_decision=False)``).
         """
+        assert self.sum is not None and self.gram is not None, "pca before any rows"  # get_eva_state_dict checks
         mean = self.sum / self.n
         scatter = self.gram - self.n * torch.outer(mean, mean)
         eigvals, eigvecs = torch.linalg.eigh((scatter + scatter.T) / 2)
@@ -124,7 +141,7 @@ class _Moments:
 class _Recorder:
     """Forward hook: accumulates one layer's prepared inputs while ``active``."""
 
-    def __init__(self, name: str, prepare: Callable) -> None:
+    def __init__(self, name: str, prepare: LayerInputsFn) -> None:
         self.name, self.prepare = name, prepare
         self.model_input: Any = None
         self.moments = _Moments()
@@ -166,7 +183,7 @@ def _move(inputs: Any, device: torch.device | None) -> Any:
     if hasattr(inputs, "to"):
         return inputs.to(device)
     if isinstance(inputs, Mapping):
-        return type(inputs)({k: _move(v, device) for k, v in inputs.items()})
+        return type(inputs)({k: _move(v, device) for k, v in inputs.items()})  # type: ignore[call-arg]  # a Mapping subclass built from a dict (dict, BatchEncoding)
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_move(v, device) for v in inputs)
     return inputs
@@ -183,11 +200,11 @@ def _eva_targets(model: nn.Module, peft_config: LoraConfig, is_peft: bool) -> li
 @torch.no_grad()
 def get_eva_state_dict(
     model: nn.Module,
-    dataloader: Iterable,
+    dataloader: Iterable[Any],
     peft_config: LoraConfig | None = None,
-    forward_fn: Callable | None = forward_fn_dict,
-    prepare_model_inputs_fn: Callable | None = prepare_model_inputs_fn_language_modeling,
-    prepare_layer_inputs_fn: Callable | dict[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
+    forward_fn: ForwardFn | None = forward_fn_dict,
+    prepare_model_inputs_fn: ModelInputsFn | None = prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn: LayerInputsFn | dict[str, LayerInputsFn] | None = prepare_layer_inputs_fn_language_modeling,
     adapter_name: str = "default",
     gather_distributed_inputs: bool = True,
     show_progress_bar: bool = True,
@@ -206,10 +223,10 @@ def get_eva_state_dict(
     if peft_config is None:
         if not is_peft:
             raise ValueError("peft_config is required if model is not a PeftModel")
-        peft_config = model.peft_config[adapter_name]
-    if hasattr(dataloader, "__len__") and len(dataloader) == 0:
+        peft_config = cast("PeftModel", model).peft_config[adapter_name]
+    if hasattr(dataloader, "__len__") and len(cast(Sized, dataloader)) == 0:
         raise ValueError("dataloader is empty")
-    eva = peft_config.eva_config
+    eva = _eva(peft_config)
     rho = eva.rho
     if rho > _RHO_THRESHOLD:  # PEFT's cap for huge rho values
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // peft_config.r)
@@ -246,11 +263,11 @@ def get_eva_state_dict(
         hook_input = prepare_model_inputs_fn(batch, peft_config) if prepare_model_inputs_fn is not None else batch
         for recorder in recorders.values():
             recorder.model_input = hook_input
-        forward_fn(model, batch)
+        forward_fn(model, batch)  # type: ignore[misc]  # PEFT types it Optional and calls it too: None fails here as in PEFT
 
     training = model.training
     model.eval()
-    context = model.disable_adapter() if is_peft and hasattr(model, "disable_adapter") else nullcontext()
+    context = cast("PeftModel", model).disable_adapter() if is_peft and hasattr(model, "disable_adapter") else nullcontext()
     try:
         with context:
             batches = iter(dataloader)
@@ -260,13 +277,18 @@ def get_eva_state_dict(
             for recorder in recorders.values():
                 recorder.keep_first = True
             feed(first)
+            unreached = [name for name in names if recorders[name].first is None]
+            if unreached:
+                raise ValueError(explain("EVA saw no input for some calibrated layers", got=unreached,
+                                         fix="make forward_fn(model, batch) run a forward pass that reaches every "
+                                             "targeted layer, or leave the others out of target_modules"))
+            firsts = {name: cast(Tensor, recorders[name].first) for name in names}
             # layers with equal inputs share the first such layer's statistics (PEFT compares a hash instead)
             equal_map: dict[str, str] = {}
             sources: list[str] = []
             for name in names:
-                x = recorders[name].first
-                match = next((s for s in sources if recorders[s].first.shape == x.shape
-                              and torch.equal(recorders[s].first, x)), None)
+                x = firsts[name]
+                match = next((s for s in sources if firsts[s].shape == x.shape and torch.equal(firsts[s], x)), None)
                 if match is None:
                     sources.append(name)
                 else:
@@ -320,11 +342,11 @@ def get_eva_state_dict(
 @torch.no_grad()
 def initialize_lora_eva_weights(
     model: nn.Module,
-    dataloader: Iterable | None = None,
-    eva_state_dict: dict | None = None,
-    forward_fn: Callable | None = forward_fn_dict,
-    prepare_model_inputs_fn: Callable | None = prepare_model_inputs_fn_language_modeling,
-    prepare_layer_inputs_fn: Callable | dict[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
+    dataloader: Iterable[Any] | None = None,
+    eva_state_dict: dict[str, Tensor] | None = None,
+    forward_fn: ForwardFn | None = forward_fn_dict,
+    prepare_model_inputs_fn: ModelInputsFn | None = prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn: LayerInputsFn | dict[str, LayerInputsFn] | None = prepare_layer_inputs_fn_language_modeling,
     adapter_name: str = "default",
     gather_distributed_inputs: bool = True,
     show_progress_bar: bool = True,
@@ -337,9 +359,10 @@ def initialize_lora_eva_weights(
     """
     if not hasattr(model, "peft_config"):
         raise ValueError("model must be a PeftModel")
-    if len(model.active_adapters) > 1:
+    peft_model = cast("PeftModel", model)
+    if len(peft_model.active_adapters) > 1:
         raise ValueError("`initialize_lora_eva_weights` currently only works with a single active adapter")
-    config = model.peft_config[adapter_name]
+    config = peft_model.peft_config[adapter_name]
     if config.init_lora_weights != "eva":
         raise ValueError("`initialize_lora_eva_weights` can only be used with `init_lora_weights='eva'`")
     if eva_state_dict is None:
@@ -348,16 +371,18 @@ def initialize_lora_eva_weights(
         eva_state_dict = get_eva_state_dict(model, dataloader, forward_fn=forward_fn,
                                             prepare_model_inputs_fn=prepare_model_inputs_fn,
                                             prepare_layer_inputs_fn=prepare_layer_inputs_fn, adapter_name=adapter_name)
-    _load_eva_state_dict(model, dict(eva_state_dict), adapter_name)
+    _load_eva_state_dict(peft_model, dict(eva_state_dict), adapter_name)
     return model
 
 
-def _load_eva_state_dict(model: nn.Module, eva_state_dict: dict[str, Tensor], adapter_name: str) -> None:
+def _load_eva_state_dict(model: PeftModel, eva_state_dict: dict[str, Tensor], adapter_name: str) -> None:
     """Copy EVA's A into the layers, re-ranking or removing adapters, and record the patterns in the config."""
     tuner = model.base_model
     config = model.peft_config[adapter_name]
-    calibrated, missing = [], []
-    rank_pattern, alpha_pattern = {}, {}
+    calibrated: list[str] = []
+    missing: list[str] = []
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer) or adapter_name not in module.r:
             continue
@@ -372,14 +397,14 @@ def _load_eva_state_dict(model: nn.Module, eva_state_dict: dict[str, Tensor], ad
                 if not module.r:
                     model.set_submodule(name, module.base_layer)
                 continue
-            if new_rank != r and config.eva_config.adjust_scaling_factors:
+            if new_rank != r and _eva(config).adjust_scaling_factors:
                 alpha *= new_rank / r
             if new_rank != module.r[adapter_name] or alpha != module.lora_alpha[adapter_name]:
                 module.delete_adapter(adapter_name)
                 module.update_layer(adapter_name, dataclasses.replace(spec, r=new_rank, lora_alpha=alpha,
                                                                       init=InitMethod("eva")),
                                     autocast_adapter_dtype=tuner.autocast_adapter_dtype)
-            A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+            A, B = (cast(Tensor, factor[adapter_name].weight) for factor in (module.lora_A, module.lora_B))
             A.copy_(w.reshape(A.shape).to(A))
             B.zero_()
             calibrated.append(path)

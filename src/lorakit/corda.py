@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,8 @@ def _corda_targets(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
 class _CovarianceRecorder:
     """Forward hook: C += x̂ᵀx̂ with x̂ = x / |max(x)| for each call; ``calls`` counts them."""
 
+    covariance: Tensor | None  # C, None before the first call
+
     def __init__(self, half: bool) -> None:
         self.half, self.calls, self.covariance = half, 0, None
 
@@ -65,12 +67,14 @@ class _CovarianceRecorder:
         self.calls += 1
 
 
-def _collect_covariances(model: nn.Module, targets: dict, corda: Any, run_model: Callable | None,
+def _collect_covariances(model: nn.Module, targets: dict[str, Any], corda: CordaConfig,
+                         run_model: Callable[[], None] | None,
                          hooked_model: nn.Module | None) -> dict[str, Tensor]:
     """{name: C} from ``covariance_file`` if it exists, else by hooking ``hooked_model`` (default ``model``)."""
     path = corda.covariance_file
     if path is not None and os.path.exists(path) and os.path.getsize(path) > 0:
-        return torch.load(path, map_location="cpu")
+        stored: dict[str, Tensor] = torch.load(path, map_location="cpu")
+        return stored
     if run_model is None:
         raise ValueError("run_model must be specified when covariance file and cache file aren't built.")
     hooked_model = model if hooked_model is None else hooked_model
@@ -87,7 +91,7 @@ def _collect_covariances(model: nn.Module, targets: dict, corda: Any, run_model:
     if empty:
         raise ValueError(explain("CorDA saw no input for some targeted layers", got=empty,
                                  fix="make run_model() run a forward pass that reaches every targeted layer"))
-    covariances = {n: r.covariance / r.calls for n, r in recorders.items()}
+    covariances = {n: cast(Tensor, r.covariance) / r.calls for n, r in recorders.items()}  # each saw a call
     if path is not None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         torch.save(covariances, path)
@@ -144,8 +148,8 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Calla
         stored = torch.load(cache, map_location="cpu")
         for name in targets:
             device = model.get_submodule(name).weight.device
-            model.get_submodule(name).eigens = CordaEigens(
-                *(stored[f"{name}.eigens.{key}"].to(device) for key in ("S_WC", "U_WC", "V_WC")))
+            setattr(model.get_submodule(name), "eigens", CordaEigens(
+                *(stored[f"{name}.eigens.{key}"].to(device) for key in ("S_WC", "U_WC", "V_WC"))))
         return
     if corda.corda_method not in ("ipm", "kpm"):
         raise ValueError(explain("invalid corda_method", got=corda.corda_method, expected="'ipm' or 'kpm'"))
@@ -155,9 +159,11 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Calla
         W = kind.matrix(module).detach()  # (out, in)
         r = layer_spec(name, lora_config).r
         eigens = _corda_eigens(W, covariances[name].to(W.device), r, corda.corda_method)
-        module.eigens = CordaEigens(*(t.to(W.device) for t in dataclasses.astuple(eigens)))
+        setattr(module, "eigens", CordaEigens(*(t.to(W.device) for t in dataclasses.astuple(eigens))))
         if not corda.prune_temporary_fields:  # PEFT's leftovers, for code that reads them
-            module.covariance_matrix, module.corda_method, module.rank = covariances[name], corda.corda_method, r
+            for field, value in (("covariance_matrix", covariances[name]), ("corda_method", corda.corda_method),
+                                 ("rank", r)):
+                setattr(module, field, value)
     if cache is not None:
         os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
         torch.save({f"{name}.eigens.{key}": getattr(model.get_submodule(name).eigens, key)

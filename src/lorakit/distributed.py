@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from typing import Any
+from typing import TYPE_CHECKING, cast  # (a line of its own: the app branch edits the imports above)
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 from .codec import PREFIX
 from . import precision
 from .errors import explain
+if TYPE_CHECKING:
+    from .model import PeftModel
 
 
 def _loaded(module: str, name: str) -> Any:
@@ -138,13 +141,14 @@ def full_adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default"
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     gathered = get_model_state_dict(peft_model, options=options)
-    local = {PREFIX + k: v for k, v in peft_model.base_model.model.state_dict(keep_vars=True).items()}
+    user_model = cast("PeftModel", peft_model).base_model.model
+    local = {PREFIX + k: v for k, v in user_model.state_dict(keep_vars=True).items()}
     trainable = {k for k, v in local.items() if isinstance(v, nn.Parameter) and v.requires_grad}
     state: dict[str, Tensor] = {}
     for key in io.adapter_model_keys(peft_model, adapter_name, save_embedding_layers):
         if key in trainable:
             if key in gathered:
-                state[key] = gathered[key]
+                state[key] = cast(Tensor, gathered[key])  # a full model state dict holds tensors only
             continue
         value = local[key].detach()
         state[key] = (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
@@ -169,8 +173,9 @@ def save_sharded(peft_model: nn.Module, save_directory: Any, selected_adapters: 
             "path_initial_model_for_weight_conversion is not supported on an FSDP2-sharded model",
             fix="save the residual-init adapter unconverted, then convert it in one process"))
 
-    names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
-    names = [n for n in names if n in peft_model.peft_config]  # unknown names: io.save_adapters reports them
+    configs = cast("PeftModel", peft_model).peft_config
+    names = list(configs) if selected_adapters is None else list(selected_adapters)
+    names = [n for n in names if n in configs]  # unknown names: io.save_adapters reports them
     gathered = {n: full_adapter_state_dict(peft_model, n, save_embedding_layers) for n in names}
     if is_main_process and torch.distributed.get_rank() == 0:
         io.save_adapters(peft_model, save_directory, selected_adapters, safe_serialization, save_embedding_layers,

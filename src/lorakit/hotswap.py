@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 from operator import attrgetter
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ from .io import load_peft_weights, read_config
 from .layer import LoraLayer
 from .load_options import LoadOptions
 from .targeting import layer_spec
+
+if TYPE_CHECKING:
+    from .model import PeftModel
 
 CONFIG_KEYS_TO_CHECK = {"LORA": ["use_rslora", "lora_dropout", "alpha_pattern", "use_dora"]}
 
@@ -55,9 +58,10 @@ def _scalings_to_tensors(layers: list[LoraLayer]) -> None:
                 "does not prepare them for compiled hot-swapping. Hot-swap without preparing (same rank and alpha), "
                 "or use plain LoRA adapters")
         device = layer.weight.device if hasattr(layer.base_layer, "weight") else None
-        for name, value in layer.scaling.items():
+        scalings: dict[str, Any] = layer.scaling  # float, or from here on a 0-d tensor (layer.py reads both)
+        for name, value in scalings.items():
             if not isinstance(value, Tensor):
-                layer.scaling[name] = torch.tensor(float(value), device=device)
+                scalings[name] = torch.tensor(float(value), device=device)
 
 
 def _pad(factor: nn.Module, target_rank: int, rank_dim: int, groups: int = 1) -> None:
@@ -69,7 +73,7 @@ def _pad(factor: nn.Module, target_rank: int, rank_dim: int, groups: int = 1) ->
     Raises:
         ValueError: the factor's rank is already larger than ``target_rank`` (PEFT's sentence).
     """
-    weight = factor.weight
+    weight = cast(Tensor, factor.weight)  # a Linear / Conv factor
     per_group = rank_dim == 1 and groups > 1  # B of a grouped conv: its weight holds r/g rank channels
     rank = weight.shape[rank_dim] * (groups if per_group else 1)
     if rank == target_rank:
@@ -152,8 +156,9 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
         return
     for lora_config in (config.values() if isinstance(config, dict) else [config]):
         lora_config.r = target_rank
-        for key in lora_config.rank_pattern or {}:
-            lora_config.rank_pattern[key] = target_rank
+        rank_pattern = lora_config.rank_pattern or {}  # the config's own dict (None: nothing to set)
+        for key in rank_pattern:
+            rank_pattern[key] = target_rank
 
 
 def check_hotswap_configs_compatible(config0: LoraConfig, config1: LoraConfig) -> None:
@@ -242,13 +247,13 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, Tens
                 own[key].data.zero_()
         for key, value in state_dict.items():
             _copy_into(attrgetter(key)(model), value, key, _groups(model, key))
-        user_model = model.base_model.model if hasattr(model, "base_model") else model
+        user_model = cast("PeftModel", model).base_model.model if hasattr(model, "base_model") else model
         for path, module in user_model.named_modules():
             if isinstance(module, LoraLayer) and adapter_name in module.scaling:
                 _set_scaling(module, adapter_name, layer_spec(path, config).scaling)
 
 
-def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, adapter_name: str,
+def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str], adapter_name: str,
                     torch_device: str | None = None, **kwargs: object) -> None:
     """Replace the weights of the loaded adapter ``adapter_name`` by those saved in ``model_name_or_path`` (a folder
     or Hub repo), keeping its name; a compiled model does not recompile (module docstring). ``kwargs``: Hub
@@ -261,9 +266,9 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
     """
     folder = LoadOptions.parse("hotswap_adapter", False, None, dict(kwargs)).folder(model_name_or_path)
     config = read_config(folder)
-    check_hotswap_configs_compatible(model.active_peft_config, config)
+    inner = cast("PeftModel", getattr(model, "_orig_mod", model))  # a compiled wrapper forwards to its PeftModel
+    check_hotswap_configs_compatible(inner.active_peft_config, config)
     tensors = load_peft_weights(str(folder), device=torch_device)
-    inner = getattr(model, "_orig_mod", model)
     mapping, unknown = decode(list(tensors), layout_of(inner.base_model.model), adapter_name)
     state = {mapping[key]: value for key, value in tensors.items() if key in mapping}
     state.update({_named(key, adapter_name): tensors[key] for key in unknown})  # reported as unexpected below

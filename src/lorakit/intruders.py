@@ -20,13 +20,17 @@ B A is ΔWᵀ / s, so the roles of Ũ and Ṽ swap; the detection runs on W as s
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import explain
 from .layer import LoraLayer
 from .quant import dense_weight, is_quantized
+
+if TYPE_CHECKING:
+    from .model import PeftModel
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -35,7 +39,7 @@ def _base_matrix(layer: LoraLayer) -> Tensor:
     """W as stored, float32 for half precision or a quantized base (deq(Q)), in its own dtype otherwise."""
     if is_quantized(layer.base_layer):
         return dense_weight(layer.base_layer)
-    W = layer.base_layer.weight.detach()
+    W = cast(Tensor, layer.base_layer.weight).detach()
     return W.float() if W.dtype in HALF_DTYPES else W
 
 
@@ -65,7 +69,7 @@ def mitigated_factors(W: Tensor, delta: Tensor, scaling: float | Tensor, r: int,
     return len(found), A, B
 
 
-def _check(peft_model: nn.Module, old_adapter_name: str) -> list[tuple[str, LoraLayer]]:
+def _check(peft_model: PeftModel, old_adapter_name: str) -> list[tuple[str, LoraLayer]]:
     if getattr(peft_model, "peft_type", None) != "LORA":
         raise ValueError("The provided model is not using LoRA and is therefore not supported.")
     if old_adapter_name not in peft_model.peft_config:
@@ -74,7 +78,7 @@ def _check(peft_model: nn.Module, old_adapter_name: str) -> list[tuple[str, Lora
     layers = [(name, m) for name, m in peft_model.named_modules()
               if isinstance(m, LoraLayer) and old_adapter_name in m.r]
     for name, layer in layers:
-        if old_adapter_name in layer._variants or layer.base_layer.weight.dim() != 2:
+        if old_adapter_name in layer._variants or cast(Tensor, layer.base_layer.weight).dim() != 2:
             raise NotImplementedError(explain(
                 f"reduce_intruder_dimension: {name} cannot be processed; nothing was changed",
                 got=f"lora.{layer.kind.name}" + (" with a variant (DoRA, BD-LoRA)" if layer._variants else ""),
@@ -82,7 +86,7 @@ def _check(peft_model: nn.Module, old_adapter_name: str) -> list[tuple[str, Lora
     return layers
 
 
-def reduce_intruder_dimension(peft_model: nn.Module, old_adapter_name: str = "default",
+def reduce_intruder_dimension(peft_model: PeftModel, old_adapter_name: str = "default",
                               new_adapter_name: str = "intruder_reduced", top_k: int = 10,
                               threshold_epsilon: float = 0.5, mitigation_lambda: float = 0.75,
                               logging_sink: Callable[..., object] | None = print) -> None:

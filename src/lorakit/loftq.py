@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +30,9 @@ from torch import Tensor, nn
 from .errors import explain
 from .layer import LoraLayer
 from .quant import dense_weight
+
+if TYPE_CHECKING:
+    from .model import PeftModel
 
 PREFIX = "base_model.model."
 SAFETENSORS = "model.safetensors"
@@ -39,7 +43,7 @@ def _is_bnb_4bit(module: nn.Module) -> bool:
         import bitsandbytes as bnb
     except ImportError:
         return False
-    return isinstance(module, bnb.nn.Linear4bit)
+    return isinstance(module, bnb.nn.Linear4bit)  # type: ignore[attr-defined]  # bnb.nn re-exports it implicitly
 
 
 class SafetensorWeights:
@@ -49,7 +53,7 @@ class SafetensorWeights:
     model lack it).
     """
 
-    def __init__(self, model_path: str | os.PathLike, base_model_prefix: str | None) -> None:
+    def __init__(self, model_path: str | os.PathLike[str], base_model_prefix: str | None) -> None:
         path = str(model_path)
         if not path.endswith(SAFETENSORS):
             path = os.path.join(path, SAFETENSORS)
@@ -76,16 +80,17 @@ class SafetensorWeights:
                 continue
             with safe_open(path, framework="pt", device="cpu") as handle:
                 try:
-                    return handle.get_tensor(candidate)
+                    tensor: Tensor = handle.get_tensor(candidate)  # safetensors' framework="pt" handle
+                    return tensor
                 except SafetensorError:
                     continue
         raise KeyError(explain(f"no tensor {name!r} in the checkpoint", where=self.path,
                                fix="pass model_path= the safetensors file the quantized model was loaded from"))
 
 
-def _default_path(peft_model: nn.Module) -> str:
+def _default_path(peft_model: PeftModel) -> str:
     """The checkpoint the base model was loaded from: a local folder, or the Hub cache (no download)."""
-    name = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
+    name: str | None = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
     if name and os.path.isdir(name):
         return name
     try:
@@ -137,18 +142,19 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | None = N
         raise ValueError("No bnb LoRA module found on the model")
     if any(not name.startswith(PREFIX) for name, _ in layers):
         raise TypeError("The passed model does not appear to be a valid PeftModel")
-    weights = SafetensorWeights(model_path if model_path is not None else _default_path(peft_model),
-                                getattr(peft_model.get_base_model(), "base_model_prefix", None))
+    checked = cast("PeftModel", peft_model)  # its LoRA layers are under base_model.model.
+    weights = SafetensorWeights(model_path if model_path is not None else _default_path(checked),
+                                getattr(checked.get_base_model(), "base_model_prefix", None))
     for name, layer in layers:
         if adapter_name not in layer.r:
             continue
         name = name[len(PREFIX):]
         W = weights.get_tensor(name + ".weight")
         A, B = loftq_factors(W, dense_weight(layer.base_layer), layer.r[adapter_name])
-        A_weight, B_weight = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        A_weight, B_weight = (cast(Tensor, factor[adapter_name].weight) for factor in (layer.lora_A, layer.lora_B))
         before = (A_weight.clone(), B_weight.clone()) if callback is not None else None
         A_weight.copy_(A)
         B_weight.copy_(B)
-        if before is not None and not callback(peft_model, name):
+        if callback is not None and before is not None and not callback(peft_model, name):
             A_weight.copy_(before[0])  # rejected: roll back
             B_weight.copy_(before[1])

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -144,8 +144,7 @@ def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], 
     handles = []
     for name, module in targets:
         module.weight.requires_grad_(True)
-        handles.append(module.register_full_backward_hook(
-            lambda module, grad_input, grad_output, name=name: counts.__setitem__(name, counts[name] + 1)))
+        handles.append(module.register_full_backward_hook(_counter(counts, name)))
     try:
         with torch.enable_grad():
             train_step()
@@ -156,9 +155,17 @@ def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], 
             param.requires_grad_(requires_grad.get(name, param.requires_grad))
         model.train(was_training)
     for name, module in targets:
-        if counts[name] > 0 and module.weight.grad is not None:
-            setattr(module, GRAD_ATTRIBUTE, module.weight.grad.detach() / counts[name])
-        module.weight.grad = None
+        weight = cast(Tensor, module.weight)  # a Linear / Conv1D target's
+        if counts[name] > 0 and weight.grad is not None:
+            setattr(module, GRAD_ATTRIBUTE, weight.grad.detach() / counts[name])
+        weight.grad = None
+
+
+def _counter(counts: dict[str, int], name: str) -> Callable[..., None]:
+    """A backward hook that counts the passes through target ``name`` in ``counts``."""
+    def hook(*_: object) -> None:
+        counts[name] += 1
+    return hook
 
 
 @torch.no_grad()
@@ -185,7 +192,7 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
         lora_config.target_modules = set(defaults) if not isinstance(defaults, str) else defaults
     targets = loraga_targets(model, lora_config)
     for name, module in targets:
-        if hasattr(module, "quant_state") or not module.weight.is_floating_point():
+        if hasattr(module, "quant_state") or not cast(Tensor, module.weight).is_floating_point():
             raise ValueError(f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. "
                              "LoRA-GA requires full-precision gradients during preprocessing. "
                              + explain("a quantized target", where=name, fix="run preprocess_loraga and "

@@ -111,7 +111,7 @@ class TrainableTokensLayer(nn.Module):
         return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
 
     def get_base_layer(self) -> nn.Module:
-        return cast(nn.Module, self.base_layer)
+        return self.base_layer
 
     @property
     def _weight(self) -> Tensor:
@@ -173,9 +173,9 @@ class TrainableTokensLayer(nn.Module):
         if self._disable_adapters or not adapter_names:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return cast(Tensor, self.base_layer(x, *args, **kwargs))
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return cast(Tensor, self.base_layer(x, *args, **kwargs))
         self.check_overlap(adapter_names)
         W = self.get_merged_weights(adapter_names)  # (vocab, dim)
         base = self.base_layer
@@ -258,12 +258,12 @@ class TrainableTokensWrapper(nn.Module):
 
     @property
     def original_module(self) -> nn.Module:
-        return cast(nn.Module, self.token_adapter.base_layer)
+        return self.token_adapter.base_layer
 
     @property
     def weight(self) -> Tensor:
         """E' of the active adapters (E when disabled): what the model reads as this layer's weight."""
-        layer = cast(TrainableTokensLayer, self.token_adapter)
+        layer = self.token_adapter
         if layer.disable_adapters or layer.merged:
             return layer._weight
         return layer.get_merged_weights(layer.active_adapters)
@@ -295,7 +295,7 @@ class TrainableTokensWrapper(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self._routes is None:
-            return self.token_adapter(x, *args, **kwargs)
+            return cast(Tensor, self.token_adapter(x, *args, **kwargs))
         routed_batch, routes = self._routes
         out = None
         for name, rows in routes:  # each sub-batch with its own adapter ("__base__" or none here: E)

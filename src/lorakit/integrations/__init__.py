@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .hooks import when_imported
+from .hooks import Hook, when_imported
 
 # module imported by the user -> "lorakit integration module:function" run on it right after it executes
 HOOKS: dict[str, str] = {
@@ -40,7 +40,7 @@ HOOKS: dict[str, str] = {
 }
 
 
-def _lazy(target: str):  # noqa: ANN202 - a hook
+def _lazy(target: str) -> Hook:
     file, _, function = target.partition(":")
 
     def hook(module: ModuleType) -> None:

@@ -19,6 +19,7 @@ Anything that is not a lorakit model goes to transformers' own code unchanged.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -41,7 +42,7 @@ def lorakit_model(trainer: Any, model: nn.Module | None = None) -> PeftModel | N
 
 
 def register_trainer_utils(module: ModuleType) -> None:
-    def wrap(original: Any) -> Any:
+    def wrap(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
         def _is_peft_model(model: Any) -> bool:
             return isinstance(model, PeftModel) or original(model)
         return _is_peft_model
@@ -50,7 +51,7 @@ def register_trainer_utils(module: ModuleType) -> None:
 
 
 def register_fsdp(module: ModuleType) -> None:
-    def wrap(original: Any) -> Any:
+    def wrap(original: Callable[..., None]) -> Callable[..., None]:
         def update_fsdp_plugin_peft(model: Any, accelerator: Any) -> None:
             if not isinstance(model, PeftModel):  # peft's wrap policy needs peft's classes
                 original(model, accelerator)
@@ -64,8 +65,8 @@ def register_trainer(module: ModuleType) -> None:
         replace(module.Trainer, name, wrap)
 
 
-def _save(original: Any) -> Any:
-    def wrapper(self: Any, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+def _save(original: Callable[..., None]) -> Callable[..., None]:
+    def wrapper(self: Any, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         model = lorakit_model(self)
         if model is None:
             return original(self, output_dir, state_dict)
@@ -89,7 +90,7 @@ def load_adapters_into(model: PeftModel, folder: str) -> None:
                                   adapter_name=name)
 
 
-def _load_from_checkpoint(original: Any) -> Any:
+def _load_from_checkpoint(original: Callable[..., None]) -> Callable[..., None]:
     def wrapper(self: Any, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         peft_model = lorakit_model(self, model)
         if peft_model is None:
@@ -99,7 +100,7 @@ def _load_from_checkpoint(original: Any) -> Any:
     return wrapper
 
 
-def _load_best_model(original: Any) -> Any:
+def _load_best_model(original: Callable[..., None]) -> Callable[..., None]:
     def wrapper(self: Any) -> None:
         peft_model = lorakit_model(self)
         if peft_model is None:
@@ -109,5 +110,5 @@ def _load_best_model(original: Any) -> Any:
     return wrapper
 
 
-TRAINER_METHODS = {"_save": _save, "_load_from_checkpoint": _load_from_checkpoint,
+TRAINER_METHODS: dict[str, Callable[[Callable[..., None]], Callable[..., None]]] = {"_save": _save, "_load_from_checkpoint": _load_from_checkpoint,
                    "_load_best_model": _load_best_model}

@@ -25,7 +25,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..codec import PREFIX, decode, layout_of
 from ..config import LoraConfig
@@ -39,9 +39,10 @@ from .hooks import replace
 
 
 def peft_available() -> bool:
-    from transformers.utils import is_peft_available
+    from transformers.utils.import_utils import is_peft_available
 
-    return is_peft_available()
+    available: bool = is_peft_available()  # its untyped decorators hide transformers' `-> bool`
+    return available
 
 
 def lorakit_of(model: nn.Module) -> PeftModel | None:
@@ -91,9 +92,9 @@ def add_adapter(self: nn.Module, adapter_config: Any, adapter_name: str | None =
 
 
 def load_adapter(self: nn.Module, peft_model_id: str | None = None, adapter_name: str | None = None,
-                 peft_config: Any = None, adapter_state_dict: dict | None = None, low_cpu_mem_usage: bool = False,
+                 peft_config: Any = None, adapter_state_dict: dict[str, Tensor] | None = None, low_cpu_mem_usage: bool = False,
                  is_trainable: bool = False, hotswap: bool | str = "auto", local_files_only: bool = False,
-                 adapter_kwargs: dict | None = None, load_config: Any = None, **kwargs: Any) -> Any:
+                 adapter_kwargs: dict[str, Any] | None = None, load_config: Any = None, **kwargs: Any) -> Any:
     """Load a local adapter folder (or ``peft_config`` + ``adapter_state_dict``) as ``adapter_name``.
 
     The first adapter is active; later ones are added inactive (``set_adapter``). Download options
@@ -135,8 +136,8 @@ def _load_info() -> Any:
                              conversion_errors={}, skipped_pp_keys=set())
 
 
-def _hotswap(peft_model: PeftModel, name: str, model_id: str | None, config: Any, tensors: dict | None,
-             adapter_kwargs: dict | None) -> None:
+def _hotswap(peft_model: PeftModel, name: str, model_id: str | None, config: Any, tensors: dict[str, Tensor] | None,
+             adapter_kwargs: dict[str, Any] | None) -> None:
     """transformers' ``load_adapter(hotswap=True)``: the weights (and scalings) of adapter ``name`` are replaced in
     place by lorakit.hotswap, so a compiled model does not recompile."""
     if tensors is None:
@@ -153,7 +154,7 @@ def _hotswap(peft_model: PeftModel, name: str, model_id: str | None, config: Any
     hotswap_adapter_from_state_dict(peft_model, state, name, config)
 
 
-def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict | None, is_trainable: bool) -> None:
+def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict[str, Tensor] | None, is_trainable: bool) -> None:
     """transformers' ``load_adapter(peft_config=..., adapter_state_dict=...)``: PEFT file keys, validated."""
     if isinstance(config, dict):
         config = LoraConfig.from_dict(config)
@@ -175,7 +176,7 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict | N
         model.eval()
 
 
-def _local_folder(model_id: str | os.PathLike | None, subfolder: str | None) -> str:
+def _local_folder(model_id: str | os.PathLike[str] | None, subfolder: str | None) -> str:
     folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
     if model_id is None or not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise ValueError(explain(f"no {CONFIG_NAME} in {folder!r}", where="load_adapter (lorakit)",
@@ -201,7 +202,8 @@ def active_adapters(self: nn.Module) -> list[str]:
     return list(managed(self).active_adapters)
 
 
-def get_adapter_state_dict(self: nn.Module, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
+def get_adapter_state_dict(self: nn.Module, adapter_name: str | None = None,
+                           state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The adapter's tensors keyed as transformers keys them (PEFT's file keys without ``base_model.model.``)."""
     peft_model = managed(self)
     name = adapter_name or peft_model.active_adapters[0]

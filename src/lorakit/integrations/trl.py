@@ -15,6 +15,7 @@ Registered by ``lorakit.integrations`` when TRL's modules are imported:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -25,7 +26,7 @@ from .hooks import replace
 
 
 def register_fused_lm_head(module: ModuleType) -> None:
-    def wrap(original: Any) -> Any:
+    def wrap(original: Callable[..., None]) -> Callable[..., None]:
         def add_fused_lm_head(model: Any, *args: Any, **kwargs: Any) -> None:
             if isinstance(model, PeftModel):
                 if isinstance(model.get_output_embeddings(), LoraLayer):
@@ -44,7 +45,7 @@ def register_sft_trainer(module: ModuleType) -> None:
     replace(module.SFTTrainer, "__init__", _lorakit_peft_config)
 
 
-def _lorakit_peft_config(original: Any) -> Any:
+def _lorakit_peft_config(original: Callable[..., None]) -> Callable[..., None]:
     signature = inspect.signature(original)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
