@@ -58,6 +58,50 @@ def _containers() -> tuple[str, ...]:
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
 
 
+# ---- one key, parsed without a model -------------------------------------------------------------------------
+# A file key's (container, tail) -> its role: A holds the rank in dim 0, B in dim 1; "bias" is lora_B's bias.
+FILE_ROLES = {("lora_A", "weight"): "A", ("lora_embedding_A", ""): "A", ("lora_B", "weight"): "B",
+              ("lora_embedding_B", ""): "B", ("lora_B", "bias"): "bias", (MAGNITUDE, ""): "magnitude"}
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """A LoRA tensor's key split at its per-adapter container: ``<path>.<container>[.<rest>]``.
+
+    A file key's rest is its tail (``()``, ``("weight",)``, ``("bias",)``); a model key's starts with the
+    adapter name (``("default", "weight")``). ``path`` keeps whatever prefix the key had.
+    """
+
+    path: str
+    container: str
+    rest: tuple[str, ...]
+
+    @property
+    def role(self) -> str | None:
+        """"A", "B", "bias" or "magnitude" when this is a file key PEFT writes for a factor, else None."""
+        return FILE_ROLES.get((self.container, ".".join(self.rest)))
+
+
+def parse_key(key: str) -> AdapterKey | None:
+    """``key`` split at its first per-adapter container (``lora_A``, ``lora_embedding_B``, a variant's ...), or
+    None for a key that holds no LoRA tensor (a base weight, a modules_to_save copy)."""
+    parts, containers = key.split("."), _containers()
+    for i, part in enumerate(parts):
+        if i and part in containers:
+            return AdapterKey(".".join(parts[:i]), part, tuple(parts[i + 1:]))
+    return None
+
+
+def with_adapter_name(key: str, adapter_name: str) -> str:
+    """A file key as PEFT reads it into a model: ``adapter_name`` after its first ``lora_*`` segment (PEFT's
+    ``parameter_prefix`` rule, which also names keys of containers lorakit does not know)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("lora_"):
+            return ".".join([*parts[:i + 1], adapter_name, *parts[i + 1:]])
+    return key
+
+
 @dataclass(frozen=True)
 class Layout:
     """What the codec needs to know of a model: structure paths and every state-dict key's shape."""
