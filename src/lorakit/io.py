@@ -28,7 +28,8 @@ from .errors import explain, warn
 from .functional import IncompatibleKeys
 from .layer import LoraLayer
 from .load_options import LoadOptions, remap_keys
-from .guards import base_model_mismatch, embedding_layers_to_save, resolve_with_ties, verify_saved
+from .guards import resolve_with_ties
+from .save_checks import embedding_layers_to_save, verify_saved
 from .token_plan import plan_tokens
 
 CONFIG_NAME = "adapter_config.json"
@@ -246,6 +247,21 @@ def check_tensors(tensors: dict[str, Tensor], layout: Layout, adapter_name: str,
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) or "a scalar"
+
+
+def base_model_mismatch(model: nn.Module, config: LoraConfig) -> str | None:
+    """A sentence when the adapter names another base model than ``model`` (both known), else None.
+
+    Names are compared by their last path component, so a local copy of a hub model matches its hub id.
+    """
+    mine = getattr(getattr(model, "config", None), "_name_or_path", None)
+    theirs = config.base_model_name_or_path
+    if not mine or not theirs:
+        return None
+    short = (lambda name: str(name).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower())
+    if short(mine) == short(theirs):
+        return None
+    return f"the adapter was trained on base model {theirs!r}, this model is {mine!r}"
 
 
 def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool,
