@@ -21,14 +21,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import io
 from .codec import parse_key
 from .config import LoraConfig
 from .errors import explain, warn
+
+if TYPE_CHECKING:
+    from .model import PeftModel
 
 SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 EXACT_INITS = ("pissa", "olora", "corda", "lora_ga", "default", "gaussian")  # B₀A₀ is what the base lost (or 0)
@@ -57,7 +61,8 @@ def residual_to_plain_lora(tensors: dict[str, Tensor], config: LoraConfig, initi
     factor_paths = {parsed.path for parsed in factors.values()}
     out = {}
     for key, value in tensors.items():
-        role = factors[key].role if key in factors else None  # codec.FILE_ROLES: A (rank in dim 0), B (rank in dim 1), bias (lora_B's), magnitude
+        # codec.FILE_ROLES: A (rank in dim 0), B (rank in dim 1), bias (lora_B's), magnitude (DoRA)
+        role = factors[key].role if key in factors else None
         if role is None:
             if key.removesuffix(".base_layer.weight") not in factor_paths:  # W_res must not replace W on load
                 out[key] = value
@@ -87,12 +92,13 @@ def plain_config(config: LoraConfig) -> LoraConfig:
     factor = math.sqrt(2) if config.use_rslora else 2
     return dataclasses.replace(
         config, r=2 * config.r, lora_alpha=config.lora_alpha * factor, init_lora_weights=True, loftq_config={},
-        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
+        rank_pattern={k: 2 * v for k, v in (config.rank_pattern or {}).items()},
+        alpha_pattern={k: v * factor for k, v in (config.alpha_pattern or {}).items()},
     )
 
 
-def save_converted(peft_model: nn.Module, save_directory: str | os.PathLike, initial_directory: str | os.PathLike,
+def save_converted(peft_model: PeftModel, save_directory: str | os.PathLike[str],
+                   initial_directory: str | os.PathLike[str],
                    selected_adapters: list[str] | None, safe_serialization: bool,
                    save_embedding_layers: bool | str) -> None:
     """PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=initial_directory)``.

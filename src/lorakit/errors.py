@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import os
 import sys
+import types
 import warnings
 from collections.abc import Iterable
 
@@ -23,7 +24,8 @@ class LoraWarning(UserWarning):
 
 def warn(message: str) -> None:
     """Emit a LoraWarning attributed to the first caller outside lorakit (the user's line)."""
-    level, frame = 2, sys._getframe(1)
+    level = 2
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, LoraWarning, stacklevel=level)

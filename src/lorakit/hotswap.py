@@ -266,5 +266,5 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
     inner = getattr(model, "_orig_mod", model)
     mapping, unknown = decode(list(tensors), layout_of(inner.base_model.model), adapter_name)
     state = {mapping[key]: value for key, value in tensors.items() if key in mapping}
-    state.update({with_adapter_name(key, adapter_name): tensors[key] for key in unknown})  # reported as unexpected below
+    state.update({with_adapter_name(key, adapter_name): tensors[key] for key in unknown})  # reported below
     hotswap_adapter_from_state_dict(model, state, adapter_name, config)

@@ -42,7 +42,10 @@ def _probe_inputs(model: nn.Module, probe: object) -> object:
                                  got="a model without dummy_inputs",
                                  fix="pass probe=<a tensor, a tuple of arguments or a dict of keyword arguments>"))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    move = (lambda v: v.to(device) if isinstance(v, Tensor) else v)
+
+    def move(value: object) -> object:
+        return value.to(device) if isinstance(value, Tensor) else value
+
     if isinstance(probe, dict):
         return {k: move(v) for k, v in probe.items()}
     return tuple(move(v) for v in probe) if isinstance(probe, (tuple, list)) else move(probe)
@@ -51,8 +54,9 @@ def _probe_inputs(model: nn.Module, probe: object) -> object:
 def _first_tensor(output: object) -> Tensor:
     if isinstance(output, Tensor):
         return output
-    if getattr(output, "logits", None) is not None:
-        return output.logits
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
     for value in values:
         if isinstance(value, Tensor):
@@ -90,7 +94,7 @@ def checked_merge(model: nn.Module, unload: Callable[[], nn.Module], probe: obje
     dtype = before.dtype if before.is_floating_point() else torch.float32
     scale = max(1.0, before.double().abs().max().item()) if before.numel() else 1.0
     check = MergeCheck(change, MERGE_TOLERANCE_ULPS * torch.finfo(dtype).eps * scale, str(dtype))
-    merged.lorakit_merge_check = check
+    setattr(merged, "lorakit_merge_check", check)  # torch types Module attributes as Tensor | Module
     if not check.ok:  # also catches NaN
         warn(f"merge_and_unload changed the model's outputs by up to {change:.3g} on the probe batch, above the "
              f"{check.tolerance:.3g} that {dtype} rounding explains; compare generations before using the merged "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,11 @@ from .errors import explain, warn
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .trainable_tokens import TrainableTokensWrapper
+
+if TYPE_CHECKING:
+    from .model import PeftModel
+
+Header = dict[str, dict[str, Any]]  # a safetensors header: {key: {"dtype", "shape", "data_offsets"}}
 
 
 class AdapterSaveError(OSError):
@@ -30,7 +36,7 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+def read_safetensors_header(path: Path) -> tuple[Header, int]:
     """(header without ``__metadata__``, end of the data section) from the first bytes of a safetensors file.
 
     Raises:
@@ -41,7 +47,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
         head = handle.read(8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
         if length is None or length > size - 8:
-            raise AdapterSaveError(explain("written safetensors header is cut off", where=str(path), got=f"{size} bytes"))
+            raise AdapterSaveError(explain("written safetensors header is cut off", where=str(path),
+                                           got=f"{size} bytes"))
         try:
             header = json.loads(handle.read(length))
         except ValueError as error:
@@ -50,7 +57,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, size - 8 - length
 
 
-def _header_problems(header: dict[str, dict], data_size: int, tensors: dict[str, Tensor]) -> list[str]:
+def _header_problems(header: Header, data_size: int, tensors: dict[str, Tensor]) -> list[str]:
     problems = [f"missing {k}" for k in sorted(set(tensors) - set(header))]
     problems += [f"unexpected {k}" for k in sorted(set(header) - set(tensors))]
     end = 0
@@ -114,7 +121,7 @@ def _base_vocab_size(model: nn.Module) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def embedding_layers_to_save(peft_model: nn.Module, save_embedding_layers: bool | str) -> bool | str:
+def embedding_layers_to_save(peft_model: PeftModel, save_embedding_layers: bool | str) -> bool | str:
     """PEFT's "auto": save the embeddings when the vocabulary was resized against the base model's config.
 
     Warns in that case (as PEFT does) and when ``save_embedding_layers=False`` drops the new rows.

@@ -13,11 +13,15 @@ Each check reads ``requires_grad`` flags (and, for ``check_training``, one ``any
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from .errors import warn
 from .layer import LoraLayer
+
+if TYPE_CHECKING:
+    from .model import PeftModel
 
 
 def _any_trainable(module: nn.Module) -> bool:
@@ -25,7 +29,7 @@ def _any_trainable(module: nn.Module) -> bool:
 
 
 # ---- zero trainable parameters --------------------------------------------------------------------------------
-def _why_frozen(peft_model: nn.Module) -> str:
+def _why_frozen(peft_model: PeftModel) -> str:
     tuner = peft_model.base_model
     active = tuner.active_adapters
     if any(tuner.peft_config[name].inference_mode for name in active):
@@ -36,18 +40,18 @@ def _why_frozen(peft_model: nn.Module) -> str:
     return "every adapter parameter has requires_grad=False (frozen after get_peft_model?); call set_adapter(name)"
 
 
-def check_trainable(peft_model: nn.Module) -> None:
+def check_trainable(peft_model: PeftModel) -> None:
     """Warn when ``get_peft_model`` produced a model in which nothing trains (PEFT trains nothing silently)."""
     if not _any_trainable(peft_model):
         warn(f"the PeftModel has 0 trainable parameters: {_why_frozen(peft_model)}")
 
 
-def frozen_load_flag(peft_model: nn.Module, is_trainable: bool) -> None:
+def frozen_load_flag(peft_model: PeftModel, is_trainable: bool) -> None:
     """Arm ``check_frozen_training`` for the first training-mode forward of a frozen-loaded adapter."""
     peft_model._lorakit_frozen_load = not is_trainable
 
 
-def check_frozen_training(peft_model: nn.Module) -> None:
+def check_frozen_training(peft_model: PeftModel) -> None:
     """First training-mode forward of a model loaded with ``is_trainable=False``: warn if nothing can learn."""
     peft_model._lorakit_frozen_load = False  # once
     if not _any_trainable(peft_model):
@@ -58,12 +62,15 @@ def check_frozen_training(peft_model: nn.Module) -> None:
 
 # ---- an adapter that does not learn --------------------------------------------------------------------------
 def _zero_factors(layer: LoraLayer, name: str) -> Iterator[Tensor]:
-    for container in (layer.lora_A, layer.lora_B):
-        if name in container:
-            yield container[name].weight
-    for container in (layer.lora_embedding_A, layer.lora_embedding_B):
-        if name in container:
-            yield container[name]
+    """Every factor tensor of adapter ``name``: lora_A/B's weights, or the embedding factors."""
+    for modules in (layer.lora_A, layer.lora_B):
+        if name in modules:
+            weight = modules[name].weight
+            assert isinstance(weight, Tensor)
+            yield weight
+    for parameters in (layer.lora_embedding_A, layer.lora_embedding_B):
+        if name in parameters:
+            yield parameters[name]
 
 
 def check_training(model: nn.Module, steps: int | None = None) -> list[str]:
