@@ -5,7 +5,9 @@ from .corda import preprocess_corda
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from .errors import LoraWarning
 from .functional import get_base_model_state_dict, inject_adapter_in_model, set_base_model_state_dict
-from .guards import AdapterSaveError, MergeCheck, check_training
+from .merge_check import MergeCheck
+from .save_checks import AdapterSaveError
+from .training_checks import check_training
 from .io import AdapterLoadError, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .intruders import reduce_intruder_dimension
 from .kbit import prepare_model_for_kbit_training, quantize_model

@@ -31,7 +31,7 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _libc_renameat2() -> Callable | None:
+def _libc_renameat2() -> Callable[..., int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         function = libc.renameat2
@@ -80,7 +80,7 @@ def _carry_over(source: Path, destination: Path, dropped: set[str]) -> None:
             _link_or_copy(entry, twin)
 
 
-def _link_or_copy(source: os.PathLike, destination: os.PathLike) -> None:
+def _link_or_copy(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:
     try:
         os.link(source, destination, follow_symlinks=False)
     except OSError:
@@ -101,7 +101,7 @@ def _sync_tree(root: Path) -> None:
         list(pool.map(_fsync, paths))  # list(): re-raises the first failure
 
 
-def replace_folder(target: str | os.PathLike, write: Callable[[Path], None], *, owned: Iterable[str] = ()) -> None:
+def replace_folder(target: str | os.PathLike[str], write: Callable[[Path], None], *, owned: Iterable[str] = ()) -> None:
     """Write ``target`` atomically: ``write(tmp)`` fills a new folder that then replaces ``target`` whole.
 
     Entries of the old folder that ``write`` did not produce are kept, except files named in ``owned``
@@ -226,7 +226,7 @@ def _swap_in(staging: Path, target: Path) -> None:
     os.rename(backup, staging)
 
 
-def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
+def write_file_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     """Write one file via a temporary sibling and ``os.replace``: the old or the new bytes, never half.
 
     The file keeps the old file's mode, or gets 0o666 & ~umask when new, as a plain write would.

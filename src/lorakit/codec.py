@@ -24,6 +24,7 @@ state-dict key. A layout can describe a model as it is, or as it will be once an
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +59,60 @@ def _containers() -> tuple[str, ...]:
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
 
 
+# ---- one key, parsed without a model -------------------------------------------------------------------------
+# A file key's (container, tail) -> its role: A holds the rank in dim 0, B in dim 1; "bias" is lora_B's bias.
+FILE_ROLES = {("lora_A", "weight"): "A", ("lora_embedding_A", ""): "A", ("lora_B", "weight"): "B",
+              ("lora_embedding_B", ""): "B", ("lora_B", "bias"): "bias", (MAGNITUDE, ""): "magnitude"}
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """A LoRA tensor's key split at its per-adapter container: ``<path>.<container>[.<rest>]``.
+
+    A file key's rest is its tail (``()``, ``("weight",)``, ``("bias",)``); a model key's starts with the
+    adapter name (``("default", "weight")``). ``path`` keeps whatever prefix the key had.
+    """
+
+    path: str
+    container: str
+    rest: tuple[str, ...]
+
+    @property
+    def role(self) -> str | None:
+        """"A", "B", "bias" or "magnitude" when this is a file key PEFT writes for a factor, else None."""
+        return FILE_ROLES.get((self.container, ".".join(self.rest)))
+
+
+def parse_key(key: str) -> AdapterKey | None:
+    """``key`` split at its first per-adapter container (``lora_A``, ``lora_embedding_B``, a variant's ...), or
+    None for a key that holds no LoRA tensor (a base weight, a modules_to_save copy)."""
+    parts, containers = key.split("."), _containers()
+    for i, part in enumerate(parts):
+        if i and part in containers:
+            return AdapterKey(".".join(parts[:i]), part, tuple(parts[i + 1:]))
+    return None
+
+
+def with_adapter_name(key: str, adapter_name: str) -> str:
+    """A file key as PEFT reads it into a model: ``adapter_name`` after its first ``lora_*`` segment (PEFT's
+    ``parameter_prefix`` rule, which also names keys of containers lorakit does not know)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("lora_"):
+            return ".".join([*parts[:i + 1], adapter_name, *parts[i + 1:]])
+    return key
+
+
+Shapes = dict[str, tuple[int, ...]]  # state-dict key -> tensor shape
+
+
 @dataclass(frozen=True)
 class Layout:
     """What the codec needs to know of a model: structure paths and every state-dict key's shape."""
 
     lora_paths: frozenset[str]
     saved_paths: frozenset[str]
-    shapes: dict[str, tuple[int, ...]]
+    shapes: Shapes
     token_paths: frozenset[str] = frozenset()  # trainable-tokens wrappers holding their own D
     tied_token_paths: frozenset[str] = frozenset()  # ... and those sharing the input embedding's
 
@@ -74,7 +122,10 @@ def layout_of(model: nn.Module, state: dict[str, torch.Tensor] | None = None) ->
 
     ``state``: the model's ``state_dict(keep_vars=True)`` when the caller already has it (one walk, not two).
     """
-    lora, saved, tokens, tied = set(), set(), set(), set()
+    lora: set[str] = set()
+    saved: set[str] = set()
+    tokens: set[str] = set()
+    tied: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
             lora.add(path)
@@ -110,7 +161,7 @@ def planned_layout(model: nn.Module, plan: TargetPlan, adapter_name: str,
                   now.tied_token_paths | {p for p, t in tokens.items() if t.tied_to is not None})
 
 
-def _plan_layer(shapes: dict, lora_paths: set[str], path: str, module: nn.Module, kind: Kind, spec: LayerSpec,
+def _plan_layer(shapes: Shapes, lora_paths: set[str], path: str, module: nn.Module, kind: Kind, spec: LayerSpec,
                 adapter_name: str) -> None:
     """Add to ``shapes`` the keys of ``module`` at ``path`` once it is a LoraLayer holding ``adapter_name``,
     and those of its companions (``Kind.companions``), nested at ``<path>.base_layer.<attribute>``."""
@@ -141,7 +192,7 @@ def _plan_layer(shapes: dict, lora_paths: set[str], path: str, module: nn.Module
         _plan_layer(shapes, lora_paths, f"{path}.base_layer.{attribute}", child, child_kind, spec, adapter_name)
 
 
-def _move_under(shapes: dict, stem: str, child: str) -> None:
+def _move_under(shapes: Shapes, stem: str, child: str) -> None:
     for key in [k for k in shapes if k.startswith(stem + ".")]:
         shapes[f"{stem}.{child}.{key[len(stem) + 1:]}"] = shapes.pop(key)
 
@@ -182,7 +233,7 @@ def _strip(key: str, adapter_name: str) -> str:
 
 
 # ---- encode: model keys -> file keys -----------------------------------------------------------------------
-def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[str] = ()) -> dict[str, str]:
+def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: Sequence[str] = ()) -> dict[str, str]:
     """{model key: file key} of everything PEFT writes for ``adapter_name``."""
     mapping: dict[str, str] = {}
     bare, containers = _bare(), _containers()
@@ -220,7 +271,8 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: list[s
     return mapping
 
 
-def embedding_paths(model: nn.Module, target_modules: object, save_embedding_layers: bool | str) -> list[str]:
+def embedding_paths(model: nn.Module, target_modules: Collection[str] | str | None,
+                    save_embedding_layers: bool | str) -> list[str]:
     """Paths of the embedding layers whose base weights PEFT saves (``save_embedding_layers``).
 
     "auto" means True when ``target_modules`` names ``embed_tokens`` or ``lm_head``; then only the LoRA-wrapped

@@ -14,7 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import explain, unknown_argument, warn
 
@@ -183,9 +183,6 @@ def _subconfig(value: Any, cls: type) -> Any:
 NOT_YET = {
     "megatron_config": (None, "Megatron parallel layers are not supported"),
 }
-INITS_NOT_YET: dict[str, str] = {}  # init methods accepted by LoraConfig but not yet built (none left)
-
-StrList = Union[list[str], str, None]
 
 
 @strict_init
@@ -328,9 +325,6 @@ class LoraConfig:
             found.append("runtime_config.ephemeral_gpu_offload=True with use_dora=True (it only moves DoRA's "
                          "weight-norm computation to a GPU and back, as in PEFT; lorakit computes it where the "
                          "weights are: set it to False, the result is the same)")
-        method = self.init_method.name
-        if method in INITS_NOT_YET:
-            found.append(f"init_lora_weights={self.init_lora_weights!r} (arrives with {INITS_NOT_YET[method]})")
         return found
 
     # ---- files ---------------------------------------------------------------------------------------------

@@ -21,19 +21,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import io
+from .codec import parse_key
 from .config import LoraConfig
 from .errors import explain, warn
 
-# file keys: <path>.lora_A.weight / lora_embedding_A (rank in dim 0), <path>.lora_B.weight / lora_embedding_B
-# (rank in dim 1), <path>.lora_B.bias (lora_bias), <path>.lora_magnitude_vector (DoRA)
-_FACTOR = re.compile(r".*\.(?:(?P<A>lora_A\.weight|lora_embedding_A)|(?P<B>lora_B\.weight|lora_embedding_B)"
-                     r"|(?P<bias>lora_B\.bias)|(?P<m>lora_magnitude_vector))")
+if TYPE_CHECKING:
+    from .model import PeftModel
+
 SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 EXACT_INITS = ("pissa", "olora", "corda", "lora_ga", "default", "gaussian")  # B₀A₀ is what the base lost (or 0)
 
@@ -57,23 +57,25 @@ def residual_to_plain_lora(tensors: dict[str, Tensor], config: LoraConfig, initi
                                  fix="save it without path_initial_model_for_weight_conversion"))
     problems = [f"{name}: initial {getattr(initial_config, name)!r}, trained {getattr(config, name)!r}"
                 for name in SCALING_FIELDS if getattr(initial_config, name) != getattr(config, name)]
-    factor_paths = {key.rsplit(".lora_", 1)[0] for key in tensors if _FACTOR.fullmatch(key)}
+    factors = {key: parsed for key in tensors if (parsed := parse_key(key)) is not None and parsed.role}
+    factor_paths = {parsed.path for parsed in factors.values()}
     out = {}
     for key, value in tensors.items():
-        match = _FACTOR.fullmatch(key)
-        if match is None:
+        # codec.FILE_ROLES: A (rank in dim 0), B (rank in dim 1), bias (lora_B's), magnitude (DoRA)
+        role = factors[key].role if key in factors else None
+        if role is None:
             if key.removesuffix(".base_layer.weight") not in factor_paths:  # W_res must not replace W on load
                 out[key] = value
             continue
         initial = initial_tensors.get(key)
-        if match["m"] or initial is None or initial.shape != value.shape:
-            problems.append(f"{key}: " + ("DoRA's magnitude cannot be converted" if match["m"] else
+        if role == "magnitude" or initial is None or initial.shape != value.shape:
+            problems.append(f"{key}: " + ("DoRA's magnitude cannot be converted" if role == "magnitude" else
                                           f"trained {tuple(value.shape)}, initial "
                                           f"{'missing' if initial is None else tuple(initial.shape)}"))
             continue
         initial = initial.to(value.dtype)
-        out[key] = (torch.cat([value, initial], dim=0) if match["A"] else
-                    torch.cat([value, -initial], dim=1) if match["B"] else value - initial)
+        out[key] = (torch.cat([value, initial], dim=0) if role == "A" else
+                    torch.cat([value, -initial], dim=1) if role == "B" else value - initial)
     if problems:
         raise ValueError("cannot convert the adapter with path_initial_model_for_weight_conversion: the initial "
                          "adapter must be the one saved right after get_peft_model, before training. "
@@ -90,12 +92,13 @@ def plain_config(config: LoraConfig) -> LoraConfig:
     factor = math.sqrt(2) if config.use_rslora else 2
     return dataclasses.replace(
         config, r=2 * config.r, lora_alpha=config.lora_alpha * factor, init_lora_weights=True, loftq_config={},
-        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
+        rank_pattern={k: 2 * v for k, v in (config.rank_pattern or {}).items()},
+        alpha_pattern={k: v * factor for k, v in (config.alpha_pattern or {}).items()},
     )
 
 
-def save_converted(peft_model: nn.Module, save_directory: str | os.PathLike, initial_directory: str | os.PathLike,
+def save_converted(peft_model: PeftModel, save_directory: str | os.PathLike[str],
+                   initial_directory: str | os.PathLike[str],
                    selected_adapters: list[str] | None, safe_serialization: bool,
                    save_embedding_layers: bool | str) -> None:
     """PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=initial_directory)``.

@@ -7,9 +7,11 @@ stay one line each and no part gets forgotten.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import sys
+import types
 import warnings
 from collections.abc import Iterable
 
@@ -22,7 +24,8 @@ class LoraWarning(UserWarning):
 
 def warn(message: str) -> None:
     """Emit a LoraWarning attributed to the first caller outside lorakit (the user's line)."""
-    level, frame = 2, sys._getframe(1)
+    level = 2
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, LoraWarning, stacklevel=level)
@@ -83,3 +86,31 @@ def unknown_argument(owner: str, name: str, choices: Iterable[str]) -> UnknownAr
     guess = suggest(name, choices)
     hint = f"did you mean {guess!r}?" if guess else f"valid arguments are {', '.join(sorted(choices))}"
     return UnknownArgumentError(f"{owner}: unknown argument {name!r}; {hint}")
+
+
+# ---- the silent failures lorakit turns into errors or warnings (tests/test_errors.py triggers each) -----------
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    when: str
+    outcome: str
+
+
+GUARDS: dict[str, Guard] = {
+    "no_trainable_parameters": Guard("get_peft_model", "LoraWarning naming why (inference_mode, disabled, no layer)"),
+    "frozen_adapter_trained": Guard("first forward in train mode with grad on, after from_pretrained(is_trainable="
+                                    "False)", "LoraWarning: pass is_trainable=True"),
+    "adapter_not_learning": Guard("check_training(model) / LoraTrainingCheckCallback after N optimizer steps",
+                                  "LoraWarning listing layers whose lora_B (or lora_embedding_A) is still all zero"),
+    "saved_file_incomplete": Guard("save_pretrained, before the new folder replaces the old one",
+                                   "AdapterSaveError (tensor count, names, shapes, dtypes, empty tensors, file size); "
+                                   "the old folder stays"),
+    "merge_changed_outputs": Guard("merge_and_unload(check=True, probe=...)", "LoraWarning above the dtype's "
+                                   "precision; the number is on model.lorakit_merge_check"),
+    "tied_embedding_trained": Guard("get_peft_model with one side of tied embeddings trained",
+                                    "LoraWarning; ensure_weight_tying=True ties the adapters as PEFT does"),
+    "new_tokens_not_saved": Guard("save_pretrained with a resized vocabulary",
+                                  "save_embedding_layers='auto' saves the embeddings (PEFT); False: LoraWarning"),
+    "different_base_model": Guard("from_pretrained / load_adapter",
+                                  "LoraWarning when base_model_name_or_path differs and every shape fits; otherwise "
+                                  "the name joins the one aggregated AdapterLoadError"),
+}

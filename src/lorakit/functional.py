@@ -20,15 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .codec import PREFIX, parse_key
 from .config import LoraConfig
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 from .trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
-
-_ADAPTER_KEY = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-                          r"lora_magnitude_vector)(?:\.|$)")
 
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
@@ -50,7 +48,7 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
 
     check_config(peft_config)
     if state_dict is not None:
-        paths = sorted({match.group(1) for key in state_dict if (match := _ADAPTER_KEY.match(key))})
+        paths = sorted({parsed.path.removeprefix(PREFIX) for key in state_dict if (parsed := parse_key(key))})
         if not paths:
             raise ValueError("inject_adapter_in_model: state_dict holds no LoRA key (lora_A / lora_B / "
                              "lora_embedding_A ...), so no target can be read from it; pass state_dict=None and set "

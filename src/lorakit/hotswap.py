@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from .codec import decode, layout_of
+from .codec import decode, layout_of, parse_key, with_adapter_name
 from .config import LoraConfig
 from .io import load_peft_weights, read_config
 from .layer import LoraLayer
@@ -203,10 +203,10 @@ def _copy_into(old: Tensor, new: Tensor, key: str, groups: int = 1) -> None:
 
 def _groups(model: nn.Module, key: str) -> int:
     """The groups of the conv base under a ``lora_A`` key (its rank rows come in that many blocks), else 1."""
-    parts = key.split(".")
-    if "lora_A" not in parts:
+    parsed = parse_key(key)
+    if parsed is None or parsed.container != "lora_A":
         return 1
-    layer = model.get_submodule(".".join(parts[:parts.index("lora_A")]))
+    layer = model.get_submodule(parsed.path)
     return getattr(getattr(layer, "base_layer", None), "groups", 1)
 
 
@@ -271,15 +271,5 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
     tensors = load_peft_weights(str(folder), device=torch_device)
     mapping, unknown = decode(list(tensors), layout_of(inner.base_model.model), adapter_name)
     state = {mapping[key]: value for key, value in tensors.items() if key in mapping}
-    state.update({_named(key, adapter_name): tensors[key] for key in unknown})  # reported as unexpected below
+    state.update({with_adapter_name(key, adapter_name): tensors[key] for key in unknown})  # reported below
     hotswap_adapter_from_state_dict(model, state, adapter_name, config)
-
-
-
-def _named(key: str, adapter_name: str) -> str:
-    """A file key as PEFT reads it into the model: the adapter name after its ``lora_*`` container."""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part.startswith("lora_"):
-            return ".".join([*parts[:i + 1], adapter_name, *parts[i + 1:]])
-    return key

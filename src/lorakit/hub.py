@@ -50,7 +50,7 @@ def download_keywords() -> set[str]:
     return names | {"use_auth_token"}
 
 
-def resolve_folder(model_id: str | os.PathLike, subfolder: str | None, hub_kwargs: dict[str, Any],
+def resolve_folder(model_id: str | os.PathLike[str], subfolder: str | None, hub_kwargs: dict[str, Any],
                    owner: str = "from_pretrained") -> Path:
     """The local folder holding the adapter ``model_id`` (``<model_id>/<subfolder>`` when given).
 
@@ -131,7 +131,8 @@ def push_to_hub(peft_model: Any, repo_id: str, *, commit_message: str | None = N
             card = hub.ModelCard.load(Path(work_dir) / "README.md")
             card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
             card.save(Path(work_dir) / "README.md")
-        return hub.upload_folder(repo_id=repo_id, folder_path=work_dir,
-                                 commit_message=commit_message or "Upload model",
-                                 commit_description=commit_description, token=token, revision=revision,
-                                 create_pr=create_pr)
+        url: str = hub.upload_folder(repo_id=repo_id, folder_path=work_dir,
+                                     commit_message=commit_message or "Upload model",
+                                     commit_description=commit_description, token=token, revision=revision,
+                                     create_pr=create_pr)  # a CommitInfo, which is a str
+        return url

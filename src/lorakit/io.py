@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -28,8 +29,12 @@ from .errors import explain, warn
 from .functional import IncompatibleKeys
 from .layer import LoraLayer
 from .load_options import LoadOptions, remap_keys
-from .guards import base_model_mismatch, embedding_layers_to_save, resolve_with_ties, verify_saved
+from .guards import resolve_with_ties
+from .save_checks import embedding_layers_to_save, verify_saved
 from .token_plan import plan_tokens
+
+if TYPE_CHECKING:
+    from .model import PeftModel
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -53,7 +58,7 @@ def config_json(config: LoraConfig, model: nn.Module) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
-def read_config(folder: str | os.PathLike) -> LoraConfig:
+def read_config(folder: str | os.PathLike[str]) -> LoraConfig:
     """Read and validate ``<folder>/adapter_config.json``.
 
     Raises:
@@ -73,7 +78,7 @@ def read_config(folder: str | os.PathLike) -> LoraConfig:
 
 
 # ---- weights ------------------------------------------------------------------------------------------------
-def read_weights(folder: str | os.PathLike, device: str | torch.device | None = None,
+def read_weights(folder: str | os.PathLike[str], device: str | torch.device | None = None,
                  use_safetensors: bool | None = None) -> dict[str, Tensor]:
     """The adapter tensors of ``folder`` on ``device`` (default CPU): safetensors if present, else ``.bin``
     without unpickling code (``use_safetensors``: True or False picks the file; None: safetensors first).
@@ -105,7 +110,7 @@ def read_weights(folder: str | os.PathLike, device: str | torch.device | None = 
     return tensors
 
 
-def adapter_model_keys(peft_model: nn.Module, adapter_name: str = "default",
+def adapter_model_keys(peft_model: PeftModel, adapter_name: str = "default",
                        save_embedding_layers: bool | str = "auto",
                        state: dict[str, Tensor] | None = None) -> dict[str, str]:
     """{model key: file key} of every tensor PEFT writes for ``adapter_name`` (``state``: see layout_of)."""
@@ -117,7 +122,7 @@ def adapter_model_keys(peft_model: nn.Module, adapter_name: str = "default",
                   embedding_paths(model, config.target_modules, save_embedding_layers))
 
 
-def adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default",
+def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
                        save_embedding_layers: bool | str = "auto",
                        state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The tensors PEFT writes for ``adapter_name``, under their file keys (PEFT's get_peft_model_state_dict).
@@ -144,7 +149,7 @@ def adapter_state_dict(peft_model: nn.Module, adapter_name: str = "default",
 Transform = Callable[[str, dict[str, Tensor], LoraConfig], tuple[dict[str, Tensor], LoraConfig]]
 
 
-def save_adapters(peft_model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None,
+def save_adapters(peft_model: PeftModel, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None,
                   safe_serialization: bool, save_embedding_layers: bool | str,
                   transform: Transform | None = None,
                   gathered: dict[str, dict[str, Tensor]] | None = None) -> list[str]:
@@ -248,7 +253,25 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) or "a scalar"
 
 
-def prepare_load(model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool,
+def _short_name(name: object) -> str:
+    return str(name).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+def base_model_mismatch(model: nn.Module, config: LoraConfig) -> str | None:
+    """A sentence when the adapter names another base model than ``model`` (both known), else None.
+
+    Names are compared by their last path component, so a local copy of a hub model matches its hub id.
+    """
+    mine = getattr(getattr(model, "config", None), "_name_or_path", None)
+    theirs = config.base_model_name_or_path
+    if not mine or not theirs:
+        return None
+    if _short_name(mine) == _short_name(theirs):
+        return None
+    return f"the adapter was trained on base model {theirs!r}, this model is {mine!r}"
+
+
+def prepare_load(model: nn.Module, folder: str | os.PathLike[str], adapter_name: str, is_trainable: bool,
                  config: LoraConfig | None = None, device: str | torch.device | None = None,
                  key_mapping: dict[str, str] | None = None,
                  use_safetensors: bool | None = None) -> tuple[LoraConfig, dict[str, Tensor]]:
@@ -316,7 +339,8 @@ def _home_device(model: nn.Module, module_path: str, default: torch.device) -> t
 
 
 # ---- PEFT's functional API ------------------------------------------------------------------------------------
-def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, adapter_name: str = "default",
+def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Tensor] | None = None,
+                              adapter_name: str = "default",
                               unwrap_compiled: bool = False,
                               save_embedding_layers: bool | str = "auto") -> dict[str, Tensor]:
     """PEFT's ``get_peft_model_state_dict``: the adapter's tensors under their file keys.
@@ -329,7 +353,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
     return adapter_state_dict(model, adapter_name, save_embedding_layers, state=state_dict)
 
 
-def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
+def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, Tensor],
                               adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
                               low_cpu_mem_usage: bool = False) -> IncompatibleKeys:
     """PEFT's ``set_peft_model_state_dict``: load file-keyed tensors into ``adapter_name``, as PEFT does.
@@ -348,7 +372,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     return _set_state_dict(model, peft_model_state_dict, adapter_name, ignore_mismatched_sizes, strict=False)
 
 
-def load_adapter_weights(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
+def load_adapter_weights(model: PeftModel, peft_model_state_dict: dict[str, Tensor],
                          adapter_name: str = "default") -> IncompatibleKeys:
     """``set_peft_model_state_dict`` that refuses unknown keys and missing adapter tensors too (resuming a
     checkpoint, Trainer's resume): one error lists every problem, and nothing is changed then.
@@ -359,7 +383,7 @@ def load_adapter_weights(model: nn.Module, peft_model_state_dict: dict[str, Tens
     return _set_state_dict(model, peft_model_state_dict, adapter_name, False, strict=True)
 
 
-def _set_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str,
+def _set_state_dict(model: PeftModel, tensors: dict[str, Tensor], adapter_name: str,
                     ignore_mismatched_sizes: bool, strict: bool) -> IncompatibleKeys:
     if ignore_mismatched_sizes:
         raise ValueError("set_peft_model_state_dict(ignore_mismatched_sizes=True) is not supported: lorakit refuses "
@@ -392,7 +416,7 @@ def _walk_order(model: nn.Module, keys: list[str], tensors: dict[str, Tensor]) -
     return sorted(keys, key=lambda key: (leaves_at(key), position[key]))
 
 
-def load_peft_weights(model_id: str | os.PathLike, device: str | None = None,
+def load_peft_weights(model_id: str | os.PathLike[str], device: str | None = None,
                       key_mapping: dict[str, str] | None = None, **hf_hub_download_kwargs: object) -> dict[str, Tensor]:
     """PEFT's ``load_peft_weights``: the adapter file of ``model_id`` (a folder, or a Hub repo) as a dict of
     tensors under its file keys, on ``device`` (default: CPU, PEFT's ``infer_device()`` on a machine without an

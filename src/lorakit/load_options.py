@@ -65,7 +65,7 @@ class LoadOptions:
         return cls(owner=owner, subfolder=kwargs.pop("subfolder", None), torch_device=kwargs.pop("torch_device", None),
                    use_safetensors=kwargs.pop("use_safetensors", None), hub_kwargs=kwargs)
 
-    def folder(self, model_id: str | os.PathLike) -> Path:
+    def folder(self, model_id: str | os.PathLike[str]) -> Path:
         return resolve_folder(model_id, self.subfolder, self.hub_kwargs, self.owner)
 
 

@@ -28,7 +28,7 @@ from .integrations.signature import bind_forward_signature
 from .load_options import LoadOptions, save_state_dict
 from .model_card import create_or_update_model_card
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from . import guards, hub, io
+from . import guards, hub, io, save_checks, training_checks
 from .tuner import LoraModel, check_adapter_name, weights_follow
 from .variants import ModelCall, call_context
 
@@ -80,12 +80,12 @@ class PeftModel(nn.Module):
         except AttributeError:
             return getattr(tuner.model, name)
 
-    _lorakit_frozen_load = False  # set by from_pretrained(is_trainable=False); see guards.check_frozen_training
+    _lorakit_frozen_load = False  # set by from_pretrained(is_trainable=False); see training_checks
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; ``adapter_names`` (one per row) runs a mixed-adapter batch."""
         if self._lorakit_frozen_load and self.training and torch.is_grad_enabled():
-            guards.check_frozen_training(self)
+            training_checks.check_frozen_training(self)
         with self._routing(adapter_names, args, kwargs), self._variant_context(adapter_names, args, kwargs, False):
             return self.base_model(*args, **kwargs)
 
@@ -228,7 +228,7 @@ class PeftModel(nn.Module):
         else:
             gathered = None
             if state_dict is not None:  # the adapter tensors come from the given state dict (PEFT's kwarg)
-                embeddings = guards.embedding_layers_to_save(self, save_embedding_layers)
+                embeddings = save_checks.embedding_layers_to_save(self, save_embedding_layers)
                 gathered = {name: io.adapter_state_dict(self, name, embeddings, state=state_dict)
                             for name in (selected_adapters or list(self.peft_config)) if name in self.peft_config}
             io.save_adapters(self, save_directory, selected_adapters, safe_serialization, save_embedding_layers,
@@ -272,7 +272,7 @@ class PeftModel(nn.Module):
         io.load_tensors(peft_model.get_base_model(), tensors, adopt=True)
         if config is not None:
             peft_model.base_model.adopt_config(adapter_name, config)
-        guards.frozen_load_flag(peft_model, is_trainable)
+        training_checks.frozen_load_flag(peft_model, is_trainable)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -464,7 +464,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
     peft_model = cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                      low_cpu_mem_usage=low_cpu_mem_usage)
-    guards.check_trainable(peft_model)
+    training_checks.check_trainable(peft_model)
     return peft_model
 
 

@@ -48,7 +48,7 @@ def framework_line() -> str:
     return f"- lorakit {__version__} (PEFT {PEFT_VERSION_WRITTEN} adapter format)"
 
 
-def create_or_update_model_card(peft_model: Any, output_dir: str | os.PathLike) -> None:
+def create_or_update_model_card(peft_model: Any, output_dir: str | os.PathLike[str]) -> None:
     """Write or update ``<output_dir>/README.md`` (see the module docstring)."""
     path = Path(output_dir) / CARD_NAME
     try:
@@ -113,12 +113,13 @@ def _is_transformers_model(model: nn.Module) -> bool:
                for cls in type(model).__mro__)
 
 
-def _model_config(model: nn.Module) -> dict | None:
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
     if hasattr(config, "to_dict"):
-        return config.to_dict()
+        as_dict: dict[str, Any] = config.to_dict()
+        return as_dict
     return config if isinstance(config, dict) else None
 
 

@@ -8,6 +8,7 @@ active adapter's copy, or the original when adapters are disabled or the active 
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -90,7 +91,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        return self.active_module.weight
+        return cast(Tensor, self.active_module.weight)
 
     @property
     def bias(self) -> Tensor | None:
@@ -99,12 +100,13 @@ class ModulesToSaveWrapper(nn.Module):
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> object:
         if self._routes is None:
             return self.active_module(x, *args, **kwargs)
-        return self._mixed_batch(x, *args, **kwargs)
+        return self._mixed_batch(self._routes, x, *args, **kwargs)
 
-    def _mixed_batch(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+    def _mixed_batch(self, routing: tuple[int, list[tuple[str, Tensor]]], x: Tensor, *args: object,
+                     **kwargs: object) -> Tensor | None:
         """Each routed sub-batch runs through its adapter's copy ("__base__": the original module)."""
-        routed_batch, routes = self._routes
-        out = None
+        routed_batch, routes = routing
+        out: Tensor | None = None
         for name, rows in routes:
             rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module

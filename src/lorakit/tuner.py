@@ -23,7 +23,8 @@ from .config import LoraConfig
 from .distributed import check_not_sharded
 from .config import InitMethod
 from .errors import explain, warn
-from .guards import checked_merge, resolve_with_ties, rollback_on_error, tie_adapters
+from .guards import resolve_with_ties, rollback_on_error, tie_adapters
+from .merge_check import checked_merge
 from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy, check_single_bias
 from .inits import FRESH
 from .kinds_param import check_same_parameters, inject_parameters

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..guards import check_training
+from ..training_checks import check_training
 from ..model import PeftModel
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ...atomic import replace_folder
-from ...codec import PREFIX
+from ...codec import PREFIX, parse_key
 from ...config import LoraConfig
 from ...io import BIN_NAME, CONFIG_NAME, PEFT_VERSION_TAG, SAFETENSORS_NAME, read_config, read_weights
 from ...targeting import layer_spec
@@ -43,9 +42,6 @@ from ...targeting import task_modules_to_save
 from .common import CliError, Command, register
 from .export_gguf import export_gguf
 
-# base_model.model.<path>.<factor>[.weight|.bias]; A factors hold the rank in dim 0, B factors in dim 1.
-FACTOR_KEY = re.compile(re.escape(PREFIX) + r"(?P<path>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                        r"(?:\.(?P<leaf>weight|bias))?")
 RESIDUAL_INITS = ("pissa", "olora", "loftq", "corda")
 
 
@@ -62,11 +58,9 @@ def layers_of(tensors: dict[str, Tensor]) -> dict[str, LayerFactors]:
     """Module path -> its factor keys, from the file keys alone (no base model needed)."""
     layers: dict[str, LayerFactors] = {}
     for key in tensors:
-        match = FACTOR_KEY.fullmatch(key)
-        if match:
-            layer = layers.setdefault(match["path"], LayerFactors())
-            slot = "bias" if match["leaf"] == "bias" else match["factor"][-1]  # "A" or "B"
-            setattr(layer, slot, key)
+        parsed = parse_key(key) if key.startswith(PREFIX) else None
+        if parsed is not None and parsed.role in ("A", "B", "bias"):  # A: rank in dim 0, B: in dim 1
+            setattr(layers.setdefault(parsed.path[len(PREFIX):], LayerFactors()), parsed.role, key)
     return layers
 
 

@@ -3,7 +3,7 @@
 Only config.json is read (or a built-in preset): the model is built on the meta device, so planning a 70B
 model takes a second and no weight memory. The plan prints the recommended ``LoraConfig`` as Python with
 the rule of thumb behind each choice, the trainable parameters, and the memory of one training step
-(``lorakit.memory``) for an fp32, a bf16 and a 4-bit base, against the ``--memory`` budget.
+(``lorakit.app.memory``) for an fp32, a bf16 and a 4-bit base, against the ``--memory`` budget.
 
 Rules of thumb, each printed with its reason when it applies:
 
