@@ -40,18 +40,28 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import explain, warn
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 
-if TYPE_CHECKING:
-    from .tuner import LoraModel
+
+
+class LoraModel(Protocol):
+    """What combining needs of the tuner (``tuner.LoraModel``; a Protocol, so this module does not import it)."""
+
+    model: nn.Module
+    peft_config: dict[str, LoraConfig]
+
+    def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None: ...
+
+    def lora_layers(self) -> Iterator[LoraLayer]: ...
 
 WHERE = "add_weighted_adapter"
 

@@ -112,10 +112,29 @@ def _backend_name(module: nn.Module) -> str | None:
     return None if backend is None else backend.backend_name
 
 
-def _tuner_of(model: nn.Module) -> nn.Module:
-    from .model import PeftModel  # model.py imports this module for PeftModel.get_layer_status
+# The PeftModel classes (model.py registers them; it imports this module, so this one cannot import it).
+PEFT_MODEL_CLASSES: list[type[nn.Module]] = []
 
-    return model.base_model if isinstance(model, PeftModel) else model
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return isinstance(model, tuple(PEFT_MODEL_CLASSES))
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, each shared tensor once; a 4-bit weight counts numel·2·bytes."""
+    trainable = total = 0
+    for _, param in module.named_parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
+            count *= 2 * param.element_size()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def _tuner_of(model: nn.Module) -> nn.Module:
+    return model.base_model if _is_peft_model(model) else model  # type: ignore[return-value]
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
@@ -145,9 +164,7 @@ def _merged(layers: list[TunerLayerStatus]) -> Union[list[str], Irregular]:
 
 def _model_identity(model: nn.Module) -> tuple[str, str, dict[str, str], tuple[int, int]]:
     """(base_model_type, adapter_model_type, peft_types, (trainable, total)) as PEFT reports them."""
-    from .model import PeftModel, count_parameters
-
-    if isinstance(model, PeftModel):
+    if _is_peft_model(model):
         tuner = model.base_model
         return (type(model.get_base_model()).__name__, type(tuner).__name__,
                 {name: "LORA" for name in tuner.peft_config}, model.get_nb_trainable_parameters())

@@ -19,7 +19,7 @@ Targeting never mutates the model; ``model.py`` applies the plan.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -132,13 +132,14 @@ def _selected_layer(name: str, config: LoraConfig) -> bool:
     return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    """Paths of the output embedding (lm_head) that "all-linear" leaves alone."""
+def _output_head_names(model: nn.Module, candidates: Sequence[tuple[str, nn.Module]] | None = None) -> set[str]:
+    """Paths of the output embedding (lm_head) that "all-linear" leaves alone (``candidates``: as walked)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if head is None:
         return set()
-    return {name for name, module in model.named_modules() if module is head}
+    found = model.named_modules() if candidates is None else candidates
+    return {name for name, module in found if module is head}
 
 
 def _model_type(model: nn.Module) -> object:
@@ -249,7 +250,7 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: li
         defaults = _default_targets(model)
         return defaults if isinstance(defaults, str) else set(defaults)
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        heads = _output_head_names(model)
+        heads = _output_head_names(model, candidates)
         task = getattr(config.task_type, "value", config.task_type)
         if not heads and task == TaskType.SEQ_CLS.value:  # a classifier head is trained in full, not adapted
             heads = {name for name, _ in candidates if name.rsplit(".", 1)[-1] in ("classifier", "score")}
