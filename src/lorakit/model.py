@@ -32,7 +32,7 @@ from .replication import replicated
 from .status import PEFT_MODEL_CLASSES, TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, \
     get_model_status
 from . import guards, hub, io
-from .tuner import LoraModel, planned
+from .tuner import LoraModel, gc_paused, planned
 from .variants import ModelCall, call_context
 
 
@@ -262,7 +262,7 @@ class PeftModel(nn.Module):
         read_config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)  # as PEFT sets it
         task = getattr(read_config.task_type, "value", read_config.task_type)
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-        with replicated(model, read_config.layer_replication):  # the file's keys name the copies
+        with gc_paused(), replicated(model, read_config.layer_replication):  # the file's keys name the copies
             plan = _plan_load(model, read_config, adapter_name, {}, folder)  # one plan: checked, then injected
             tensors = io.check_against_plan(model, plan, tensors, folder)
             peft_model = wrapper(model, read_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -309,7 +309,7 @@ class PeftModel(nn.Module):
         config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)
         _check_config(config)  # e.g. ephemeral_gpu_offload with DoRA: refused before anything changes
         model, tuner = self.get_base_model(), self.base_model
-        with replicated(model, config.layer_replication):
+        with gc_paused(), replicated(model, config.layer_replication):
             plan = _plan_load(model, config, adapter_name, tuner.peft_config, folder, tuner_name=type(tuner).__name__)
             tensors = io.check_against_plan(model, plan, tensors, folder)
             tuner.apply_plan(plan, autocast_adapter_dtype)
@@ -401,15 +401,6 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
-
-
-def _check_config(config: object) -> None:
-    if not isinstance(config, LoraConfig):
-        raise ValueError(explain("lorakit implements LoRA only", got=type(config).__name__,
-                                 expected="a lorakit.LoraConfig", fix="build the config with lorakit.LoraConfig"))
-    missing = config.not_yet_supported()
-    if missing:
-        raise NotImplementedError(f"LoraConfig sets features lorakit does not run yet: {'; '.join(missing)}")
 
 
 # PEFT's task classes. They subclass PeftModel (our one exception to "no subclasses of our own classes")

@@ -106,21 +106,20 @@ class LoraModel(nn.Module):
 
     # ---- injection: plan.py, then apply.py ----------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: LoraConfig, *, autocast_adapter_dtype: bool | None = None,
-                       low_cpu_mem_usage: bool = False, weights_follow: bool = False) -> None:
+                       low_cpu_mem_usage: bool = False) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates.
 
         ``autocast_adapter_dtype`` (default: the tuner's): float32 factors over a half-precision base, else the
         base's dtype. ``low_cpu_mem_usage``: plain-init factors are created on the meta device, uninitialised,
         to be filled by a load (``set_peft_model_state_dict(..., low_cpu_mem_usage=True)``), as PEFT does;
-        variants and data-driven inits need real tensors and are built as without the flag. ``weights_follow``:
-        every factor is loaded from a file right after, so plain inits are not drawn.
+        variants and data-driven inits need real tensors and are built as without the flag.
 
         Raises:
             ValueError: a name already in use, a second adapter with ``bias != "none"`` (PEFT's rule: the
                 biases are the base model's, one adapter at most may train them), or a targeting error.
         """
         with planned(self.model, config, adapter_name, self.peft_config, tuner_name=type(self).__name__,
-                     low_cpu_mem_usage=low_cpu_mem_usage, weights_follow=weights_follow) as plan:
+                     low_cpu_mem_usage=low_cpu_mem_usage) as plan:
             self.apply_plan(plan, autocast_adapter_dtype)
 
     def apply_plan(self, plan: Plan, autocast_adapter_dtype: bool | None = None) -> list[nn.Module]:
