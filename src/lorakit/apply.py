@@ -9,6 +9,7 @@ dropped where it is new, and weights a residual init rewrote in place are restor
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -22,16 +23,18 @@ from .ties import Ties, unwrapped
 from .token_plan import inject_tokens
 from .trainable_tokens import TrainableTokensWrapper
 
+AdapterModule = LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper  # what holds an adapter's tensors
+
 
 def apply(model: nn.Module, plan: Plan, active_adapters: list[str], autocast_adapter_dtype: bool = True
-          ) -> list[nn.Module]:
+          ) -> list[AdapterModule]:
     """Inject ``plan`` into ``model``, frozen; returns every adapter module it made or extended.
 
     Raises:
         whatever a layer or init raises (e.g. a variant refusing a layer); the model is then as before.
     """
     before = _modules_at(model, _touched_paths(model, plan))
-    kept = holders(before.items(), plan.adapter_name)  # held this name already (another PeftModel's): not ours
+    kept = holders(list(before.items()), plan.adapter_name)  # held this name already (another PeftModel's): not ours
     weights = _residual_weights([before[path] for path in plan.targets.layers], plan)
     try:
         injected = _inject(model, plan, active_adapters, autocast_adapter_dtype)
@@ -43,9 +46,9 @@ def apply(model: nn.Module, plan: Plan, active_adapters: list[str], autocast_ada
     return injected
 
 
-def _inject(model: nn.Module, plan: Plan, active: list[str], autocast_adapter_dtype: bool) -> list[nn.Module]:
+def _inject(model: nn.Module, plan: Plan, active: list[str], autocast_adapter_dtype: bool) -> list[AdapterModule]:
     name, targets = plan.adapter_name, plan.targets
-    injected: list[nn.Module] = []
+    injected: list[AdapterModule] = []
     for path, spec in targets.layers.items():
         draws = plan.draws_init(spec)
         device = "meta" if plan.low_cpu_mem_usage and not draws else None
@@ -100,11 +103,13 @@ def tie_adapters(model: nn.Module, adapter_name: str, ties: Ties | None) -> None
         return
     source, tied = model.get_submodule(ties.input_path), model.get_submodule(ties.output_path)
     if ties.how == "modules_to_save":
-        tied.modules_to_save[adapter_name].weight = source.modules_to_save[adapter_name].weight
+        source_copy = cast(ModulesToSaveWrapper, source).modules_to_save[adapter_name]
+        cast(ModulesToSaveWrapper, tied).modules_to_save[adapter_name].weight = source_copy.weight
         return
-    A_e, B_e = source.lora_embedding_A[adapter_name], source.lora_embedding_B[adapter_name]
-    tied.lora_A[adapter_name].weight = nn.Parameter(B_e.t(), requires_grad=B_e.requires_grad)
-    tied.lora_B[adapter_name].weight = nn.Parameter(A_e.t(), requires_grad=A_e.requires_grad)
+    embedding, head = cast(LoraLayer, source), cast(LoraLayer, tied)
+    A_e, B_e = embedding.lora_embedding_A[adapter_name], embedding.lora_embedding_B[adapter_name]
+    head.lora_A[adapter_name].weight = nn.Parameter(B_e.t(), requires_grad=B_e.requires_grad)
+    head.lora_B[adapter_name].weight = nn.Parameter(A_e.t(), requires_grad=A_e.requires_grad)
 
 
 # ---- a failed injection changes nothing --------------------------------------------------------------------
@@ -112,7 +117,7 @@ def _touched_paths(model: nn.Module, plan: Plan) -> list[str]:
     """Every path ``_inject`` may replace or extend (companions of a layer too), outermost first."""
     targets = plan.targets
     companions = [f"{path}.{attribute}" for path, kind in targets.kinds.items() if kind.companions is not None
-                  for attribute in kind.companions(unwrapped(model.get_submodule(path)))]
+                  for attribute in kind.companions(_base(model.get_submodule(path)))]
     paths = [*targets.layers, *companions, *(t.path for t in targets.parameters), *targets.modules_to_save,
              *plan.tokens]
     return sorted(dict.fromkeys(paths), key=lambda path: path.count("."))
@@ -133,9 +138,13 @@ def _residual_weights(modules: Iterable[nn.Module], plan: Plan) -> dict[Tensor, 
     """{weight: copy} of the targets of an init that rewrites W in place (PiSSA, OLoRA, LoftQ, CorDA)."""
     if plan.config.init_method.name not in NEEDS_WEIGHT:
         return {}
-    layers = (unwrapped(module) for module in modules)
-    return {layer.weight: layer.weight.detach().clone() for layer in layers
-            if isinstance(getattr(layer, "weight", None), Tensor)}
+    weights = (getattr(_base(module), "weight", None) for module in modules)
+    return {weight: weight.detach().clone() for weight in weights if isinstance(weight, Tensor)}
+
+
+def _base(module: nn.Module) -> nn.Module:
+    base = unwrapped(module)
+    return module if base is None else base
 
 
 def _rollback(model: nn.Module, before: dict[str, nn.Module], adapter_name: str, weights: dict[Tensor, Tensor],

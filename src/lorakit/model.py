@@ -74,7 +74,7 @@ class PeftModel(nn.Module):
         try:
             return getattr(tuner, name)
         except AttributeError:
-            return getattr(tuner.model, name)
+            return getattr(getattr(tuner, "model"), name)
 
     _lorakit_frozen_load = False  # set by from_pretrained(is_trainable=False); see guards.check_frozen_training
 
@@ -97,12 +97,12 @@ class PeftModel(nn.Module):
         with self._routing(adapter_names, args, kwargs), self._variant_context(adapter_names, args, kwargs, True):
             return generate(*args, **kwargs)
 
-    def _variant_context(self, adapter_names: list[str] | None, args: tuple, kwargs: dict,
-                         generate: bool) -> contextlib.AbstractContextManager:
+    def _variant_context(self, adapter_names: list[str] | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+                         generate: bool) -> contextlib.AbstractContextManager[object]:
         """The variants' per-call contexts (``Variant.context``; aLoRA's invocation offsets); pops their kwargs."""
         return call_context(ModelCall(self.peft_config, self.active_adapters, adapter_names, args, kwargs, generate))
 
-    def _routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
+    def _routing(self, adapter_names: list[str] | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> contextlib.AbstractContextManager[object]:
         if adapter_names is None:
             return contextlib.nullcontext()
         batch = _batch_size(args, kwargs)
@@ -195,7 +195,7 @@ class PeftModel(nn.Module):
                                max_shard_size=max_shard_size, tags=tags)
 
     # ---- adapters on disk ----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+    def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
                         is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
                         **kwargs: Any) -> None:
@@ -232,7 +232,7 @@ class PeftModel(nn.Module):
         create_or_update_model_card(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                         low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
@@ -275,7 +275,7 @@ class PeftModel(nn.Module):
             peft_model.eval()
         return peft_model
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False,
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
                      key_mapping: dict[str, str] | None = None, **kwargs: Any) -> IncompatibleKeys:
@@ -339,21 +339,21 @@ class PeftModel(nn.Module):
                 self.base_model.enable_adapter_layers()
 
     # ---- training helpers passed through to a transformers model -----------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Turn on the model's activation checkpointing and make its inputs require grad.
 
         With a frozen embedding, reentrant checkpointing sees no input that requires grad and would drop
         every LoRA gradient; PEFT calls ``enable_input_require_grads`` for the same reason. transformers 5
         renamed the method ``activation_checkpointing_enable``; both names work here, on both versions.
         """
-        model = self.get_base_model()
+        model: Any = self.get_base_model()  # a transformers model: its methods are checked for by name
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         self._enable_input_grads()
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
@@ -364,14 +364,15 @@ class PeftModel(nn.Module):
 
     def _enable_input_grads(self, model: nn.Module | None = None) -> None:
         model = self.get_base_model() if model is None else model
+        getter: Any = getattr(model, "get_input_embeddings", None)
         if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        elif hasattr(model, "get_input_embeddings"):
-            model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+            getattr(model, "enable_input_require_grads")()
+        elif getter is not None:
+            getter().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
 
 
 def _plan_load(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict[str, LoraConfig],
-               folder: str | os.PathLike, tuner_name: str = "LoraModel") -> Plan:
+               folder: str | os.PathLike[str], tuner_name: str = "LoraModel") -> Plan:
     """``plan_adapter`` for a load: every factor follows from the file, so no init is drawn.
 
     Raises:
@@ -396,10 +397,10 @@ def _is_checkpointing(model: nn.Module, candidates: Sequence[tuple[str, nn.Modul
                for module in (model, *(module for _, module in candidates)))
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args, *kwargs.values()):
         if isinstance(value, Tensor) and value.dim() > 0:
-            return value.shape[0]
+            return int(value.shape[0])
     return None
 
 
@@ -409,7 +410,7 @@ class PeftModelForCausalLM(PeftModel):
     """Causal language models: forward and ``generate`` pass through to the wrapped model."""
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+        return getattr(self.get_base_model(), "prepare_inputs_for_generation")(*args, **kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModelForCausalLM):

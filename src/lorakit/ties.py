@@ -93,11 +93,12 @@ def resolve_with_ties(model: nn.Module, config: LoraConfig, candidates: Candidat
                 "no tied embedding is in modules_to_save or target_modules") + "; nothing to tie")
         return config, resolve_targets(model, config, listed), None
     entries = _retarget(getattr(config, how), *tied)
-    config = dataclasses.replace(config, **{how: set(entries) if how == "target_modules" else entries})
     if how == "modules_to_save":
+        config = dataclasses.replace(config, modules_to_save=entries)
         plan = resolve_targets(model, config, listed)
         plan = dataclasses.replace(plan, modules_to_save=plan.modules_to_save + [tied[1]])
     else:
+        config = dataclasses.replace(config, target_modules=set(entries))
         wider = resolve_targets(model, dataclasses.replace(config, target_modules=set(entries) | {tied[1]}), listed)
         plan = dataclasses.replace(wider, target_modules=resolve_targets(model, config, listed).target_modules)
     return config, plan, Ties(how, *tied)

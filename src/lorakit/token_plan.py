@@ -163,13 +163,13 @@ def _tied_paths(model: nn.Module, candidates: Candidates) -> tuple[str, str] | N
 
 
 def inject_tokens(model: nn.Module, adapter_name: str, targets: dict[str, TokenTarget],
-                  active_adapters: list[str], init_weights: bool = True) -> list[nn.Module]:
+                  active_adapters: list[str], init_weights: bool = True) -> list[TrainableTokensWrapper]:
     """Wrap (or extend) each target, frozen and following the model's active adapters; returns the wrappers.
 
     Raises:
         ValueError: a head tied to the embedding by an earlier adapter, asked to train its own rows now.
     """
-    wrappers: list[nn.Module] = []
+    wrappers: list[TrainableTokensWrapper] = []
     for path, target in targets.items():
         module = model.get_submodule(path)
         source = model.get_submodule(target.tied_to) if target.tied_to else None

@@ -13,12 +13,13 @@ import dataclasses
 import functools
 import gc
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy
-from .apply import apply
+from .apply import AdapterModule, apply
 from .combine import add_weighted_adapter
 from .config import LoraConfig
 from .errors import explain, warn
@@ -92,7 +93,7 @@ class LoraModel(nn.Module):
     def forward(self, *args: object, **kwargs: object) -> object:
         return self.model(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         """Attributes the tuner lacks are the user's model's (``peft_model.base_model.config``), as in PEFT."""
         try:
             return super().__getattr__(name)
@@ -122,7 +123,7 @@ class LoraModel(nn.Module):
                      low_cpu_mem_usage=low_cpu_mem_usage) as plan:
             self.apply_plan(plan, autocast_adapter_dtype)
 
-    def apply_plan(self, plan: Plan, autocast_adapter_dtype: bool | None = None) -> list[nn.Module]:
+    def apply_plan(self, plan: Plan, autocast_adapter_dtype: bool | None = None) -> list[AdapterModule]:
         """Apply ``plan`` (apply.py: all of it or, on an error, nothing) and record its adapter; returns the
         adapter modules it made or extended."""
         autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
@@ -149,7 +150,7 @@ class LoraModel(nn.Module):
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False,
-                    _modules: list[nn.Module] | None = None) -> None:
+                    _modules: list[AdapterModule] | None = None) -> None:
         """Activate one adapter or several (their outputs add) and make them trainable, as PEFT does, whatever
         their configs' ``inference_mode`` (``inference_mode=True``: they stay frozen).
 
@@ -163,7 +164,8 @@ class LoraModel(nn.Module):
         check_one_saved_copy(self.model, names)
         trainable = not inference_mode
         for module in self._adapter_modules() if _modules is None else _modules:
-            if getattr(module, "merged_adapters", None):  # W holds the old adapter: unmerge first, as PEFT does
+            merged = getattr(module, "merged_adapters", None)  # (a modules_to_save copy is never merged)
+            if merged and not isinstance(module, ModulesToSaveWrapper):  # W holds the old adapter: unmerge first
                 warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 module.unmerge()
             module.set_adapter(names, trainable=trainable)
