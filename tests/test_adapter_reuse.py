@@ -17,7 +17,7 @@ import torch
 from models import build, example_inputs
 
 import lorakit
-from lorakit import guards
+from lorakit import plan
 
 TARGETS = ["q_proj", "v_proj"]
 SECOND_TIME = "You are trying to modify a model with PEFT for a second time."
@@ -107,7 +107,7 @@ def test_failed_injection_keeps_adapters_it_did_not_add(monkeypatch):
     base = build("llama")
     first = lorakit.get_peft_model(base, _config(lorakit))
     before = _snapshot(first)
-    monkeypatch.setattr(guards, "check_second_injection", lambda model, name: None, raising=False)
+    monkeypatch.setattr(plan, "check_second_injection", lambda name, candidates: None)
     with pytest.raises(Exception):  # noqa: B017 - whichever error the half-done injection meets
         lorakit.get_peft_model(base, _config(lorakit, r=2, target_modules=["q_proj", "k_proj"]))
     _assert_unchanged(first, before)

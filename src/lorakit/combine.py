@@ -40,23 +40,40 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import explain, warn
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 
-if TYPE_CHECKING:
-    from .tuner import LoraModel
+
+
+class LoraModel(Protocol):
+    """What combining needs of the tuner (``tuner.LoraModel``; a Protocol, so this module does not import it)."""
+
+    model: nn.Module
+    peft_config: dict[str, LoraConfig]
+
+    def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None: ...
+
+    def lora_layers(self) -> Iterator[LoraLayer]: ...
 
 WHERE = "add_weighted_adapter"
 
 
 # ---- pruning and sign election on one stack of task tensors ---------------------------------------------
+def _density(density: float | None) -> float:
+    """``density`` of a pruning type (``check_density`` refused None before any combining)."""
+    if density is None:
+        raise ValueError(explain("a pruning combination_type needs a density", where=WHERE, fix="pass e.g. density=0.5"))
+    return density
+
+
 def prune_magnitude(t: Tensor, density: float) -> Tensor:
     """M(t): keep the k = ⌊ρ·numel⌋ entries of largest |t| (ties broken by ``topk``), zero the rest."""
     if density >= 1:
@@ -112,25 +129,25 @@ def task_arithmetic(tasks: Sequence[Tensor], weights: Sequence[float], density: 
 def magnitude_prune(tasks: Sequence[Tensor], weights: Sequence[float], density: float | None,
                     majority_sign_method: str = "total") -> Tensor:
     """t = Σ w_i M(t_i)."""
-    return task_arithmetic([prune_magnitude(t, density) for t in tasks], weights)
+    return task_arithmetic([prune_magnitude(t, _density(density)) for t in tasks], weights)
 
 
 def ties(tasks: Sequence[Tensor], weights: Sequence[float], density: float | None,
          majority_sign_method: str = "total") -> Tensor:
     """TIES: t = Σ_i w_i M(t_i) m_i / max(Σ_i m_i, 1), m_i the majority-sign mask (module docstring)."""
-    return disjoint_mean([prune_magnitude(t, density) for t in tasks], weights, majority_sign_method)
+    return disjoint_mean([prune_magnitude(t, _density(density)) for t in tasks], weights, majority_sign_method)
 
 
 def dare_linear(tasks: Sequence[Tensor], weights: Sequence[float], density: float | None,
                 majority_sign_method: str = "total") -> Tensor:
     """DARE: t = Σ w_i D(t_i), D(t) = t ⊙ Bernoulli(ρ) / ρ."""
-    return task_arithmetic([prune_random(t, density) for t in tasks], weights)
+    return task_arithmetic([prune_random(t, _density(density)) for t in tasks], weights)
 
 
 def dare_ties(tasks: Sequence[Tensor], weights: Sequence[float], density: float | None,
               majority_sign_method: str = "total") -> Tensor:
     """DARE pruning, then TIES's sign election and disjoint mean."""
-    return disjoint_mean([prune_random(t, density) for t in tasks], weights, majority_sign_method)
+    return disjoint_mean([prune_random(t, _density(density)) for t in tasks], weights, majority_sign_method)
 
 
 COMBINERS: dict[str, Combiner] = {
@@ -361,7 +378,7 @@ def _composable(factors: dict[str, tuple[Tensor, Tensor]]) -> str | None:
     return f"(B, A) shapes {bad} do not compose as a matrix product B A (grouped conv); only factor-wise types apply"
 
 
-LAYER_CHECKS: dict[Callable, Callable[[dict[str, tuple[Tensor, Tensor]]], str | None]] = {
+LAYER_CHECKS: dict[Callable[..., object], Callable[[dict[str, tuple[Tensor, Tensor]]], str | None]] = {
     combine_factors: _same_shapes,
     concat_factors: _composable,  # the rank channels of B's groups would no longer line up with A's
     combine_svd: _composable,
@@ -375,7 +392,7 @@ INITS_NOT_REPEATED = {"pissa", "olora", "loftq", "eva", "corda"}
 
 def max_rank(config: LoraConfig) -> int:
     """The largest rank an adapter has in any layer: max(r, rank_pattern values), as PEFT sizes the result."""
-    return max([config.r, *config.rank_pattern.values()])
+    return max([config.r, *(int(r) for r in (config.rank_pattern or {}).values())])
 
 
 def union_targets(configs: dict[str, LoraConfig]) -> set[str] | str:
@@ -388,7 +405,7 @@ def union_targets(configs: dict[str, LoraConfig]) -> set[str] | str:
     if all(isinstance(t, str) for t in targets.values()):
         return "|".join(f"({t})" for t in targets.values())
     if all(isinstance(t, (set, list, tuple)) for t in targets.values()):
-        return set().union(*targets.values())
+        return {name for t in targets.values() for name in (t or ())}
     raise ValueError(
         explain("cannot union target_modules of different types", where=WHERE,
                 got={name: type(t).__name__ for name, t in targets.items()},

@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from .codec import PREFIX, parse_key
 from .config import LoraConfig
 from .layer import LoraLayer
+from .plan import check_config
 from .saved_modules import ModulesToSaveWrapper
 from .trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
+from .tuner import LoraModel
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -43,9 +45,6 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     Raises:
         ValueError: a non-LoRA config, no targets, or a ``state_dict`` with no LoRA key.
     """
-    from .model import _check_config as check_config  # model.py imports functional.py: import here
-    from .tuner import LoraModel
-
     check_config(peft_config)
     if state_dict is not None:
         paths = sorted({parsed.path.removeprefix(PREFIX) for key in state_dict if (parsed := parse_key(key))})

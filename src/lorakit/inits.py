@@ -166,12 +166,6 @@ def keep(request: InitRequest) -> InitResult | None:
     return InitResult(A=_kaiming_uniform(request.A_shape), B=_kaiming_uniform(request.B_shape))
 
 
-@register_init("skip", fresh=True)
-def skip(request: InitRequest) -> None:
-    """Leave the factors as allocated, uninitialised. Never chosen by a config: ``tuner.weights_follow``
-    uses it while injecting an adapter whose every factor is loaded from a file right after."""
-
-
 # ---- inits that read W: PiSSA, OLoRA, LoftQ (and orthogonal, which only needs the shapes) ------------------
 def _layer_name(request: InitRequest) -> str:
     if request.kind:

@@ -22,16 +22,14 @@ from torch import Tensor, nn
 
 from .version import __version__ as _lorakit_version
 from .atomic import replace_folder
-from .replication import replicate_layers
 from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, planned_layout, required_keys
 from .config import PEFT_VERSION_WRITTEN, LoraConfig
 from .errors import explain, warn
 from .functional import IncompatibleKeys
 from .layer import LoraLayer
 from .load_options import LoadOptions, remap_keys
-from .guards import resolve_with_ties
+from .plan import Plan
 from .save_checks import embedding_layers_to_save, verify_saved
-from .token_plan import plan_tokens
 
 if TYPE_CHECKING:
     from .model import PeftModel
@@ -271,35 +269,35 @@ def base_model_mismatch(model: nn.Module, config: LoraConfig) -> str | None:
     return f"the adapter was trained on base model {theirs!r}, this model is {mine!r}"
 
 
-def prepare_load(model: nn.Module, folder: str | os.PathLike[str], adapter_name: str, is_trainable: bool,
-                 config: LoraConfig | None = None, device: str | torch.device | None = None,
-                 key_mapping: dict[str, str] | None = None,
+def read_adapter(folder: str | os.PathLike, is_trainable: bool, config: LoraConfig | None = None,
+                 device: str | torch.device | None = None, key_mapping: dict[str, str] | None = None,
                  use_safetensors: bool | None = None) -> tuple[LoraConfig, dict[str, Tensor]]:
-    """Read and check an adapter folder against ``model`` (the user's model) without changing it.
+    """(config, tensors under their file keys) of an adapter folder; nothing is checked against a model yet.
 
-    ``config``: the config to inject instead of the folder's (the tensors are checked against it).
-    ``device``: where the file is read to; ``key_mapping``: PEFT's regex renames of the file keys.
-    Returns the config (``inference_mode = not is_trainable``) and the tensors keyed by model key.
+    ``config``: the config to inject instead of the folder's (``check_against_plan`` checks the tensors against
+    the plan made from it). The returned config has ``inference_mode = not is_trainable``.
     """
-    if config is None:
-        config = read_config(folder)
+    config = read_config(folder) if config is None else config
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    tensors = remap_keys(read_weights(folder, device, use_safetensors), key_mapping)
-    if config.layer_replication:  # the file's keys name the copies; the only change a load makes before injecting
-        replicate_layers(model, config.layer_replication)
+    return config, remap_keys(read_weights(folder, device, use_safetensors), key_mapping)
+
+
+def check_against_plan(model: nn.Module, plan: Plan, tensors: dict[str, Tensor], folder: str | os.PathLike
+                       ) -> dict[str, Tensor]:
+    """The file's tensors keyed by model key, once checked against the layout ``plan`` will give ``model``.
+
+    Raises:
+        AdapterLoadError: every missing, unexpected or misshapen tensor, in one message (nothing is changed).
+    """
+    other_base = base_model_mismatch(model, plan.config)
+    layout = planned_layout(model, plan.targets, plan.adapter_name, dict(plan.tokens))
     try:
-        config, plan, _ = resolve_with_ties(model, config, quiet=True)
-        tokens = plan_tokens(model, config, plan, quiet=True)
-    except (ValueError, TypeError) as error:
-        raise AdapterLoadError(f"cannot load adapter {str(folder)!r}: {error}") from None
-    other_base = base_model_mismatch(model, config)
-    try:
-        mapping = validate(tensors, planned_layout(model, plan, adapter_name, tokens), adapter_name, str(folder))
+        mapping = validate(tensors, layout, plan.adapter_name, str(folder))
     except AdapterLoadError as error:
         raise AdapterLoadError(f"{error}\n  {other_base}" if other_base else str(error)) from None
     if other_base:
         warn(f"{other_base}; every tensor shape fits, so it was loaded. Check that this is intended")
-    return config, {mapping[k][len(PREFIX):]: v for k, v in tensors.items()}
+    return {mapping[k][len(PREFIX):]: v for k, v in tensors.items()}
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, Tensor], adopt: bool = False) -> None:

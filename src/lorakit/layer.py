@@ -179,12 +179,13 @@ class LoraLayer(nn.Module):
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, spec: LayerSpec, *, autocast_adapter_dtype: bool = True,
-                     device: str | torch.device | None = None) -> None:
+                     device: str | torch.device | None = None, initialise: bool = True) -> None:
         """Create adapter ``adapter_name``: factors, dropout, scaling, initialised per ``spec.init``.
 
         The factors live on the base layer's device (or on ``device``: "meta" for empty factors a load will
         fill, PEFT's ``low_cpu_mem_usage``), in float32 when the base is half precision (or in the base dtype
-        when ``autocast_adapter_dtype`` is False), in the base dtype otherwise.
+        when ``autocast_adapter_dtype`` is False), in the base dtype otherwise. ``initialise=False``: the factors
+        are left as allocated (a validated file fills every one right after).
         """
         if adapter_name in self.r:
             raise ValueError(
@@ -198,12 +199,12 @@ class LoraLayer(nn.Module):
         with torch.device(device) if device is not None else contextlib.nullcontext():
             A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
         weight, options = None, spec.init.options
-        if spec.init.name in NEEDS_WEIGHT:
+        if spec.init.name in NEEDS_WEIGHT and initialise:
             weight = self.kind.matrix(self.base_layer).detach().float()
         attached = ATTACHED.get(spec.init.name)  # what a preprocess step left on the base layer (inits.ATTACHED)
         if attached:
             options = {**options, **{key: self._take_attached(attribute) for attribute, key in attached.items()}}
-        result = INITS[spec.init.name](
+        result = None if not initialise else INITS[spec.init.name](  # not: a file fills them (plan.draws_init)
             InitRequest(
                 A_shape=tuple(A.shape if self.kind.embedding else A.weight.shape),
                 B_shape=tuple(B.shape if self.kind.embedding else B.weight.shape),
@@ -252,7 +253,7 @@ class LoraLayer(nn.Module):
         self.scaling[adapter_name] = spec.scaling
         self.use_dora[adapter_name] = spec.variant == "dora"
         self.lora_bias[adapter_name] = spec.lora_bias
-        self._update_companions(adapter_name, spec, autocast_adapter_dtype)
+        self._update_companions(adapter_name, spec, autocast_adapter_dtype, initialise)
 
     def _take_attached(self, attribute: str) -> object:
         """Pop ``attribute`` off the base layer; a tensor in the base weight's layout comes as the (out, in·k) matrix."""
@@ -263,7 +264,8 @@ class LoraLayer(nn.Module):
         return value
 
     # ---- companions: child layers that get this layer's adapters (Kind.companions, e.g. MHA's out_proj) ------
-    def _update_companions(self, adapter_name: str, spec: LayerSpec, autocast_adapter_dtype: bool) -> None:
+    def _update_companions(self, adapter_name: str, spec: LayerSpec, autocast_adapter_dtype: bool,
+                           initialise: bool = True) -> None:
         """Give each companion child ``adapter_name`` too, wrapping it in a LoraLayer of its own kind first."""
         if self.kind.companions is None:
             return
@@ -272,7 +274,7 @@ class LoraLayer(nn.Module):
                 child = LoraLayer(child, kind_for(child, attribute))
                 child._active_adapter = list(self._active_adapter)
                 setattr(self.base_layer, attribute, child)
-            child.update_layer(adapter_name, spec, autocast_adapter_dtype=autocast_adapter_dtype)
+            child.update_layer(adapter_name, spec, autocast_adapter_dtype=autocast_adapter_dtype, initialise=initialise)
 
     def companions(self) -> list[LoraLayer]:
         """The companion LoRA layers inside this layer's base; they follow its adapter and merge calls."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +27,13 @@ from .hotswap import hotswap_adapter
 from .integrations.signature import bind_forward_signature
 from .load_options import LoadOptions, save_state_dict
 from .model_card import create_or_update_model_card
-from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from . import guards, hub, io, save_checks, training_checks
-from .tuner import LoraModel, check_adapter_name, weights_follow
+from .plan import Plan, check_adapter_name, check_config as _check_config, plan_adapter
+from .replication import replicated
+from .status import PEFT_MODEL_CLASSES, TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, \
+    get_model_status
+from . import hub, io, save_checks, training_checks
+from .tuner import LoraModel, gc_paused, planned
 from .variants import ModelCall, call_context
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts, each shared tensor once; a 4-bit weight counts numel·2·bytes."""
-    trainable = total = 0
-    for _, param in module.named_parameters():
-        count = param.numel()
-        if param.__class__.__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
-            count *= 2 * param.element_size()
-        total += count
-        if param.requires_grad:
-            trainable += count
-    return trainable, total
 
 
 class PeftModel(nn.Module):
@@ -55,14 +45,20 @@ class PeftModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, *,
+                 plan: Plan | None = None) -> None:
+        """``plan``: the caller's ``plan_adapter`` of ``peft_config`` for ``model`` (e.g. checked against a file)."""
         super().__init__()
         _check_config(peft_config)
         self.peft_type = "LORA"
         self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
-        checkpointing = _is_checkpointing(model)  # read before injection: fewer modules to walk
-        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                    low_cpu_mem_usage=low_cpu_mem_usage)
+        with contextlib.ExitStack() as stack:
+            if plan is None:
+                plan = stack.enter_context(planned(model, peft_config, adapter_name,
+                                                   low_cpu_mem_usage=low_cpu_mem_usage))
+            self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                        plan=plan)
+        checkpointing = _is_checkpointing(model, plan.candidates)  # the modules as planned: no walk
         bind_forward_signature(self, model)  # Trainer keeps the dataset columns the wrapped forward accepts
         if checkpointing:
             self._enable_input_grads()
@@ -78,7 +74,7 @@ class PeftModel(nn.Module):
         try:
             return getattr(tuner, name)
         except AttributeError:
-            return getattr(tuner.model, name)
+            return getattr(getattr(tuner, "model"), name)
 
     _lorakit_frozen_load = False  # set by from_pretrained(is_trainable=False); see training_checks
 
@@ -101,12 +97,12 @@ class PeftModel(nn.Module):
         with self._routing(adapter_names, args, kwargs), self._variant_context(adapter_names, args, kwargs, True):
             return generate(*args, **kwargs)
 
-    def _variant_context(self, adapter_names: list[str] | None, args: tuple, kwargs: dict,
-                         generate: bool) -> contextlib.AbstractContextManager:
+    def _variant_context(self, adapter_names: list[str] | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+                         generate: bool) -> contextlib.AbstractContextManager[object]:
         """The variants' per-call contexts (``Variant.context``; aLoRA's invocation offsets); pops their kwargs."""
         return call_context(ModelCall(self.peft_config, self.active_adapters, adapter_names, args, kwargs, generate))
 
-    def _routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
+    def _routing(self, adapter_names: list[str] | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> contextlib.AbstractContextManager[object]:
         if adapter_names is None:
             return contextlib.nullcontext()
         batch = _batch_size(args, kwargs)
@@ -199,7 +195,7 @@ class PeftModel(nn.Module):
                                max_shard_size=max_shard_size, tags=tags)
 
     # ---- adapters on disk ----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+    def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
                         is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
                         **kwargs: Any) -> None:
@@ -236,7 +232,7 @@ class PeftModel(nn.Module):
         create_or_update_model_card(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                         low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
@@ -257,18 +253,20 @@ class PeftModel(nn.Module):
         """
         options = LoadOptions.parse("from_pretrained", ephemeral_gpu_offload, key_mapping, kwargs, model)
         folder = options.folder(model_id)
-        check_adapter_name(adapter_name, model)
+        check_adapter_name(adapter_name)  # the name alone; plan_adapter checks it against the model's modules
         if config is not None:
             _check_config(config)
             config.inference_mode = not is_trainable
-        disk_config, tensors = io.prepare_load(model, folder, adapter_name, is_trainable, config=config,
-                                               device=options.torch_device, key_mapping=key_mapping,
-                                               use_safetensors=options.use_safetensors)
-        disk_config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)  # as PEFT sets it
-        task = getattr(disk_config.task_type, "value", disk_config.task_type)
+        read_config, tensors = io.read_adapter(folder, is_trainable, config=config, device=options.torch_device,
+                                               key_mapping=key_mapping, use_safetensors=options.use_safetensors)
+        read_config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)  # as PEFT sets it
+        task = getattr(read_config.task_type, "value", read_config.task_type)
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-        with weights_follow():  # every factor is in ``tensors``: no init to draw first
-            peft_model = wrapper(model, disk_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        with gc_paused(), replicated(model, read_config.layer_replication):  # the file's keys name the copies
+            plan = _plan_load(model, read_config, adapter_name, {}, folder)  # one plan: checked, then injected
+            tensors = io.check_against_plan(model, plan, tensors, folder)
+            peft_model = wrapper(model, read_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                 plan=plan)
         io.load_tensors(peft_model.get_base_model(), tensors, adopt=True)
         if config is not None:
             peft_model.base_model.adopt_config(adapter_name, config)
@@ -277,7 +275,7 @@ class PeftModel(nn.Module):
             peft_model.eval()
         return peft_model
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False,
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
                      key_mapping: dict[str, str] | None = None, **kwargs: Any) -> IncompatibleKeys:
@@ -305,15 +303,17 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter with name '{adapter_name}' already exists. "
                              + explain("load_adapter adds a new adapter", fix="pick another adapter_name, or pass "
                                        "hotswap=True to replace this adapter's weights in place"))
-        check_adapter_name(adapter_name, self.get_base_model())
-        config, tensors = io.prepare_load(self.get_base_model(), folder, adapter_name, is_trainable,
-                                          device=options.torch_device, key_mapping=key_mapping,
+        check_adapter_name(adapter_name)
+        config, tensors = io.read_adapter(folder, is_trainable, device=options.torch_device, key_mapping=key_mapping,
                                           use_safetensors=options.use_safetensors)
         config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)
         _check_config(config)  # e.g. ephemeral_gpu_offload with DoRA: refused before anything changes
-        with weights_follow():
-            self.base_model.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
-        io.load_tensors(self.get_base_model(), tensors, adopt=True)
+        model, tuner = self.get_base_model(), self.base_model
+        with gc_paused(), replicated(model, config.layer_replication):
+            plan = _plan_load(model, config, adapter_name, tuner.peft_config, folder, tuner_name=type(tuner).__name__)
+            tensors = io.check_against_plan(model, plan, tensors, folder)
+            tuner.apply_plan(plan, autocast_adapter_dtype)
+        io.load_tensors(model, tensors, adopt=True)
         if is_trainable:  # peft 0.21.2: the loaded adapter trains (its factors and modules_to_save copies), active or not
             self.base_model.set_requires_grad(adapter_name, True)
         else:
@@ -339,21 +339,21 @@ class PeftModel(nn.Module):
                 self.base_model.enable_adapter_layers()
 
     # ---- training helpers passed through to a transformers model -----------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Turn on the model's activation checkpointing and make its inputs require grad.
 
         With a frozen embedding, reentrant checkpointing sees no input that requires grad and would drop
         every LoRA gradient; PEFT calls ``enable_input_require_grads`` for the same reason. transformers 5
         renamed the method ``activation_checkpointing_enable``; both names work here, on both versions.
         """
-        model = self.get_base_model()
+        model: Any = self.get_base_model()  # a transformers model: its methods are checked for by name
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         self._enable_input_grads()
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
@@ -364,13 +364,29 @@ class PeftModel(nn.Module):
 
     def _enable_input_grads(self, model: nn.Module | None = None) -> None:
         model = self.get_base_model() if model is None else model
+        getter: Any = getattr(model, "get_input_embeddings", None)
         if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        elif hasattr(model, "get_input_embeddings"):
-            model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+            getattr(model, "enable_input_require_grads")()
+        elif getter is not None:
+            getter().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
 
 
-def _is_checkpointing(model: nn.Module) -> bool:
+def _plan_load(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict[str, LoraConfig],
+               folder: str | os.PathLike[str], tuner_name: str = "LoraModel") -> Plan:
+    """``plan_adapter`` for a load: every factor follows from the file, so no init is drawn.
+
+    Raises:
+        lorakit.io.AdapterLoadError: the config does not fit the model (a targeting error, named).
+        ValueError: an adapter name in use or invalid.
+    """
+    def load_error(error: Exception) -> Exception:
+        return io.AdapterLoadError(f"cannot load adapter {str(folder)!r}: {error}")
+
+    return plan_adapter(model, config, adapter_name, existing, tuner_name=tuner_name, weights_follow=True,
+                        targeting_error=load_error)
+
+
+def _is_checkpointing(model: nn.Module, candidates: Sequence[tuple[str, nn.Module]]) -> bool:
     """transformers' ``is_activation_checkpointing`` (4: ``is_gradient_checkpointing``): a submodule has
     ``gradient_checkpointing`` set. Read from each module's own attributes: transformers' ``hasattr`` walk
     raises and catches an AttributeError per module, a tenth of ``get_peft_model``'s time on a small config."""
@@ -378,23 +394,14 @@ def _is_checkpointing(model: nn.Module) -> bool:
                for name in ("is_activation_checkpointing", "is_gradient_checkpointing")):
         return False
     return any(bool(vars(module).get("gradient_checkpointing", getattr(type(module), "gradient_checkpointing", False)))
-               for module in model.modules())
+               for module in (model, *(module for _, module in candidates)))
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args, *kwargs.values()):
         if isinstance(value, Tensor) and value.dim() > 0:
-            return value.shape[0]
+            return int(value.shape[0])
     return None
-
-
-def _check_config(config: object) -> None:
-    if not isinstance(config, LoraConfig):
-        raise ValueError(explain("lorakit implements LoRA only", got=type(config).__name__,
-                                 expected="a lorakit.LoraConfig", fix="build the config with lorakit.LoraConfig"))
-    missing = config.not_yet_supported()
-    if missing:
-        raise NotImplementedError(f"LoraConfig sets features lorakit does not run yet: {'; '.join(missing)}")
 
 
 # PEFT's task classes. They subclass PeftModel (our one exception to "no subclasses of our own classes")
@@ -403,7 +410,7 @@ class PeftModelForCausalLM(PeftModel):
     """Causal language models: forward and ``generate`` pass through to the wrapped model."""
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+        return getattr(self.get_base_model(), "prepare_inputs_for_generation")(*args, **kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
@@ -453,7 +460,6 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if mixed:
         raise NotImplementedError("mixed=True (PeftMixedModel, several adapter types) is not supported: "
                                   "lorakit implements LoRA only, and several LoRA adapters need no mixed model")
-    guards.check_second_injection(model, adapter_name)
     _check_config(peft_config)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     if peft_config.base_model_name_or_path is None and name_or_path:
@@ -462,11 +468,13 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         peft_config = _replace(peft_config, revision=revision)
     task = getattr(peft_config.task_type, "value", peft_config.task_type)
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-    peft_model = cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                     low_cpu_mem_usage=low_cpu_mem_usage)
+    with planned(model, peft_config, adapter_name, second_injection=True, low_cpu_mem_usage=low_cpu_mem_usage) as plan:
+        peft_model = cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, plan=plan)
     training_checks.check_trainable(peft_model)
     return peft_model
 
 
 def _replace(config: LoraConfig, **changes: Any) -> LoraConfig:
     return dataclasses.replace(config, **changes)
+
+PEFT_MODEL_CLASSES.append(PeftModel)  # status.py tells a PeftModel from a plain model by this list

@@ -47,7 +47,7 @@ def _stack(model: nn.Module) -> tuple[nn.Module, str]:
         except AttributeError:
             continue
         if isinstance(getattr(parent, attribute, None), nn.ModuleList):
-            return parent, attribute  # type: ignore[return-value]
+            return parent, attribute
     raise ValueError(
         "Could not locate the layers attribute in the model. Expected Llama, Bert or Falcon compatible "
         "architectures. " + explain("layer_replication needs a stack of decoder layers", where=type(model).__name__,

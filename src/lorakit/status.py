@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
@@ -73,13 +73,13 @@ def _agreement(values: Iterable[Union[bool, Irregular]]) -> Union[bool, Irregula
     return IRREGULAR
 
 
-def _adapter_tensors(module: nn.Module) -> dict[str, list]:
+def _adapter_tensors(module: nn.Module) -> dict[str, list[Tensor]]:
     """{adapter name: its tensors in this layer}, walked through PEFT's ``adapter_layer_names`` containers.
 
     Every adapter a container names gets an entry, also one without tensors (e.g. an Identity dropout).
     """
-    tensors: dict[str, list] = defaultdict(list)
-    for container_name in module.adapter_layer_names:
+    tensors: dict[str, list[Tensor]] = defaultdict(list)
+    for container_name in getattr(module, "adapter_layer_names"):
         container = getattr(module, container_name)
         if isinstance(container, nn.ModuleDict):
             for name, child in container.items():
@@ -96,7 +96,7 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
         name=name,
         module_type=repr(module).partition("(")[0],  # "lora.Linear", "ModulesToSaveWrapper", as PEFT prints them
         enabled=not module.disable_adapters,
-        active_adapters=module.active_adapters,
+        active_adapters=list(getattr(module, "active_adapters")),
         merged_adapters=list(getattr(module, "merged_adapters", [])),  # a saved-module copy is never merged
         requires_grad={adapter: _agreement(p.requires_grad for p in params) for adapter, params in tensors.items()},
         available_adapters=sorted(tensors),
@@ -112,10 +112,29 @@ def _backend_name(module: nn.Module) -> str | None:
     return None if backend is None else backend.backend_name
 
 
-def _tuner_of(model: nn.Module) -> nn.Module:
-    from .model import PeftModel  # model.py imports this module for PeftModel.get_layer_status
+# The PeftModel classes (model.py registers them; it imports this module, so this one cannot import it).
+PEFT_MODEL_CLASSES: list[type[nn.Module]] = []
 
-    return model.base_model if isinstance(model, PeftModel) else model
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return isinstance(model, tuple(PEFT_MODEL_CLASSES))
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, each shared tensor once; a 4-bit weight counts numel·2·bytes."""
+    trainable = total = 0
+    for _, param in module.named_parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte
+            count *= 2 * param.element_size()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def _tuner_of(model: nn.Module) -> nn.Module:
+    return model.base_model if _is_peft_model(model) else model  # type: ignore[return-value]
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
@@ -145,12 +164,11 @@ def _merged(layers: list[TunerLayerStatus]) -> Union[list[str], Irregular]:
 
 def _model_identity(model: nn.Module) -> tuple[str, str, dict[str, str], tuple[int, int]]:
     """(base_model_type, adapter_model_type, peft_types, (trainable, total)) as PEFT reports them."""
-    from .model import PeftModel, count_parameters
-
-    if isinstance(model, PeftModel):
-        tuner = model.base_model
-        return (type(model.get_base_model()).__name__, type(tuner).__name__,
-                {name: "LORA" for name in tuner.peft_config}, model.get_nb_trainable_parameters())
+    if _is_peft_model(model):
+        peft_model: Any = model  # a PeftModel (model.py's class, registered in PEFT_MODEL_CLASSES)
+        tuner = peft_model.base_model
+        return (type(peft_model.get_base_model()).__name__, type(tuner).__name__,
+                {name: "LORA" for name in tuner.peft_config}, peft_model.get_nb_trainable_parameters())
     try:
         from transformers import PreTrainedModel
     except ImportError:  # without transformers no model can be one
@@ -172,7 +190,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     base_type, adapter_type, peft_types, (trainable, total) = _model_identity(model)
     enabled = {status.enabled for status in layers}
     active = {tuple(status.active_adapters) for status in layers}
-    requires_grad: dict[str, list] = defaultdict(list)
+    requires_grad: dict[str, list[Union[bool, Irregular]]] = defaultdict(list)
     devices: dict[str, set[str]] = defaultdict(set)
     for status in layers:
         for adapter, value in status.requires_grad.items():

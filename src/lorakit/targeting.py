@@ -19,8 +19,9 @@ Targeting never mutates the model; ``model.py`` applies the plan.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -62,6 +63,10 @@ TASK_MODULES_TO_SAVE: dict[str, list[str]] = {
 }
 
 
+Targets = set[str] | list[str] | str  # resolved target_modules: names (as given, list or set) or one regex
+Candidates = Sequence[tuple[str, nn.Module]]  # ``candidate_modules(model)``: the model's one walk
+
+
 @dataclass(frozen=True)
 class TargetPlan:
     """What to inject: a LayerSpec per module path, the modules_to_save paths, the resolved targets."""
@@ -69,14 +74,14 @@ class TargetPlan:
     layers: dict[str, LayerSpec]
     kinds: dict[str, Kind]
     modules_to_save: list[str]
-    target_modules: set[str] | str | None  # what the saved config records ("all-linear" expanded to full names)
+    target_modules: Targets | None  # what the saved config records ("all-linear" expanded to full names)
     parameters: tuple[ParamTarget, ...] = ()  # target_parameters, innermost wrapper first (kinds_param.py)
 
 
 def task_modules_to_save(config: LoraConfig) -> list[str] | None:
     """``config.modules_to_save`` plus the task head names (a new list; the config is not touched)."""
     task = getattr(config.task_type, "value", config.task_type)
-    extra = TASK_MODULES_TO_SAVE.get(task, [])
+    extra = TASK_MODULES_TO_SAVE.get(str(task), [])
     if not extra:
         return config.modules_to_save
     return list(config.modules_to_save or []) + [name for name in extra if name not in (config.modules_to_save or [])]
@@ -84,7 +89,8 @@ def task_modules_to_save(config: LoraConfig) -> list[str] | None:
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``named_modules()`` without lorakit's own internals (an existing LoraLayer counts as its base)."""
-    found, hidden = [], []
+    found: list[tuple[str, nn.Module]] = []
+    hidden: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in hidden):
             continue
@@ -103,7 +109,7 @@ def _in_list(name: str, names: Iterable[str]) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in names)
 
 
-def _excluded(name: str, exclude: set[str] | str | None) -> bool:
+def _excluded(name: str, exclude: Targets | None) -> bool:
     if exclude is None:
         return False
     if isinstance(exclude, str):
@@ -132,13 +138,14 @@ def _selected_layer(name: str, config: LoraConfig) -> bool:
     return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    """Paths of the output embedding (lm_head) that "all-linear" leaves alone."""
+def _output_head_names(model: nn.Module, candidates: Candidates | None = None) -> set[str]:
+    """Paths of the output embedding (lm_head) that "all-linear" leaves alone (``candidates``: as walked)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if head is None:
         return set()
-    return {name for name, module in model.named_modules() if module is head}
+    found = model.named_modules() if candidates is None else candidates
+    return {name for name, module in found if module is head}
 
 
 def _model_type(model: nn.Module) -> object:
@@ -171,7 +178,8 @@ def _default_targets(model: nn.Module) -> list[str] | str:
 
 def usable_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of modules LoRA can wrap, Linear-like first: what target_modules could say."""
-    linear, other = {}, {}
+    linear: dict[str, None] = {}
+    other: dict[str, None] = {}
     for name, module in candidate_modules(model):
         base = _unwrapped(module)
         if find_kind(base) is not None:
@@ -179,7 +187,7 @@ def usable_names(model: nn.Module) -> list[str]:
     return list(linear) + list(other)
 
 
-def _matches(name: str, targets: set[str] | str, config: LoraConfig) -> bool:
+def _matches(name: str, targets: Targets, config: LoraConfig) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     if name in targets:  # an exact full name is taken as is, without the layer filter
@@ -187,8 +195,8 @@ def _matches(name: str, targets: set[str] | str, config: LoraConfig) -> bool:
     return any(name.endswith("." + t) for t in targets) and _selected_layer(name, config)
 
 
-def _first_pattern(name: str, patterns: dict) -> object | None:
-    for key, value in patterns.items():
+def _first_pattern(name: str, patterns: dict[str, float] | None) -> float | None:
+    for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return None
@@ -204,7 +212,7 @@ def layer_spec(name: str, config: LoraConfig) -> LayerSpec:
     alpha = _first_pattern(name, config.alpha_pattern)
     variant = select_variant(config)
     return LayerSpec(
-        r=config.r if r is None else r,
+        r=config.r if r is None else cast(int, r),
         lora_alpha=config.lora_alpha if alpha is None else alpha,
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
@@ -241,7 +249,7 @@ def _warn_unmatched_saves(config: LoraConfig, paths: list[str]) -> None:
             warn(f"modules_to_save entry {entry!r} matches no module; it is ignored")
 
 
-def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: list) -> set[str] | str:
+def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: Candidates) -> Targets:
     targets = config.target_modules
     if targets is None and config.target_parameters:  # parameters only: no architecture defaults (PEFT)
         return set()
@@ -249,7 +257,7 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: li
         defaults = _default_targets(model)
         return defaults if isinstance(defaults, str) else set(defaults)
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        heads = _output_head_names(model)
+        heads = _output_head_names(model, candidates)
         task = getattr(config.task_type, "value", config.task_type)
         if not heads and task == TaskType.SEQ_CLS.value:  # a classifier head is trained in full, not adapted
             heads = {name for name, _ in candidates if name.rsplit(".", 1)[-1] in ("classifier", "score")}
@@ -257,15 +265,14 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: li
     return targets
 
 
-def resolve_targets(model: nn.Module, config: LoraConfig,
-                    candidates: list[tuple[str, nn.Module]] | None = None) -> TargetPlan:
+def resolve_targets(model: nn.Module, config: LoraConfig, candidates: Candidates | None = None) -> TargetPlan:
     """Apply the module docstring's rules to ``model`` (``candidates``: its ``candidate_modules``, if known).
 
     Raises:
         ValueError: nothing matched (listing names that would), everything matched was excluded, a
             matched module has an unsupported type, or target_modules=None on an unknown architecture.
     """
-    candidates = candidate_modules(model) if candidates is None else candidates
+    candidates = candidate_modules(model) if candidates is None else list(candidates)
     save_entries = task_modules_to_save(config)
     saved = _saved_paths(candidates, save_entries)
     _warn_unmatched_saves(config, saved)
@@ -302,7 +309,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig,
 
 
 # ---- target_parameters next to target_modules (kinds_param.py does the matching) --------------------------------
-def _parameters_stand_alone(config: LoraConfig, targets: set[str] | str, parameters: list[ParamTarget]) -> bool:
+def _parameters_stand_alone(config: LoraConfig, targets: Targets, parameters: list[ParamTarget]) -> bool:
     """True when no module matched but the plan is still valid (PEFT 0.21.2's rules, learned by running it).
 
     Raises:

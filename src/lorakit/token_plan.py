@@ -17,16 +17,17 @@ state-dict keys it creates (for validating a file before loading it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from .config import LoraConfig
 from .errors import explain, warn
-from .guards import tied_embeddings
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
-from .targeting import TargetPlan, candidate_modules
+from .targeting import TargetPlan
+from .ties import tied_embeddings
 from .trainable_tokens import TrainableTokensWrapper
 
 DELTA = "token_adapter.trainable_tokens_delta"
@@ -41,8 +42,11 @@ class TokenTarget:
     tied_to: str | None = None
 
 
-def _path_of(model: nn.Module, module: object) -> str | None:
-    return next((path for path, m in model.named_modules() if m is module and path), None)
+Candidates = Sequence[tuple[str, nn.Module]]
+
+
+def _path_of(candidates: Candidates, module: object) -> str | None:
+    return next((path for path, m in candidates if m is module and path), None)
 
 
 def _check_indices(value: object) -> dict[str, list[int]] | list[int]:
@@ -55,21 +59,22 @@ def _check_indices(value: object) -> dict[str, list[int]] | list[int]:
                              fix="e.g. trainable_token_indices=[32000, 32001] or {'embed_tokens': [32000]}"))
 
 
-def _requested(model: nn.Module, value: dict[str, list[int]] | list[int]) -> dict[str, list[int]]:
+def _requested(model: nn.Module, value: dict[str, list[int]] | list[int], candidates: Candidates
+               ) -> dict[str, list[int]]:
     if isinstance(value, dict):
         return dict(value)
     getter = getattr(model, "get_input_embeddings", None)
-    path = _path_of(model, getter()) if callable(getter) else None
+    path = _path_of(candidates, getter()) if callable(getter) else None
     return {path or "embed_tokens": list(value)}
 
 
-def _resolve(model: nn.Module, name: str) -> list[str]:
+def _resolve(model: nn.Module, name: str, candidates: Candidates) -> list[str]:
     """Outermost module paths ending with ``name`` (lorakit's own internals are not candidates).
 
     Raises:
         ValueError: PEFT's "Target modules ... not found" when nothing matches.
     """
-    paths = [path for path, _ in candidate_modules(model) if path.endswith(name)]
+    paths = [path for path, _ in candidates if path.endswith(name)]
     paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
     if not paths:
         raise ValueError(f"Target modules {{{name!r}}} not found in the base model. Please check the target modules "
@@ -98,9 +103,11 @@ def _check_module(model: nn.Module, path: str, config: LoraConfig, plan: TargetP
                         "them. Drop it from target_modules / modules_to_save, or train its tokens in another adapter")
 
 
-def plan_tokens(model: nn.Module, config: LoraConfig, plan: TargetPlan, *, quiet: bool = False
-                ) -> dict[str, TokenTarget]:
+def plan_tokens(model: nn.Module, config: LoraConfig, plan: TargetPlan, candidates: Candidates, *,
+                quiet: bool = False) -> dict[str, TokenTarget]:
     """The wrappers ``config`` asks for, input embedding first (see the module docstring); ``quiet``: no warning.
+
+    ``candidates``: ``targeting.candidate_modules(model)``, the model's one walk.
 
     Raises:
         ValueError: invalid ids, an unmatched name, a name also in modules_to_save, or mismatched ids on tied
@@ -108,20 +115,20 @@ def plan_tokens(model: nn.Module, config: LoraConfig, plan: TargetPlan, *, quiet
     """
     if config.trainable_token_indices is None:
         return {}
-    requested = _requested(model, _check_indices(config.trainable_token_indices))
+    requested = _requested(model, _check_indices(config.trainable_token_indices), candidates)
     for name in requested:
         if name in (config.modules_to_save or ()):
             raise ValueError("The embedding layer is already marked to be trained fully, either specify "
                              f'`modules_to_save=[..., "{name}", ...]` or `trainable_tokens={{\'{name}\': x}}` but '
                              "not both.")
-    tied = _tied_paths(model)
+    tied = _tied_paths(model, candidates)
     if tied is None and config.ensure_weight_tying and not quiet:
         warn("ensure_weight_tying=True but the model does not have tied weights (tie_word_embeddings=False). Weight "
              "tying will not be applied for trainable_token_indices. (Each named layer trains its own rows.)")
     targets: dict[str, TokenTarget] = {}
     named_output: list[str] = []
     for name, ids in requested.items():
-        for path in _resolve(model, name):
+        for path in _resolve(model, name, candidates):
             if tied is not None and path == tied[1]:
                 named_output.append(path)
             targets[path] = TokenTarget(tuple(ids))
@@ -146,23 +153,23 @@ def plan_tokens(model: nn.Module, config: LoraConfig, plan: TargetPlan, *, quiet
     return targets
 
 
-def _tied_paths(model: nn.Module) -> tuple[str, str] | None:
+def _tied_paths(model: nn.Module, candidates: Candidates) -> tuple[str, str] | None:
     """(input embedding path, output head path) as they sit in the model now, when the two share a weight."""
-    if tied_embeddings(model) is None:
+    if tied_embeddings(model, candidates) is None:
         return None
-    embedding, head = (_path_of(model, getattr(model, getter)())
+    embedding, head = (_path_of(candidates, getattr(model, getter)())
                        for getter in ("get_input_embeddings", "get_output_embeddings"))
     return (embedding, head) if embedding is not None and head is not None else None
 
 
 def inject_tokens(model: nn.Module, adapter_name: str, targets: dict[str, TokenTarget],
-                  active_adapters: list[str], init_weights: bool = True) -> list[nn.Module]:
+                  active_adapters: list[str], init_weights: bool = True) -> list[TrainableTokensWrapper]:
     """Wrap (or extend) each target, frozen and following the model's active adapters; returns the wrappers.
 
     Raises:
         ValueError: a head tied to the embedding by an earlier adapter, asked to train its own rows now.
     """
-    wrappers: list[nn.Module] = []
+    wrappers: list[TrainableTokensWrapper] = []
     for path, target in targets.items():
         module = model.get_submodule(path)
         source = model.get_submodule(target.tied_to) if target.tied_to else None

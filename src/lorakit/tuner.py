@@ -12,72 +12,27 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import re
 from collections.abc import Iterator
-from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import nn
 
+from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy
+from .apply import AdapterModule, apply
+from .combine import add_weighted_adapter
 from .config import LoraConfig
-from .distributed import check_not_sharded
-from .config import InitMethod
 from .errors import explain, warn
-from .guards import resolve_with_ties, rollback_on_error, tie_adapters
 from .merge_check import checked_merge
-from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy, check_single_bias
-from .inits import FRESH
-from .kinds_param import check_same_parameters, inject_parameters
 from .layer import LoraLayer
-from .replication import replicated
+from .plan import Plan, check_adapter_name, plan_adapter
 from .quant import dequantize_model, merge_reporting_rounding
+from .replication import replicated
 from .saved_modules import ModulesToSaveWrapper
-from .targeting import TargetPlan, candidate_modules, task_modules_to_save
-from .token_plan import inject_tokens, plan_tokens
 from .trainable_tokens import TrainableTokensWrapper
-from .variants import check_new_adapter, model_method
+from .variants import model_method
 
-RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
-
-
-def check_adapter_name(name: object, model: nn.Module | None = None,
-                       candidates: list[tuple[str, nn.Module]] | None = None) -> None:
-    """Adapter names become module keys, state-dict key segments and folder names: refuse what breaks any.
-
-    Raises:
-        ValueError: not a non-empty string of letters, digits, '_' and '-'; '__base__'; an attribute name of
-            torch's module containers (e.g. 'training'); or a module name inside ``model`` (e.g. 'q_proj'),
-            which would make state-dict keys ambiguous.
-    """
-    valid = isinstance(name, str) and _ADAPTER_NAME.fullmatch(name) and name not in RESERVED_ADAPTER_NAMES
-    if not valid or hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
-        raise ValueError(
-            explain("invalid adapter_name", got=name,
-                    expected="a non-empty name of letters, digits, '_' and '-', not '__base__' and not an "
-                             "attribute of torch.nn.ModuleDict",
-                    fix="e.g. adapter_name='default' or 'my_task'")
-        )
-    if model is not None and candidates is None:
-        candidates = candidate_modules(model)
-    if candidates is not None and any(name in path.split(".") for path, _ in candidates):
-        raise ValueError(explain(f"adapter_name {name!r} is also a module name in {type(model).__name__}",
-                                 fix="pick a name that is not part of any module path, e.g. 'task_a'"))
-
-
-_WEIGHTS_FOLLOW: ContextVar[bool] = ContextVar("lorakit_weights_follow", default=False)
-
-
-@contextlib.contextmanager
-def weights_follow() -> Iterator[None]:
-    """Inside the block, adapters injected with a plain init (``inits.FRESH``) and no variant are left
-    uninitialised: the caller (``from_pretrained``, ``load_adapter``) loads every factor from a validated
-    file right after, so drawing and zeroing them first would be wasted work."""
-    token = _WEIGHTS_FOLLOW.set(True)
-    try:
-        yield
-    finally:
-        _WEIGHTS_FOLLOW.reset(token)
+__all__ = ["LoraModel", "check_adapter_name", "planned"]
 
 
 @contextlib.contextmanager
@@ -97,6 +52,15 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@contextlib.contextmanager
+def planned(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict[str, LoraConfig] | None = None,
+            **options: bool | str) -> Iterator[Plan]:
+    """``plan_adapter`` for the block, after ``layer_replication``'s copies (which the plan targets) are made;
+    an error inside the block puts the original layer stack back. The garbage collector waits meanwhile."""
+    with gc_paused(), replicated(model, config.layer_replication):
+        yield plan_adapter(model, config, adapter_name, existing, **options)  # type: ignore[arg-type]
+
+
 class LoraModel(nn.Module):
     """The LoRA tuner (PEFT's ``LoraModel``): ``self.model`` is the user's model with adapters injected.
 
@@ -107,7 +71,9 @@ class LoraModel(nn.Module):
     prefix = "lora_"
 
     def __init__(self, model: nn.Module, config: LoraConfig | dict[str, LoraConfig], adapter_name: str = "default",
-                 *, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+                 *, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+                 plan: Plan | None = None) -> None:
+        """``plan``: inject this plan of ``plan_adapter`` (made by the caller, e.g. checked against a file)."""
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
@@ -116,18 +82,18 @@ class LoraModel(nn.Module):
         self.active_adapter: str | list[str] = adapter_name
         self.autocast_adapter_dtype = autocast_adapter_dtype
         config = config[adapter_name] if isinstance(config, dict) else config
-        self.__dict__["_constructing"] = True
-        try:
-            self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        finally:
-            del self.__dict__["_constructing"]
-        self.set_adapter(adapter_name, inference_mode=config.inference_mode,  # PEFT freezes inference adapters
-                         _modules=self.__dict__.pop("_injected", None))  # no walk: the only adapter
+        if plan is None:
+            with planned(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage) as plan:
+                injected = self.apply_plan(plan)
+        else:
+            injected = self.apply_plan(plan)
+        # PEFT freezes inference adapters; no walk: the injected modules are every adapter module there is
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode, _modules=injected)
 
     def forward(self, *args: object, **kwargs: object) -> object:
         return self.model(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         """Attributes the tuner lacks are the user's model's (``peft_model.base_model.config``), as in PEFT."""
         try:
             return super().__getattr__(name)
@@ -139,8 +105,7 @@ class LoraModel(nn.Module):
             return functools.partial(method, self)
         return getattr(super().__getattr__("model"), name)
 
-    # ---- injection ---------------------------------------------------------------------------------------
-    @rollback_on_error  # a failed injection leaves the model as it was
+    # ---- injection: plan.py, then apply.py ----------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: LoraConfig, *, autocast_adapter_dtype: bool | None = None,
                        low_cpu_mem_usage: bool = False) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets, frozen; ``set_adapter`` activates.
@@ -154,89 +119,20 @@ class LoraModel(nn.Module):
             ValueError: a name already in use, a second adapter with ``bias != "none"`` (PEFT's rule: the
                 biases are the base model's, one adapter at most may train them), or a targeting error.
         """
+        with planned(self.model, config, adapter_name, self.peft_config, tuner_name=type(self).__name__,
+                     low_cpu_mem_usage=low_cpu_mem_usage) as plan:
+            self.apply_plan(plan, autocast_adapter_dtype)
+
+    def apply_plan(self, plan: Plan, autocast_adapter_dtype: bool | None = None) -> list[AdapterModule]:
+        """Apply ``plan`` (apply.py: all of it or, on an error, nothing) and record its adapter; returns the
+        adapter modules it made or extended."""
         autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
-        # layer_replication: copies of decoder layers first, so that they get adapters too (PEFT); undone on error
-        with gc_paused(), replicated(self.model, config.layer_replication):
-            self._inject_adapter(adapter_name, config, autocast, low_cpu_mem_usage)
-
-    def _inject_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True,
-                        low_cpu_mem_usage: bool = False) -> None:
-        candidates = candidate_modules(self.model)  # one walk for the shard and name checks and the targeting
-        check_not_sharded(self.model, (module for _, module in candidates))
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter with name '{adapter_name}' already exists. "
-                             + explain("a second adapter cannot take its name", where=type(self.model).__name__,
-                                       fix="pick another adapter_name or delete_adapter() it first"))
-        check_adapter_name(adapter_name, self.model, candidates)
-        check_single_bias(self.peft_config, config, type(self).__name__)
-        check_same_parameters(self.peft_config, config)
-        check_new_adapter({k: v for k, v in self.peft_config.items() if v is not config}, config)
-        config, plan, ties = resolve_with_ties(self.model, config, candidates=candidates)
-        tokens = plan_tokens(self.model, config, plan)  # trainable_token_indices (token_plan.py)
-        skip_init = _WEIGHTS_FOLLOW.get() or low_cpu_mem_usage
-        injected: list[nn.Module] = []  # the adapter modules this call made or extended (set_adapter's walk)
-        for path, spec in plan.layers.items():
-            device = None
-            if skip_init and spec.variant is None and spec.init.name in FRESH:
-                spec = dataclasses.replace(spec, init=InitMethod("skip"))
-                device = "meta" if low_cpu_mem_usage else None
-            module = self.model.get_submodule(path)
-            if not isinstance(module, LoraLayer):
-                module = LoraLayer(module, plan.kinds[path])
-                module._active_adapter = list(self.active_adapters)  # follows the model (PEFT), holds none of them
-                self.model.set_submodule(path, module)
-            module.update_layer(adapter_name, spec, autocast_adapter_dtype=autocast_adapter_dtype, device=device)
-            if low_cpu_mem_usage and device is None:  # variants and data-driven inits are built, then emptied
-                module.move_adapter_to_meta(adapter_name)
-            for param in module.adapter_parameters(adapter_name):
-                param.requires_grad_(False)
-            injected.append(module)
-        injected += inject_parameters(self.model, list(plan.parameters), adapter_name, self.active_adapters,
-                                      autocast_adapter_dtype, low_cpu_mem_usage)
-        for path in plan.modules_to_save:
-            module = self.model.get_submodule(path)
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-            else:
-                wrapper = ModulesToSaveWrapper(module, adapter_name)
-                wrapper.set_adapter(self.active_adapters, trainable=False)  # follows the model, new copy frozen
-                self.model.set_submodule(path, wrapper)
-                module = wrapper
-            injected.append(module)
-        injected += inject_tokens(self.model, adapter_name, tokens, self.active_adapters)
-        tie_adapters(self.model, adapter_name, ties)
-        self.peft_config[adapter_name] = self._recorded_config(config, plan)
-        self.targeted_module_names.extend(p for p in plan.layers if p not in self.targeted_module_names)
-        self.targeted_parameter_names.extend(t.full_name for t in plan.parameters
+        injected = apply(self.model, plan, self.active_adapters, autocast)
+        self.peft_config[plan.adapter_name] = plan.recorded
+        self.targeted_module_names.extend(p for p in plan.targets.layers if p not in self.targeted_module_names)
+        self.targeted_parameter_names.extend(t.full_name for t in plan.targets.parameters
                                              if t.full_name not in self.targeted_parameter_names)
-        if len(self.peft_config) == 1:  # the base is frozen; set_adapter re-enables what trains
-            if any(isinstance(module, LoraLayer) for _, module in candidates):
-                self.model.requires_grad_(False)  # LoRA layers from an earlier get_peft_model: walk everything
-            else:  # the base's own modules, listed before wrapping: the new adapters were frozen above
-                for _, module in candidates:
-                    for param in module._parameters.values():
-                        if param is not None:
-                            param.requires_grad_(False)
-                if self.__dict__.get("_constructing"):
-                    self._injected = injected  # every adapter module of the model: __init__'s set_adapter needs no walk
-
-    def _recorded_config(self, config: LoraConfig, plan: TargetPlan) -> LoraConfig:
-        """A copy of ``config`` saying what was applied (the user's object is never changed)."""
-        kinds_in_out = {plan.kinds[p].weight_is_in_out for p in plan.layers}
-        fan_in_fan_out = config.fan_in_fan_out
-        if True in kinds_in_out and not fan_in_fan_out:
-            warn("fan_in_fan_out=False but the targets are GPT-2 Conv1D layers, whose weight is stored "
-                          "(in, out); lorakit handles them correctly and records fan_in_fan_out=True")
-            fan_in_fan_out = True
-        elif fan_in_fan_out and False in kinds_in_out:
-            warn("fan_in_fan_out=True but some targets are nn.Linear-like layers storing their weight "
-                          "(out, in); lorakit ignores the flag for them")
-        return dataclasses.replace(
-            config,
-            target_modules=plan.target_modules,
-            modules_to_save=task_modules_to_save(config),
-            fan_in_fan_out=fan_in_fan_out,
-        )
+        return injected
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[LoraLayer]:
@@ -254,7 +150,7 @@ class LoraModel(nn.Module):
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False,
-                    _modules: list[nn.Module] | None = None) -> None:
+                    _modules: list[AdapterModule] | None = None) -> None:
         """Activate one adapter or several (their outputs add) and make them trainable, as PEFT does, whatever
         their configs' ``inference_mode`` (``inference_mode=True``: they stay frozen).
 
@@ -268,7 +164,8 @@ class LoraModel(nn.Module):
         check_one_saved_copy(self.model, names)
         trainable = not inference_mode
         for module in self._adapter_modules() if _modules is None else _modules:
-            if getattr(module, "merged_adapters", None):  # W holds the old adapter: unmerge first, as PEFT does
+            merged = getattr(module, "merged_adapters", None)  # (a modules_to_save copy is never merged)
+            if merged and not isinstance(module, ModulesToSaveWrapper):  # W holds the old adapter: unmerge first
                 warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 module.unmerge()
             module.set_adapter(names, trainable=trainable)
@@ -463,7 +360,7 @@ class LoraModel(nn.Module):
         Quantized bases are dequantized, merged in float32 and requantized (with a warning giving the rounding);
         ``dequantize=True`` instead turns every quantized layer into a float32 nn.Linear first (quant.py).
         ``progressbar=True`` shows a tqdm bar over the model's modules, as PEFT does. ``check=True`` measures max |merged - unmerged| on ``probe`` (default: the model's ``dummy_inputs``),
-        records it as ``model.lorakit_merge_check`` and warns above the dtype's precision (guards.py).
+        records it as ``model.lorakit_merge_check`` and warns above the dtype's precision (merge_check.py).
         """
         if dequantize:
             dequantize_model(self.model)
@@ -485,7 +382,5 @@ class LoraModel(nn.Module):
                              svd_driver: str | None = None, density: float | None = None,
                              majority_sign_method: str = "total") -> None:
         """Add ``adapter_name`` combining ``adapters`` with ``weights``; see ``combine.add_weighted_adapter``."""
-        from .combine import add_weighted_adapter
-
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
                              svd_full_matrices, svd_driver, density, majority_sign_method)

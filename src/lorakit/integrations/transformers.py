@@ -25,6 +25,7 @@ import os
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..codec import PREFIX, decode, layout_of
@@ -34,7 +35,6 @@ from ..hotswap import (check_hotswap_configs_compatible, hotswap_adapter, hotswa
                        prepare_model_for_compiled_hotswap)
 from ..io import CONFIG_NAME, adapter_state_dict, load_adapter_weights
 from ..model import PeftModel, get_peft_model
-from ..tuner import weights_follow
 from .hooks import replace
 
 
@@ -164,7 +164,7 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict[str
                                      f"{type(tensors).__name__}",
                                  expected="a lorakit.LoraConfig and a dict of tensors"))
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    with weights_follow():
+    with torch.random.fork_rng():  # the init drawn here is overwritten by the load: it leaves the RNG as it was
         add_adapter(model, config, name)
     keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
     try:
