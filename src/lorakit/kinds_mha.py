@@ -121,8 +121,6 @@ def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple, kwargs: dict) -> 
                       fix="its update is applied to the weights, one per call: run each adapter's rows in its "
                           "own call (set_adapter), or exclude this module")
         )
-    from .layer import LoraLayer  # layer.py imports this module through kinds.py
-
     base = layer.base_layer
     out_proj = base.out_proj  # a LoraLayer once an adapter is added; the base's forward never calls it
     if layer._disable_adapters:
@@ -133,7 +131,7 @@ def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple, kwargs: dict) -> 
         W_in = effective_weight(layer)
         if W_in is not None:
             replacements.append((base, "in_proj_weight", W_in))
-        if isinstance(out_proj, LoraLayer):  # it follows this layer's set_adapter / merge (layer.py)
+        if isinstance(out_proj, type(layer)):  # a LoRA layer: it follows this layer's set_adapter / merge (layer.py)
             W_out = effective_weight(out_proj)
             if W_out is not None:
                 replacements.append((out_proj.base_layer, "weight", W_out))
@@ -162,5 +160,6 @@ register_kind(
         forward=_mha_forward,
         companions=_out_proj,
         attributes=MHA_ATTRIBUTES,
+        undrawn_factors=True,  # kinds._linear_factors
     ),
 )

@@ -223,6 +223,7 @@ def param_kind(parameter_name: str) -> Kind:
         weight=functools.partial(_weight, parameter_name),
         forward=_forward,
         extra_repr=lambda base: f"parameter_name={parameter_name!r},",  # PEFT's repr, comma included
+        undrawn_factors=True,  # kinds._linear_factors
     )
 
 
@@ -234,7 +235,7 @@ def _matches(full_name: str, targets: Iterable[str]) -> bool:
 def wrapper_of(module: nn.Module, parameter_name: str) -> LoraLayer | None:
     """The ParamWrapper for ``parameter_name`` in the chain of wrappers at ``module``, or None."""
     while isinstance(module, LoraLayer):
-        if module.kind.name == NAME and module.__dict__.get("parameter_name") == parameter_name:
+        if module.kind is param_kind(parameter_name):  # one Kind per parameter name (cached)
             return module
         module = module.base_layer  # type: ignore[assignment]
     return None

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import kinds_builtin, ops, quant_backends  # noqa: F401  (the built-in kinds and backends register on import)
 from .config import InitMethod
 from .errors import explain, warn
-from .inits import ATTACHED, FRESH, INITS, NEEDS_WEIGHT, InitRequest, write_factor
+from .inits import INITS, InitRequest, write_factor
 from .kinds import Kind, exposed_attributes, kind_for
 from .quant import dense_weight, write_weight
 from .variants import Variant, resolve_variant
@@ -195,32 +195,35 @@ class LoraLayer(nn.Module):
             warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} has no "
                  "bias. This means that merging LoRA weights won't be possible. (The bias trains in lora_B and stays "
                  "a separate term; merge_and_unload will refuse this adapter.)")
+        kind, init = self.kind, INITS[spec.init.name]
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
+            A, B = kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
+        A_weight, B_weight = kind.factor_weights(A, B)
         weight, options = None, spec.init.options
-        if spec.init.name in NEEDS_WEIGHT:
-            weight = self.kind.matrix(self.base_layer).detach().float()
-        attached = ATTACHED.get(spec.init.name)  # what a preprocess step left on the base layer (inits.ATTACHED)
-        if attached:
-            options = {**options, **{key: self._take_attached(attribute) for attribute, key in attached.items()}}
-        result = INITS[spec.init.name](
+        if init.needs_weight:
+            weight = kind.matrix(self.base_layer).detach().float()
+        if init.attached:  # what a preprocess step left on the base layer (Init.attached)
+            options = {**options, **{key: self._take_attached(attribute) for attribute, key in init.attached.items()}}
+        result = init(
             InitRequest(
-                A_shape=tuple(A.shape if self.kind.embedding else A.weight.shape),
-                B_shape=tuple(B.shape if self.kind.embedding else B.weight.shape),
+                A_shape=tuple(A_weight.shape),
+                B_shape=tuple(B_weight.shape),
                 r=spec.r,
                 scaling=spec.scaling,
-                embedding=self.kind.embedding,
+                embedding=kind.embedding,
                 options=options,
                 weight=weight,
-                kind=self.kind.name,
+                kind=kind.name,
+                undrawn=kind.undrawn_factors,
+                calibrated=kind.calibrated,
+                weight_is_in_out=kind.weight_is_in_out,
             )
         )
         with torch.no_grad():
-            A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
             if result is not None:
-                write_factor(A_weight, result.A, spec.init.name in FRESH)
-                write_factor(B_weight, result.B, spec.init.name in FRESH)
-                if getattr(B, "bias", None) is not None and spec.init.name != "none":  # False keeps it random
+                write_factor(A_weight, result.A, init.fresh)
+                write_factor(B_weight, result.B, init.fresh)
+                if getattr(B, "bias", None) is not None and init.zeroes_bias:
                     B.bias.zero_()
                 if result.base_weight is not None:  # residual inits: W <- W_res, cast once to the base dtype
                     base_weight = self.kind.matrix(self.base_layer)
@@ -231,21 +234,14 @@ class LoraLayer(nn.Module):
             dtype = reference.dtype
         if device is None and reference is not None:
             device = reference.device
-        placement = dict(device=torch.device(device) if device is not None else None, dtype=dtype)
-        if self.kind.embedding:
-            A, B = nn.Parameter(A.detach().to(**placement)), nn.Parameter(B.detach().to(**placement))
-        elif (A.weight.dtype, A.weight.device) != (dtype, placement["device"] or A.weight.device):
-            A, B = A.to(**placement), B.to(**placement)  # Module.to costs ~20 µs even when nothing moves
-        variant = resolve_variant(spec, self.kind, self.base_layer)
+        A, B = kind.place_factors(A, B, torch.device(device) if device is not None else None, dtype)
+        variant = resolve_variant(spec, kind, self.base_layer)
         if variant is not None:  # it may refuse this layer, so it runs before anything is registered
-            replaced = variant.init(self, adapter_name, *((A, B) if self.kind.embedding else (A.weight, B.weight)),
-                                    spec.scaling) or {}
+            replaced = variant.init(self, adapter_name, *kind.factor_weights(A, B), spec.scaling) or {}
             A, B = replaced.get("lora_A", A), replaced.get("lora_B", B)
             self._variants[adapter_name] = variant
-        if self.kind.embedding:
-            self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name] = A, B
-        else:
-            self.lora_A[adapter_name], self.lora_B[adapter_name] = A, B
+        containers = self._modules
+        containers[kind.containers[0]][adapter_name], containers[kind.containers[1]][adapter_name] = A, B
         self.lora_dropout[adapter_name] = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = spec.r
         self.lora_alpha[adapter_name] = spec.lora_alpha
@@ -409,10 +405,10 @@ class LoraLayer(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------
     def factors(self, adapter_name: str) -> tuple:
-        """(A, B) of one adapter: modules for linear and conv kinds, Parameters for embeddings."""
-        if self.kind.embedding:
-            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        return self.lora_A[adapter_name], self.lora_B[adapter_name]
+        """(A, B) of one adapter from the kind's containers (``Kind.containers``): modules for linear and conv
+        kinds, Parameters for embeddings."""
+        A_name, B_name = self.kind.containers
+        return self._modules[A_name][adapter_name], self._modules[B_name][adapter_name]  # type: ignore[index]
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         """y = base(x) + Σ_active s · B A dropout(x); the base output alone when disabled or merged."""
@@ -427,7 +423,7 @@ class LoraLayer(nn.Module):
             return y
         if self._routes is not None:
             return self._mixed_batch(x, y)
-        if ops.FUSED and self.kind.name in ops.FUSED_KINDS:  # compile traces ops.py's traceable twin (ops.py)
+        if ops.FUSED and self.kind.fused:  # compile traces ops.py's traceable twin (ops.py)
             return self._fused(x, y)
         result_dtype = y.dtype
         variants = self._variants
@@ -477,7 +473,7 @@ class LoraLayer(nn.Module):
     def _branch(self, adapter_name: str, x: Tensor) -> Tensor:
         """B A dropout(x), unscaled, in the adapter's dtype (the reference path, and the kinds ops.py leaves)."""
         A, B = self.factors(adapter_name)
-        if self.kind.embedding:  # PEFT applies no dropout to embedding ids
+        if not self.kind.drops_input:  # embedding ids: PEFT applies no dropout to them
             return self.kind.branch(self.base_layer, x, A, B)
         inputs = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
         return self.kind.branch(self.base_layer, self.lora_dropout[adapter_name](inputs), A, B)
@@ -501,7 +497,7 @@ class LoraLayer(nn.Module):
                 y_rows = self._variants[name].forward(self, name, x.index_select(0, rows), y.index_select(0, rows))
                 y = y.index_copy(0, rows, y_rows.to(y.dtype))
                 continue
-            if not (in_place and self.kind.name in ops.FUSED_KINDS) or isinstance(self.scaling[name], Tensor):
+            if not (in_place and self.kind.fused) or isinstance(self.scaling[name], Tensor):
                 delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
                 y = y.index_add(0, rows, delta.to(y.dtype))
                 continue
@@ -525,8 +521,7 @@ class LoraLayer(nn.Module):
     # ---- merge -------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """s · ΔW in the base weight's layout, in float32 (for DoRA too: PEFT's get_delta_weight ignores m)."""
-        A, B = self.factors(adapter_name)
-        A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
+        A_weight, B_weight = self.kind.factor_weights(*self.factors(adapter_name))
         variant = self._variants.get(adapter_name)
         if variant is not None and variant.dense is not None:  # compact factors (BD-LoRA)
             A_weight, B_weight = variant.dense(self, adapter_name)

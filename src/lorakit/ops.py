@@ -67,8 +67,9 @@ unchanged: one ``is_compiling()`` test per layer call. Measured on CPU (inductor
 the decoder layers, lorakit.compiling): see that module.
 
 Switch: ``LORAKIT_FUSED=0`` in the environment (read at import) or ``ops.FUSED = False`` selects the
-reference path (layer.py's ``_branch`` with ``nn.Dropout``, variants.py's ``dora_reference``); ``FUSED_KINDS``
-lists the kinds that take the fused path, every other kind (Embedding, ConvNd) always runs the reference.
+reference path (layer.py's ``_branch`` with ``nn.Dropout``, variants.py's ``dora_reference``); the kinds with
+``Kind.fused`` set (Linear, Conv1D) take the fused path, every other kind (Embedding, ConvNd) always runs the
+reference.
 tests/test_ops.py checks both paths against each other, forward and every gradient, with the same masks.
 """
 
@@ -82,7 +83,6 @@ from torch import Tensor
 from .dropout import keep_mask, traced_keep_mask
 
 FUSED: bool = os.environ.get("LORAKIT_FUSED", "1") != "0"
-FUSED_KINDS = frozenset({"Linear", "Conv1D"})  # kinds whose branch is B(A(x)) with two nn.Linear factors
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # ~0.1 µs; absent: ask the device

@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import warn
-from .kinds import LINEAR_KINDS, WEIGHT_KINDS_BY_NAME, Kind, base_weight, register_kind
-from .variants.dora import DORA_KINDS, DoraKind
+from .kinds import DoraSupport, Kind, base_weight, register_kind
 
 T = TypeVar("T")
 PROBE_ROWS = 64  # rows of the probe input that measures a requantization's rounding
@@ -73,9 +72,8 @@ def register_quant_backend(qualified_name: str, backend: QuantBackend) -> None:
 
 
 def _quantized_linear_kind(backend: QuantBackend) -> Kind:
-    """A linear Kind whose W is read and written through ``backend``; "all-linear" selects it, DoRA runs on it."""
-    LINEAR_KINDS.add(backend.name)  # "all-linear" targets quantized projections, as PEFT does
-    DORA_KINDS[backend.name] = DoraKind(out_dim=0, weight_only=_dequantized_weight_only)
+    """A linear Kind whose W is read and written through ``backend``; "all-linear" selects it (as PEFT does), DoRA
+    runs on it."""
     return Kind(
         name=backend.name,
         features=lambda m: (m.in_features, m.out_features),
@@ -86,6 +84,8 @@ def _quantized_linear_kind(backend: QuantBackend) -> Kind:
         matrix=dense_weight,  # by module, so a base swapped for nn.Linear (dequantize=True) still reads
         set_matrix=write_weight,
         weight=lambda m: backend.stored(m) if find_backend(m) is not None else m.weight,  # dequantize=True: nn.Linear
+        linear_like=True,
+        dora=DoraSupport(out_dim=0, weight_only=_dequantized_weight_only),
     )
 
 
@@ -93,7 +93,7 @@ def register_weight_backend(qualified_name: str, backend: QuantBackend) -> None:
     """Register ``backend`` for layers of a dense class (nn.Linear) whose ``weight`` is a quantized tensor
     subclass named ``qualified_name`` (torchao): the layer keeps its Kind, only W's reading and writing change."""
     WEIGHT_BACKENDS[qualified_name] = backend
-    WEIGHT_KINDS_BY_NAME[qualified_name] = _quantized_linear_kind(backend)
+    register_kind(qualified_name, _quantized_linear_kind(backend), by_weight=True)
 
 
 def _nearest(table: dict[str, QuantBackend], cls: type) -> QuantBackend | None:
@@ -275,7 +275,3 @@ register_quant_backend("bitsandbytes.nn.modules.Linear4bit",
 register_quant_backend("bitsandbytes.nn.modules.Linear8bitLt",
                        QuantBackend("Linear8bitLt", _bnb8_dequantize, _bnb8_requantize, bits=8))
 
-
-from . import quant_torchao  # noqa: E402,F401  (registers torchao's weight formats)
-from . import quant_hqq  # noqa: E402,F401  (registers HQQ's HQQLinear)
-from . import quant_gptq  # noqa: E402,F401  (registers gptqmodel's GPTQ layers)
