@@ -2,7 +2,9 @@
 
 Each function receives an ``InitRequest`` and returns an ``InitResult`` (or None to keep the factors as
 created). It touches no module and no adapter-name dict; ``LoraLayer`` writes the result in (``write_factor``). A new
-method is one registered function plus a test of its invariant; ``layer.py`` does not change.
+method is one registered function plus a test of its invariant; ``layer.py`` does not change. What the rest of
+lorakit needs to know about a method (reads W, rewrites W, converts exactly, needs data, is accepted by name, ...)
+are the arguments of ``register_init``, kept in its ``init_registry.Init`` entry.
 
 Weight-reading methods (PiSSA, OLoRA, LoftQ) decompose W as an (out, in·k) matrix and return a residual
 base weight; like PEFT 0.21.2 they run on Linear and GPT-2 Conv1D layers only: an Embedding gets LoRA's

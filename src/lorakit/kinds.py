@@ -11,7 +11,15 @@ branch maps an input, and what dense update ``ΔW = B A`` means in the base weig
     MultiheadAttention  W_in: (3E, E)  A: Linear(E, r)  B: Linear(r, 3E)  ΔW_in = B A, out_proj a nested
                 Linear LoRA layer (kinds_mha.py)
 
-Third-party layers register their own Kind with ``register_kind``; no edit of lorakit is needed.
+Every fact about a kind is a field of its entry, set where the kind is registered: which kinds "all-linear"
+selects (``linear_like``), which take ops.py's fused kernels (``fused``), which the data-driven inits calibrate
+(``calibrated``), how DoRA reads them (``dora``), where their factors live and how they are placed
+(``containers``, ``factor_weights``, ``place_factors``). No other module keeps a table of kind names.
+
+This module is the registry and registers its own four kinds; plug-ins register themselves on import
+(kinds_mha.py through kinds_builtin.py, the quantized linears through quant.py / quant_backends.py) and this
+module imports none of them. Third-party layers register their own Kind with ``register_kind``; no edit of
+lorakit is needed (tests/test_kinds_registry.py does it for a toy layer).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from .config import LoraConfig
 from .errors import explain
-from .inits import NEEDS_WEIGHT
+from .inits import INITS
 from .kinds import Kind, _linear_factors
 from .kinds_mha import effective_weight, weights_replaced
 from .layer import LayerSpec, LoraLayer
@@ -294,7 +294,7 @@ def resolve_parameters(config: LoraConfig, candidates: list[tuple[str, nn.Module
                                             fix="remove it from target_parameters")
                 )
             spec = spec_for(f"{path}.{name}", config)
-            if W.dim() == 3 and spec.init.name in NEEDS_WEIGHT:
+            if W.dim() == 3 and INITS[spec.init.name].needs_weight:
                 raise ValueError(explain(f"init_lora_weights={config.init_lora_weights!r} decomposes a weight matrix",
                                          where=f"the 3-D parameter {path}.{name}", got=tuple(W.shape),
                                          fix="use init_lora_weights=True, False or 'gaussian' for expert weights"))
