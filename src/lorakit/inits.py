@@ -19,6 +19,7 @@ import functools
 import math
 from collections.abc import Callable
 from types import MappingProxyType
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -27,8 +28,11 @@ from .errors import explain, warn
 from .init_registry import INITS, Init, InitFn, InitRequest, InitResult, add_init
 from .nf4 import fake_quantize
 
-__all__ = ["INITS", "FRESH", "NEEDS_WEIGHT", "Init", "InitFn", "InitRequest", "InitResult", "register_init", "write_factor"]
+__all__ = ["INITS", "FRESH", "NEEDS_WEIGHT", "Init", "InitFn", "InitRequest", "InitResult", "register_init",
+           "write_factor"]
 
+
+Method = TypeVar("Method", bound=Callable[[InitRequest], "InitResult | None"])  # a method keeps its own signature
 
 # Indexes of two Init facts for modules that read them by name (guards.py, tuner.py); kept by register_init.
 NEEDS_WEIGHT: set[str] = set()  # methods that read the base weight (``Init.needs_weight``)
@@ -38,7 +42,7 @@ FRESH: set[str] = set()  # methods whose A and B are new tensors nothing else ho
 def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
                   attached: dict[str, str] | None = None, residual: bool = False, exact: bool = False,
                   data_driven: bool = False, repeatable: bool = True, named: bool = True,
-                  zeroes_bias: bool = True) -> Callable[[InitFn], InitFn]:
+                  zeroes_bias: bool = True) -> Callable[[Method], Method]:
     """Decorator: register an init method under the name ``config.parse_init`` produces, with its facts
     (``init_registry.Init`` says what each means).
 
@@ -47,7 +51,7 @@ def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
     methods get nn.Linear's kaiming draws first where the kind skipped them (``_after_peft_draws``).
     """
 
-    def decorate(fn: InitFn) -> InitFn:
+    def decorate(fn: Method) -> Method:
         add_init(Init(name, fn if fresh else _after_peft_draws(fn), needs_weight=needs_weight, residual=residual,
                       exact=exact, data_driven=data_driven, repeatable=repeatable, named=named,
                       zeroes_bias=zeroes_bias, fresh=fresh, attached=MappingProxyType(dict(attached or {}))))

@@ -35,6 +35,13 @@ from torch import Tensor, nn
 from .errors import explain
 
 
+# A Kind's functions take a base layer of the type the Kind is registered for (nn.Embedding, Conv1D, ...); since a
+# Callable's parameters are contravariant, no single class types them all, so the base is typed Any. Factors
+# are modules (nn.Linear, nn.ConvNd) or Parameters (embeddings), also Any.
+Base = Any
+Factor = Any
+
+
 def _module_weights(A: nn.Module, B: nn.Module) -> tuple[Tensor, Tensor]:
     return A.weight, B.weight  # type: ignore[return-value]  # factor modules (nn.Linear, nn.ConvNd) hold .weight
 
@@ -106,27 +113,27 @@ class Kind:
     """
 
     name: str
-    features: Callable[[nn.Module], tuple[int, int]]
-    make_factors: Callable[[nn.Module, int, bool], tuple]
-    branch: Callable[[nn.Module, Tensor, object, object], Tensor]
-    delta_weight: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    features: Callable[[Base], tuple[int, int]]
+    make_factors: Callable[[Base, int, bool], tuple[Factor, Factor]]
+    branch: Callable[[Base, Tensor, Factor, Factor], Tensor]
+    delta_weight: Callable[[Base, Tensor, Tensor], Tensor]
     embedding: bool = False
     weight_is_in_out: bool = False
-    matrix: Callable[[nn.Module], Tensor] = lambda m: m.weight
-    set_matrix: Callable[[nn.Module, Tensor], None] = lambda m, M: m.weight.copy_(M.reshape(m.weight.shape))
-    weight: Callable[[nn.Module], Tensor] = lambda m: m.weight
-    forward: Callable[..., object] | None = None
-    companions: Callable[[nn.Module], dict[str, nn.Module]] | None = None
+    matrix: Callable[[Base], Tensor] = lambda m: m.weight
+    set_matrix: Callable[[Base, Tensor], object] = lambda m, M: m.weight.copy_(M.reshape(m.weight.shape))
+    weight: Callable[[Base], Tensor] = lambda m: m.weight
+    forward: Callable[..., Any] | None = None
+    companions: Callable[[Base], dict[str, nn.Module]] | None = None
     attributes: tuple[str, ...] = ()
-    extra_repr: Callable[[nn.Module], str] = lambda m: ""
+    extra_repr: Callable[[Base], str] = lambda m: ""
     linear_like: bool = False
     fused: bool = False
     undrawn_factors: bool = False
     calibrated: bool = False
     dora: DoraSupport | None = None
     containers: tuple[str, str] = ("lora_A", "lora_B")
-    factor_weights: Callable[[Any, Any], tuple[Tensor, Tensor]] = _module_weights
-    place_factors: Callable[[Any, Any, torch.device | None, torch.dtype], tuple[Any, Any]] = _placed_modules
+    factor_weights: Callable[[Factor, Factor], tuple[Tensor, Tensor]] = _module_weights
+    place_factors: Callable[[Factor, Factor, torch.device | None, torch.dtype], tuple[Factor, Factor]] = _placed_modules
     drops_input: bool = True
 
 
@@ -162,7 +169,11 @@ def register_kind(layer_type: type | str, kind: Kind, *, by_weight: bool = False
 def base_weight(module: nn.Module) -> Tensor:
     """The tensor a merge changes in ``module`` (its Kind's ``weight``; ``module.weight`` for unregistered types)."""
     kind = find_kind(module)
-    return module.weight if kind is None else kind.weight(module)
+    if kind is not None:
+        return kind.weight(module)
+    weight = module.weight
+    assert isinstance(weight, Tensor), f"{type(module).__name__}.weight is not a tensor"
+    return weight
 
 
 def with_companions(module: nn.Module, kind: Kind) -> list[tuple[nn.Module, Kind]]:
@@ -259,20 +270,21 @@ def _uninitialised_linear(in_features: int, out_features: int, bias: bool) -> nn
     return layer
 
 
-def _linear_branch(base: nn.Module, x: Tensor, A: nn.Module, B: nn.Module) -> Tensor:
-    return B(A(x))  # (..., out) = (..., in) Aᵀ Bᵀ
+def _linear_branch(base: Base, x: Tensor, A: nn.Module, B: nn.Module) -> Tensor:
+    out: Tensor = B(A(x))  # (..., out) = (..., in) Aᵀ Bᵀ
+    return out
 
 
-def _linear_weight_only(base: nn.Module, x: Tensor) -> Tensor:
+def _linear_weight_only(base: Base, x: Tensor) -> Tensor:
     return F.linear(x, base.weight.to(x.dtype))  # W (out, in)
 
 
-def _conv1d_gpt2_weight_only(base: nn.Module, x: Tensor) -> Tensor:
+def _conv1d_gpt2_weight_only(base: Base, x: Tensor) -> Tensor:
     return F.linear(x, base.weight.T.to(x.dtype))  # transformers' Conv1D stores W as (in, out)
 
 
 # PEFT's lora.Linear: "all-linear" picks it, ops.py fuses it, data-driven inits calibrate it
-_PEFT_LINEAR = dict(linear_like=True, fused=True, undrawn_factors=True, calibrated=True)
+_PEFT_LINEAR: dict[str, Any] = dict(linear_like=True, fused=True, undrawn_factors=True, calibrated=True)
 
 
 register_kind(
@@ -318,7 +330,8 @@ def _embedding_factors(m: nn.Embedding, r: int, lora_bias: bool) -> tuple[nn.Par
 
 def _placed_parameters(A: Tensor, B: Tensor, device: torch.device | None, dtype: torch.dtype
                        ) -> tuple[nn.Parameter, nn.Parameter]:
-    return nn.Parameter(A.detach().to(device=device, dtype=dtype)), nn.Parameter(B.detach().to(device=device, dtype=dtype))
+    placed = [nn.Parameter(factor.detach().to(device=device, dtype=dtype)) for factor in (A, B)]
+    return placed[0], placed[1]
 
 
 def _embedding_branch(m: nn.Embedding, ids: Tensor, A: Tensor, B: Tensor) -> Tensor:
@@ -360,7 +373,10 @@ def _conv_factors(m: nn.modules.conv._ConvNd, r: int, lora_bias: bool) -> tuple[
             + explain("rank does not split into the groups", got=f"r={r}", expected=f"a multiple of {m.groups}",
                       fix="set r (or a rank_pattern entry for this layer) to a multiple of groups")
         )
-    conv = type(m) if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else _CONV_BY_DIMS[len(m.kernel_size)]
+    # the base's own class for torch's convs, else the plain one of its dimension (a subclass may take other arguments)
+    conv: Callable[..., nn.Module] = _CONV_BY_DIMS[len(m.kernel_size)]
+    if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        conv = type(m)
     # Dilation follows the base so both paths see the same receptive field (PEFT 0.21.2 drops it, which
     # misaligns outputs for dilated convs); groups on B follow PEFT so the factor shapes are identical.
     A = conv(m.in_channels, r, m.kernel_size, m.stride, m.padding, dilation=m.dilation, bias=False)
@@ -377,15 +393,17 @@ def _conv_delta_weight(m: nn.modules.conv._ConvNd, A: Tensor, B: Tensor) -> Tens
                       expected="groups=1", fix="keep this adapter unmerged (its LoRA branch reads every input "
                                                "channel, which a grouped convolution's weight cannot express)")
         )
-    return torch.tensordot(B.flatten(1), A, dims=1)  # (out, in, *k)
+    delta: Tensor = torch.tensordot(B.flatten(1), A, dims=1)  # (out, in, *k)
+    return delta
 
 
-def _conv_weight_only(base: nn.Module, x: Tensor) -> Tensor:
+def _conv_weight_only(base: Base, x: Tensor) -> Tensor:
     # _conv_forward honours padding_mode; PEFT calls F.convNd with zero padding (same result for "zeros")
-    return base._conv_forward(x, base.weight.to(x.dtype), None)  # type: ignore[operator]
+    out: Tensor = base._conv_forward(x, base.weight.to(x.dtype), None)
+    return out
 
 
-_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_DORA = DoraSupport(out_dim=0, spatial=True, weight_only=_conv_weight_only)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_kind(

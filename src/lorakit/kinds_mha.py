@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -96,10 +96,10 @@ def weights_replaced(replacements: list[tuple[nn.Module, str, Tensor]]) -> Itera
     with ``use_orig_params`` sets parameters as plain tensor attributes during its forward, which
     ``torch.func.functional_call`` would skip silently), else ``_parameters``.
     """
-    saved: list[tuple[dict, str, object]] = []
+    saved: list[tuple[dict[str, Any], str, object]] = []
     try:
         for module, name, value in replacements:
-            store: dict = module.__dict__ if name in module.__dict__ else module._parameters
+            store: dict[str, Any] = module.__dict__ if name in module.__dict__ else module._parameters
             saved.append((store, name, store[name]))
             store[name] = value
         yield
@@ -108,7 +108,8 @@ def weights_replaced(replacements: list[tuple[nn.Module, str, Tensor]]) -> Itera
             store[name] = original
 
 
-def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
+def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[Tensor, Tensor | None]:
     """MultiheadAttention(query, key, value; W_in', b_in, W_out', b_out) (module docstring).
 
     Raises:

@@ -74,7 +74,8 @@ def adapter_dtype(base_layer: nn.Module, kind: Kind | None = None) -> torch.dtyp
             weight = kind.weight(base_layer)
     if weight is None or not weight.is_floating_point() or weight.dtype in HALF_DTYPES:
         return torch.float32
-    return weight.dtype
+    dtype: torch.dtype = weight.dtype
+    return dtype
 
 
 def expand_rows(rows: Tensor, batch: int, routed_batch: int) -> Tensor:
@@ -105,7 +106,8 @@ def contiguous_run(rows: Tensor) -> tuple[int, int] | None:
     return (first, last + 1) if bool((rows.diff() == 1).all()) else None
 
 
-def _promoted(y: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> tuple:
+def _promoted(y: Tensor, A: Tensor, B: Tensor, bias: Tensor | None
+              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """(A, B, bias, y) in the dtype of ``y + branch`` (torch's promotion), the dtype ops.add_lora_ writes y in."""
     dtype = torch.promote_types(y.dtype, A.dtype)
     if A.dtype != dtype:
@@ -121,7 +123,8 @@ class LoraLayer(nn.Module):
     """
 
     # PEFT's names of the per-adapter containers and settings (code written for PEFT walks them)
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                            "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
     kind: Kind
@@ -240,7 +243,7 @@ class LoraLayer(nn.Module):
             replaced = variant.init(self, adapter_name, *kind.factor_weights(A, B), spec.scaling) or {}
             A, B = replaced.get("lora_A", A), replaced.get("lora_B", B)
             self._variants[adapter_name] = variant
-        containers = self._modules
+        containers: dict[str, Any] = self._modules
         containers[kind.containers[0]][adapter_name], containers[kind.containers[1]][adapter_name] = A, B
         self.lora_dropout[adapter_name] = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = spec.r
@@ -300,7 +303,7 @@ class LoraLayer(nn.Module):
         entry = container[adapter_name]
         return [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
 
-    def _containers(self) -> list[nn.Module]:
+    def _containers(self) -> list[Any]:  # nn.ModuleDict / nn.ParameterDict, indexed by adapter name
         """The per-adapter containers: PEFT's ``adapter_layer_names``, with those variants added (``add_container``)."""
         return [getattr(self, name) for name in self.adapter_layer_names if hasattr(self, name)]
 
@@ -397,14 +400,15 @@ class LoraLayer(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The base layer's weight, so code that reads ``module.weight`` keeps working (as with PEFT)."""
-        return self.base_layer.weight
+        weight: Tensor = self.base_layer.weight  # type: ignore[assignment]  # every kind with a .weight holds a tensor
+        return weight
 
     @property
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def factors(self, adapter_name: str) -> tuple:
+    def factors(self, adapter_name: str) -> tuple[Any, Any]:
         """(A, B) of one adapter from the kind's containers (``Kind.containers``): modules for linear and conv
         kinds, Parameters for embeddings."""
         A_name, B_name = self.kind.containers
@@ -413,12 +417,14 @@ class LoraLayer(nn.Module):
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         """y = base(x) + Σ_active s · B A dropout(x); the base output alone when disabled or merged."""
         if self.kind.forward is not None:  # a kind whose update lives in its weights (kinds_mha.py)
-            return self.kind.forward(self, x, args, kwargs)
+            output: Tensor = self.kind.forward(self, x, args, kwargs)
+            return output
         if self._disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
+            base_output: Tensor = self.base_layer(x, *args, **kwargs)
+            return base_output
+        y: Tensor = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
             return y
         if self._routes is not None:
@@ -454,8 +460,12 @@ class LoraLayer(nn.Module):
             if isinstance(self.scaling[name], Tensor):  # hotswap.py's tensor scaling: GEMM alphas take numbers only
                 y = y + self._branch(name, x) * self.scaling[name]
                 continue
-            B = self.lora_B[name]
-            A, B_weight, bias = self.lora_A[name].weight, B.weight, B.bias
+            # Kind.fused: both factors are nn.Linear (ModuleDict's stub types its entries as Module)
+            A_linear: nn.Linear = self.lora_A[name]  # type: ignore[assignment]
+            B: nn.Linear = self.lora_B[name]  # type: ignore[assignment]
+            A: Tensor = A_linear.weight
+            B_weight: Tensor = B.weight
+            bias: Tensor | None = B.bias
             if lower is not None:
                 A, B_weight, bias = ops.lowered(lower, A, B_weight, bias)
             if y.dtype != A.dtype:  # y + branch in the promoted dtype, as PEFT's sum
@@ -486,6 +496,7 @@ class LoraLayer(nn.Module):
         gathered once and added back with one ``index_add_``. Runs with autograd recording take the
         out-of-place reference (``index_select`` / ``index_add``).
         """
+        assert self._routes is not None  # forward calls this only with routes set
         routed_batch, routes = self._routes
         in_place = not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)) and ops.FUSED
         result_dtype, lower = y.dtype, ops.autocast_dtype(x)
@@ -501,8 +512,12 @@ class LoraLayer(nn.Module):
                 delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
                 y = y.index_add(0, rows, delta.to(y.dtype))
                 continue
-            B = self.lora_B[name]
-            A, B_weight, bias = self.lora_A[name].weight, B.weight, B.bias
+            # Kind.fused: both factors are nn.Linear (ModuleDict's stub types its entries as Module)
+            A_linear: nn.Linear = self.lora_A[name]  # type: ignore[assignment]
+            B: nn.Linear = self.lora_B[name]  # type: ignore[assignment]
+            A: Tensor = A_linear.weight
+            B_weight: Tensor = B.weight
+            bias: Tensor | None = B.bias
             if lower is not None:
                 A, B_weight, bias = ops.lowered(lower, A, B_weight, bias)
             A, B_weight, bias, y = _promoted(y, A, B_weight, bias)
@@ -562,7 +577,8 @@ class LoraLayer(nn.Module):
             if rounding is not None:
                 self.rounding_error = max(rounding, self.rounding_error or 0.0)
             if self.lora_bias.get(adapter_name):
-                B = self.lora_B[adapter_name]
+                assert bias is not None  # refused above
+                B: nn.Linear = self.lora_B[adapter_name]  # type: ignore[assignment]  # lora_bias: an nn.Linear B
                 bias.copy_((bias.float() + sign * B.bias.float() * self.scaling[adapter_name]).to(bias.dtype))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
