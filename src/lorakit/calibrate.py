@@ -45,7 +45,6 @@ from .targeting import layer_spec, resolve_targets
 if TYPE_CHECKING:
     from .model import PeftModel
 
-CALIBRATED_KINDS = ("Linear", "Conv1D")  # EVA reads 2-D inputs of these kinds; PEFT skips Embedding/Conv too
 _PREFIX = "base_model.model."
 _RHO_THRESHOLD = 1000
 
@@ -192,9 +191,9 @@ def _move(inputs: Any, device: torch.device | None) -> Any:
 def _eva_targets(model: nn.Module, peft_config: LoraConfig, is_peft: bool) -> list[str]:
     """Module names to calibrate: LoRA layers of a Linear-like kind, or (plain model) the config's targets."""
     if is_peft:
-        return [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and m.kind.name in CALIBRATED_KINDS]
+        return [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and m.kind.calibrated]
     plan = resolve_targets(model, peft_config)
-    return [n for n in plan.layers if plan.kinds[n].name in CALIBRATED_KINDS]
+    return [n for n in plan.layers if plan.kinds[n].calibrated]  # Kind.calibrated: PEFT skips Embedding/Conv too
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import explain, unknown_argument, warn
+from .init_registry import named_inits
 
 if TYPE_CHECKING:
     from .variants.velora import VeloraConfig
@@ -124,7 +125,6 @@ class InitMethod:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-NAMED_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -132,7 +132,8 @@ def parse_init(value: bool | str) -> InitMethod:
     """``init_lora_weights`` -> InitMethod.
 
     Raises:
-        ValueError: the value is not True, False, one of NAMED_INITS or ``pissa_niter_<N>`` with N >= 1.
+        ValueError: the value is not True, False, a named init (``init_registry.Init.named``) or
+            ``pissa_niter_<N>`` with N >= 1.
     """
     if value is True:
         return InitMethod("default")
@@ -140,7 +141,7 @@ def parse_init(value: bool | str) -> InitMethod:
         return InitMethod("none")
     if isinstance(value, str):
         lowered = value.lower()
-        if lowered in NAMED_INITS:
+        if lowered in named_inits():
             return InitMethod(lowered)
         match = _PISSA_NITER.fullmatch(lowered)
         if match and int(match.group(1)) >= 1:
@@ -150,7 +151,7 @@ def parse_init(value: bool | str) -> InitMethod:
             "invalid init_lora_weights",
             where="LoraConfig",
             got=value,
-            expected=f"True, False, one of {list(NAMED_INITS)} or 'pissa_niter_<N>' with N >= 1",
+            expected=f"True, False, one of {named_inits()} or 'pissa_niter_<N>' with N >= 1",
         )
     )
 

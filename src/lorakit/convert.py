@@ -30,12 +30,12 @@ from . import io
 from .codec import parse_key
 from .config import LoraConfig
 from .errors import explain, warn
+from .init_registry import INITS
 
 if TYPE_CHECKING:
     from .model import PeftModel
 
 SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
-EXACT_INITS = ("pissa", "olora", "corda", "lora_ga", "default", "gaussian")  # B₀A₀ is what the base lost (or 0)
 
 
 def residual_to_plain_lora(tensors: dict[str, Tensor], config: LoraConfig, initial_tensors: dict[str, Tensor],
@@ -129,7 +129,7 @@ def _warn_inexact(config: LoraConfig) -> None:
     if method == "loftq":
         warn("converting a LoftQ adapter to plain LoRA is approximate: the base kept the quantised weight Q, so "
              "the converted adapter on the original W is off by W - Q - s*B0*A0 (PEFT converts it the same way)")
-    elif method not in EXACT_INITS:
+    elif not INITS[method].exact:  # B₀A₀ is what the base lost (or 0): init_registry.Init.exact
         warn(f"path_initial_model_for_weight_conversion only converts residual inits (PiSSA, OLoRA, CorDA) or "
              f"LoRA's zero-B init exactly; init_lora_weights={config.init_lora_weights!r} is converted as if it "
              "were one of them")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .config import CordaConfig, LoraConfig
 from .errors import explain
 from .targeting import layer_spec, resolve_targets
-from .calibrate import CALIBRATED_KINDS, _first_tensor
+from .calibrate import _first_tensor
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ class CordaEigens:
 def _corda_targets(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
     """{module name: Kind} of the config's Linear / Conv1D targets in the plain model (PEFT's CorDA targets)."""
     plan = resolve_targets(model, config)
-    return {n: plan.kinds[n] for n in plan.layers if plan.kinds[n].name in CALIBRATED_KINDS}
+    return {n: plan.kinds[n] for n in plan.layers if plan.kinds[n].calibrated}
 
 
 class _CovarianceRecorder:

@@ -2,7 +2,9 @@
 
 Each function receives an ``InitRequest`` and returns an ``InitResult`` (or None to keep the factors as
 created). It touches no module and no adapter-name dict; ``LoraLayer`` writes the result in (``write_factor``). A new
-method is one registered function plus a test of its invariant; ``layer.py`` does not change.
+method is one registered function plus a test of its invariant; ``layer.py`` does not change. What the rest of
+lorakit needs to know about a method (reads W, rewrites W, converts exactly, needs data, is accepted by name, ...)
+are the arguments of ``register_init``, kept in its ``init_registry.Init`` entry.
 
 Weight-reading methods (PiSSA, OLoRA, LoftQ) decompose W as an (out, in·k) matrix and return a residual
 base weight; like PEFT 0.21.2 they run on Linear and GPT-2 Conv1D layers only: an Embedding gets LoRA's
@@ -16,85 +18,51 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from .errors import explain, warn
+from .init_registry import INITS, Init, InitFn, InitRequest, InitResult, add_init
 from .nf4 import fake_quantize
 
-
-@dataclass(frozen=True)
-class InitRequest:
-    """What an init method may look at.
-
-    Attributes:
-        A_shape: shape of A: (r, in) for linear kinds, (r, in, *kernel) for convs, (r, num) for embeddings.
-        B_shape: shape of B: (out, r), (out, r/groups, 1, ...) or (dim, r).
-        r: the rank. scaling: s. embedding: the layer is an Embedding (PEFT inits it differently).
-        options: the method's parsed options (e.g. {"niter": 16}, or {"bits": 4, "iters": 1} for LoftQ).
-        weight: the base weight as an (out, in·k) float32 matrix (``Kind.matrix``), only for methods
-            registered with ``needs_weight=True``; A and B results are in that layout, (r, in·k) and (out, r),
-            and the layer reshapes them to the factors' shapes.
-        kind: the base layer's Kind name ("Linear", "Conv2d", ...), for messages; empty when the caller
-            does not say (then it is inferred from A_shape).
-    """
-
-    A_shape: tuple[int, ...]
-    B_shape: tuple[int, ...]
-    r: int
-    scaling: float
-    embedding: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-    weight: Tensor | None = None
-    kind: str = ""
+__all__ = ["INITS", "FRESH", "NEEDS_WEIGHT", "Init", "InitFn", "InitRequest", "InitResult", "register_init",
+           "write_factor"]
 
 
-@dataclass(frozen=True)
-class InitResult:
-    """The factors to copy in, and a replacement base weight for methods that rewrite W."""
+Method = TypeVar("Method", bound=Callable[[InitRequest], "InitResult | None"])  # a method keeps its own signature
 
-    A: Tensor
-    B: Tensor
-    base_weight: Tensor | None = None
-
-
-InitFn = Callable[[InitRequest], "InitResult | None"]
-INITS: dict[str, InitFn] = {}
-NEEDS_WEIGHT: set[str] = set()  # methods that read the base weight (the layer passes it only to these)
-FRESH: set[str] = set()  # methods whose A and B are new tensors nothing else holds: the layer adopts them
-# method -> {base-layer attribute: option key}: data a preprocess step left on the base layer (CorDA's eigens,
-# LoRA-GA's gradient); the layer pops it (used once, as PEFT) into the request's options, a tensor shaped like
-# the base weight turned into the (out, in·k) matrix layout first
-ATTACHED: dict[str, dict[str, str]] = {}
+# Indexes of two Init facts for modules that read them by name (guards.py, tuner.py); kept by register_init.
+NEEDS_WEIGHT: set[str] = set()  # methods that read the base weight (``Init.needs_weight``)
+FRESH: set[str] = set()  # methods whose A and B are new tensors nothing else holds (``Init.fresh``)
 
 
 def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
-                  attached: dict[str, str] | None = None) -> Callable[[InitFn], InitFn]:
-    """Decorator: register an init method under the name ``config.parse_init`` produces.
+                  attached: dict[str, str] | None = None, residual: bool = False, exact: bool = False,
+                  data_driven: bool = False, repeatable: bool = True, named: bool = True,
+                  zeroes_bias: bool = True) -> Callable[[Method], Method]:
+    """Decorator: register an init method under the name ``config.parse_init`` produces, with its facts
+    (``init_registry.Init`` says what each means).
 
     ``fresh=True`` promises that A and B are newly made and referenced nowhere else, so ``write_factor``
-    may take their storage instead of copying (no second pass over fresh memory at injection).
-    ``attached`` names base-layer attributes the method reads (see ``ATTACHED``).
+    may take their storage instead of copying (no second pass over fresh memory at injection); the other
+    methods get nn.Linear's kaiming draws first where the kind skipped them (``_after_peft_draws``).
     """
 
-    def decorate(fn: InitFn) -> InitFn:
-        INITS[name] = fn if fresh else _after_peft_draws(fn)
-        if attached:
-            ATTACHED[name] = dict(attached)
-        if needs_weight:
-            NEEDS_WEIGHT.add(name)
-        if fresh:
-            FRESH.add(name)
+    def decorate(fn: Method) -> Method:
+        add_init(Init(name, fn if fresh else _after_peft_draws(fn), needs_weight=needs_weight, residual=residual,
+                      exact=exact, data_driven=data_driven, repeatable=repeatable, named=named,
+                      zeroes_bias=zeroes_bias, fresh=fresh, attached=MappingProxyType(dict(attached or {}))))
+        for index, member in ((NEEDS_WEIGHT, needs_weight), (FRESH, fresh)):
+            if member:
+                index.add(name)
+            else:
+                index.discard(name)
         return fn
 
     return decorate
-
-
-# kinds.py builds these kinds' factors without nn.Linear's kaiming draws
-UNDRAWN_KINDS = ("Linear", "Conv1D", "MultiheadAttention", "ParamWrapper")  # factors built by kinds._linear_factors
 
 
 def _after_peft_draws(fn: InitFn) -> InitFn:
@@ -107,7 +75,7 @@ def _after_peft_draws(fn: InitFn) -> InitFn:
 
     @functools.wraps(fn)
     def init(request: InitRequest) -> InitResult | None:
-        if not request.embedding and _layer_name(request) in UNDRAWN_KINDS:
+        if not request.embedding and request.factors_undrawn:
             _kaiming_uniform(request.A_shape)
             _kaiming_uniform(request.B_shape)
         return fn(request)
@@ -136,7 +104,7 @@ def _kaiming_uniform(shape: tuple[int, ...]) -> Tensor:
     return torch.empty(shape).uniform_(-bound, bound)
 
 
-@register_init("default", fresh=True)
+@register_init("default", fresh=True, exact=True, named=False)
 def default(request: InitRequest) -> InitResult:
     """LoRA's init (arXiv:2106.09685): B = 0 so B A = 0 and the adapted model starts as the base.
 
@@ -147,7 +115,7 @@ def default(request: InitRequest) -> InitResult:
     return InitResult(A=_kaiming_uniform(request.A_shape), B=torch.zeros(request.B_shape))
 
 
-@register_init("gaussian", fresh=True)
+@register_init("gaussian", fresh=True, exact=True)
 def gaussian(request: InitRequest) -> InitResult:
     """A ~ N(0, (1/r)²), B = 0 (PEFT's "gaussian"); embeddings as in ``default``."""
     if request.embedding:
@@ -155,13 +123,13 @@ def gaussian(request: InitRequest) -> InitResult:
     return InitResult(A=torch.randn(request.A_shape) / request.r, B=torch.zeros(request.B_shape))
 
 
-@register_init("none", fresh=True)
+@register_init("none", fresh=True, named=False, zeroes_bias=False)
 def keep(request: InitRequest) -> InitResult | None:
     """``init_lora_weights=False``: the factors as their layers create them (random, so B A != 0; for tests).
 
     Linear/Conv1D: A, B ~ kaiming-uniform(a=√5) (kinds.py builds them undrawn).  Others: kept as created.
     """
-    if request.embedding or _layer_name(request) not in UNDRAWN_KINDS:
+    if request.embedding or not request.factors_undrawn:
         return None
     return InitResult(A=_kaiming_uniform(request.A_shape), B=_kaiming_uniform(request.B_shape))
 
@@ -232,7 +200,7 @@ def orthogonal(request: InitRequest) -> InitResult:
     return InitResult(A=A.contiguous(), B=B.contiguous())
 
 
-@register_init("pissa", needs_weight=True)
+@register_init("pissa", needs_weight=True, residual=True, exact=True, repeatable=False)
 def pissa(request: InitRequest) -> InitResult:
     """PiSSA (arXiv:2404.02948): the principal singular triplets of W become the adapter.
 
@@ -256,7 +224,7 @@ def pissa(request: InitRequest) -> InitResult:
     return InitResult(A=A.contiguous(), B=B.contiguous(), base_weight=W - request.scaling * B @ A)
 
 
-@register_init("olora", needs_weight=True)
+@register_init("olora", needs_weight=True, residual=True, exact=True, repeatable=False)
 def olora(request: InitRequest) -> InitResult:
     """OLoRA (arXiv:2406.01775): an orthonormal basis of W's column space becomes B.
 
@@ -276,7 +244,7 @@ def olora(request: InitRequest) -> InitResult:
     return InitResult(A=A, B=B, base_weight=W - request.scaling * B @ A)
 
 
-@register_init("loftq", needs_weight=True)
+@register_init("loftq", needs_weight=True, residual=True, repeatable=False)
 def loftq(request: InitRequest) -> InitResult:
     """LoftQ (arXiv:2310.08659, Algorithm 1): a quantised base plus the adapter that best repairs it.
 
@@ -305,7 +273,7 @@ def loftq(request: InitRequest) -> InitResult:
 
 
 # ---- data-driven inits (calibrate.py, corda.py) -------------------------------------------------------------------------
-@register_init("eva")
+@register_init("eva", data_driven=True, repeatable=False)
 def eva(request: InitRequest) -> InitResult:
     """EVA before calibration (PEFT's "eva"): A as LoRA's default (kaiming-uniform), B = 0, so B A = 0.
 
@@ -316,7 +284,8 @@ def eva(request: InitRequest) -> InitResult:
     return default(request)
 
 
-@register_init("corda", needs_weight=True, attached={"eigens": "eigens"})
+@register_init("corda", needs_weight=True, attached={"eigens": "eigens"}, residual=True, exact=True,
+               data_driven=True, repeatable=False)
 def corda(request: InitRequest) -> InitResult:
     """CorDA (arXiv:2406.05223), PEFT's "corda": the covariance-oriented SVD W = U S Vᵀ becomes the adapter.
 

@@ -15,6 +15,7 @@ parameters that are not 4-bit codes (norms, embeddings, heads) to fp32, and for 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ def is_kbit(model: nn.Module) -> bool:
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+                                    gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Freeze ``model``, upcast its half-precision non-quantized parameters to fp32, enable checkpointing.
 
     As PEFT 0.21.2: parameters are frozen and upcast for any model; only a k-bit model (``is_kbit``) with
@@ -51,12 +52,14 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     if not (use_gradient_checkpointing and is_kbit(model)):
         return model
     kwargs = dict(gradient_checkpointing_kwargs or {})
-    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers 5's name, no FutureWarning
+    activation = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name, no FutureWarning
+    gradient = getattr(model, "gradient_checkpointing_enable", None)
+    if callable(activation):
         _enable_input_grads(model)  # a frozen embedding would cut the graph that checkpointed blocks re-run
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        activation(activation_checkpointing_kwargs=kwargs)
+    elif callable(gradient):
         _enable_input_grads(model)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        gradient(gradient_checkpointing_kwargs=kwargs)
     else:
         raise ValueError(explain("use_gradient_checkpointing=True but the model cannot checkpoint",
                                  where=type(model).__name__, expected="a transformers PreTrainedModel",
@@ -65,10 +68,12 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
 
 
 def _enable_input_grads(model: nn.Module) -> None:
-    if callable(getattr(model, "enable_input_require_grads", None)):
-        model.enable_input_require_grads()
+    enable = getattr(model, "enable_input_require_grads", None)
+    if callable(enable):
+        enable()
         return
-    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+    embeddings: nn.Module = getattr(model, "get_input_embeddings")()
+    embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
@@ -106,11 +111,11 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", compute_dtype: tor
         if any(name.startswith("lora_") for name in names):  # LoRA factors of an adapted model stay trainable
             continue
         model.set_submodule(path, _linear4bit(bnb, module, quant_type, compute_dtype, double_quant, blocksize))
-    model.is_loaded_in_4bit = True  # what transformers' 4-bit load sets and PEFT / is_kbit read
+    setattr(model, "is_loaded_in_4bit", True)  # what transformers' 4-bit load sets and PEFT / is_kbit read
     return model
 
 
-def _linear4bit(bnb: object, linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype, double_quant: bool,
+def _linear4bit(bnb: Any, linear: nn.Linear, quant_type: str, compute_dtype: torch.dtype, double_quant: bool,
                 blocksize: int) -> nn.Module:
     """Linear4bit holding quantize(W) of ``linear`` (its bias kept as is, frozen), on the same device."""
     device = linear.weight.device
@@ -122,4 +127,5 @@ def _linear4bit(bnb: object, linear: nn.Linear, quant_type: str, compute_dtype: 
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     layer.support_avx512bf16_for_cpu = False
-    return layer.to(device)
+    placed: nn.Module = layer.to(device)
+    return placed

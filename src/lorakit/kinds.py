@@ -11,19 +11,64 @@ branch maps an input, and what dense update ``ΔW = B A`` means in the base weig
     MultiheadAttention  W_in: (3E, E)  A: Linear(E, r)  B: Linear(r, 3E)  ΔW_in = B A, out_proj a nested
                 Linear LoRA layer (kinds_mha.py)
 
-Third-party layers register their own Kind with ``register_kind``; no edit of lorakit is needed.
+Every fact about a kind is a field of its entry, set where the kind is registered: which kinds "all-linear"
+selects (``linear_like``), which take ops.py's fused kernels (``fused``), which the data-driven inits calibrate
+(``calibrated``), how DoRA reads them (``dora``), where their factors live and how they are placed
+(``containers``, ``factor_weights``, ``place_factors``). No other module keeps a table of kind names.
+
+This module is the registry and registers its own four kinds; plug-ins register themselves on import
+(kinds_mha.py through kinds_builtin.py, the quantized linears through quant.py / quant_backends.py) and this
+module imports none of them. Third-party layers register their own Kind with ``register_kind``; no edit of
+lorakit is needed (tests/test_kinds_registry.py does it for a toy layer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import explain
+
+
+# A Kind's functions take a base layer of the type the Kind is registered for (nn.Embedding, Conv1D, ...); since a
+# Callable's parameters are contravariant, no single class types them all, so the base is typed Any. Factors
+# are modules (nn.Linear, nn.ConvNd) or Parameters (embeddings), also Any.
+Base = Any
+Factor = Any
+
+
+def _module_weights(A: nn.Module, B: nn.Module) -> tuple[Tensor, Tensor]:
+    return A.weight, B.weight  # type: ignore[return-value]  # factor modules (nn.Linear, nn.ConvNd) hold .weight
+
+
+def _placed_modules(A: nn.Module, B: nn.Module, device: torch.device | None, dtype: torch.dtype
+                    ) -> tuple[nn.Module, nn.Module]:
+    weight = A.weight
+    assert isinstance(weight, Tensor)
+    if (weight.dtype, weight.device) != (dtype, device or weight.device):
+        A, B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)  # Module.to costs ~20 µs idle
+    return A, B
+
+
+@dataclass(frozen=True)
+class DoraSupport:
+    """What DoRA (variants/dora.py) needs of a kind that supports it.
+
+    Attributes:
+        out_dim: the output axis of the base weight (0 for (out, ...) layouts, 1 for (in, out) / (num, dim)).
+        spatial: the output has (N, out, *spatial) layout (ConvNd): m is (1, out, 1, ...).
+        weight_only: (base, x) -> W x without bias in x's dtype, the base term on dropped-out input;
+            None where PEFT applies no dropout (Embedding).
+    """
+
+    out_dim: int
+    spatial: bool = False
+    weight_only: Callable[[nn.Module, Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,22 +98,43 @@ class Kind:
             show names some built-in kind already shows.
         extra_repr: base -> the text inside the wrapper's repr parentheses (``parameter_name='w'`` for
             kinds_param.py's ParamWrapper, as PEFT prints it).
+        linear_like: ``target_modules="all-linear"`` selects it (Linear, Conv1D, quantized linears).
+        fused: the branch is B(A(x)) with two bias-capable nn.Linear factors, so ops.py's fused kernels
+            (``add_lora_``, ``dora_``) may run it instead of ``branch``.
+        undrawn_factors: ``make_factors`` leaves the factor weights undrawn (``_uninitialised_linear``); inits
+            that use the RNG draw nn.Linear's kaiming numbers first, so a seed gives PEFT's factors.
+        calibrated: the data-driven inits (EVA, CorDA, LoRA-GA) read this kind's inputs or gradient (the
+            layers PEFT's lora.Linear wraps); other kinds keep LoRA's default init under them.
+        dora: what DoRA needs of this kind; None: DoRA refuses it.
+        containers: the layer's attribute names of the A and B containers (PEFT's names).
+        factor_weights: (A, B) as made by ``make_factors`` -> their weight tensors (A (r, in, ...), B (out, r, ...)).
+        place_factors: (A, B, device, dtype) -> the factors on that device and dtype, as the layer keeps them.
+        drops_input: the branch sees ``dropout(x)`` cast to the factors' dtype; False: x as given (embedding ids).
     """
 
     name: str
-    features: Callable[[nn.Module], tuple[int, int]]
-    make_factors: Callable[[nn.Module, int, bool], tuple]
-    branch: Callable[[nn.Module, Tensor, object, object], Tensor]
-    delta_weight: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    features: Callable[[Base], tuple[int, int]]
+    make_factors: Callable[[Base, int, bool], tuple[Factor, Factor]]
+    branch: Callable[[Base, Tensor, Factor, Factor], Tensor]
+    delta_weight: Callable[[Base, Tensor, Tensor], Tensor]
     embedding: bool = False
     weight_is_in_out: bool = False
-    matrix: Callable[[nn.Module], Tensor] = lambda m: m.weight
-    set_matrix: Callable[[nn.Module, Tensor], None] = lambda m, M: m.weight.copy_(M.reshape(m.weight.shape))
-    weight: Callable[[nn.Module], Tensor] = lambda m: m.weight
-    forward: Callable[..., object] | None = None
-    companions: Callable[[nn.Module], dict[str, nn.Module]] | None = None
+    matrix: Callable[[Base], Tensor] = lambda m: m.weight
+    set_matrix: Callable[[Base, Tensor], object] = lambda m, M: m.weight.copy_(M.reshape(m.weight.shape))
+    weight: Callable[[Base], Tensor] = lambda m: m.weight
+    forward: Callable[..., Any] | None = None
+    companions: Callable[[Base], dict[str, nn.Module]] | None = None
     attributes: tuple[str, ...] = ()
-    extra_repr: Callable[[nn.Module], str] = lambda m: ""
+    extra_repr: Callable[[Base], str] = lambda m: ""
+    linear_like: bool = False
+    fused: bool = False
+    undrawn_factors: bool = False
+    calibrated: bool = False
+    dora: DoraSupport | None = None
+    containers: tuple[str, str] = ("lora_A", "lora_B")
+    factor_weights: Callable[[Factor, Factor], tuple[Tensor, Tensor]] = _module_weights
+    place_factors: Callable[[Factor, Factor, torch.device | None, torch.dtype], tuple[Factor, Factor]] = _placed_modules
+    drops_input: bool = True
 
 
 KINDS: dict[type, Kind] = {}
@@ -78,20 +144,36 @@ KINDS_BY_NAME: dict[str, Kind] = {}
 # Kinds keyed by the "module.QualName" of a quantized weight's tensor class (torchao), for layers that stay
 # nn.Linear but hold a tensor subclass as their weight; looked up before the layer's own class.
 WEIGHT_KINDS_BY_NAME: dict[str, Kind] = {}
+# Names of the registered kinds with ``linear_like`` set, kept by ``register_kind`` (an index of the Kinds'
+# own fact, read by code that only has a name; new code reads ``kind.linear_like``).
+LINEAR_KINDS: set[str] = set()
 
 
-def register_kind(layer_type: type | str, kind: Kind) -> None:
-    """Register ``kind`` for ``layer_type`` (a class, or its 'module.QualName' to avoid an import)."""
-    if isinstance(layer_type, str):
+def register_kind(layer_type: type | str, kind: Kind, *, by_weight: bool = False) -> None:
+    """Register ``kind`` for ``layer_type`` (a class, or its 'module.QualName' to avoid an import).
+
+    ``by_weight``: ``layer_type`` names the class of a layer's *weight tensor* (torchao's quantized tensors on a
+    plain nn.Linear), looked up before the layer's own class.
+    """
+    if by_weight:
+        assert isinstance(layer_type, str), "a weight's tensor class is registered by its 'module.QualName'"
+        WEIGHT_KINDS_BY_NAME[layer_type] = kind
+    elif isinstance(layer_type, str):
         KINDS_BY_NAME[layer_type] = kind
     else:
         KINDS[layer_type] = kind
+    if kind.linear_like:
+        LINEAR_KINDS.add(kind.name)
 
 
 def base_weight(module: nn.Module) -> Tensor:
     """The tensor a merge changes in ``module`` (its Kind's ``weight``; ``module.weight`` for unregistered types)."""
     kind = find_kind(module)
-    return module.weight if kind is None else kind.weight(module)
+    if kind is not None:
+        return kind.weight(module)
+    weight = module.weight
+    assert isinstance(weight, Tensor), f"{type(module).__name__}.weight is not a tensor"
+    return weight
 
 
 def with_companions(module: nn.Module, kind: Kind) -> list[tuple[nn.Module, Kind]]:
@@ -103,9 +185,18 @@ def with_companions(module: nn.Module, kind: Kind) -> list[tuple[nn.Module, Kind
     return found
 
 
+def registered_kinds() -> Iterator[Kind]:
+    """Every registered Kind, once each."""
+    seen: set[int] = set()
+    for kind in (*KINDS.values(), *KINDS_BY_NAME.values(), *WEIGHT_KINDS_BY_NAME.values()):
+        if id(kind) not in seen:
+            seen.add(id(kind))
+            yield kind
+
+
 def exposed_attributes() -> set[str]:
     """Every name some registered Kind reads through from its base (``Kind.attributes``)."""
-    return {name for kind in (*KINDS.values(), *KINDS_BY_NAME.values()) for name in kind.attributes}
+    return {name for kind in registered_kinds() for name in kind.attributes}
 
 
 def supported_types() -> list[str]:
@@ -150,14 +241,10 @@ def kind_for(module: nn.Module, path: str) -> Kind:
     return kind
 
 
-# Kind names "all-linear" selects; quant.py adds its quantized linear layers (bnb Linear4bit, Linear8bitLt).
-LINEAR_KINDS: set[str] = {"Linear", "Conv1D"}
-
-
 def is_linear_like(module: nn.Module) -> bool:
     """True for nn.Linear, transformers' Conv1D and quantized linears: the layers "all-linear" selects."""
     kind = find_kind(module)
-    return kind is not None and kind.name in LINEAR_KINDS
+    return kind is not None and kind.linear_like
 
 
 # ---- Linear and GPT-2 Conv1D: the same factors, the weight stored the other way round ---------------------
@@ -183,8 +270,21 @@ def _uninitialised_linear(in_features: int, out_features: int, bias: bool) -> nn
     return layer
 
 
-def _linear_branch(base: nn.Module, x: Tensor, A: nn.Module, B: nn.Module) -> Tensor:
-    return B(A(x))  # (..., out) = (..., in) Aᵀ Bᵀ
+def _linear_branch(base: Base, x: Tensor, A: nn.Module, B: nn.Module) -> Tensor:
+    out: Tensor = B(A(x))  # (..., out) = (..., in) Aᵀ Bᵀ
+    return out
+
+
+def _linear_weight_only(base: Base, x: Tensor) -> Tensor:
+    return F.linear(x, base.weight.to(x.dtype))  # W (out, in)
+
+
+def _conv1d_gpt2_weight_only(base: Base, x: Tensor) -> Tensor:
+    return F.linear(x, base.weight.T.to(x.dtype))  # transformers' Conv1D stores W as (in, out)
+
+
+# PEFT's lora.Linear: "all-linear" picks it, ops.py fuses it, data-driven inits calibrate it
+_PEFT_LINEAR: dict[str, Any] = dict(linear_like=True, fused=True, undrawn_factors=True, calibrated=True)
 
 
 register_kind(
@@ -195,6 +295,8 @@ register_kind(
         make_factors=lambda m, r, bias: _linear_factors(m.in_features, m.out_features, r, bias),
         branch=_linear_branch,
         delta_weight=lambda m, A, B: B @ A,  # (out, in)
+        dora=DoraSupport(out_dim=0, weight_only=_linear_weight_only),
+        **_PEFT_LINEAR,
     ),
 )
 
@@ -209,6 +311,8 @@ register_kind(
         weight_is_in_out=True,
         matrix=lambda m: m.weight.T,
         set_matrix=lambda m, M: m.weight.copy_(M.T),
+        dora=DoraSupport(out_dim=1, weight_only=_conv1d_gpt2_weight_only),
+        **_PEFT_LINEAR,
     ),
 )
 
@@ -222,6 +326,12 @@ def _embedding_factors(m: nn.Embedding, r: int, lora_bias: bool) -> tuple[nn.Par
         )
     # PEFT creates both factors with randn; init_lora_weights=True then zeroes A.
     return nn.Parameter(torch.randn(r, m.num_embeddings)), nn.Parameter(torch.randn(m.embedding_dim, r))
+
+
+def _placed_parameters(A: Tensor, B: Tensor, device: torch.device | None, dtype: torch.dtype
+                       ) -> tuple[nn.Parameter, nn.Parameter]:
+    placed = [nn.Parameter(factor.detach().to(device=device, dtype=dtype)) for factor in (A, B)]
+    return placed[0], placed[1]
 
 
 def _embedding_branch(m: nn.Embedding, ids: Tensor, A: Tensor, B: Tensor) -> Tensor:
@@ -244,6 +354,11 @@ register_kind(
         embedding=True,
         matrix=lambda m: m.weight.T,  # (dim, num): "out" is the embedding dimension
         set_matrix=lambda m, M: m.weight.copy_(M.T),
+        dora=DoraSupport(out_dim=1),  # PEFT applies no dropout to ids, so no W dropout(x) term
+        containers=("lora_embedding_A", "lora_embedding_B"),  # Parameters, PEFT's names
+        factor_weights=lambda A, B: (A, B),
+        place_factors=_placed_parameters,
+        drops_input=False,  # PEFT applies no dropout to embedding ids
     ),
 )
 
@@ -258,7 +373,10 @@ def _conv_factors(m: nn.modules.conv._ConvNd, r: int, lora_bias: bool) -> tuple[
             + explain("rank does not split into the groups", got=f"r={r}", expected=f"a multiple of {m.groups}",
                       fix="set r (or a rank_pattern entry for this layer) to a multiple of groups")
         )
-    conv = type(m) if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else _CONV_BY_DIMS[len(m.kernel_size)]
+    # the base's own class for torch's convs, else the plain one of its dimension (a subclass may take other arguments)
+    conv: Callable[..., nn.Module] = _CONV_BY_DIMS[len(m.kernel_size)]
+    if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        conv = type(m)
     # Dilation follows the base so both paths see the same receptive field (PEFT 0.21.2 drops it, which
     # misaligns outputs for dilated convs); groups on B follow PEFT so the factor shapes are identical.
     A = conv(m.in_channels, r, m.kernel_size, m.stride, m.padding, dilation=m.dilation, bias=False)
@@ -275,10 +393,18 @@ def _conv_delta_weight(m: nn.modules.conv._ConvNd, A: Tensor, B: Tensor) -> Tens
                       expected="groups=1", fix="keep this adapter unmerged (its LoRA branch reads every input "
                                                "channel, which a grouped convolution's weight cannot express)")
         )
-    return torch.tensordot(B.flatten(1), A, dims=1)  # (out, in, *k)
+    delta: Tensor = torch.tensordot(B.flatten(1), A, dims=1)  # (out, in, *k)
+    return delta
 
 
-_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+def _conv_weight_only(base: Base, x: Tensor) -> Tensor:
+    # _conv_forward honours padding_mode; PEFT calls F.convNd with zero padding (same result for "zeros")
+    out: Tensor = base._conv_forward(x, base.weight.to(x.dtype), None)
+    return out
+
+
+_CONV_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_DORA = DoraSupport(out_dim=0, spatial=True, weight_only=_conv_weight_only)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_kind(
         _conv,
@@ -289,8 +415,7 @@ for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             branch=_linear_branch,
             delta_weight=_conv_delta_weight,
             matrix=lambda m: m.weight.flatten(1),  # (out, in/groups · k...)
+            dora=_CONV_DORA,
         ),
     )
 
-
-from . import kinds_mha  # noqa: E402,F401  registers nn.MultiheadAttention (it builds on the Linear kind above)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -96,10 +96,10 @@ def weights_replaced(replacements: list[tuple[nn.Module, str, Tensor]]) -> Itera
     with ``use_orig_params`` sets parameters as plain tensor attributes during its forward, which
     ``torch.func.functional_call`` would skip silently), else ``_parameters``.
     """
-    saved: list[tuple[dict, str, object]] = []
+    saved: list[tuple[dict[str, Any], str, object]] = []
     try:
         for module, name, value in replacements:
-            store: dict = module.__dict__ if name in module.__dict__ else module._parameters
+            store: dict[str, Any] = module.__dict__ if name in module.__dict__ else module._parameters
             saved.append((store, name, store[name]))
             store[name] = value
         yield
@@ -108,7 +108,8 @@ def weights_replaced(replacements: list[tuple[nn.Module, str, Tensor]]) -> Itera
             store[name] = original
 
 
-def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
+def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[Tensor, Tensor | None]:
     """MultiheadAttention(query, key, value; W_in', b_in, W_out', b_out) (module docstring).
 
     Raises:
@@ -121,8 +122,6 @@ def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple, kwargs: dict) -> 
                       fix="its update is applied to the weights, one per call: run each adapter's rows in its "
                           "own call (set_adapter), or exclude this module")
         )
-    from .layer import LoraLayer  # layer.py imports this module through kinds.py
-
     base = layer.base_layer
     out_proj = base.out_proj  # a LoraLayer once an adapter is added; the base's forward never calls it
     if layer._disable_adapters:
@@ -133,7 +132,7 @@ def _mha_forward(layer: LoraLayer, query: Tensor, args: tuple, kwargs: dict) -> 
         W_in = effective_weight(layer)
         if W_in is not None:
             replacements.append((base, "in_proj_weight", W_in))
-        if isinstance(out_proj, LoraLayer):  # it follows this layer's set_adapter / merge (layer.py)
+        if isinstance(out_proj, type(layer)):  # a LoRA layer: it follows this layer's set_adapter / merge (layer.py)
             W_out = effective_weight(out_proj)
             if W_out is not None:
                 replacements.append((out_proj.base_layer, "weight", W_out))
@@ -162,5 +161,6 @@ register_kind(
         forward=_mha_forward,
         companions=_out_proj,
         attributes=MHA_ATTRIBUTES,
+        undrawn_factors=True,  # kinds._linear_factors
     ),
 )

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ from torch.nn.utils import parametrize
 
 from .config import LoraConfig
 from .errors import explain
-from .inits import NEEDS_WEIGHT
+from .inits import INITS
 from .kinds import Kind, _linear_factors
 from .kinds_mha import effective_weight, weights_replaced
 from .layer import LayerSpec, LoraLayer
@@ -110,7 +111,7 @@ def _delta(parameter_name: str, base: nn.Module, A: Tensor, B: Tensor) -> Tensor
 
 
 def _matrix(parameter_name: str, base: nn.Module) -> Tensor:
-    W = getattr(owner(base), parameter_name)
+    W: Tensor = getattr(owner(base), parameter_name)
     if W.dim() != 2:
         raise ValueError(explain("this init method needs one weight matrix to decompose",
                                  where=f"the {W.dim()}-D parameter {parameter_name!r}",
@@ -135,10 +136,11 @@ def _no_branch(base: nn.Module, x: Tensor, A: object, B: object) -> Tensor:
 
 def parameter_name_of(layer: LoraLayer) -> str:
     """The name of the parameter a ParamWrapper adapts (PEFT's ``ParamWrapper.parameter_name``)."""
-    return layer.__dict__["parameter_name"]
+    name: str = layer.__dict__["parameter_name"]
+    return name
 
 
-def _forward(layer: LoraLayer, x: Tensor, args: tuple, kwargs: dict) -> object:
+def _forward(layer: LoraLayer, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
     """M(x) with W + Σ_active s·ΔW standing in for the targeted parameter (module docstring).
 
     Raises:
@@ -206,7 +208,8 @@ def _weight(parameter_name: str, base: nn.Module) -> Tensor:
                                  got="a torch.nn.utils.parametrize parametrization",
                                  fix="keep the adapter unmerged (forward adds ΔW after the parametrization), or "
                                      "remove the parametrization first"))
-    return getattr(module, parameter_name)
+    W: Tensor = getattr(module, parameter_name)
+    return W
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,6 +226,7 @@ def param_kind(parameter_name: str) -> Kind:
         weight=functools.partial(_weight, parameter_name),
         forward=_forward,
         extra_repr=lambda base: f"parameter_name={parameter_name!r},",  # PEFT's repr, comma included
+        undrawn_factors=True,  # kinds._linear_factors
     )
 
 
@@ -234,9 +238,9 @@ def _matches(full_name: str, targets: Iterable[str]) -> bool:
 def wrapper_of(module: nn.Module, parameter_name: str) -> LoraLayer | None:
     """The ParamWrapper for ``parameter_name`` in the chain of wrappers at ``module``, or None."""
     while isinstance(module, LoraLayer):
-        if module.kind.name == NAME and module.__dict__.get("parameter_name") == parameter_name:
+        if module.kind is param_kind(parameter_name):  # one Kind per parameter name (cached)
             return module
-        module = module.base_layer  # type: ignore[assignment]
+        module = module.base_layer
     return None
 
 
@@ -293,7 +297,7 @@ def resolve_parameters(config: LoraConfig, candidates: list[tuple[str, nn.Module
                                             fix="remove it from target_parameters")
                 )
             spec = spec_for(f"{path}.{name}", config)
-            if W.dim() == 3 and spec.init.name in NEEDS_WEIGHT:
+            if W.dim() == 3 and INITS[spec.init.name].needs_weight:
                 raise ValueError(explain(f"init_lora_weights={config.init_lora_weights!r} decomposes a weight matrix",
                                          where=f"the 3-D parameter {path}.{name}", got=tuple(W.shape),
                                          fix="use init_lora_weights=True, False or 'gaussian' for expert weights"))

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import kinds_builtin, ops, quant_backends  # noqa: F401  (the built-in kinds and backends register on import)
 from .config import InitMethod
 from .errors import explain, warn
-from .inits import ATTACHED, FRESH, INITS, NEEDS_WEIGHT, InitRequest, write_factor
+from .inits import INITS, InitRequest, write_factor
 from .kinds import Kind, exposed_attributes, kind_for
 from .quant import dense_weight, write_weight
 from .variants import Variant, resolve_variant
@@ -74,7 +74,8 @@ def adapter_dtype(base_layer: nn.Module, kind: Kind | None = None) -> torch.dtyp
             weight = kind.weight(base_layer)
     if weight is None or not weight.is_floating_point() or weight.dtype in HALF_DTYPES:
         return torch.float32
-    return weight.dtype
+    dtype: torch.dtype = weight.dtype
+    return dtype
 
 
 def expand_rows(rows: Tensor, batch: int, routed_batch: int) -> Tensor:
@@ -105,7 +106,8 @@ def contiguous_run(rows: Tensor) -> tuple[int, int] | None:
     return (first, last + 1) if bool((rows.diff() == 1).all()) else None
 
 
-def _promoted(y: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> tuple:
+def _promoted(y: Tensor, A: Tensor, B: Tensor, bias: Tensor | None
+              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """(A, B, bias, y) in the dtype of ``y + branch`` (torch's promotion), the dtype ops.add_lora_ writes y in."""
     dtype = torch.promote_types(y.dtype, A.dtype)
     if A.dtype != dtype:
@@ -121,7 +123,8 @@ class LoraLayer(nn.Module):
     """
 
     # PEFT's names of the per-adapter containers and settings (code written for PEFT walks them)
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                            "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
     kind: Kind
@@ -196,32 +199,35 @@ class LoraLayer(nn.Module):
             warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} has no "
                  "bias. This means that merging LoRA weights won't be possible. (The bias trains in lora_B and stays "
                  "a separate term; merge_and_unload will refuse this adapter.)")
+        kind, init = self.kind, INITS[spec.init.name]
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            A, B = self.kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
+            A, B = kind.make_factors(self.base_layer, spec.r, spec.lora_bias)
+        A_weight, B_weight = kind.factor_weights(A, B)
         weight, options = None, spec.init.options
-        if spec.init.name in NEEDS_WEIGHT and initialise:
-            weight = self.kind.matrix(self.base_layer).detach().float()
-        attached = ATTACHED.get(spec.init.name)  # what a preprocess step left on the base layer (inits.ATTACHED)
-        if attached:
-            options = {**options, **{key: self._take_attached(attribute) for attribute, key in attached.items()}}
-        result = None if not initialise else INITS[spec.init.name](  # not: a file fills them (plan.draws_init)
+        if init.needs_weight and initialise:
+            weight = kind.matrix(self.base_layer).detach().float()
+        if init.attached and initialise:  # what a preprocess step left on the base layer (Init.attached)
+            options = {**options, **{key: self._take_attached(attribute) for attribute, key in init.attached.items()}}
+        result = None if not initialise else init(  # not: a file fills them (plan.draws_init)
             InitRequest(
-                A_shape=tuple(A.shape if self.kind.embedding else A.weight.shape),
-                B_shape=tuple(B.shape if self.kind.embedding else B.weight.shape),
+                A_shape=tuple(A_weight.shape),
+                B_shape=tuple(B_weight.shape),
                 r=spec.r,
                 scaling=spec.scaling,
-                embedding=self.kind.embedding,
+                embedding=kind.embedding,
                 options=options,
                 weight=weight,
-                kind=self.kind.name,
+                kind=kind.name,
+                undrawn=kind.undrawn_factors,
+                calibrated=kind.calibrated,
+                weight_is_in_out=kind.weight_is_in_out,
             )
         )
         with torch.no_grad():
-            A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
             if result is not None:
-                write_factor(A_weight, result.A, spec.init.name in FRESH)
-                write_factor(B_weight, result.B, spec.init.name in FRESH)
-                if getattr(B, "bias", None) is not None and spec.init.name != "none":  # False keeps it random
+                write_factor(A_weight, result.A, init.fresh)
+                write_factor(B_weight, result.B, init.fresh)
+                if getattr(B, "bias", None) is not None and init.zeroes_bias:
                     B.bias.zero_()
                 if result.base_weight is not None:  # residual inits: W <- W_res, cast once to the base dtype
                     base_weight = self.kind.matrix(self.base_layer)
@@ -232,21 +238,14 @@ class LoraLayer(nn.Module):
             dtype = reference.dtype
         if device is None and reference is not None:
             device = reference.device
-        placement = dict(device=torch.device(device) if device is not None else None, dtype=dtype)
-        if self.kind.embedding:
-            A, B = nn.Parameter(A.detach().to(**placement)), nn.Parameter(B.detach().to(**placement))
-        elif (A.weight.dtype, A.weight.device) != (dtype, placement["device"] or A.weight.device):
-            A, B = A.to(**placement), B.to(**placement)  # Module.to costs ~20 µs even when nothing moves
-        variant = resolve_variant(spec, self.kind, self.base_layer)
+        A, B = kind.place_factors(A, B, torch.device(device) if device is not None else None, dtype)
+        variant = resolve_variant(spec, kind, self.base_layer)
         if variant is not None:  # it may refuse this layer, so it runs before anything is registered
-            replaced = variant.init(self, adapter_name, *((A, B) if self.kind.embedding else (A.weight, B.weight)),
-                                    spec.scaling) or {}
+            replaced = variant.init(self, adapter_name, *kind.factor_weights(A, B), spec.scaling) or {}
             A, B = replaced.get("lora_A", A), replaced.get("lora_B", B)
             self._variants[adapter_name] = variant
-        if self.kind.embedding:
-            self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name] = A, B
-        else:
-            self.lora_A[adapter_name], self.lora_B[adapter_name] = A, B
+        containers: dict[str, Any] = self._modules
+        containers[kind.containers[0]][adapter_name], containers[kind.containers[1]][adapter_name] = A, B
         self.lora_dropout[adapter_name] = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = spec.r
         self.lora_alpha[adapter_name] = spec.lora_alpha
@@ -306,7 +305,7 @@ class LoraLayer(nn.Module):
         entry = container[adapter_name]
         return [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
 
-    def _containers(self) -> list[nn.Module]:
+    def _containers(self) -> list[Any]:  # nn.ModuleDict / nn.ParameterDict, indexed by adapter name
         """The per-adapter containers: PEFT's ``adapter_layer_names``, with those variants added (``add_container``)."""
         return [getattr(self, name) for name in self.adapter_layer_names if hasattr(self, name)]
 
@@ -403,33 +402,36 @@ class LoraLayer(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The base layer's weight, so code that reads ``module.weight`` keeps working (as with PEFT)."""
-        return self.base_layer.weight
+        weight: Tensor = self.base_layer.weight  # type: ignore[assignment]  # every kind with a .weight holds a tensor
+        return weight
 
     @property
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def factors(self, adapter_name: str) -> tuple:
-        """(A, B) of one adapter: modules for linear and conv kinds, Parameters for embeddings."""
-        if self.kind.embedding:
-            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        return self.lora_A[adapter_name], self.lora_B[adapter_name]
+    def factors(self, adapter_name: str) -> tuple[Any, Any]:
+        """(A, B) of one adapter from the kind's containers (``Kind.containers``): modules for linear and conv
+        kinds, Parameters for embeddings."""
+        A_name, B_name = self.kind.containers
+        return self._modules[A_name][adapter_name], self._modules[B_name][adapter_name]  # type: ignore[index]
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         """y = base(x) + Σ_active s · B A dropout(x); the base output alone when disabled or merged."""
         if self.kind.forward is not None:  # a kind whose update lives in its weights (kinds_mha.py)
-            return self.kind.forward(self, x, args, kwargs)
+            output: Tensor = self.kind.forward(self, x, args, kwargs)
+            return output
         if self._disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
+            base_output: Tensor = self.base_layer(x, *args, **kwargs)
+            return base_output
+        y: Tensor = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
             return y
         if self._routes is not None:
             return self._mixed_batch(x, y)
-        if ops.FUSED and self.kind.name in ops.FUSED_KINDS:  # compile traces ops.py's traceable twin (ops.py)
+        if ops.FUSED and self.kind.fused:  # compile traces ops.py's traceable twin (ops.py)
             return self._fused(x, y)
         result_dtype = y.dtype
         variants = self._variants
@@ -460,8 +462,12 @@ class LoraLayer(nn.Module):
             if isinstance(self.scaling[name], Tensor):  # hotswap.py's tensor scaling: GEMM alphas take numbers only
                 y = y + self._branch(name, x) * self.scaling[name]
                 continue
-            B = self.lora_B[name]
-            A, B_weight, bias = self.lora_A[name].weight, B.weight, B.bias
+            # Kind.fused: both factors are nn.Linear (ModuleDict's stub types its entries as Module)
+            A_linear: nn.Linear = self.lora_A[name]  # type: ignore[assignment]
+            B: nn.Linear = self.lora_B[name]  # type: ignore[assignment]
+            A: Tensor = A_linear.weight
+            B_weight: Tensor = B.weight
+            bias: Tensor | None = B.bias
             if lower is not None:
                 A, B_weight, bias = ops.lowered(lower, A, B_weight, bias)
             if y.dtype != A.dtype:  # y + branch in the promoted dtype, as PEFT's sum
@@ -479,7 +485,7 @@ class LoraLayer(nn.Module):
     def _branch(self, adapter_name: str, x: Tensor) -> Tensor:
         """B A dropout(x), unscaled, in the adapter's dtype (the reference path, and the kinds ops.py leaves)."""
         A, B = self.factors(adapter_name)
-        if self.kind.embedding:  # PEFT applies no dropout to embedding ids
+        if not self.kind.drops_input:  # embedding ids: PEFT applies no dropout to them
             return self.kind.branch(self.base_layer, x, A, B)
         inputs = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
         return self.kind.branch(self.base_layer, self.lora_dropout[adapter_name](inputs), A, B)
@@ -492,6 +498,7 @@ class LoraLayer(nn.Module):
         gathered once and added back with one ``index_add_``. Runs with autograd recording take the
         out-of-place reference (``index_select`` / ``index_add``).
         """
+        assert self._routes is not None  # forward calls this only with routes set
         routed_batch, routes = self._routes
         in_place = not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)) and ops.FUSED
         result_dtype, lower = y.dtype, ops.autocast_dtype(x)
@@ -503,12 +510,16 @@ class LoraLayer(nn.Module):
                 y_rows = self._variants[name].forward(self, name, x.index_select(0, rows), y.index_select(0, rows))
                 y = y.index_copy(0, rows, y_rows.to(y.dtype))
                 continue
-            if not (in_place and self.kind.name in ops.FUSED_KINDS) or isinstance(self.scaling[name], Tensor):
+            if not (in_place and self.kind.fused) or isinstance(self.scaling[name], Tensor):
                 delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
                 y = y.index_add(0, rows, delta.to(y.dtype))
                 continue
-            B = self.lora_B[name]
-            A, B_weight, bias = self.lora_A[name].weight, B.weight, B.bias
+            # Kind.fused: both factors are nn.Linear (ModuleDict's stub types its entries as Module)
+            A_linear: nn.Linear = self.lora_A[name]  # type: ignore[assignment]
+            B: nn.Linear = self.lora_B[name]  # type: ignore[assignment]
+            A: Tensor = A_linear.weight
+            B_weight: Tensor = B.weight
+            bias: Tensor | None = B.bias
             if lower is not None:
                 A, B_weight, bias = ops.lowered(lower, A, B_weight, bias)
             A, B_weight, bias, y = _promoted(y, A, B_weight, bias)
@@ -527,8 +538,7 @@ class LoraLayer(nn.Module):
     # ---- merge -------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """s · ΔW in the base weight's layout, in float32 (for DoRA too: PEFT's get_delta_weight ignores m)."""
-        A, B = self.factors(adapter_name)
-        A_weight, B_weight = (A, B) if self.kind.embedding else (A.weight, B.weight)
+        A_weight, B_weight = self.kind.factor_weights(*self.factors(adapter_name))
         variant = self._variants.get(adapter_name)
         if variant is not None and variant.dense is not None:  # compact factors (BD-LoRA)
             A_weight, B_weight = variant.dense(self, adapter_name)
@@ -569,7 +579,8 @@ class LoraLayer(nn.Module):
             if rounding is not None:
                 self.rounding_error = max(rounding, self.rounding_error or 0.0)
             if self.lora_bias.get(adapter_name):
-                B = self.lora_B[adapter_name]
+                assert bias is not None  # refused above
+                B: nn.Linear = self.lora_B[adapter_name]  # type: ignore[assignment]  # lora_bias: an nn.Linear B
                 bias.copy_((bias.float() + sign * B.bias.float() * self.scaling[adapter_name]).to(bias.dtype))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

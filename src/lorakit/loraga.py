@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from .config import LoraConfig
 
 GRAD_ATTRIBUTE = "_peft_loraga_grad"  # PEFT's name: code written for PEFT reads it
-SUPPORTED_KINDS = ("Linear", "Conv1D")
-_STORED_FIRST_AXIS = {"Conv1D": 1}  # the matrix axis that is the stored weight's first dimension (default 0)
 
 
 @dataclass
@@ -95,7 +93,8 @@ def loraga_factors(G: Tensor, W: Tensor, r: int, s: float, config: dict[str, Any
     return A.contiguous(), B.contiguous()
 
 
-@register_init("lora_ga", needs_weight=True, attached={GRAD_ATTRIBUTE: "grad"})
+@register_init("lora_ga", needs_weight=True, attached={GRAD_ATTRIBUTE: "grad"}, residual=True, exact=True,
+               data_driven=True)
 def lora_ga(request: InitRequest) -> InitResult | None:
     """LoRA-GA's init from the gradient ``preprocess_loraga`` left on the layer (module docstring).
 
@@ -104,7 +103,7 @@ def lora_ga(request: InitRequest) -> InitResult | None:
     """
     G = request.options.get("grad")
     kind = request.kind or "Linear"
-    if G is None or request.embedding or kind not in SUPPORTED_KINDS:
+    if G is None or not request.data_driven_applies:  # Kind.calibrated: PEFT's lora.Linear kinds only
         return default(request)
     config = request.options.get("lora_ga_config")
     if config is None:
@@ -114,7 +113,7 @@ def lora_ga(request: InitRequest) -> InitResult | None:
     W = request.weight
     assert W is not None, "lora_ga is registered with needs_weight=True"
     A, B = loraga_factors(G.detach().float().to(W.device), W, request.r, request.scaling, config,
-                          W.shape[_STORED_FIRST_AXIS.get(kind, 0)])
+                          W.shape[1 if request.weight_is_in_out else 0])  # the stored weight's first dim
     # as PEFT: A and B are rounded to the base weight's dtype (G's) first, and W_res is computed from the rounded ones
     A, B = A.to(G.dtype).float(), B.to(G.dtype).float()
     return InitResult(A=A, B=B, base_weight=W - request.scaling * (B @ A))
@@ -130,7 +129,7 @@ def loraga_targets(model: nn.Module, lora_config: LoraConfig) -> list[tuple[str,
     except ValueError:  # nothing matched: reported as "no supported layers" by the caller
         return []
     modules = dict(model.named_modules())
-    return [(name, modules[name]) for name in plan.layers if plan.kinds[name].name in SUPPORTED_KINDS]
+    return [(name, modules[name]) for name in plan.layers if plan.kinds[name].calibrated]
 
 
 def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], train_step: Callable[[], None]) -> None:

@@ -67,14 +67,16 @@ unchanged: one ``is_compiling()`` test per layer call. Measured on CPU (inductor
 the decoder layers, lorakit.compiling): see that module.
 
 Switch: ``LORAKIT_FUSED=0`` in the environment (read at import) or ``ops.FUSED = False`` selects the
-reference path (layer.py's ``_branch`` with ``nn.Dropout``, variants.py's ``dora_reference``); ``FUSED_KINDS``
-lists the kinds that take the fused path, every other kind (Embedding, ConvNd) always runs the reference.
+reference path (layer.py's ``_branch`` with ``nn.Dropout``, variants.py's ``dora_reference``); the kinds with
+``Kind.fused`` set (Linear, Conv1D) take the fused path, every other kind (Embedding, ConvNd) always runs the
+reference.
 tests/test_ops.py checks both paths against each other, forward and every gradient, with the same masks.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,7 +84,6 @@ from torch import Tensor
 from .dropout import keep_mask, traced_keep_mask
 
 FUSED: bool = os.environ.get("LORAKIT_FUSED", "1") != "0"
-FUSED_KINDS = frozenset({"Linear", "Conv1D"})  # kinds whose branch is B(A(x)) with two nn.Linear factors
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # ~0.1 µs; absent: ask the device
@@ -102,9 +103,11 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def lowered(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """``tensors`` cast to autocast's ``dtype`` as F.linear would cast them (float64 and None left alone)."""
-    return tuple(t if t is None or t.dtype in (dtype, torch.float64) else t.to(dtype) for t in tensors)
+def lowered(dtype: torch.dtype, A: Tensor, B: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A, B and bias cast to autocast's ``dtype`` as F.linear would cast them (float64 and None left alone)."""
+    keep = (dtype, torch.float64)
+    return (A if A.dtype in keep else A.to(dtype), B if B.dtype in keep else B.to(dtype),
+            bias if bias is None or bias.dtype in keep else bias.to(dtype))
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -115,7 +118,7 @@ class LoraBranch(torch.autograd.Function):
     """y ← y + c·(x ⊙ m) Aᵀ Bᵀ + s·b_B in place (module docstring); returns y."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s: float,
+    def forward(ctx: Any, y: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s: float,
                 p: float, mask: Tensor | None) -> Tensor:
         x2, y2 = _rows(x), y.view(-1, y.shape[-1])
         if p > 0 and mask is None:
@@ -131,7 +134,7 @@ class LoraBranch(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, h, mask, A, B = ctx.saved_tensors
         c = ctx.c
         g2 = _rows(g)
@@ -167,7 +170,8 @@ def writable(y: Tensor) -> Tensor:
     if not y.is_contiguous():
         return y.contiguous()
     if y._base is not None and torch.is_grad_enabled():
-        return torch.ops.aten._unsafe_view(y, y.shape)
+        view: Tensor = torch.ops.aten._unsafe_view(y, y.shape)
+        return view
     return y
 
 
@@ -182,7 +186,8 @@ def add_lora_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s
     """
     if torch.compiler.is_compiling():
         return add_lora(y, x, A, B, bias, s, p, mask)
-    return LoraBranch.apply(writable(y), x, A, B, bias, s, p, mask)
+    out: Tensor = LoraBranch.apply(writable(y), x, A, B, bias, s, p, mask)  # type: ignore[no-untyped-call]
+    return out  # (torch's stub leaves Function.apply untyped)
 
 
 def add_lora(y: Tensor, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s: float, p: float = 0.0,
@@ -204,7 +209,7 @@ class DoraBranch(torch.autograd.Function):
     """out = f ⊙ y + s·(x Aᵀ)(f ⊙ B)ᵀ + (1 − f) ⊙ b in place on y, f = m/n (module docstring); returns y."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, A: Tensor, B: Tensor, m: Tensor, n: Tensor, bias: Tensor | None,
+    def forward(ctx: Any, y: Tensor, x: Tensor, A: Tensor, B: Tensor, m: Tensor, n: Tensor, bias: Tensor | None,
                 s: float) -> Tensor:
         y2 = y.view(-1, y.shape[-1])
         f = m / n  # (out,)
@@ -220,7 +225,7 @@ class DoraBranch(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, h, out, A, B, m, f, bias = ctx.saved_tensors
         s = ctx.s
         g2, out2 = _rows(g), out.view(-1, out.shape[-1])
@@ -252,4 +257,5 @@ def dora_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, m: Tensor, n: Tensor, bias
         y: (..., out) the running output. x: (..., in). A: (r, in). B: (out, r). m: (out,) the magnitude
         (m ≠ 0). n: (out,) the detached row norm. bias: the base layer's bias or None. All in A's dtype.
     """
-    return DoraBranch.apply(writable(y), x, A, B, m, n, bias, s)
+    out: Tensor = DoraBranch.apply(writable(y), x, A, B, m, n, bias, s)  # type: ignore[no-untyped-call]
+    return out  # (torch's stub leaves Function.apply untyped)

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import warn
-from .kinds import LINEAR_KINDS, WEIGHT_KINDS_BY_NAME, Kind, base_weight, register_kind
-from .variants.dora import DORA_KINDS, DoraKind
+from .kinds import Base, DoraSupport, Kind, base_weight, register_kind
 
 T = TypeVar("T")
 PROBE_ROWS = 64  # rows of the probe input that measures a requantization's rounding
@@ -55,11 +54,11 @@ class QuantBackend:
     """
 
     name: str
-    dequantize: Callable[[nn.Module], Tensor]
-    requantize: Callable[[nn.Module, Tensor], None]
+    dequantize: Callable[[Base], Tensor]
+    requantize: Callable[[Base, Tensor], None]
     bits: int
     keeps_dtype: bool = False
-    stored: Callable[[nn.Module], Tensor] = lambda m: m.weight
+    stored: Callable[[Base], Tensor] = lambda m: m.weight
 
 
 QUANT_BACKENDS: dict[str, QuantBackend] = {}  # "module.QualName" of the layer class -> backend
@@ -73,9 +72,8 @@ def register_quant_backend(qualified_name: str, backend: QuantBackend) -> None:
 
 
 def _quantized_linear_kind(backend: QuantBackend) -> Kind:
-    """A linear Kind whose W is read and written through ``backend``; "all-linear" selects it, DoRA runs on it."""
-    LINEAR_KINDS.add(backend.name)  # "all-linear" targets quantized projections, as PEFT does
-    DORA_KINDS[backend.name] = DoraKind(out_dim=0, weight_only=_dequantized_weight_only)
+    """A linear Kind whose W is read and written through ``backend``; "all-linear" selects it (as PEFT does), DoRA
+    runs on it."""
     return Kind(
         name=backend.name,
         features=lambda m: (m.in_features, m.out_features),
@@ -86,6 +84,8 @@ def _quantized_linear_kind(backend: QuantBackend) -> Kind:
         matrix=dense_weight,  # by module, so a base swapped for nn.Linear (dequantize=True) still reads
         set_matrix=write_weight,
         weight=lambda m: backend.stored(m) if find_backend(m) is not None else m.weight,  # dequantize=True: nn.Linear
+        linear_like=True,
+        dora=DoraSupport(out_dim=0, weight_only=_dequantized_weight_only),
     )
 
 
@@ -93,7 +93,7 @@ def register_weight_backend(qualified_name: str, backend: QuantBackend) -> None:
     """Register ``backend`` for layers of a dense class (nn.Linear) whose ``weight`` is a quantized tensor
     subclass named ``qualified_name`` (torchao): the layer keeps its Kind, only W's reading and writing change."""
     WEIGHT_BACKENDS[qualified_name] = backend
-    WEIGHT_KINDS_BY_NAME[qualified_name] = _quantized_linear_kind(backend)
+    register_kind(qualified_name, _quantized_linear_kind(backend), by_weight=True)
 
 
 def _nearest(table: dict[str, QuantBackend], cls: type) -> QuantBackend | None:
@@ -151,19 +151,19 @@ def write_weight(module: nn.Module, W: Tensor, kind: Kind | None = None) -> floa
         return (probe.to(error.device) @ error.T).abs().max().item()
 
 
-def _high_precision_dtype(module: nn.Module) -> torch.dtype:
+def _high_precision_dtype(module: Base) -> torch.dtype:
     """The float dtype a quantized tensor-subclass weight stands for (its ``dtype``), float32 otherwise."""
     dtype = getattr(module, "weight").dtype
     return dtype if dtype.is_floating_point else torch.float32
 
 
-def _dequantized_weight_only(base: nn.Module, x: Tensor) -> Tensor:
+def _dequantized_weight_only(base: Base, x: Tensor) -> Tensor:
     """DoRA's base term on dropped-out input, W x without bias, with W dequantized (as PEFT does)."""
     return F.linear(x, dense_weight(base).to(x.dtype))
 
 
 # ---- the rounding warning and full-precision unloading ---------------------------------------------------------
-def merge_reporting_rounding(layers: Iterable[nn.Module], merge: Callable[[], T]) -> T:
+def merge_reporting_rounding(layers: Iterable[Any], merge: Callable[[], T]) -> T:  # layers: LoraLayers
     """Run ``merge()``; then warn once with the largest rounding (``LoraLayer.rounding_error``) it caused.
 
     A plain function rather than a context manager, so that the warning points at the user's line.
@@ -212,7 +212,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 # ---- bitsandbytes ----------------------------------------------------------------------------------------------
-def _bnb4_dequantize(module: nn.Module) -> Tensor:
+def _bnb4_dequantize(module: Base) -> Tensor:
     """deq(Q) of a bnb Linear4bit: blockwise NF4 / FP4 codes times their (double-quantized) absmax."""
     import bitsandbytes.functional as bnb_functional
 
@@ -220,7 +220,7 @@ def _bnb4_dequantize(module: nn.Module) -> Tensor:
     return bnb_functional.dequantize_4bit(data, state).float()
 
 
-def _bnb4_unpacked(module: nn.Module) -> tuple[Tensor, object]:
+def _bnb4_unpacked(module: Base) -> tuple[Tensor, Any]:  # (codes, bnb QuantState)
     """(codes, quant state) in bnb's canonical layout. In eval mode without grad, bnb's CPU forward repacks the
     weight for its AVX512-BF16 kernel (absmax rounded to bf16); undo that on copies, leaving the module as is."""
     import copy
@@ -233,13 +233,13 @@ def _bnb4_unpacked(module: nn.Module) -> tuple[Tensor, object]:
     return _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(weight.quant_state))
 
 
-def _bnb4_requantize(module: nn.Module, W: Tensor) -> None:
+def _bnb4_requantize(module: Base, W: Tensor) -> None:
     """Q ← quantize_4bit(W) with the module's quant type, block size, double quant and storage dtype."""
     import bitsandbytes as bnb
 
     old = module.weight
     state = _bnb4_unpacked(module)[1]
-    module.weight = bnb.nn.Params4bit(
+    module.weight = bnb.nn.Params4bit(  # type: ignore[attr-defined,misc]  # bnb: no __all__; its .to stub clashes
         W.to(device="cpu", dtype=state.dtype), requires_grad=False, quant_type=state.quant_type,
         blocksize=state.blocksize, compress_statistics=state.nested, quant_storage=old.quant_storage,
         module=module,
@@ -247,20 +247,20 @@ def _bnb4_requantize(module: nn.Module, W: Tensor) -> None:
     module.quant_state = module.weight.quant_state
 
 
-def _bnb8_codes(module: nn.Module) -> tuple[Tensor, Tensor]:
+def _bnb8_codes(module: Base) -> tuple[Tensor, Tensor]:
     """(CB (out, in) int8, SCB (out,)): on the weight until the first forward, on ``module.state`` after."""
     weight = module.weight
     SCB = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
     return weight.data, SCB
 
 
-def _bnb8_dequantize(module: nn.Module) -> Tensor:
+def _bnb8_dequantize(module: Base) -> Tensor:
     """deq(Q) of a bnb Linear8bitLt: W = CB · SCB_row / 127 (LLM.int8() row-wise absmax, arXiv:2208.07339)."""
     CB, SCB = _bnb8_codes(module)
     return CB.float() * SCB.float()[:, None] / 127
 
 
-def _bnb8_requantize(module: nn.Module, W: Tensor) -> None:
+def _bnb8_requantize(module: Base, W: Tensor) -> None:
     """CB, SCB ← int8_vectorwise_quant(W) in place; the module re-reads them at its next forward."""
     import bitsandbytes.functional as bnb_functional
 
@@ -275,7 +275,3 @@ register_quant_backend("bitsandbytes.nn.modules.Linear4bit",
 register_quant_backend("bitsandbytes.nn.modules.Linear8bitLt",
                        QuantBackend("Linear8bitLt", _bnb8_dequantize, _bnb8_requantize, bits=8))
 
-
-from . import quant_torchao  # noqa: E402,F401  (registers torchao's weight formats)
-from . import quant_hqq  # noqa: E402,F401  (registers HQQ's HQQLinear)
-from . import quant_gptq  # noqa: E402,F401  (registers gptqmodel's GPTQ layers)

@@ -16,17 +16,19 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .errors import explain
+from .kinds import Base
 from .quant import QuantBackend, register_quant_backend
 
 KIND_NAME = "GPTQLoraLinear"  # PEFT prints lora.GPTQLoraLinear
 
 
-def _dequantize(module: nn.Module) -> Tensor:
+def _dequantize(module: Base) -> Tensor:
     """deq(Q) as float32 in the (out, in) layout (gptqmodel returns (in, out))."""
-    return module.dequantize_weight().detach().float().T
+    W: Tensor = module.dequantize_weight().detach().float().T
+    return W
 
 
-def _requantize(module: nn.Module, W: Tensor) -> None:
+def _requantize(module: Base, W: Tensor) -> None:
     """Raises: NotImplementedError: GPTQ needs calibration data to quantize W; a merge has none."""
     raise NotImplementedError(explain(
         "cannot merge into a GPTQ layer", where=type(module).__name__,

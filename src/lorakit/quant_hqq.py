@@ -20,15 +20,17 @@ import copy
 
 from torch import Tensor, nn
 
+from .kinds import Base
 from .quant import QuantBackend, register_quant_backend
 
 
-def _dequantize(module: nn.Module) -> Tensor:
+def _dequantize(module: Base) -> Tensor:
     """deq(Q) as float32, (out, in)."""
-    return module.dequantize().detach().float()
+    W: Tensor = module.dequantize().detach().float()
+    return W
 
 
-def _requantize(module: nn.Module, W: Tensor) -> None:
+def _requantize(module: Base, W: Tensor) -> None:
     """Q ← quantize(W) in the layer's own HQQ format, in place (the layer keeps its bias and device)."""
     settings = copy.deepcopy(module.quant_config)
     module._parameters.pop("W_q", None)  # HQQ assigns a plain tensor first and wraps it as a Parameter after

@@ -19,37 +19,42 @@ imported only to requantize a weight it already made.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import explain
+from .kinds import Base
 from .quant import QuantBackend, register_weight_backend
 
 
-def _dequantize(module: nn.Module) -> Tensor:
+def _dequantize(module: Base) -> Tensor:
     """deq(Q) as float32, (out, in)."""
-    return module.weight.dequantize().detach().float()
+    W: Tensor = module.weight.dequantize().detach().float()
+    return W
 
 
-def _int8(old: Tensor, W: Tensor) -> Tensor:
+def _int8(old: Any, W: Tensor) -> Tensor:  # old: a torchao Int8Tensor
     """Int8Tensor.from_hp(W) with the old weight's granularity (per row, or per group of block_size[-1])."""
     from torchao.quantization import Int8Tensor
     from torchao.quantization.granularity import PerGroup, PerRow
 
     group = old.block_size[-1]
     granularity = PerRow() if group == W.shape[-1] else PerGroup(group)
-    return Int8Tensor.from_hp(W, granularity, act_quant_kwargs=old.act_quant_kwargs)
+    new: Tensor = Int8Tensor.from_hp(W, granularity, act_quant_kwargs=old.act_quant_kwargs)
+    return new
 
 
-def _intx(old: Tensor, W: Tensor) -> Tensor:
+def _intx(old: Any, W: Tensor) -> Tensor:  # old: a torchao IntxUnpackedToInt8Tensor
     """IntxUnpackedToInt8Tensor.from_hp(W) with the old block size, bit width and (a)symmetric mapping."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
     from torchao.quantization.quant_primitives import MappingType
 
     mapping = MappingType.SYMMETRIC if not old.zero_point.any() else MappingType.ASYMMETRIC
-    return IntxUnpackedToInt8Tensor.from_hp(W, tuple(old.block_size), old.target_dtype, mapping_type=mapping,
-                                            activation_quantization=old.activation_quantization)
+    new: Tensor = IntxUnpackedToInt8Tensor.from_hp(W, tuple(old.block_size), old.target_dtype, mapping_type=mapping,
+                                                   activation_quantization=old.activation_quantization)
+    return new
 
 
 REQUANTIZERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {  # tensor class name -> (old, W) -> new Q
@@ -58,7 +63,7 @@ REQUANTIZERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {  # tensor class 
 }
 
 
-def _requantize(module: nn.Module, W: Tensor) -> None:
+def _requantize(module: Base, W: Tensor) -> None:
     """Q ← quantize(W) in the old weight's format, in place of the module's weight.
 
     Raises:

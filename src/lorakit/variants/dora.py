@@ -30,18 +30,15 @@ without a graph break and that inductor fuses, and n is recomputed per call, not
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
 from ..errors import explain
-from ..kinds import Kind
+from ..kinds import DoraSupport, Kind, registered_kinds
 from . import Variant, register_variant
 
 if TYPE_CHECKING:
@@ -49,53 +46,18 @@ if TYPE_CHECKING:
     from ..layer import LayerSpec, LoraLayer
 
 
-@dataclass(frozen=True)
-class DoraKind:
-    """What DoRA needs to know of a base kind beyond its ``Kind``.
-
-    Attributes:
-        out_dim: the output axis of the base weight (0 for (out, ...) layouts, 1 for (in, out) / (num, dim)).
-        spatial: the output has (N, out, *spatial) layout (ConvNd): m is (1, out, 1, ...).
-        weight_only: (base, x) -> W x without bias in x's dtype, the base term on dropped-out input;
-            None where PEFT applies no dropout (Embedding).
-    """
-
-    out_dim: int
-    spatial: bool = False
-    weight_only: Callable[[nn.Module, Tensor], Tensor] | None = None
-
-
-def _linear_weight_only(base: nn.Linear, x: Tensor) -> Tensor:
-    return F.linear(x, base.weight.to(x.dtype))  # W (out, in)
-
-
-def _conv1d_gpt2_weight_only(base: nn.Module, x: Tensor) -> Tensor:
-    return F.linear(x, base.weight.T.to(x.dtype))  # transformers' Conv1D stores W as (in, out)
-
-
-def _conv_weight_only(base: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-    # _conv_forward honours padding_mode; PEFT calls F.convNd with zero padding (same result for "zeros")
-    return base._conv_forward(x, base.weight.to(x.dtype), None)
-
-
-_CONV = DoraKind(out_dim=0, spatial=True, weight_only=_conv_weight_only)
-DORA_KINDS: dict[str, DoraKind] = {  # the kinds PEFT 0.21.2 runs DoRA on, by Kind.name
-    "Linear": DoraKind(out_dim=0, weight_only=_linear_weight_only),
-    "Conv1D": DoraKind(out_dim=1, weight_only=_conv1d_gpt2_weight_only),
-    "Embedding": DoraKind(out_dim=1),
-    "Conv1d": _CONV,
-    "Conv2d": _CONV,
-    "Conv3d": _CONV,
-}
+DoraKind = DoraSupport  # what DoRA needs of a base kind: the Kind's own ``dora`` entry (kinds.py)
+_UNSUPPORTED = DoraSupport(out_dim=0)  # shapes only; dora_init refuses the kind
 
 
 def _dora_kind(layer: LoraLayer) -> DoraKind:
-    """Raises: ValueError: DoRA is not defined for the layer's kind (PEFT's sentence first)."""
-    dora_kind = DORA_KINDS.get(layer.kind.name)
+    """Raises: ValueError: DoRA is not defined for the layer's kind (``Kind.dora``; PEFT's sentence first)."""
+    dora_kind = layer.kind.dora
     if dora_kind is None:
+        supported = dict.fromkeys(kind.name for kind in registered_kinds() if kind.dora is not None)
         raise ValueError(f"{layer.kind.name} does not support DoRA (yet), please set use_dora to False. "
                          + explain("use_dora=True is not supported", where=f"a {layer.kind.name} target",
-                                   expected=f"one of {', '.join(DORA_KINDS)}",
+                                   expected=f"one of {', '.join(supported)}",
                                    fix="exclude these modules or set use_dora=False"))
     return dora_kind
 
@@ -194,7 +156,7 @@ def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: floa
     """m = ‖W + s·B A‖ per output row, in the factors' dtype and PEFT's shape.
 
     Raises:
-        ValueError: the layer's kind has no DoRA (see ``DORA_KINDS``), or it is a grouped conv.
+        ValueError: the layer's kind has no DoRA (``Kind.dora`` is None), or it is a grouped conv.
     """
     dora_kind = _dora_kind(layer)
     with torch.no_grad():
@@ -211,7 +173,7 @@ def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> T
     """
     A, B = layer.factors(adapter_name)
     magnitude = layer.lora_magnitude_vector[adapter_name]
-    if not (ops.FUSED and not torch.compiler.is_compiling() and layer.kind.name in ops.FUSED_KINDS and B.bias is None and layer.dropout_p(adapter_name) == 0
+    if not (ops.FUSED and not torch.compiler.is_compiling() and layer.kind.fused and B.bias is None and layer.dropout_p(adapter_name) == 0
             and y.dtype == A.weight.dtype and ops.autocast_dtype(x) is None
             and bool((magnitude.weight != 0).all())):
         return dora_reference(layer, adapter_name, x, y)
@@ -273,7 +235,7 @@ def dora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> T
 
 def dora_shapes(kind: Kind, base: nn.Module) -> dict[str, tuple[int, ...]]:
     """{"lora_magnitude_vector": shape of m} for a base layer about to get a DoRA adapter."""
-    dora_kind = DORA_KINDS.get(kind.name, DORA_KINDS["Linear"])  # an unsupported kind is refused at init
+    dora_kind = kind.dora or _UNSUPPORTED  # an unsupported kind is refused at init
     return {"lora_magnitude_vector": _magnitude_shape(dora_kind, kind.features(base)[1], base)}
 
 
