@@ -14,6 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from .errors import explain, unknown_argument, warn
@@ -155,27 +156,47 @@ def parse_init(value: bool | str) -> InitMethod:
     )
 
 
-# Sub-config dataclasses that live with their variant (variants/kasa.py's KasaConfig, ...): LoraConfig field ->
-# class; a dict (as read from adapter_config.json) becomes the class, as PEFT's _get_lora_subconfig does.
-SUBCONFIGS: dict[str, type] = {}
+@dataclass(frozen=True)
+class Subconfig:
+    """How ``LoraConfig.<field>`` holds a sub-config dataclass that lives with its feature (a variant's file,
+    loraga.py). ``from_dict``: dict (as read from adapter_config.json) -> ``cls``; None: ``cls`` built from the
+    keys it takes, the others dropped with one warning (a file from a newer PEFT)."""
+
+    cls: type
+    from_dict: Callable[[dict[str, Any]], Any] | None = None
 
 
-def register_subconfig(field_name: str, cls: type) -> type:
-    """Make ``LoraConfig.<field_name>`` hold a ``cls`` (a dict is converted, keys ``cls`` does not take dropped)."""
-    SUBCONFIGS[field_name] = cls
+# LoraConfig field -> its Subconfig; each feature registers its own (register_subconfig), this module imports none.
+SUBCONFIGS: dict[str, Subconfig] = {}
+
+
+def register_subconfig(field_name: str, cls: type, from_dict: Callable[[dict[str, Any]], Any] | None = None) -> type:
+    """Make ``LoraConfig.<field_name>`` hold a ``cls`` (a dict there is converted, as PEFT's loading does)."""
+    SUBCONFIGS[field_name] = Subconfig(cls, from_dict)
     return cls
 
 
-def _subconfig(value: Any, cls: type) -> Any:
-    """Raises: TypeError: ``value`` is neither None, a ``cls`` nor a dict (PEFT's sentence)."""
+def _subconfig(field_name: str, value: Any, sub: Subconfig) -> Any:
+    """``value`` as ``sub.cls``: None and a ``cls`` as they are, a dict converted.
+
+    Raises:
+        TypeError: ``value`` is neither None, a ``cls`` nor a dict (PEFT's sentence first).
+    """
+    cls = sub.cls
     if value is None or isinstance(value, cls):
         return value
-    if isinstance(value, dict):
-        accepted = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in value.items() if k in accepted})
-    raise TypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None. "
-                    + explain("invalid sub-config", where="LoraConfig", got=type(value).__name__,
-                              expected=f"{cls.__name__}(...), a dict of its fields, or None"))
+    name = cls.__name__
+    if not isinstance(value, dict):
+        raise TypeError(f"`{name}` must be a `{name}`, a dict, or None. "
+                        + explain(f"invalid {field_name}", where="LoraConfig", got=type(value).__name__,
+                                  expected=f"{name}(...), a dict of its fields, or None"))
+    if sub.from_dict is not None:
+        return sub.from_dict(value)
+    accepted = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - accepted)
+    if unknown:
+        warn(f"LoraConfig.{field_name}: ignoring keys {name} does not know: {unknown}")
+    return cls(**{k: v for k, v in value.items() if k in accepted})
 
 
 # Options PEFT has that lorakit accepts and stores but does not run yet, with the value that means "off".
@@ -271,25 +292,14 @@ class LoraConfig:
             self.target_parameters = set(self.target_parameters)
         if isinstance(self.use_bdlora, dict):
             self.use_bdlora = BdLoraConfig(**self.use_bdlora)
-        from .variants import coerce_subconfigs  # variants/ reads LoraConfig: import here
-
-        coerce_subconfigs(self)  # a variant's sub-config given as a dict (velora_config) -> its dataclass
+        for name, sub in SUBCONFIGS.items():  # velora_config, kasa_config, lora_ga_config, ... given as dicts
+            setattr(self, name, _subconfig(name, getattr(self, name), sub))
         if isinstance(self.eva_config, dict):
             self.eva_config = EvaConfig(**self.eva_config)
         if isinstance(self.corda_config, dict):
             self.corda_config = CordaConfig(**self.corda_config)
-        if isinstance(self.lora_ga_config, dict):  # from adapter_config.json
-            from .loraga import LoraGAConfig  # loraga.py imports this module
-
-            self.lora_ga_config = LoraGAConfig(**self.lora_ga_config)
-        if isinstance(self.arrow_config, dict):  # from adapter_config.json
-            from .variants.arrow import ArrowConfig  # variants import this module
-
-            self.arrow_config = ArrowConfig.from_dict(self.arrow_config)
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
-        for name, cls in SUBCONFIGS.items():
-            setattr(self, name, _subconfig(getattr(self, name), cls))
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if self.alpha_pattern is None:

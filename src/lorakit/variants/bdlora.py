@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import explain
 from ..kinds import Kind
-from . import Variant, register_variant
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -61,7 +61,7 @@ class BlockDiagonalLinear(nn.Module):
         return torch.block_diag(*self.weight.chunk(self.nblocks, dim=0))
 
 
-def _bdlora_init(factor: str | None, nblocks: int, layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor,
+def _bdlora_init(factor: str | None, nblocks: int, layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor,
                  s: float) -> dict[str, nn.Module] | None:
     """Replace the block-diagonal factor ("A" or "B"; None: plain LoRA) with a compact BlockDiagonalLinear.
 
@@ -79,17 +79,17 @@ def _bdlora_init(factor: str | None, nblocks: int, layer: LoraLayer, adapter_nam
     return None
 
 
-def _bdlora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def _bdlora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + s·B A dropout(x); A and B run their own (block-diagonal) matmuls."""
-    return y + layer._branch(adapter_name, x) * layer.scaling[adapter_name]
+    return y + layer.branch(adapter_name, x) * layer.scaling[adapter_name]
 
 
-def _bdlora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def _bdlora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """W ± s·B A with the dense block-diagonal factor (``get_delta_weight`` goes through ``dense``)."""
     return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
 
 
-def _bdlora_dense(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
+def _bdlora_dense(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     A, B = layer.factors(adapter_name)
     return tuple(m.dense() if isinstance(m, BlockDiagonalLinear) else m.weight for m in (A, B))
 

@@ -42,11 +42,13 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import explain
 from ..kinds import Kind
-from . import Variant, register_variant
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
+
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's container of m (one Magnitude per adapter)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ DORA_KINDS: dict[str, DoraKind] = {  # the kinds PEFT 0.21.2 runs DoRA on, by Ki
 }
 
 
-def _dora_kind(layer: LoraLayer) -> DoraKind:
+def _dora_kind(layer: VariantLayer) -> DoraKind:
     """Raises: ValueError: DoRA is not defined for the layer's kind (PEFT's sentence first)."""
     dora_kind = DORA_KINDS.get(layer.kind.name)
     if dora_kind is None:
@@ -165,7 +167,7 @@ class Magnitude(nn.Module):
             self._row_sq = self._norm = None
         return super().train(mode)
 
-    def norm(self, layer: LoraLayer, A: Tensor, B: Tensor, s: float) -> Tensor:
+    def norm(self, layer: VariantLayer, A: Tensor, B: Tensor, s: float) -> Tensor:
         """n = ‖W + s·B A‖ per row of ``layer``'s base weight, detached, (out,); cached in eval mode."""
         if torch.compiler.is_compiling():  # no cache: data_ptr and _version keys would break the graph
             with torch.no_grad():
@@ -184,13 +186,13 @@ class Magnitude(nn.Module):
         return n
 
 
-def _factor_weights(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
+def _factor_weights(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     A, B = layer.factors(adapter_name)
     return (A, B) if layer.kind.embedding else (A.weight, B.weight)
 
 
 # ---- DoRA ------------------------------------------------------------------------------------------------------
-def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
+def dora_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
     """m = ‖W + s·B A‖ per output row, in the factors' dtype and PEFT's shape.
 
     Raises:
@@ -200,17 +202,17 @@ def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: floa
     with torch.no_grad():
         m = weight_norm(layer.kind.matrix(layer.base_layer), A, B, s)
     shape = _magnitude_shape(dora_kind, layer.out_features, layer.base_layer)
-    layer.lora_magnitude_vector[adapter_name] = Magnitude(m.reshape(shape), dora_kind)
+    layer.container(MAGNITUDE)[adapter_name] = Magnitude(m.reshape(shape), dora_kind)
 
 
-def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def dora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + (m/n − 1)·(y − bias) + (m/n)·s·B A x: ops.dora_ (in place on y) where it applies, else the reference.
 
     ops.dora_ covers Linear and Conv1D without active dropout, lora_bias, autocast or a zero magnitude
     entry, y already in the adapter's dtype; everything else runs ``dora_reference``.
     """
     A, B = layer.factors(adapter_name)
-    magnitude = layer.lora_magnitude_vector[adapter_name]
+    magnitude = layer.container(MAGNITUDE)[adapter_name]
     if not (ops.FUSED and not torch.compiler.is_compiling() and layer.kind.name in ops.FUSED_KINDS and B.bias is None and layer.dropout_p(adapter_name) == 0
             and y.dtype == A.weight.dtype and ops.autocast_dtype(x) is None
             and bool((magnitude.weight != 0).all())):
@@ -222,20 +224,19 @@ def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> T
     return ops.dora_(y, x, A.weight, B.weight, magnitude.weight, n, None if bias is None else bias.to(y.dtype), s)
 
 
-def dora_reference(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def dora_reference(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + (m/n − 1)·(y − bias) + (m/n)·s·B A x; in training with dropout, W dropout(x) replaces y − bias."""
     A, B = layer.factors(adapter_name)
     s = layer.scaling[adapter_name]
-    magnitude = layer.lora_magnitude_vector[adapter_name]
+    magnitude = layer.container(MAGNITUDE)[adapter_name]
     A_weight, B_weight = (A, B) if layer.kind.embedding else (A.weight, B.weight)
     n = magnitude.norm(layer, A_weight, B_weight, s)
     f = magnitude.weight / n.view(magnitude.weight.shape)  # m/n, broadcasts against y
     if not layer.kind.embedding and x.dtype != A_weight.dtype:
         x = x.to(A_weight.dtype)
-    dropout = layer.lora_dropout[adapter_name]
     weight_only = magnitude.dora_kind.weight_only
-    if layer.training and weight_only is not None and not isinstance(dropout, nn.Identity):
-        x = dropout(x)
+    if layer.training and weight_only is not None and layer.dropout_p(adapter_name) > 0:
+        x = layer.dropout(adapter_name, x)
         base = weight_only(layer.base_layer, x)  # W dropout(x), no bias
         return y + ((f - 1) * base + f * layer.kind.branch(layer.base_layer, x, A, B) * s)
     lora = layer.kind.branch(layer.base_layer, x, A, B)  # B A x, unscaled
@@ -249,9 +250,9 @@ def dora_reference(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) ->
     return torch.addcmul((1 - f) * bias.view(f.shape), f, torch.add(y, lora, alpha=s))
 
 
-def dora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def dora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """Merge: W ← (m/n)(W + s·ΔW) with n from the unmerged base weight. Unmerge: W ← W/(m/n) − s·ΔW."""
-    magnitude = layer.lora_magnitude_vector[adapter_name]
+    magnitude = layer.container(MAGNITUDE)[adapter_name]
     out_dim = magnitude.dora_kind.out_dim
     delta = layer.get_delta_weight(adapter_name).to(W.device)  # s·ΔW, base layout, float32
     if sign > 0:  # n as forward sees it: from W with the adapters merged before this one taken out
@@ -271,10 +272,10 @@ def dora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> T
     return f * (W + delta) if sign > 0 else W / f - delta
 
 
-def dora_shapes(kind: Kind, base: nn.Module) -> dict[str, tuple[int, ...]]:
+def dora_shapes(kind: Kind, base: nn.Module) -> dict[str, Any]:
     """{"lora_magnitude_vector": shape of m} for a base layer about to get a DoRA adapter."""
     dora_kind = DORA_KINDS.get(kind.name, DORA_KINDS["Linear"])  # an unsupported kind is refused at init
-    return {"lora_magnitude_vector": _magnitude_shape(dora_kind, kind.features(base)[1], base)}
+    return {MAGNITUDE: _magnitude_shape(dora_kind, kind.features(base)[1], base)}
 
 
 register_variant("dora", Variant(init=dora_init, forward=dora_forward, merge=dora_merge, shapes=dora_shapes,
