@@ -336,7 +336,7 @@ class LoraLayer(nn.Module):
         """B A dropout(x), unscaled, in the adapter's dtype: plain LoRA's branch."""
         return self._branch(adapter_name, x)
 
-    def dropout(self, adapter_name: str, x: Tensor) -> Tensor:
+    def apply_dropout(self, adapter_name: str, x: Tensor) -> Tensor:
         """The adapter's dropout applied to x (identity without dropout and in eval mode)."""
         return cast(Tensor, self.lora_dropout[adapter_name](x))
 

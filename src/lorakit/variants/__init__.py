@@ -71,7 +71,7 @@ class VariantLayer(Protocol):
         """B A dropout(x), unscaled, in the adapter's dtype (plain LoRA's branch)."""
         ...
 
-    def dropout(self, adapter_name: str, x: Tensor) -> Tensor:
+    def apply_dropout(self, adapter_name: str, x: Tensor) -> Tensor:
         """The adapter's dropout applied to x (identity without dropout or in eval mode)."""
         ...
 

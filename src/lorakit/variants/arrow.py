@@ -182,7 +182,7 @@ def _arrow_forward(layer: VariantLayer, router: str, x: Tensor, y: Tensor) -> Te
     s = torch.tensor([layer.scaling[n] for n in experts], dtype=tokens.dtype, device=tokens.device)  # (E,)
     h = torch.einsum("ti,eri->ter", tokens, A)  # (t, E, r)
     expert_out = torch.einsum("ter,eor->teo", h, B) * s[None, :, None]  # (t, E, out)
-    delta = layer.dropout(router, torch.einsum("te,teo->to", c, expert_out))  # (t, out)
+    delta = layer.apply_dropout(router, torch.einsum("te,teo->to", c, expert_out))  # (t, out)
     return y + delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 

@@ -236,7 +236,7 @@ def dora_reference(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor)
         x = x.to(A_weight.dtype)
     weight_only = magnitude.dora_kind.weight_only
     if layer.training and weight_only is not None and layer.dropout_p(adapter_name) > 0:
-        x = layer.dropout(adapter_name, x)
+        x = layer.apply_dropout(adapter_name, x)
         base = weight_only(layer.base_layer, x)  # W dropout(x), no bias
         return y + ((f - 1) * base + f * layer.kind.branch(layer.base_layer, x, A, B) * s)
     lora = layer.kind.branch(layer.base_layer, x, A, B)  # B A x, unscaled

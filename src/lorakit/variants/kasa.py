@@ -103,7 +103,7 @@ def _kasa_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) 
     """y + s · B (ΔΣ ⊙ A dropout(x))."""
     A, B = layer.factors(adapter_name)
     x = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
-    h = A(layer.dropout(adapter_name, x)) * layer.container(CONTAINER)[adapter_name]  # (..., r)
+    h = A(layer.apply_dropout(adapter_name, x)) * layer.container(CONTAINER)[adapter_name]  # (..., r)
     return y + B(h) * layer.scaling[adapter_name]
 
 

@@ -176,7 +176,7 @@ def _monteclora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Te
     A, B = layer.factors(adapter_name)
     x = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
     if layer.training:
-        x = layer.dropout(adapter_name, x)
+        x = layer.apply_dropout(adapter_name, x)
     weight = A.weight
     if layer.training:
         E, w = _samplers(layer)[adapter_name]()

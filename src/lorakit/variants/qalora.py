@@ -57,7 +57,7 @@ def _init(group: int, layer: VariantLayer, adapter_name: str, A: Tensor, B: Tens
 def _forward(group: int, layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + s·B A x̄(dropout(x))."""
     A, B = layer.factors(adapter_name)
-    x = layer.dropout(adapter_name, x.to(A.weight.dtype))
+    x = layer.apply_dropout(adapter_name, x.to(A.weight.dtype))
     delta = B(A(pooled(x, group))) * layer.scaling[adapter_name]
     return y + delta.to(y.dtype)
 

@@ -212,7 +212,7 @@ def _velora_forward(num_groups: int, scale: float, init_type: str, layer: Varian
                     y: Tensor) -> Tensor:
     """y + s·B A dropout(x); in a training forward A runs through ``VeloraLinear`` after v is updated."""
     A, B = layer.factors(adapter_name)
-    x = layer.dropout(adapter_name, x if x.dtype == A.weight.dtype else x.to(A.weight.dtype))
+    x = layer.apply_dropout(adapter_name, x if x.dtype == A.weight.dtype else x.to(A.weight.dtype))
     if layer.training and torch.is_grad_enabled():
         embeds = _embeds(layer)
         _update_embed(init_type, num_groups, embeds, adapter_name, x)
