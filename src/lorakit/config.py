@@ -44,7 +44,7 @@ class PeftType(str, enum.Enum):
 
 def strict_init(cls: type) -> type:
     """Make a dataclass reject misspelt keyword arguments with a 'did you mean' hint."""
-    original = cls.__init__
+    original: Callable[..., None] = cls.__init__  # type: ignore[misc]  # the dataclass's own __init__
     names = [f.name for f in dataclasses.fields(cls) if f.init]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -54,7 +54,7 @@ def strict_init(cls: type) -> type:
         original(self, *args, **kwargs)
 
     __init__.__doc__ = original.__doc__
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__init__ = __init__  # type: ignore[misc]  # replaced on the class itself, same signature
     return cls
 
 
@@ -236,7 +236,7 @@ class LoraConfig:
 
     task_type: TaskType | str | None = None
     peft_type: PeftType | str | None = PeftType.LORA
-    auto_mapping: dict | None = None
+    auto_mapping: dict[str, Any] | None = None
     peft_version: str | None = PEFT_VERSION_WRITTEN
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -253,17 +253,17 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-    rank_pattern: dict | None = field(default_factory=dict)
-    alpha_pattern: dict | None = field(default_factory=dict)
-    megatron_config: dict | None = None
+    rank_pattern: dict[str, Any] | None = field(default_factory=dict)
+    alpha_pattern: dict[str, Any] | None = field(default_factory=dict)
+    megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
-    loftq_config: LoftQConfig | dict = field(default_factory=dict)
+    loftq_config: LoftQConfig | dict[str, Any] = field(default_factory=dict)
     eva_config: EvaConfig | None = None
     corda_config: CordaConfig | None = None
     lora_ga_config: Any = None  # a loraga.LoraGAConfig (or its dict)
     use_dora: bool = False
-    velora_config: VeloraConfig | dict | None = None
+    velora_config: VeloraConfig | dict[str, Any] | None = None
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
@@ -271,8 +271,8 @@ class LoraConfig:
     layer_replication: list[tuple[int, int]] | None = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = False
-    target_parameters: list[str] | None = None
-    use_bdlora: BdLoraConfig | dict | None = None
+    target_parameters: list[str] | set[str] | None = None
+    use_bdlora: BdLoraConfig | dict[str, Any] | None = None
     arrow_config: Any = None  # a variants.arrow.ArrowConfig (or its dict)
     kasa_config: Any = None  # variants/kasa.py's KasaConfig
     ensure_weight_tying: bool = False
@@ -419,7 +419,7 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---- validation: one small function per rule, run in order by __post_init__ -------------------------------
-def _loftq_dict(value: LoftQConfig | dict) -> dict[str, Any]:
+def _loftq_dict(value: LoftQConfig | dict[str, Any]) -> dict[str, Any]:
     """loftq_config as a dict: PEFT stores a dict, lorakit accepts either."""
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
 
@@ -489,7 +489,7 @@ def _check_targets(config: LoraConfig) -> None:
 def _check_layers(config: LoraConfig) -> None:
     layers = config.layers_to_transform
     if layers is not None:
-        indices = [layers] if _is_int(layers) else layers
+        indices: Any = [layers] if _is_int(layers) else layers
         if not isinstance(indices, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in indices):
             raise _fail("layers_to_transform", layers, "a non-negative int or a list of them")
         if isinstance(config.target_modules, str):
@@ -505,10 +505,11 @@ def _check_layers(config: LoraConfig) -> None:
 
 
 def _check_patterns(config: LoraConfig) -> None:
-    for name, valid, expected in (
+    checks: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         ("rank_pattern", lambda v: _is_int(v) and v > 0, "positive int ranks"),
         ("alpha_pattern", lambda v: _is_number(v) and v > 0, "positive finite numbers"),
-    ):
+    )
+    for name, valid, expected in checks:
         pattern = getattr(config, name)
         if not isinstance(pattern, dict):
             raise _fail(name, pattern, f"a dict of regex -> {expected}")

@@ -122,8 +122,9 @@ class LoraLayer(nn.Module):
     """
 
     # PEFT's names of the per-adapter containers and settings (code written for PEFT walks them)
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
+    adapter_layer_names: tuple[str, ...] = (
+        "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
     kind: Kind
     in_features: int

@@ -300,6 +300,6 @@ def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module |
     if spec.variant is None:
         return None
     variant = VARIANTS[spec.variant]
-    if variant.applies is not None and kind is not None and not variant.applies(kind, base):
+    if variant.applies is not None and kind is not None and base is not None and not variant.applies(kind, base):
         return None
     return variant.bind(spec) if variant.bind is not None else variant

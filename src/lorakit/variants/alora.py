@@ -39,7 +39,7 @@ from . import ModelCall, Variant, VariantLayer, register_variant
 if TYPE_CHECKING:
     from ..config import LoraConfig
 
-Offsets = list  # list[int | None]: one offset per row, None where the invocation was not found
+Offsets = list[int | None]  # one offset per row, None where the invocation was not found
 
 # adapter name -> the offsets of the rows that adapter runs on (all rows, or its rows of a mixed batch)
 _OFFSETS: ContextVar[dict[str, Offsets] | None] = ContextVar("lorakit_alora_offsets", default=None)
@@ -141,7 +141,7 @@ def is_alora_relevant_in_batch(model: Any, adapter_names: list[str] | None = Non
     return any(getattr(model.peft_config.get(n), "alora_invocation_tokens", None) for n in names)
 
 
-def _offsets_kwargs(model: Any, input_ids: Tensor | None, generate: bool, kwargs: dict) -> dict:
+def _offsets_kwargs(model: Any, input_ids: Tensor | None, generate: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     if not is_alora_relevant_in_batch(model, kwargs.get("adapter_names")) or kwargs.get("alora_offsets") is not None:
         return kwargs
     if input_ids is None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +129,7 @@ def top_right_singular_vector(A: Tensor, B: Tensor, seed: int | None) -> Tensor:
     if seed is not None:
         generator = torch.Generator(device=A.device.type)
         generator.manual_seed(int(seed))
-    v = torch.randn(A.shape[1], dtype=A.dtype, device=A.device, generator=generator)
+    v: Tensor = torch.randn(A.shape[1], dtype=A.dtype, device=A.device, generator=generator)
     v = v / (v.norm() + EPS)
     for _ in range(POWER_ITERATIONS):
         w = A.T @ (C @ (A @ v))  # (ΔWᵀΔW) v
@@ -264,7 +264,7 @@ def _expert_layout(model: PeftModel, names: list[str]) -> tuple[list[str], int]:
     """
     from ..layer import LoraLayer
 
-    reference: tuple | None = None
+    reference: tuple[Any, ...] | None = None
     offenders = []
     for name in names:
         modules, r, shapes = set(), None, None
@@ -274,7 +274,7 @@ def _expert_layout(model: PeftModel, names: list[str]) -> tuple[list[str], int]:
             if layer.kind.name not in LINEAR_KINDS | {"Conv1d"}:  # PEFT's list also names nn.Conv1d
                 offenders.append((name, path, type(layer.base_layer).__name__))
             if name in layer.lora_A:
-                A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+                A, B = (cast(Tensor, factor.weight) for factor in layer.factors(name))
                 modules.add(path.split(".")[-1])
                 r, shapes = A.shape[0], (tuple(A.shape), tuple(B.shape))
         if reference is None:

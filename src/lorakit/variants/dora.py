@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ class DoraKind:
 
     out_dim: int
     spatial: bool = False
-    weight_only: Callable[[nn.Module, Tensor], Tensor] | None = None
+    weight_only: Callable[[Any, Tensor], Tensor] | None = None  # (the base layer of the kind, x)
 
 
 def _linear_weight_only(base: nn.Linear, x: Tensor) -> Tensor:
@@ -72,7 +72,7 @@ def _linear_weight_only(base: nn.Linear, x: Tensor) -> Tensor:
 
 
 def _conv1d_gpt2_weight_only(base: nn.Module, x: Tensor) -> Tensor:
-    return F.linear(x, base.weight.T.to(x.dtype))  # transformers' Conv1D stores W as (in, out)
+    return F.linear(x, cast(Tensor, base.weight).T.to(x.dtype))  # transformers' Conv1D stores W as (in, out)
 
 
 def _conv_weight_only(base: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -104,7 +104,7 @@ def _dora_kind(layer: VariantLayer) -> DoraKind:
 
 def _magnitude_shape(dora_kind: DoraKind, out_features: int, base: nn.Module) -> tuple[int, ...]:
     if dora_kind.spatial:
-        return (1, out_features) + (1,) * (base.weight.dim() - 2)  # (1, out, 1, ...)
+        return (1, out_features) + (1,) * (cast(Tensor, base.weight).dim() - 2)  # (1, out, 1, ...)
     return (out_features,)
 
 
@@ -144,10 +144,11 @@ def weight_norm(W: Tensor, A: Tensor, B: Tensor, s: float, W_sq: Tensor | None =
     if B.flatten(1).shape[1] == r:
         return row_norm(W, *_as_matrices(A, B), s, W_sq)
     L = (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(W.shape[0], -1)  # (out, in/g·k)
-    return torch.linalg.vector_norm(W.to(A.dtype) + s * L, dim=1)
+    n: Tensor = torch.linalg.vector_norm(W.to(A.dtype) + s * L, dim=1)
+    return n
 
 
-def _key(*tensors: Tensor) -> tuple:
+def _key(*tensors: Tensor) -> tuple[Any, ...]:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
@@ -159,8 +160,8 @@ class Magnitude(nn.Module):
         self.weight = nn.Parameter(m)
         self.dora_kind = dora_kind
         self.merged_norm: Tensor | None = None  # n at merge time, for unmerge (PEFT caches it the same way)
-        self._row_sq: tuple[tuple, Tensor] | None = None  # (key of W, ‖W_i‖²)
-        self._norm: tuple[tuple, Tensor] | None = None  # (key of W, A, B, s, mode, n), eval mode only
+        self._row_sq: tuple[tuple[Any, ...], Tensor] | None = None  # (key of W, ‖W_i‖²)
+        self._norm: tuple[tuple[Any, ...], Tensor] | None = None  # (key of W, A, B, s, mode, n), eval mode only
 
     def train(self, mode: bool = True) -> Magnitude:
         if mode:
@@ -238,7 +239,8 @@ def dora_reference(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor)
     if layer.training and weight_only is not None and layer.dropout_p(adapter_name) > 0:
         x = layer.apply_dropout(adapter_name, x)
         base = weight_only(layer.base_layer, x)  # W dropout(x), no bias
-        return y + ((f - 1) * base + f * layer.kind.branch(layer.base_layer, x, A, B) * s)
+        out: Tensor = y + ((f - 1) * base + f * layer.kind.branch(layer.base_layer, x, A, B) * s)
+        return out
     lora = layer.kind.branch(layer.base_layer, x, A, B)  # B A x, unscaled
     # y + (f − 1)(y − bias) + f·s·lora rearranged to f·(y + s·lora) + (1 − f)·bias: two full-size kernels.
     # Under autocast y and lora are both half precision; PEFT's sum is in f's float32, so promote y first.
@@ -246,7 +248,8 @@ def dora_reference(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor)
         y = y.to(torch.promote_types(y.dtype, f.dtype))
     bias = getattr(layer.base_layer, "bias", None)
     if bias is None:
-        return torch.add(y, lora, alpha=s) * f
+        plain: Tensor = torch.add(y, lora, alpha=s) * f
+        return plain
     return torch.addcmul((1 - f) * bias.view(f.shape), f, torch.add(y, lora, alpha=s))
 
 
@@ -269,7 +272,8 @@ def dora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -
                                  expected="an adapter merged by this layer", fix="merge it first"))
     f = (magnitude.weight.detach().float().flatten() / magnitude.merged_norm).to(W.device)  # (out,)
     f = f.view([-1 if d == out_dim else 1 for d in range(W.dim())])  # along W's output axis
-    return f * (W + delta) if sign > 0 else W / f - delta
+    merged: Tensor = f * (W + delta) if sign > 0 else W / f - delta
+    return merged
 
 
 def dora_shapes(kind: Kind, base: nn.Module) -> dict[str, Any]:

@@ -83,7 +83,8 @@ def truncate(W: Tensor, r: int) -> Tensor:
     """U[:, :k−r] Σ[:k−r] V[:, :k−r]ᵀ of W (out, in), in float32: W without its r smallest singular components."""
     U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
     keep = min(W.shape) - r
-    return (U[:, :keep] * S[:keep]) @ Vh[:keep]
+    truncated: Tensor = (U[:, :keep] * S[:keep]) @ Vh[:keep]
+    return truncated
 
 
 def _kasa_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
@@ -104,7 +105,8 @@ def _kasa_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) 
     A, B = layer.factors(adapter_name)
     x = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
     h = A(layer.apply_dropout(adapter_name, x)) * layer.container(CONTAINER)[adapter_name]  # (..., r)
-    return y + B(h) * layer.scaling[adapter_name]
+    out: Tensor = y + B(h) * layer.scaling[adapter_name]
+    return out
 
 
 def _kasa_dense(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:

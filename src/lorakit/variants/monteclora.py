@@ -108,7 +108,8 @@ class MontecloraSampler(nn.Module):
             z = torch.randn(size, n, self.in_features, self.r, device=device, dtype=dtype)
             z_dirichlet = torch.randn(size, n, device=device, dtype=dtype)
             wishart = Wishart(df=torch.tensor(float(self.r), device=device), scale_tril=torch.eye(self.r, device=device))
-            z_wishart = torch.stack([wishart._bartlett_sampling(torch.Size()) for _ in range(size)]).to(dtype)
+            z_wishart = torch.stack([wishart._bartlett_sampling(torch.Size())  # type: ignore[no-untyped-call]  # torch's, untyped
+                                     for _ in range(size)]).to(dtype)
         self.noise, self.index = (z, z_wishart, z_dirichlet), 0
 
     def next_noise(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,7 +185,8 @@ def _monteclora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Te
             warnings.warn("Monteclora sampling produced NaNs, using base weights.", stacklevel=2)
         else:
             weight = torch.einsum("n,nij->ij", w, weight.T + E).T  # Σ_k w_k (Aᵀ + E_k), transposed: (r, in)
-    return y + B(F.linear(x, weight)) * layer.scaling[adapter_name]
+    out: Tensor = y + B(F.linear(x, weight)) * layer.scaling[adapter_name]
+    return out
 
 
 def _monteclora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:

@@ -35,7 +35,7 @@ GPTQ_KIND = "GPTQLoraLinear"  # quant_gptq.KIND_NAME
 def pooled(x: Tensor, group: int) -> Tensor:
     """x̄ = (in/g) · mean over consecutive groups of g features, (…, in) -> (…, in/g)."""
     groups = x.shape[-1] // group
-    return x.unflatten(-1, (groups, group)).mean(dim=-1) * groups
+    return x.reshape(*x.shape[:-1], groups, group).mean(dim=-1) * groups
 
 
 def _init(group: int, layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> dict[str, nn.Module]:
@@ -58,7 +58,7 @@ def _forward(group: int, layer: VariantLayer, adapter_name: str, x: Tensor, y: T
     """y + s·B A x̄(dropout(x))."""
     A, B = layer.factors(adapter_name)
     x = layer.apply_dropout(adapter_name, x.to(A.weight.dtype))
-    delta = B(A(pooled(x, group))) * layer.scaling[adapter_name]
+    delta: Tensor = B(A(pooled(x, group))) * layer.scaling[adapter_name]
     return y + delta.to(y.dtype)
 
 

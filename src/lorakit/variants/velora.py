@@ -118,7 +118,7 @@ def sub_tokens(x: Tensor, num_groups: int) -> Tensor:
 def unit(v: Tensor) -> Tensor:
     """v/‖v‖ in float32; the all-ones direction 1/√D when v = 0."""
     v = v.float()
-    norm = torch.linalg.vector_norm(v)
+    norm: Tensor = torch.linalg.vector_norm(v)
     if norm == 0:
         return torch.full_like(v, 1 / math.sqrt(v.numel()))
     return v / norm
@@ -216,10 +216,12 @@ def _velora_forward(num_groups: int, scale: float, init_type: str, layer: Varian
     if layer.training and torch.is_grad_enabled():
         embeds = _embeds(layer)
         _update_embed(init_type, num_groups, embeds, adapter_name, x)
-        h = VeloraLinear.apply(x, A.weight, None, embeds[adapter_name], num_groups, scale)
+        h = VeloraLinear.apply(x, A.weight, None, embeds[adapter_name], num_groups,  # type: ignore[no-untyped-call]
+                               scale)  # torch's Function.apply is untyped
     else:
         h = A(x)
-    return y + B(h) * layer.scaling[adapter_name]
+    out: Tensor = y + B(h) * layer.scaling[adapter_name]
+    return out
 
 
 def _velora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
