@@ -184,9 +184,13 @@ def test_the_toy_scan_catches_a_private():
     assert len(visitor.found) == 3
 
 
+MODULES = {".".join(("lorakit", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+           for p in SRC.rglob("*.py")}
+
+
 def _imported(path: pathlib.Path) -> set[str]:
-    """Modules ``path`` imports anywhere (functions included), resolved to lorakit names; TYPE_CHECKING blocks
-    skipped."""
+    """lorakit modules ``path`` imports anywhere (functions included; TYPE_CHECKING blocks skipped): for
+    ``from pkg import mod`` the module ``pkg.mod``, for ``from mod import name`` the module ``mod``."""
     tree, package = ast.parse(path.read_text()), "lorakit." + ".".join(path.relative_to(SRC).parent.parts)
     package = package.rstrip(".")
     skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
@@ -198,16 +202,43 @@ def _imported(path: pathlib.Path) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             stem = ".".join(base + ([node.module] if node.module else []))
-            names |= {stem} | {f"{stem}.{alias.name}" for alias in node.names}
+            names |= {f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in MODULES else stem for alias in node.names}
         elif isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-    return names
+    return names & MODULES
 
 
 def test_registry_imports_no_variant():
     imported = _imported(SRC / "variants" / "__init__.py")
     variants = {f"lorakit.variants.{p.stem}" for p in VARIANT_FILES if p.stem != "__init__"}
     assert not imported & variants
+
+
+def _graph() -> dict[str, set[str]]:
+    """lorakit module -> the lorakit modules it imports anywhere."""
+    return {name: _imported(path) for path in SRC.rglob("*.py")
+            for name in [".".join(("lorakit", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")]}
+
+
+def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node == goal:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo += graph.get(node, ())
+    return False
+
+
+@pytest.mark.parametrize("module", ["lorakit.config", "lorakit.variants",
+                                   *(f"lorakit.variants.{p.stem}" for p in VARIANT_FILES if p.stem != "__init__")])
+def test_no_import_circle_through_variants_or_config(module):
+    """Function-level imports count: nothing ``module`` imports leads back to it."""
+    graph = _graph()
+    back = [t for t in graph[module] if _reaches(graph, t, module)]
+    assert back == [], f"{module} imports {back}, which import {module} back"
 
 
 @pytest.mark.parametrize("module", ["lorakit.variants", "lorakit.loraga", "lorakit.model", "lorakit.layer"])

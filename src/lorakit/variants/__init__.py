@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import explain
-from ..kinds import Kind
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
     from ..layer import LayerSpec
 

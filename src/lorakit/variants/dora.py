@@ -41,10 +41,10 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import explain
-from ..kinds import Kind
 from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
     from ..layer import LayerSpec
 

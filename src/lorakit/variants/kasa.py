@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from ..kinds import Kind
 from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
 
 

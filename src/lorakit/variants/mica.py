@@ -17,14 +17,17 @@ The init is registered in the init registry (``inits.register_init``) and the va
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import explain
 from ..inits import InitRequest, InitResult, register_init
-from ..kinds import Kind
 from . import Variant, VariantLayer, register_variant
+
+if TYPE_CHECKING:
+    from ..kinds import Kind
 
 
 MICA_KINDS = ("Linear", "Conv1D", "Embedding")  # the kinds PEFT 0.21.2 has a MiCA variant for

@@ -43,10 +43,10 @@ from torch.distributions import Wishart
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from ..kinds import Kind
 from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
     from ..layer import LayerSpec
 

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import explain, warn
-from ..kinds import Kind
 from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
     from ..layer import LayerSpec
 
