@@ -1,5 +1,6 @@
 """lorakit: LoRA fine-tuning for PyTorch, drop-in for PEFT's LoRA API and adapter format."""
 
+from .variants.builtin import KasaConfig, MontecloraConfig  # first: registers lorakit's variants, in order
 from .calibrate import get_eva_state_dict, initialize_lora_eva_weights
 from .corda import preprocess_corda
 from .config import BdLoraConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
@@ -29,7 +30,6 @@ from .model import (
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import LoraModel
 from .variants.velora import VeloraConfig
-from .variants import KasaConfig, MontecloraConfig
 from .version import __version__
 from .integrations import install as _install_integrations
 

@@ -6,8 +6,8 @@ In memory an adapter tensor carries its adapter's name; on disk it does not (PEF
     base_model.model.<P>.lora_B.<name>.{weight,bias}     <->  base_model.model.<P>.lora_B.{weight,bias}
     base_model.model.<P>.lora_embedding_{A,B}.<name>     <->  base_model.model.<P>.lora_embedding_{A,B}
     base_model.model.<P>.lora_magnitude_vector.<name>.weight <-> base_model.model.<P>.lora_magnitude_vector
-    base_model.model.<P>.<buffers>.<name>                <->  base_model.model.<P>.<buffers>   (Variant.buffers:
-                                                               lora_velora_embed)
+    base_model.model.<P>.<variant's>.<name>[.<rest>]     <->  base_model.model.<P>.<variant's>[.<rest>]
+                                                               (Variant.containers: lora_velora_embed, lora_diag)
     base_model.model.<W>.modules_to_save.<name>.<rest>   <->  base_model.model.<W>.<rest>
     base_model.model.<T>.token_adapter.trainable_tokens_delta.<name>
                                                          <->  base_model.model.<T>.token_adapter.trainable_tokens_delta
@@ -37,25 +37,24 @@ from .kinds_param import plan_parameter_keys
 from .targeting import TargetPlan
 from .token_plan import DELTA, TokenTarget, planned_token_shapes
 from .trainable_tokens import TrainableTokensWrapper
-from .variants import buffer_containers, resolve_variant, variant_containers
+from .variants import resolve_variant, variant_containers
 
 PREFIX = "base_model.model."
 FACTOR_CONTAINERS = ("lora_A", "lora_B")  # modules: the key goes on with .weight / .bias
 PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")  # bare Parameters
 MAGNITUDE = "lora_magnitude_vector"  # a module holding .weight, written without ".weight"
-VARIANT_CONTAINERS = variant_containers()  # KaSA's lora_diag, MonteCLoRA's sampler: written like PEFT's own
-ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,) + VARIANT_CONTAINERS
+ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,)
 WRAPPER_PARTS = ("original_module", "modules_to_save")
 
 
 def _bare() -> tuple[str, ...]:
     """Containers whose per-adapter entry is a bare tensor: key ``<container>.<name>``, file key ``<container>``."""
-    return PARAMETER_CONTAINERS + buffer_containers()
+    return PARAMETER_CONTAINERS
 
 
 def _containers() -> tuple[str, ...]:
-    """Every per-adapter container of a LoRA layer, the registered variants' buffer containers included."""
-    return ADAPTER_CONTAINERS + buffer_containers()
+    """Every per-adapter container of a LoRA layer, the registered variants' (Variant.containers) included."""
+    return ADAPTER_CONTAINERS + variant_containers()
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
 
 
@@ -184,9 +183,8 @@ def _plan_layer(shapes: Shapes, lora_paths: set[str], path: str, module: nn.Modu
             if isinstance(shape, dict):  # {rest: shape}: <container>.<name>.<rest>, or <container>.<name> for ""
                 for rest, sub in shape.items():
                     shapes[f"{PREFIX}{path}.{container}.{adapter_name}{'.' + rest if rest else ''}"] = sub
-            else:  # a buffer (VeLoRA's v): <container>.<name>; a module's weight: <container>.<name>.weight
-                suffix = "" if container in variant.buffers else ".weight"
-                shapes[f"{PREFIX}{path}.{container}.{adapter_name}{suffix}"] = shape
+            else:  # a module's weight: <container>.<name>.weight
+                shapes[f"{PREFIX}{path}.{container}.{adapter_name}.weight"] = shape
     for attribute, child in (kind.companions(base) if kind.companions is not None else {}).items():
         child_kind = child.kind if isinstance(child, LoraLayer) else kind_for(child, attribute)
         _plan_layer(shapes, lora_paths, f"{path}.base_layer.{attribute}", child, child_kind, spec, adapter_name)
@@ -318,7 +316,7 @@ def _decode_one(key: str, layout: Layout, adapter_name: str) -> str | None:
             rest = parts[i + 1:]
             if part == MAGNITUDE and rest in ([], ["weight"]):
                 rest = ["weight"]
-            is_bare = part in bare or part in VARIANT_CONTAINERS  # <container>.<name>, no tail
+            is_bare = part in bare or part in variant_containers()  # <container>.<name>, no tail
             return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or is_bare else None
         if path in layout.saved_paths and part not in WRAPPER_PARTS:
             return f"{PREFIX}{path}.modules_to_save.{adapter_name}.{'.'.join(parts[i:])}"

@@ -14,6 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import explain, unknown_argument, warn
@@ -44,7 +45,7 @@ class PeftType(str, enum.Enum):
 
 def strict_init(cls: type) -> type:
     """Make a dataclass reject misspelt keyword arguments with a 'did you mean' hint."""
-    original = cls.__init__
+    original: Callable[..., None] = cls.__init__  # type: ignore[misc]  # the dataclass's own __init__
     names = [f.name for f in dataclasses.fields(cls) if f.init]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -54,7 +55,7 @@ def strict_init(cls: type) -> type:
         original(self, *args, **kwargs)
 
     __init__.__doc__ = original.__doc__
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__init__ = __init__  # type: ignore[misc]  # replaced on the class itself, same signature
     return cls
 
 
@@ -156,27 +157,47 @@ def parse_init(value: bool | str) -> InitMethod:
     )
 
 
-# Sub-config dataclasses that live with their variant (variants/kasa.py's KasaConfig, ...): LoraConfig field ->
-# class; a dict (as read from adapter_config.json) becomes the class, as PEFT's _get_lora_subconfig does.
-SUBCONFIGS: dict[str, type] = {}
+@dataclass(frozen=True)
+class Subconfig:
+    """How ``LoraConfig.<field>`` holds a sub-config dataclass that lives with its feature (a variant's file,
+    loraga.py). ``from_dict``: dict (as read from adapter_config.json) -> ``cls``; None: ``cls`` built from the
+    keys it takes, the others dropped with one warning (a file from a newer PEFT)."""
+
+    cls: type
+    from_dict: Callable[[dict[str, Any]], Any] | None = None
 
 
-def register_subconfig(field_name: str, cls: type) -> type:
-    """Make ``LoraConfig.<field_name>`` hold a ``cls`` (a dict is converted, keys ``cls`` does not take dropped)."""
-    SUBCONFIGS[field_name] = cls
+# LoraConfig field -> its Subconfig; each feature registers its own (register_subconfig), this module imports none.
+SUBCONFIGS: dict[str, Subconfig] = {}
+
+
+def register_subconfig(field_name: str, cls: type, from_dict: Callable[[dict[str, Any]], Any] | None = None) -> type:
+    """Make ``LoraConfig.<field_name>`` hold a ``cls`` (a dict there is converted, as PEFT's loading does)."""
+    SUBCONFIGS[field_name] = Subconfig(cls, from_dict)
     return cls
 
 
-def _subconfig(value: Any, cls: type) -> Any:
-    """Raises: TypeError: ``value`` is neither None, a ``cls`` nor a dict (PEFT's sentence)."""
+def _subconfig(field_name: str, value: Any, sub: Subconfig) -> Any:
+    """``value`` as ``sub.cls``: None and a ``cls`` as they are, a dict converted.
+
+    Raises:
+        TypeError: ``value`` is neither None, a ``cls`` nor a dict (PEFT's sentence first).
+    """
+    cls = sub.cls
     if value is None or isinstance(value, cls):
         return value
-    if isinstance(value, dict):
-        accepted = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in value.items() if k in accepted})
-    raise TypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None. "
-                    + explain("invalid sub-config", where="LoraConfig", got=type(value).__name__,
-                              expected=f"{cls.__name__}(...), a dict of its fields, or None"))
+    name = cls.__name__
+    if not isinstance(value, dict):
+        raise TypeError(f"`{name}` must be a `{name}`, a dict, or None. "
+                        + explain(f"invalid {field_name}", where="LoraConfig", got=type(value).__name__,
+                                  expected=f"{name}(...), a dict of its fields, or None"))
+    if sub.from_dict is not None:
+        return sub.from_dict(value)
+    accepted = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - accepted)
+    if unknown:
+        warn(f"LoraConfig.{field_name}: ignoring keys {name} does not know: {unknown}")
+    return cls(**{k: v for k, v in value.items() if k in accepted})
 
 
 # Options PEFT has that lorakit accepts and stores but does not run yet, with the value that means "off".
@@ -213,7 +234,7 @@ class LoraConfig:
 
     task_type: TaskType | str | None = None
     peft_type: PeftType | str | None = PeftType.LORA
-    auto_mapping: dict | None = None
+    auto_mapping: dict[str, Any] | None = None
     peft_version: str | None = PEFT_VERSION_WRITTEN
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -230,17 +251,17 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-    rank_pattern: dict | None = field(default_factory=dict)
-    alpha_pattern: dict | None = field(default_factory=dict)
-    megatron_config: dict | None = None
+    rank_pattern: dict[str, Any] | None = field(default_factory=dict)
+    alpha_pattern: dict[str, Any] | None = field(default_factory=dict)
+    megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
-    loftq_config: LoftQConfig | dict = field(default_factory=dict)
+    loftq_config: LoftQConfig | dict[str, Any] = field(default_factory=dict)
     eva_config: EvaConfig | None = None
     corda_config: CordaConfig | None = None
     lora_ga_config: Any = None  # a loraga.LoraGAConfig (or its dict)
     use_dora: bool = False
-    velora_config: VeloraConfig | dict | None = None
+    velora_config: VeloraConfig | dict[str, Any] | None = None
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
@@ -248,8 +269,8 @@ class LoraConfig:
     layer_replication: list[tuple[int, int]] | None = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = False
-    target_parameters: list[str] | None = None
-    use_bdlora: BdLoraConfig | dict | None = None
+    target_parameters: list[str] | set[str] | None = None
+    use_bdlora: BdLoraConfig | dict[str, Any] | None = None
     arrow_config: Any = None  # a variants.arrow.ArrowConfig (or its dict)
     kasa_config: Any = None  # variants/kasa.py's KasaConfig
     ensure_weight_tying: bool = False
@@ -269,25 +290,14 @@ class LoraConfig:
             self.target_parameters = set(self.target_parameters)
         if isinstance(self.use_bdlora, dict):
             self.use_bdlora = BdLoraConfig(**self.use_bdlora)
-        from .variants import coerce_subconfigs  # variants/ reads LoraConfig: import here
-
-        coerce_subconfigs(self)  # a variant's sub-config given as a dict (velora_config) -> its dataclass
+        for name, sub in SUBCONFIGS.items():  # velora_config, kasa_config, lora_ga_config, ... given as dicts
+            setattr(self, name, _subconfig(name, getattr(self, name), sub))
         if isinstance(self.eva_config, dict):
             self.eva_config = EvaConfig(**self.eva_config)
         if isinstance(self.corda_config, dict):
             self.corda_config = CordaConfig(**self.corda_config)
-        if isinstance(self.lora_ga_config, dict):  # from adapter_config.json
-            from .loraga import LoraGAConfig  # loraga.py imports this module
-
-            self.lora_ga_config = LoraGAConfig(**self.lora_ga_config)
-        if isinstance(self.arrow_config, dict):  # from adapter_config.json
-            from .variants.arrow import ArrowConfig  # variants import this module
-
-            self.arrow_config = ArrowConfig.from_dict(self.arrow_config)
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
-        for name, cls in SUBCONFIGS.items():
-            setattr(self, name, _subconfig(getattr(self, name), cls))
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if self.alpha_pattern is None:
@@ -404,7 +414,7 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---- validation: one small function per rule, run in order by __post_init__ -------------------------------
-def _loftq_dict(value: LoftQConfig | dict) -> dict[str, Any]:
+def _loftq_dict(value: LoftQConfig | dict[str, Any]) -> dict[str, Any]:
     """loftq_config as a dict: PEFT stores a dict, lorakit accepts either."""
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
 
@@ -474,7 +484,7 @@ def _check_targets(config: LoraConfig) -> None:
 def _check_layers(config: LoraConfig) -> None:
     layers = config.layers_to_transform
     if layers is not None:
-        indices = [layers] if _is_int(layers) else layers
+        indices: Any = [layers] if _is_int(layers) else layers
         if not isinstance(indices, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in indices):
             raise _fail("layers_to_transform", layers, "a non-negative int or a list of them")
         if isinstance(config.target_modules, str):
@@ -490,10 +500,11 @@ def _check_layers(config: LoraConfig) -> None:
 
 
 def _check_patterns(config: LoraConfig) -> None:
-    for name, valid, expected in (
+    checks: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         ("rank_pattern", lambda v: _is_int(v) and v > 0, "positive int ranks"),
         ("alpha_pattern", lambda v: _is_number(v) and v > 0, "positive finite numbers"),
-    ):
+    )
+    for name, valid, expected in checks:
         pattern = getattr(config, name)
         if not isinstance(pattern, dict):
             raise _fail(name, pattern, f"a dict of regex -> {expected}")

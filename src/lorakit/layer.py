@@ -24,7 +24,7 @@ import contextlib
 import math
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +35,10 @@ from .errors import explain, warn
 from .inits import INITS, InitRequest, write_factor
 from .kinds import Kind, exposed_attributes, kind_for
 from .quant import dense_weight, write_weight
-from .variants import Variant, resolve_variant
+from .variants import BufferDict, Variant, entry_parameters, entry_to_meta, resolve_variant
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+C = TypeVar("C", bound=nn.Module)
 
 
 class MergeError(ValueError, RuntimeError):
@@ -123,9 +124,9 @@ class LoraLayer(nn.Module):
     """
 
     # PEFT's names of the per-adapter containers and settings (code written for PEFT walks them)
-    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                                            "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
+    adapter_layer_names: tuple[str, ...] = (
+        "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
     kind: Kind
     in_features: int
@@ -288,8 +289,7 @@ class LoraLayer(nn.Module):
         params = []
         for container in self._containers():
             if adapter_name in container:
-                entry = container[adapter_name]
-                params += [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
+                params += entry_parameters(container[adapter_name])
         return params + [p for child in self.companions() for p in child.adapter_parameters(adapter_name)]
 
     def trainable_parameters(self, adapter_name: str) -> list[nn.Parameter]:
@@ -302,19 +302,44 @@ class LoraLayer(nn.Module):
         container = getattr(self, container_name, None)
         if container is None or adapter_name not in container:
             return []
-        entry = container[adapter_name]
-        return [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
+        return entry_parameters(container[adapter_name])
 
-    def _containers(self) -> list[Any]:  # nn.ModuleDict / nn.ParameterDict, indexed by adapter name
-        """The per-adapter containers: PEFT's ``adapter_layer_names``, with those variants added (``add_container``)."""
-        return [getattr(self, name) for name in self.adapter_layer_names if hasattr(self, name)]
+    def _containers(self) -> list[Any]:
+        """The per-adapter containers: PEFT's ``adapter_layer_names`` and the buffer containers variants added."""
+        buffers = [self._modules[n] for n in self.other_param_names if isinstance(self._modules.get(n), BufferDict)]
+        return [getattr(self, name) for name in self.adapter_layer_names if hasattr(self, name)] + buffers
 
-    def add_container(self, name: str, container: nn.ModuleDict | nn.ParameterDict) -> None:
-        """Register a variant's per-adapter container (KaSA's ``lora_diag``) once; it joins ``adapter_layer_names``
-        (as in PEFT), so its entries train, move, save and delete with the adapter."""
-        if name not in self.adapter_layer_names:
-            setattr(self, name, container)
+    # ---- the surface variants use (variants.VariantLayer) ----------------------------------------------------
+    def add_container(self, name: str, container: C) -> C:
+        """Register a variant's per-adapter container once and return the one held (variants/__init__.py).
+
+        An ``nn.ParameterDict`` / ``nn.ModuleDict`` joins ``adapter_layer_names`` (KaSA's ``lora_diag``), a
+        ``BufferDict`` ``other_param_names`` (VeLoRA's ``lora_velora_embed``), as in PEFT; either way its entries
+        train, move, save and delete with their adapter.
+        """
+        held = self._modules.get(name)
+        if held is not None:
+            return cast(C, held)
+        setattr(self, name, container)
+        if isinstance(container, BufferDict):
+            self.other_param_names = (*self.other_param_names, name)
+        else:
             self.adapter_layer_names = (*self.adapter_layer_names, name)
+        return container
+
+    def container(self, name: str) -> Any:
+        """The per-adapter container ``name`` (``lora_magnitude_vector``, or one added by ``add_container``)."""
+        if name not in self.adapter_layer_names and name not in self.other_param_names:
+            raise AttributeError(f"lora.{self.kind.name} has no per-adapter container {name!r}")
+        return getattr(self, name)
+
+    def branch(self, adapter_name: str, x: Tensor) -> Tensor:
+        """B A dropout(x), unscaled, in the adapter's dtype: plain LoRA's branch."""
+        return self._branch(adapter_name, x)
+
+    def apply_dropout(self, adapter_name: str, x: Tensor) -> Tensor:
+        """The adapter's dropout applied to x (identity without dropout and in eval mode)."""
+        return cast(Tensor, self.lora_dropout[adapter_name](x))
 
     def freeze(self, adapter_name: str, container_name: str) -> None:
         """Keep ``container_name``'s entry of ``adapter_name`` frozen whatever set_adapter asks (PEFT's
@@ -333,28 +358,12 @@ class LoraLayer(nn.Module):
         """Replace every tensor of ``adapter_name`` by an empty one on the meta device, for a load to fill
         (PEFT's ``low_cpu_mem_usage``); dtypes, shapes and ``requires_grad`` stay."""
         for container in self._containers():
-            if adapter_name not in container:
-                continue
-            old = container[adapter_name]
-            if isinstance(old, nn.Parameter):
-                container[adapter_name] = nn.Parameter(torch.empty_like(old, device="meta"),
-                                                       requires_grad=old.requires_grad)
-            else:
-                old.to("meta")
-        for container in self._variant_buffers(adapter_name):
-            container[adapter_name] = torch.empty_like(container[adapter_name], device="meta")
-
-    def _variant_buffers(self, adapter_name: str) -> list[Any]:
-        """The containers of bare per-adapter tensors that the adapter's variant added (``Variant.buffers``)."""
-        variant = self._variants.get(adapter_name)
-        if variant is None:
-            return []
-        containers: list[Any] = [self._modules.get(name) for name in variant.buffers]  # dict-like modules
-        return [c for c in containers if c is not None and adapter_name in c]
+            if adapter_name in container:
+                entry_to_meta(container, adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove every tensor and setting of ``adapter_name`` from this layer."""
-        for container in (self.lora_dropout, *self._containers(), *self._variant_buffers(adapter_name)):
+        for container in (self.lora_dropout, *self._containers()):
             if adapter_name in container:
                 del container[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias, self._variants,

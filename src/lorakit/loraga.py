@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
+from .config import register_subconfig
 from .errors import explain
 from .inits import InitRequest, InitResult, default, register_init
 
@@ -53,6 +54,9 @@ class LoraGAConfig:
     direction: Literal["ArBr", "A2rBr", "ArB2r", "random"] = "ArB2r"
     scale: Literal["stable", "weight_svd", "gd_scale", "unit"] = "stable"
     stable_gamma: int = 16
+
+
+register_subconfig("lora_ga_config", LoraGAConfig, lambda values: LoraGAConfig(**values))  # unknown keys refused
 
 
 def _indices(direction: str, r: int) -> tuple[Tensor | slice, Tensor | slice]:

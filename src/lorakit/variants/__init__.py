@@ -1,46 +1,176 @@
 """Registry of LoRA variants: strategies that take over one adapter's forward and merge in a ``LoraLayer``.
 
-A variant is one file in this package that builds a ``Variant`` and calls ``register_variant``; nothing else
-changes to add one. ``select`` reads the ``LoraConfig`` (which variant, if any, a config asks for) and
-``options`` the per-layer settings it needs (hashable, stored in ``LayerSpec.variant_options``); the layer
-then calls ``init`` / ``forward`` / ``merge`` for the adapters created with it.
+A variant is one file that builds a ``Variant`` and calls ``register_variant`` (lorakit's own are imported by
+``variants/builtin.py``); nothing else changes to add one. ``select`` reads the ``LoraConfig`` (which variant,
+if any, a config asks for) and ``options`` the per-layer settings it needs (hashable, stored in
+``LayerSpec.variant_options``); the layer then calls ``init`` / ``forward`` / ``merge`` for the adapters
+created with it, handing itself over as a ``VariantLayer``: the whole surface a variant may use.
 
     y = base(x) + Σ_adapters  variant.forward(layer, adapter, x, y)   (plain LoRA: y + s·B A dropout(x))
+
+A variant's per-adapter state lives in containers it registers on the layer (``VariantLayer.add_container``):
+an ``nn.ParameterDict`` / ``nn.ModuleDict`` (KaSA's ``lora_diag``, MonteCLoRA's sampler) or a ``BufferDict`` of
+bare tensors (VeLoRA's ``lora_velora_embed``). Each is named in ``Variant.containers``, so the adapter codec
+knows its keys, and the layer treats it like PEFT's own containers: its entries train, move, change dtype,
+go to the meta device, save and delete with their adapter. State-dict key ``<container>.<adapter>[.<rest>]``,
+adapter-file key ``<container>[.<rest>]``.
+
+This module imports no variant (they import it) and no layer (the layer imports it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import torch
 from torch import Tensor, nn
 
-from ..errors import explain, warn
-from ..kinds import Kind
+from ..errors import explain
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
+
+C = TypeVar("C", bound=nn.Module)
+
+
+class VariantLayer(Protocol):
+    """What a variant sees of a ``LoraLayer``: public names only (PEFT's attributes and a few methods).
+
+    Attributes (read only): kind: the base layer's ``Kind``. base_layer: the wrapped layer. in_features /
+    out_features: its sizes. training: train or eval mode. r / scaling: adapter -> rank / s. merged_adapters:
+    the adapters merged into the base weight, in order.
+    """
+
+    @property
+    def kind(self) -> Kind: ...
+    @property
+    def base_layer(self) -> nn.Module: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def training(self) -> bool: ...
+    @property
+    def r(self) -> dict[str, int]: ...
+    @property
+    def scaling(self) -> dict[str, float]: ...
+    @property
+    def merged_adapters(self) -> list[str]: ...
+
+    def factors(self, adapter_name: str) -> tuple[Any, Any]:
+        """(A, B): modules (linear and conv kinds) or Parameters (embeddings)."""
+        ...
+
+    def branch(self, adapter_name: str, x: Tensor) -> Tensor:
+        """B A dropout(x), unscaled, in the adapter's dtype (plain LoRA's branch)."""
+        ...
+
+    def apply_dropout(self, adapter_name: str, x: Tensor) -> Tensor:
+        """The adapter's dropout applied to x (identity without dropout or in eval mode)."""
+        ...
+
+    def dropout_p(self, adapter_name: str) -> float:
+        """The dropout probability the adapter applies now (0 in eval mode)."""
+        ...
+
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        """s·ΔW in the base weight's layout, float32 (through ``Variant.dense`` where the variant has one)."""
+        ...
+
+    def unmerged_weight(self) -> Tensor:
+        """The base weight with every merged adapter taken out, float32."""
+        ...
+
+    def add_container(self, name: str, container: C) -> C:
+        """Register a per-adapter container once (module docstring); returns the one the layer holds."""
+        ...
+
+    def container(self, name: str) -> Any:
+        """The per-adapter container ``name`` (PEFT's, e.g. ``lora_magnitude_vector``, or one a variant added)."""
+        ...
+
+    def freeze(self, adapter_name: str, container_name: str) -> None:
+        """Keep ``container_name``'s entry of the adapter frozen whatever set_adapter asks (MiCA's B)."""
+        ...
+
+
+class BufferDict(nn.Module):
+    """Per-adapter bare tensors kept as persistent buffers, used as a dict: state-dict key ``<container>.<adapter>``.
+
+    A ``VariantLayer.add_container`` container for state that does not train (VeLoRA's v).
+    """
+
+    def __getitem__(self, adapter_name: str) -> Tensor:
+        value = self._buffers[adapter_name]
+        assert value is not None
+        return value
+
+    def __setitem__(self, adapter_name: str, value: Tensor) -> None:
+        self.register_buffer(adapter_name, value, persistent=True)
+
+    def __delitem__(self, adapter_name: str) -> None:
+        del self._buffers[adapter_name]
+
+    def __contains__(self, adapter_name: object) -> bool:
+        return adapter_name in self._buffers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._buffers)
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def keys(self) -> list[str]:
+        return list(self._buffers)
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return [(name, self[name]) for name in self._buffers]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: {tuple(value.shape)} {value.dtype}" for name, value in self.items())
+
+
+def entry_parameters(entry: object) -> list[nn.Parameter]:
+    """The Parameters of one container entry: itself, a module's parameters, none for a buffer."""
+    if isinstance(entry, nn.Parameter):
+        return [entry]
+    return list(entry.parameters()) if isinstance(entry, nn.Module) else []
+
+
+def entry_to_meta(container: Any, adapter_name: str) -> None:
+    """Replace one container entry by an empty tensor on the meta device (dtype, shape, requires_grad kept)."""
+    old = container[adapter_name]
+    if isinstance(old, nn.Parameter):
+        container[adapter_name] = nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
+    elif isinstance(old, Tensor):
+        container[adapter_name] = torch.empty_like(old, device="meta")
+    else:
+        old.to("meta")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One variant strategy; ``LoraLayer`` calls it for the adapters created with it.
+    """One variant strategy; ``LoraLayer`` calls it for the adapters created with it (as a ``VariantLayer``).
 
     Attributes:
         init: (layer, adapter, A, B, s) -> None or {"lora_A" / "lora_B": module}; checks the layer and registers the
             variant's modules for the adapter about to be added (A, B: its placed, initialised factor weights).
             Runs before anything else of the adapter is registered, so a refusal leaves the layer unchanged;
             a returned module replaces that factor (BD-LoRA's compact block-diagonal factor). It may add its own
-            per-adapter container (``layer.add_container``: KaSA's ``lora_diag``, MonteCLoRA's sampler) and keep a
-            factor frozen through set_adapter / set_requires_grad (``layer.freeze``: MiCA's B).
+            per-adapter container (``layer.add_container``, named in ``containers``) and keep a factor frozen
+            through set_adapter / set_requires_grad (``layer.freeze``: MiCA's B).
         forward: (layer, adapter, x, y) -> y with the adapter applied; y is the running output.
         merge: (layer, adapter, W, sign) -> W with the adapter merged (+1) or unmerged (−1); W is a float32
             view of the base weight in its own layout; return a new tensor, never change W in place.
-        shapes: (kind, base) -> {container: shape of its module's ``.weight``}, to plan state-dict keys.
+        shapes: (kind, base) -> {container: shape of its module's ``.weight``, or {rest: shape} for the keys
+            ``<container>.<adapter>.<rest>`` ("" rest: the bare tensor ``<container>.<adapter>``)}, to plan state-dict
+            keys.
         dense: (layer, adapter) -> (A (r, K), B (out, r)) as dense matrices, where the stored factors are not;
             None: the factor weights themselves.
         bind: spec -> the Variant for one layer's settings (BD-LoRA's factor and N); None: this Variant as is.
@@ -48,13 +178,10 @@ class Variant:
         options: (module name, config) -> hashable per-layer settings, kept in ``LayerSpec.variant_options``.
         applies: (kind, base layer) -> whether the variant runs on this layer; False: plain LoRA there (QA-LoRA,
             which PEFT runs on GPTQ layers only); None: every layer (a layer it cannot run on refuses in ``init``).
-        config: (LoraConfig field, dataclass) when the variant's settings are a sub-config (``velora_config``):
-            ``LoraConfig`` turns a dict there into the dataclass, as PEFT accepts one (``coerce_subconfigs``).
-        buffers: names of per-adapter containers of bare tensors that ``init`` adds to the layer (a dict-like
-            module of persistent buffers): state-dict key ``<container>.<adapter>``, file key ``<container>``;
-            ``shapes`` gives their tensors' shapes, and deleting or emptying an adapter covers them.
-        containers: names of the per-adapter containers ``init`` adds to a layer (``LoraLayer.add_container``:
-            KaSA's ``lora_diag``); the codec reads and writes their keys like PEFT's own containers.
+        containers: names of the per-adapter containers ``init`` adds to a layer (``add_container``: KaSA's
+            ``lora_diag``, VeLoRA's ``lora_velora_embed``); the codec reads and writes their keys like PEFT's own
+            containers (module docstring). A variant's sub-config (``velora_config``) is registered with
+            ``config.register_subconfig`` by the variant's file.
         check_adapters: (existing configs by adapter name, new config) -> None; raises when the new adapter
             cannot join the model's adapters (KaSA's "cannot be combined" rule). Runs for every registered
             variant, whichever the new config selects.
@@ -65,17 +192,15 @@ class Variant:
             invocation tokens in ``input_ids``); it may pop its own keyword arguments from ``call.kwargs``.
     """
 
-    init: Callable[[LoraLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
-    forward: Callable[[LoraLayer, str, Tensor, Tensor], Tensor]
-    merge: Callable[[LoraLayer, str, Tensor, float], Tensor]
-    shapes: Callable[[Kind, nn.Module], dict[str, tuple[int, ...]]]
-    dense: Callable[[LoraLayer, str], tuple[Tensor, Tensor]] | None = None
+    init: Callable[[VariantLayer, str, Tensor, Tensor, float], dict[str, nn.Module] | None]
+    forward: Callable[[VariantLayer, str, Tensor, Tensor], Tensor]
+    merge: Callable[[VariantLayer, str, Tensor, float], Tensor]
+    shapes: Callable[[Kind, nn.Module], dict[str, Any]]
+    dense: Callable[[VariantLayer, str], tuple[Tensor, Tensor]] | None = None
     bind: Callable[[LayerSpec], Variant] | None = None
     select: Callable[[LoraConfig], bool] | None = None
     options: Callable[[str, LoraConfig], tuple[Any, ...]] | None = None
     applies: Callable[[Kind, nn.Module], bool] | None = None
-    config: tuple[str, type] | None = None
-    buffers: tuple[str, ...] = ()
     containers: tuple[str, ...] = ()
     check_adapters: Callable[[dict[str, LoraConfig], LoraConfig], None] | None = None
     model_methods: dict[str, Callable[..., Any]] = field(default_factory=dict)
@@ -96,7 +221,7 @@ class ModelCall:
     peft_config: dict[str, LoraConfig]
     active_adapters: list[str]
     adapter_names: list[str] | None
-    args: tuple
+    args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     generate: bool = False
 
@@ -146,37 +271,6 @@ def variant_options(name: str | None, module_name: str, config: LoraConfig) -> t
     return variant.options(module_name, config) if variant is not None and variant.options is not None else ()
 
 
-def buffer_containers() -> tuple[str, ...]:
-    """Every registered variant's per-adapter buffer containers (``Variant.buffers``)."""
-    return tuple(name for variant in VARIANTS.values() for name in variant.buffers)
-
-
-def coerce_subconfigs(config: LoraConfig) -> None:
-    """Turn a dict in a variant's sub-config field of ``config`` into its dataclass, in place (PEFT's loading).
-
-    Keys the dataclass does not have are dropped with one warning (a file from a newer PEFT).
-
-    Raises:
-        TypeError: the field holds something other than None, the dataclass or a dict (PEFT's sentence first).
-    """
-    for variant in VARIANTS.values():
-        if variant.config is None:
-            continue
-        field_name, config_class = variant.config
-        value = getattr(config, field_name)
-        if value is None or isinstance(value, config_class):
-            continue
-        name = config_class.__name__
-        if not isinstance(value, dict):
-            raise TypeError(f"`{name}` must be a `{name}`, a dict, or None. " + explain(
-                f"invalid {field_name}", where="LoraConfig", got=value, expected=f"a {name}, its dict, or None"))
-        known = {f.name for f in dataclasses.fields(config_class) if f.init}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            warn(f"LoraConfig.{field_name}: ignoring keys {name} does not know: {unknown}")
-        setattr(config, field_name, config_class(**{k: v for k, v in value.items() if k in known}))
-
-
 def variant_containers() -> tuple[str, ...]:
     """The per-adapter containers the registered variants add to layers (``Variant.containers``)."""
     return tuple(dict.fromkeys(name for variant in VARIANTS.values() for name in variant.containers))
@@ -206,12 +300,6 @@ def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module |
     if spec.variant is None:
         return None
     variant = VARIANTS[spec.variant]
-    if variant.applies is not None and kind is not None and not variant.applies(kind, base):
+    if variant.applies is not None and kind is not None and base is not None and not variant.applies(kind, base):
         return None
     return variant.bind(spec) if variant.bind is not None else variant
-
-
-from . import alora, arrow, bdlora, dora, kasa, mica, monteclora, qalora, velora  # noqa: E402,F401  (each registers itself)
-from .bdlora import BlockDiagonalLinear  # noqa: E402,F401  (PEFT exports it from its lora package)
-from .kasa import KasaConfig  # noqa: E402,F401
-from .monteclora import MontecloraConfig, MontecloraSampler  # noqa: E402,F401

@@ -24,6 +24,7 @@ aLoRA runs on linear kinds only, and cannot be merged: the update depends on the
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -33,16 +34,17 @@ from torch import Tensor
 
 from ..errors import explain, warn
 from ..kinds import LINEAR_KINDS
-from . import ModelCall, Variant, register_variant
+from . import ModelCall, Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
-    from ..layer import LoraLayer
 
-Offsets = list  # list[int | None]: one offset per row, None where the invocation was not found
+Offsets = list[int | None]  # one offset per row, None where the invocation was not found
 
 # adapter name -> the offsets of the rows that adapter runs on (all rows, or its rows of a mixed batch)
 _OFFSETS: ContextVar[dict[str, Offsets] | None] = ContextVar("lorakit_alora_offsets", default=None)
+# per layer: the offsets of its last recorded training forward (read when gradient checkpointing recomputes it)
+_RECORDED: weakref.WeakKeyDictionary[Any, dict[str, Offsets]] = weakref.WeakKeyDictionary()
 
 
 def invocation_offsets(input_ids: Tensor, tokens: Sequence[int]) -> Offsets:
@@ -74,24 +76,24 @@ def _row_mask(offsets: Offsets | None, batch: int, T: int, device: torch.device)
     return torch.arange(T, device=device)[None, :] >= (T - o)[:, None]
 
 
-def _alora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def _alora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y with s·B A dropout(x) added at the positions at or after each row's invocation (module docstring)."""
     batch, T = y.shape[0], (y.shape[1] if y.dim() == 3 else 1)
     mapping = _OFFSETS.get()
     if mapping is None and torch._C._current_graph_task_id() != -1:
         # gradient checkpointing recomputes this layer inside backward, after the call's context ended: use the
         # offsets of the forward being recomputed (the last one that recorded its graph here)
-        mapping = layer.__dict__.get("_lorakit_alora_recorded")
+        mapping = _RECORDED.get(layer)
     elif mapping is not None and layer.training:  # (reentrant checkpointing runs the first pass without grad)
-        layer.__dict__["_lorakit_alora_recorded"] = mapping
+        _RECORDED[layer] = mapping
     offsets = (mapping or {}).get(adapter_name)
     rows = _row_mask(offsets, batch, T, y.device).reshape(-1).nonzero().squeeze(1)  # flat (b, t) positions
     x_flat, y_flat = x.reshape(batch * T, -1), y.reshape(batch * T, -1)
-    delta = layer._branch(adapter_name, x_flat.index_select(0, rows)) * layer.scaling[adapter_name]
+    delta = layer.branch(adapter_name, x_flat.index_select(0, rows)) * layer.scaling[adapter_name]
     return y_flat.index_add(0, rows, delta.to(y.dtype)).view_as(y)
 
 
-def _alora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
+def _alora_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
     """Raises: ValueError: the layer is not a linear kind (PEFT's sentence first)."""
     if layer.kind.name not in LINEAR_KINDS:
         raise ValueError("Invalid or unsupported variant combination: ('alora_invocation_tokens',) "
@@ -100,7 +102,7 @@ def _alora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: fl
                                    fix="exclude these modules or drop alora_invocation_tokens"))
 
 
-def _alora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def _alora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """Raises: NotImplementedError: always; the update depends on the token position."""
     raise NotImplementedError("aLoRA does not support merging. "
                               + explain(f"adapter {adapter_name!r} is an aLoRA adapter", where=f"lora.{layer.kind.name}",
@@ -139,7 +141,7 @@ def is_alora_relevant_in_batch(model: Any, adapter_names: list[str] | None = Non
     return any(getattr(model.peft_config.get(n), "alora_invocation_tokens", None) for n in names)
 
 
-def _offsets_kwargs(model: Any, input_ids: Tensor | None, generate: bool, kwargs: dict) -> dict:
+def _offsets_kwargs(model: Any, input_ids: Tensor | None, generate: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     if not is_alora_relevant_in_batch(model, kwargs.get("adapter_names")) or kwargs.get("alora_offsets") is not None:
         return kwargs
     if input_ids is None:

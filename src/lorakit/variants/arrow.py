@@ -24,18 +24,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import explain
 from ..kinds import LINEAR_KINDS
-from . import Variant, register_variant
+from ..config import register_subconfig
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
     from ..model import PeftModel
 
 TASK_ADAPTER_PREFIX, GKS_ADAPTER_PREFIX, ROUTER_NAME = "task_", "gks_", "arrow_router"  # PEFT's names
@@ -75,6 +76,10 @@ class ArrowConfig:
         """From adapter_config.json. As PEFT, the name lists (init=False) are not read back: a loaded router takes
         its experts from the layers (every adapter but the router and gks_<i>)."""
         return cls(**{k: v for k, v in values.items() if k not in ("task_adapter_names", "gks_adapter_names")})
+
+
+register_subconfig("arrow_config", ArrowConfig, ArrowConfig.from_dict)
+STATE = "lora_arrow"  # PEFT's container of the router's per-layer state
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ def top_right_singular_vector(A: Tensor, B: Tensor, seed: int | None) -> Tensor:
     if seed is not None:
         generator = torch.Generator(device=A.device.type)
         generator.manual_seed(int(seed))
-    v = torch.randn(A.shape[1], dtype=A.dtype, device=A.device, generator=generator)
+    v: Tensor = torch.randn(A.shape[1], dtype=A.dtype, device=A.device, generator=generator)
     v = v / (v.norm() + EPS)
     for _ in range(POWER_ITERATIONS):
         w = A.T @ (C @ (A @ v))  # (ΔWᵀΔW) v
@@ -132,37 +137,43 @@ def top_right_singular_vector(A: Tensor, B: Tensor, seed: int | None) -> Tensor:
     return v
 
 
+def _weights(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
+    """(A (r, in), B (out, r)) of one expert."""
+    A, B = layer.factors(adapter_name)
+    return A.weight, B.weight
+
+
 @torch.no_grad()
-def _refresh(layer: LoraLayer, state: ArrowState, router: str) -> None:
+def _refresh(layer: VariantLayer, state: ArrowState, router: str) -> None:
     """Track experts added since the last forward, run GenKnowSub where due, rebuild prototypes if needed."""
-    current = [n for n in layer.lora_A if n in layer.lora_B and n != ROUTER_NAME and n != router
-               and not _is_general(n)]
+    current = [n for n in layer.r if n != ROUTER_NAME and n != router and not _is_general(n)]
     if sorted(current) != sorted(state.experts):
         if len(current) > len(state.experts):
             state.gks_pending = [n for n in current if n not in state.experts]
         state.experts, state.prototypes_ready = current, False
     settings = state.settings
     if settings.use_gks and (not state.gks_done or state.gks_pending):
-        mean_A = torch.stack([layer.lora_A[n].weight for n in settings.gks_names]).mean(0)  # (r, in)
-        mean_B = torch.stack([layer.lora_B[n].weight for n in settings.gks_names]).mean(0)  # (out, r)
+        mean_A = torch.stack([_weights(layer, n)[0] for n in settings.gks_names]).mean(0)  # (r, in)
+        mean_B = torch.stack([_weights(layer, n)[1] for n in settings.gks_names]).mean(0)  # (out, r)
         for name in state.experts if not state.gks_done else state.gks_pending:
-            layer.lora_A[name].weight.data.sub_(mean_A)
-            layer.lora_B[name].weight.data.sub_(mean_B)
+            A, B = _weights(layer, name)
+            A.data.sub_(mean_A)
+            B.data.sub_(mean_B)
         state.gks_done, state.gks_pending = True, []
     if not state.prototypes_ready:
-        prototypes = [state.top_right_singular_vec_from_BA(layer.lora_A[n].weight, layer.lora_B[n].weight)
-                      .to(layer.lora_A[n].weight.dtype) for n in state.experts]
+        prototypes = [state.top_right_singular_vec_from_BA(*_weights(layer, n)).to(_weights(layer, n)[0].dtype)
+                      for n in state.experts]
         state.register_buffer("prototypes", torch.stack(prototypes), persistent=False)  # (E, in)
         state.prototypes_ready = True
 
 
-def _arrow_forward(layer: LoraLayer, router: str, x: Tensor, y: Tensor) -> Tensor:
+def _arrow_forward(layer: VariantLayer, router: str, x: Tensor, y: Tensor) -> Tensor:
     """y + dropout(Σ_e c_te s_e B_e A_e x_t) over the top-k experts of each token (module docstring)."""
-    state = layer.lora_arrow[router]
+    state = layer.container(STATE)[router]
     _refresh(layer, state, router)
     experts = state.experts
-    A = torch.stack([layer.lora_A[n].weight for n in experts])  # (E, r, in)
-    B = torch.stack([layer.lora_B[n].weight for n in experts])  # (E, out, r)
+    A = torch.stack([_weights(layer, n)[0] for n in experts])  # (E, r, in)
+    B = torch.stack([_weights(layer, n)[1] for n in experts])  # (E, out, r)
     tokens = x.to(A.dtype).reshape(-1, x.shape[-1])  # (t, in)
     similarity = (tokens @ state.prototypes.T).abs()  # (t, E)
     top, index = torch.topk(similarity, state.settings.top_k, dim=1)
@@ -171,22 +182,20 @@ def _arrow_forward(layer: LoraLayer, router: str, x: Tensor, y: Tensor) -> Tenso
     s = torch.tensor([layer.scaling[n] for n in experts], dtype=tokens.dtype, device=tokens.device)  # (E,)
     h = torch.einsum("ti,eri->ter", tokens, A)  # (t, E, r)
     expert_out = torch.einsum("ter,eor->teo", h, B) * s[None, :, None]  # (t, E, out)
-    delta = layer.lora_dropout[router](torch.einsum("te,teo->to", c, expert_out))  # (t, out)
+    delta = layer.apply_dropout(router, torch.einsum("te,teo->to", c, expert_out))  # (t, out)
     return y + delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
-def _arrow_init(settings: _Settings, layer: LoraLayer, router: str, A: Tensor, B: Tensor, s: float) -> None:
+def _arrow_init(settings: _Settings, layer: VariantLayer, router: str, A: Tensor, B: Tensor, s: float) -> None:
     """Give the layer its router state (``lora_arrow``). Raises: ValueError: not a linear kind (PEFT's sentence)."""
     if layer.kind.name not in LINEAR_KINDS:
         raise ValueError("Invalid or unsupported variant combination: ('arrow_config',) "
                          + explain("Arrow routing is not supported", where=f"a {layer.kind.name} target",
                                    expected="Linear / Conv1D targets", fix="target linear layers only"))
-    if "lora_arrow" not in layer._modules:
-        layer.lora_arrow = nn.ModuleDict()
-    layer.lora_arrow[router] = ArrowState(settings).to(A.device)
+    layer.add_container(STATE, nn.ModuleDict())[router] = ArrowState(settings).to(A.device)
 
 
-def _arrow_merge(layer: LoraLayer, router: str, W: Tensor, sign: float) -> Tensor:
+def _arrow_merge(layer: VariantLayer, router: str, W: Tensor, sign: float) -> Tensor:
     """Raises: RuntimeError: always (PEFT's sentence first); the mixture changes token by token."""
     action = "merge" if sign > 0 else "unmerge"
     raise RuntimeError(f"Cannot {action} an active Arrow router adapter. Remove it first. "
@@ -205,13 +214,13 @@ def _arrow_options(module_name: str, config: LoraConfig) -> tuple[Any, ...]:
 def _arrow_bind(spec: LayerSpec) -> Variant:
     (settings,) = spec.variant_options
     return Variant(init=partial(_arrow_init, settings), forward=_arrow_forward, merge=_arrow_merge,
-                   shapes=lambda kind, base: {})
+                   shapes=lambda kind, base: {}, containers=(STATE,))
 
 
 register_variant("arrow", Variant(init=partial(_arrow_init, _Settings(3, 1.0, False, None, (), None)),
                                   forward=_arrow_forward, merge=_arrow_merge, shapes=lambda kind, base: {},
                                   bind=_arrow_bind, options=_arrow_options,
-                                  select=lambda config: config.arrow_config is not None))
+                                  select=lambda config: config.arrow_config is not None, containers=(STATE,)))
 
 
 # ---- building the routed model from saved experts -----------------------------------------------------------
@@ -255,7 +264,7 @@ def _expert_layout(model: PeftModel, names: list[str]) -> tuple[list[str], int]:
     """
     from ..layer import LoraLayer
 
-    reference: tuple | None = None
+    reference: tuple[Any, ...] | None = None
     offenders = []
     for name in names:
         modules, r, shapes = set(), None, None
@@ -265,7 +274,7 @@ def _expert_layout(model: PeftModel, names: list[str]) -> tuple[list[str], int]:
             if layer.kind.name not in LINEAR_KINDS | {"Conv1d"}:  # PEFT's list also names nn.Conv1d
                 offenders.append((name, path, type(layer.base_layer).__name__))
             if name in layer.lora_A:
-                A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+                A, B = (cast(Tensor, factor.weight) for factor in layer.factors(name))
                 modules.add(path.split(".")[-1])
                 r, shapes = A.shape[0], (tuple(A.shape), tuple(B.shape))
         if reference is None:

@@ -15,20 +15,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..config import BdLoraConfig
 from ..errors import explain
-from ..kinds import Kind
-from . import Variant, register_variant
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -53,15 +54,16 @@ class BlockDiagonalLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         N = self.nblocks
         blocks = self.weight.view(N, self.out_features // N, self.in_features // N)  # (N, out/N, in/N)
-        y = torch.einsum("...im,inm->...in", x.unflatten(-1, (N, -1)), blocks)  # (..., N, out/N)
+        y = torch.einsum("...im,inm->...in", x.reshape(*x.shape[:-1], N, -1), blocks)  # (..., N, out/N)
         return y.flatten(-2)  # (..., out)
 
     def dense(self) -> Tensor:
         """diag(W_1, ..., W_N), (out, in)."""
-        return torch.block_diag(*self.weight.chunk(self.nblocks, dim=0))
+        dense: Tensor = torch.block_diag(*self.weight.chunk(self.nblocks, dim=0))  # type: ignore[no-untyped-call]
+        return dense  # (torch's block_diag is untyped)
 
 
-def _bdlora_init(factor: str | None, nblocks: int, layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor,
+def _bdlora_init(factor: str | None, nblocks: int, layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor,
                  s: float) -> dict[str, nn.Module] | None:
     """Replace the block-diagonal factor ("A" or "B"; None: plain LoRA) with a compact BlockDiagonalLinear.
 
@@ -71,30 +73,34 @@ def _bdlora_init(factor: str | None, nblocks: int, layer: LoraLayer, adapter_nam
     if layer.kind.name not in ("Linear", "Conv1D"):
         raise ValueError(explain("use_bdlora is not supported", where=f"a {layer.kind.name} target",
                                  expected="Linear or Conv1D targets", fix="exclude these modules or drop use_bdlora"))
-    placement = dict(device=A.device, dtype=A.dtype)
     if factor == "A":
-        return {"lora_A": BlockDiagonalLinear(layer.in_features, A.shape[0], nblocks, zero=False, **placement)}
+        return {"lora_A": BlockDiagonalLinear(layer.in_features, A.shape[0], nblocks, zero=False, device=A.device,
+                                                dtype=A.dtype)}
     if factor == "B":
-        return {"lora_B": BlockDiagonalLinear(B.shape[1], layer.out_features, nblocks, zero=True, **placement)}
+        return {"lora_B": BlockDiagonalLinear(B.shape[1], layer.out_features, nblocks, zero=True, device=A.device,
+                                                dtype=A.dtype)}
     return None
 
 
-def _bdlora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def _bdlora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + s·B A dropout(x); A and B run their own (block-diagonal) matmuls."""
-    return y + layer._branch(adapter_name, x) * layer.scaling[adapter_name]
+    return y + layer.branch(adapter_name, x) * layer.scaling[adapter_name]
 
 
-def _bdlora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def _bdlora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """W ± s·B A with the dense block-diagonal factor (``get_delta_weight`` goes through ``dense``)."""
     return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
 
 
-def _bdlora_dense(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
+def _bdlora_dense(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     A, B = layer.factors(adapter_name)
-    return tuple(m.dense() if isinstance(m, BlockDiagonalLinear) else m.weight for m in (A, B))
+    def weight(m: Any) -> Tensor:
+        return m.dense() if isinstance(m, BlockDiagonalLinear) else cast(Tensor, m.weight)
+
+    return weight(A), weight(B)
 
 
-def _bdlora_shapes(factor: str | None, nblocks: int, r: int, kind: Kind, base: nn.Module) -> dict:
+def _bdlora_shapes(factor: str | None, nblocks: int, r: int, kind: Kind, base: nn.Module) -> dict[str, Any]:
     in_features, out_features = kind.features(base)
     if factor == "A":
         return {"lora_A": (r, in_features // nblocks)}
@@ -108,6 +114,7 @@ def _bdlora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
         ValueError: the module matches both BD-LoRA lists, or none with ``match_strict``.
     """
     bd = config.use_bdlora
+    assert isinstance(bd, BdLoraConfig)  # select() chose this variant; LoraConfig coerced a dict
     in_a = any(pattern in name for pattern in bd.target_modules_bd_a or [])
     in_b = any(pattern in name for pattern in bd.target_modules_bd_b or [])
     if in_a and in_b:

@@ -31,7 +31,7 @@ without a graph break and that inductor fuses, and n is recomputed per call, not
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,18 +39,21 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import explain
 from ..kinds import DoraSupport, Kind, registered_kinds
-from . import Variant, register_variant
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
+
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's container of m (one Magnitude per adapter)
 
 
 DoraKind = DoraSupport  # what DoRA needs of a base kind: the Kind's own ``dora`` entry (kinds.py)
 _UNSUPPORTED = DoraSupport(out_dim=0)  # shapes only; dora_init refuses the kind
 
 
-def _dora_kind(layer: LoraLayer) -> DoraKind:
+def _dora_kind(layer: VariantLayer) -> DoraKind:
     """Raises: ValueError: DoRA is not defined for the layer's kind (``Kind.dora``; PEFT's sentence first)."""
     dora_kind = layer.kind.dora
     if dora_kind is None:
@@ -64,7 +67,7 @@ def _dora_kind(layer: LoraLayer) -> DoraKind:
 
 def _magnitude_shape(dora_kind: DoraKind, out_features: int, base: nn.Module) -> tuple[int, ...]:
     if dora_kind.spatial:
-        return (1, out_features) + (1,) * (base.weight.dim() - 2)  # (1, out, 1, ...)
+        return (1, out_features) + (1,) * (cast(Tensor, base.weight).dim() - 2)  # (1, out, 1, ...)
     return (out_features,)
 
 
@@ -104,10 +107,11 @@ def weight_norm(W: Tensor, A: Tensor, B: Tensor, s: float, W_sq: Tensor | None =
     if B.flatten(1).shape[1] == r:
         return row_norm(W, *_as_matrices(A, B), s, W_sq)
     L = (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(W.shape[0], -1)  # (out, in/g·k)
-    return torch.linalg.vector_norm(W.to(A.dtype) + s * L, dim=1)
+    n: Tensor = torch.linalg.vector_norm(W.to(A.dtype) + s * L, dim=1)
+    return n
 
 
-def _key(*tensors: Tensor) -> tuple:
+def _key(*tensors: Tensor) -> tuple[Any, ...]:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
@@ -119,15 +123,15 @@ class Magnitude(nn.Module):
         self.weight = nn.Parameter(m)
         self.dora_kind = dora_kind
         self.merged_norm: Tensor | None = None  # n at merge time, for unmerge (PEFT caches it the same way)
-        self._row_sq: tuple[tuple, Tensor] | None = None  # (key of W, ‖W_i‖²)
-        self._norm: tuple[tuple, Tensor] | None = None  # (key of W, A, B, s, mode, n), eval mode only
+        self._row_sq: tuple[tuple[Any, ...], Tensor] | None = None  # (key of W, ‖W_i‖²)
+        self._norm: tuple[tuple[Any, ...], Tensor] | None = None  # (key of W, A, B, s, mode, n), eval mode only
 
     def train(self, mode: bool = True) -> Magnitude:
         if mode:
             self._row_sq = self._norm = None
         return super().train(mode)
 
-    def norm(self, layer: LoraLayer, A: Tensor, B: Tensor, s: float) -> Tensor:
+    def norm(self, layer: VariantLayer, A: Tensor, B: Tensor, s: float) -> Tensor:
         """n = ‖W + s·B A‖ per row of ``layer``'s base weight, detached, (out,); cached in eval mode."""
         if torch.compiler.is_compiling():  # no cache: data_ptr and _version keys would break the graph
             with torch.no_grad():
@@ -146,13 +150,13 @@ class Magnitude(nn.Module):
         return n
 
 
-def _factor_weights(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
+def _factor_weights(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     A, B = layer.factors(adapter_name)
     return (A, B) if layer.kind.embedding else (A.weight, B.weight)
 
 
 # ---- DoRA ------------------------------------------------------------------------------------------------------
-def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
+def dora_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
     """m = ‖W + s·B A‖ per output row, in the factors' dtype and PEFT's shape.
 
     Raises:
@@ -162,17 +166,17 @@ def dora_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: floa
     with torch.no_grad():
         m = weight_norm(layer.kind.matrix(layer.base_layer), A, B, s)
     shape = _magnitude_shape(dora_kind, layer.out_features, layer.base_layer)
-    layer.lora_magnitude_vector[adapter_name] = Magnitude(m.reshape(shape), dora_kind)
+    layer.container(MAGNITUDE)[adapter_name] = Magnitude(m.reshape(shape), dora_kind)
 
 
-def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def dora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + (m/n − 1)·(y − bias) + (m/n)·s·B A x: ops.dora_ (in place on y) where it applies, else the reference.
 
     ops.dora_ covers Linear and Conv1D without active dropout, lora_bias, autocast or a zero magnitude
     entry, y already in the adapter's dtype; everything else runs ``dora_reference``.
     """
     A, B = layer.factors(adapter_name)
-    magnitude = layer.lora_magnitude_vector[adapter_name]
+    magnitude = layer.container(MAGNITUDE)[adapter_name]
     if not (ops.FUSED and not torch.compiler.is_compiling() and layer.kind.fused and B.bias is None and layer.dropout_p(adapter_name) == 0
             and y.dtype == A.weight.dtype and ops.autocast_dtype(x) is None
             and bool((magnitude.weight != 0).all())):
@@ -184,22 +188,22 @@ def dora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> T
     return ops.dora_(y, x, A.weight, B.weight, magnitude.weight, n, None if bias is None else bias.to(y.dtype), s)
 
 
-def dora_reference(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def dora_reference(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + (m/n − 1)·(y − bias) + (m/n)·s·B A x; in training with dropout, W dropout(x) replaces y − bias."""
     A, B = layer.factors(adapter_name)
     s = layer.scaling[adapter_name]
-    magnitude = layer.lora_magnitude_vector[adapter_name]
+    magnitude = layer.container(MAGNITUDE)[adapter_name]
     A_weight, B_weight = (A, B) if layer.kind.embedding else (A.weight, B.weight)
     n = magnitude.norm(layer, A_weight, B_weight, s)
     f = magnitude.weight / n.view(magnitude.weight.shape)  # m/n, broadcasts against y
     if not layer.kind.embedding and x.dtype != A_weight.dtype:
         x = x.to(A_weight.dtype)
-    dropout = layer.lora_dropout[adapter_name]
     weight_only = magnitude.dora_kind.weight_only
-    if layer.training and weight_only is not None and not isinstance(dropout, nn.Identity):
-        x = dropout(x)
+    if layer.training and weight_only is not None and layer.dropout_p(adapter_name) > 0:
+        x = layer.apply_dropout(adapter_name, x)
         base = weight_only(layer.base_layer, x)  # W dropout(x), no bias
-        return y + ((f - 1) * base + f * layer.kind.branch(layer.base_layer, x, A, B) * s)
+        out: Tensor = y + ((f - 1) * base + f * layer.kind.branch(layer.base_layer, x, A, B) * s)
+        return out
     lora = layer.kind.branch(layer.base_layer, x, A, B)  # B A x, unscaled
     # y + (f − 1)(y − bias) + f·s·lora rearranged to f·(y + s·lora) + (1 − f)·bias: two full-size kernels.
     # Under autocast y and lora are both half precision; PEFT's sum is in f's float32, so promote y first.
@@ -207,13 +211,14 @@ def dora_reference(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) ->
         y = y.to(torch.promote_types(y.dtype, f.dtype))
     bias = getattr(layer.base_layer, "bias", None)
     if bias is None:
-        return torch.add(y, lora, alpha=s) * f
+        plain: Tensor = torch.add(y, lora, alpha=s) * f
+        return plain
     return torch.addcmul((1 - f) * bias.view(f.shape), f, torch.add(y, lora, alpha=s))
 
 
-def dora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def dora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """Merge: W ← (m/n)(W + s·ΔW) with n from the unmerged base weight. Unmerge: W ← W/(m/n) − s·ΔW."""
-    magnitude = layer.lora_magnitude_vector[adapter_name]
+    magnitude = layer.container(MAGNITUDE)[adapter_name]
     out_dim = magnitude.dora_kind.out_dim
     delta = layer.get_delta_weight(adapter_name).to(W.device)  # s·ΔW, base layout, float32
     if sign > 0:  # n as forward sees it: from W with the adapters merged before this one taken out
@@ -230,13 +235,14 @@ def dora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> T
                                  expected="an adapter merged by this layer", fix="merge it first"))
     f = (magnitude.weight.detach().float().flatten() / magnitude.merged_norm).to(W.device)  # (out,)
     f = f.view([-1 if d == out_dim else 1 for d in range(W.dim())])  # along W's output axis
-    return f * (W + delta) if sign > 0 else W / f - delta
+    merged: Tensor = f * (W + delta) if sign > 0 else W / f - delta
+    return merged
 
 
-def dora_shapes(kind: Kind, base: nn.Module) -> dict[str, tuple[int, ...]]:
+def dora_shapes(kind: Kind, base: nn.Module) -> dict[str, Any]:
     """{"lora_magnitude_vector": shape of m} for a base layer about to get a DoRA adapter."""
     dora_kind = kind.dora or _UNSUPPORTED  # an unsupported kind is refused at init
-    return {"lora_magnitude_vector": _magnitude_shape(dora_kind, kind.features(base)[1], base)}
+    return {MAGNITUDE: _magnitude_shape(dora_kind, kind.features(base)[1], base)}
 
 
 register_variant("dora", Variant(init=dora_init, forward=dora_forward, merge=dora_merge, shapes=dora_shapes,

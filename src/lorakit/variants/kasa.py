@@ -28,12 +28,11 @@ from torch import Tensor, nn
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from ..kinds import Kind
-from . import Variant, register_variant
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
-    from ..layer import LoraLayer
 
 
 @strict_init
@@ -62,7 +61,7 @@ register_subconfig("kasa_config", KasaConfig)
 CONTAINER = "lora_diag"
 
 
-def _check_layer(layer: LoraLayer, r: int) -> None:
+def _check_layer(layer: VariantLayer, r: int) -> None:
     """Raises: ValueError: not an nn.Linear (PEFT's sentences first), or r >= min(out, in)."""
     if layer.kind.weight_is_in_out:
         raise ValueError("KaSA does not support `fan_in_fan_out=True` layers (e.g. Conv1D). Please target nn.Linear "
@@ -84,37 +83,40 @@ def truncate(W: Tensor, r: int) -> Tensor:
     """U[:, :k−r] Σ[:k−r] V[:, :k−r]ᵀ of W (out, in), in float32: W without its r smallest singular components."""
     U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
     keep = min(W.shape) - r
-    return (U[:, :keep] * S[:keep]) @ Vh[:keep]
+    truncated: Tensor = (U[:, :keep] * S[:keep]) @ Vh[:keep]
+    return truncated
 
 
-def _kasa_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
+def _kasa_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
     """ΔΣ ~ N(0, 1) (r,) in A's dtype and device, then W ← its rank-(k − r) truncation, cast once to W's dtype."""
     r = A.shape[0]
     _check_layer(layer, r)
-    layer.add_container(CONTAINER, nn.ParameterDict())
+    diags = layer.add_container(CONTAINER, nn.ParameterDict())
     diag = nn.Parameter(torch.randn(r, device=A.device, dtype=A.dtype))
     base = layer.base_layer
     with torch.no_grad():
         W = layer.kind.matrix(base)
         layer.kind.set_matrix(base, truncate(W, r).to(W.dtype))
-    getattr(layer, CONTAINER)[adapter_name] = diag
+    diags[adapter_name] = diag
 
 
-def _kasa_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def _kasa_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + s · B (ΔΣ ⊙ A dropout(x))."""
-    A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    A, B = layer.factors(adapter_name)
     x = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
-    h = A(layer.lora_dropout[adapter_name](x)) * getattr(layer, CONTAINER)[adapter_name]  # (..., r)
-    return y + B(h) * layer.scaling[adapter_name]
+    h = A(layer.apply_dropout(adapter_name, x)) * layer.container(CONTAINER)[adapter_name]  # (..., r)
+    out: Tensor = y + B(h) * layer.scaling[adapter_name]
+    return out
 
 
-def _kasa_dense(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
+def _kasa_dense(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     """(A, B diag(ΔΣ)): get_delta_weight is then s · B diag(ΔΣ) A."""
-    diag = getattr(layer, CONTAINER)[adapter_name]
-    return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight * diag
+    diag = layer.container(CONTAINER)[adapter_name]
+    A, B = layer.factors(adapter_name)
+    return A.weight, B.weight * diag
 
 
-def _kasa_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def _kasa_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """W ± s · B diag(ΔΣ) A (into the truncated W; unmerging gives the truncated W back, as in PEFT)."""
     return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
 

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 
 from ..errors import explain
 from ..inits import InitRequest, InitResult, register_init
-from ..kinds import Kind
-from . import Variant, register_variant
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
-    from ..layer import LoraLayer
+    from ..kinds import Kind
+
 
 MICA_KINDS = ("Linear", "Conv1D", "Embedding")  # the kinds PEFT 0.21.2 has a MiCA variant for
 
@@ -67,11 +67,11 @@ def mica(request: InitRequest) -> InitResult:
     return InitResult(A=torch.zeros(request.r, K), B=U[:, -request.r:].contiguous())
 
 
-def _b_container(layer: LoraLayer) -> str:
+def _b_container(layer: VariantLayer) -> str:
     return "lora_embedding_B" if layer.kind.embedding else "lora_B"
 
 
-def _mica_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
+def _mica_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
     """Mark B frozen for this adapter (it never trains); the factors were written by the ``mica`` init.
 
     Over a half-precision base, B is rounded to the base dtype (then kept in the adapter's float32), as
@@ -86,12 +86,12 @@ def _mica_init(layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: flo
     B.requires_grad_(False)
 
 
-def _mica_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def _mica_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + s·B A dropout(x), plain LoRA's branch."""
-    return y + layer._branch(adapter_name, x) * layer.scaling[adapter_name]
+    return y + layer.branch(adapter_name, x) * layer.scaling[adapter_name]
 
 
-def _mica_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def _mica_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """W ± s·B A."""
     return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
 

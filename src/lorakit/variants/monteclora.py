@@ -43,12 +43,12 @@ from torch.distributions import Wishart
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from ..kinds import Kind
-from . import Variant, register_variant
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
 
 
 @strict_init
@@ -108,7 +108,8 @@ class MontecloraSampler(nn.Module):
             z = torch.randn(size, n, self.in_features, self.r, device=device, dtype=dtype)
             z_dirichlet = torch.randn(size, n, device=device, dtype=dtype)
             wishart = Wishart(df=torch.tensor(float(self.r), device=device), scale_tril=torch.eye(self.r, device=device))
-            z_wishart = torch.stack([wishart._bartlett_sampling(torch.Size()) for _ in range(size)]).to(dtype)
+            z_wishart = torch.stack([wishart._bartlett_sampling(torch.Size())  # type: ignore[no-untyped-call]  # torch's, untyped
+                                     for _ in range(size)]).to(dtype)
         self.noise, self.index = (z, z_wishart, z_dirichlet), 0
 
     def next_noise(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -153,11 +154,11 @@ class MontecloraSampler(nn.Module):
         return self.settings.kl_loss_weight * (kl_d + kl_w + kl_n), entropy
 
 
-def _samplers(layer: LoraLayer) -> nn.ModuleDict:
-    return getattr(layer, CONTAINER)
+def _samplers(layer: VariantLayer) -> nn.ModuleDict:
+    return layer.container(CONTAINER)  # type: ignore[no-any-return]  # added as an nn.ModuleDict by init
 
 
-def _monteclora_init(settings: MontecloraConfig, layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor,
+def _monteclora_init(settings: MontecloraConfig, layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor,
                      s: float) -> None:
     """Add the adapter's MontecloraSampler (σ, π ~ U(0, 1) in A's dtype and device).
 
@@ -168,16 +169,15 @@ def _monteclora_init(settings: MontecloraConfig, layer: LoraLayer, adapter_name:
         raise ValueError("Invalid or unsupported variant combination: ('monteclora_config',). "
                          + explain("monteclora_config is not supported", where=f"a {layer.kind.name} target",
                                    expected="Linear or Conv1D targets", fix="exclude these modules or drop it"))
-    layer.add_container(CONTAINER, nn.ModuleDict())
-    _samplers(layer)[adapter_name] = MontecloraSampler(layer.in_features, A.shape[0], settings, A.device, A.dtype)
+    layer.add_container(CONTAINER, nn.ModuleDict())[adapter_name] = MontecloraSampler(layer.in_features, A.shape[0], settings, A.device, A.dtype)
 
 
-def _monteclora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def _monteclora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + s·B Ã dropout(x), Ã the sampled average of A in training and A itself in eval mode."""
-    A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    A, B = layer.factors(adapter_name)
     x = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
     if layer.training:
-        x = layer.lora_dropout[adapter_name](x)
+        x = layer.apply_dropout(adapter_name, x)
     weight = A.weight
     if layer.training:
         E, w = _samplers(layer)[adapter_name]()
@@ -185,10 +185,11 @@ def _monteclora_forward(layer: LoraLayer, adapter_name: str, x: Tensor, y: Tenso
             warnings.warn("Monteclora sampling produced NaNs, using base weights.", stacklevel=2)
         else:
             weight = torch.einsum("n,nij->ij", w, weight.T + E).T  # Σ_k w_k (Aᵀ + E_k), transposed: (r, in)
-    return y + B(F.linear(x, weight)) * layer.scaling[adapter_name]
+    out: Tensor = y + B(F.linear(x, weight)) * layer.scaling[adapter_name]
+    return out
 
 
-def _monteclora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def _monteclora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """W ± s·B A: the mean adapter, without sampling (PEFT's merge)."""
     return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
 

@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import explain, warn
-from ..kinds import Kind
-from . import Variant, register_variant
+from . import Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
 
 GPTQ_KIND = "GPTQLoraLinear"  # quant_gptq.KIND_NAME
 
@@ -35,10 +35,10 @@ GPTQ_KIND = "GPTQLoraLinear"  # quant_gptq.KIND_NAME
 def pooled(x: Tensor, group: int) -> Tensor:
     """x̄ = (in/g) · mean over consecutive groups of g features, (…, in) -> (…, in/g)."""
     groups = x.shape[-1] // group
-    return x.unflatten(-1, (groups, group)).mean(dim=-1) * groups
+    return x.reshape(*x.shape[:-1], groups, group).mean(dim=-1) * groups
 
 
-def _init(group: int, layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> dict[str, nn.Module]:
+def _init(group: int, layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> dict[str, nn.Module]:
     """A (r, in/g), drawn as nn.Linear draws it.
 
     Raises:
@@ -54,21 +54,21 @@ def _init(group: int, layer: LoraLayer, adapter_name: str, A: Tensor, B: Tensor,
     return {"lora_A": pooled_A}
 
 
-def _forward(group: int, layer: LoraLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+def _forward(group: int, layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
     """y + s·B A x̄(dropout(x))."""
     A, B = layer.factors(adapter_name)
-    x = layer.lora_dropout[adapter_name](x.to(A.weight.dtype))
-    delta = B(A(pooled(x, group))) * layer.scaling[adapter_name]
+    x = layer.apply_dropout(adapter_name, x.to(A.weight.dtype))
+    delta: Tensor = B(A(pooled(x, group))) * layer.scaling[adapter_name]
     return y + delta.to(y.dtype)
 
 
-def _merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def _merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """Raises: NotImplementedError: as PEFT (QA-LoRA's pooled A has no dense ΔW here)."""
     raise NotImplementedError("QALoRA for GPTQ layers does not support 'merge'. " + explain(
         "cannot merge a QA-LoRA adapter", where=layer.kind.name, fix="keep the adapter unmerged"))
 
 
-def _dense(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
+def _dense(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     raise NotImplementedError("QALoRA for GPTQ layers does not support 'get_delta_weight'.")
 
 

@@ -25,7 +25,6 @@ gradients). Only Linear and transformers' Conv1D bases take VeLoRA (PEFT's other
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -34,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import strict_init
+from ..config import register_subconfig, strict_init
 from ..errors import explain
-from ..kinds import Kind
-from . import Variant, register_variant
+from . import BufferDict, Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
+    from ..kinds import Kind
     from ..config import LoraConfig
-    from ..layer import LayerSpec, LoraLayer
+    from ..layer import LayerSpec
 
 INIT_TYPES = ("batch_average_once", "batch_average", "random")
 EMBED = "lora_velora_embed"  # PEFT's name of the per-adapter buffer container: key <path>.lora_velora_embed.<name>
@@ -90,43 +89,17 @@ class VeloraConfig:
                              + explain("invalid init_type", where=where, expected=f"one of {list(INIT_TYPES)}"))
 
 
-class AdapterBuffers(nn.Module):
-    """Per-adapter tensors kept as persistent buffers (state-dict key ``<container>.<adapter>``), used as a dict.
-
-    ``initialized`` holds one flag per adapter (has v been set?); deleting an adapter drops both.
-    """
+class Embeds(BufferDict):
+    """v per adapter (persistent buffers, key ``lora_velora_embed.<adapter>``) and ``initialized``, one flag per
+    adapter (has v been set?; PEFT's ``lora_velora_initialized``); deleting an adapter drops both."""
 
     def __init__(self) -> None:
         super().__init__()
         self.initialized: dict[str, bool] = {}
 
-    def __getitem__(self, adapter_name: str) -> Tensor:
-        return cast(Tensor, self._buffers[adapter_name])
-
-    def __setitem__(self, adapter_name: str, value: Tensor) -> None:
-        self.register_buffer(adapter_name, value, persistent=True)
-
     def __delitem__(self, adapter_name: str) -> None:
-        del self._buffers[adapter_name]
+        super().__delitem__(adapter_name)
         self.initialized.pop(adapter_name, None)
-
-    def __contains__(self, adapter_name: object) -> bool:
-        return adapter_name in self._buffers
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self) -> list[str]:
-        return list(self._buffers)
-
-    def items(self) -> list[tuple[str, Tensor]]:
-        return [(name, self[name]) for name in self._buffers]
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{name}: {tuple(value.shape)} {value.dtype}" for name, value in self.items())
 
 
 # ---- the math --------------------------------------------------------------------------------------------------
@@ -145,7 +118,7 @@ def sub_tokens(x: Tensor, num_groups: int) -> Tensor:
 def unit(v: Tensor) -> Tensor:
     """v/‖v‖ in float32; the all-ones direction 1/√D when v = 0."""
     v = v.float()
-    norm = torch.linalg.vector_norm(v)
+    norm: Tensor = torch.linalg.vector_norm(v)
     if norm == 0:
         return torch.full_like(v, 1 / math.sqrt(v.numel()))
     return v / norm
@@ -193,7 +166,7 @@ class VeloraLinear(torch.autograd.Function):
 
 
 # ---- the Variant -----------------------------------------------------------------------------------------------
-def _velora_init(num_groups: int, scale: float, init_type: str, layer: LoraLayer, adapter_name: str, A: Tensor,
+def _velora_init(num_groups: int, scale: float, init_type: str, layer: VariantLayer, adapter_name: str, A: Tensor,
                  B: Tensor, s: float) -> None:
     """v for the new adapter in ``layer.lora_velora_embed`` (A's dtype and device): random, or zero until the
     first training forward sets it.
@@ -212,21 +185,18 @@ def _velora_init(num_groups: int, scale: float, init_type: str, layer: LoraLayer
         v = unit(torch.randn(D, device=A.device, dtype=base_dtype)).to(base_dtype).to(A.dtype)
     else:
         v = torch.zeros(D, device=A.device, dtype=A.dtype)
-    if EMBED not in layer._modules:
-        created = AdapterBuffers()
-        layer.add_module(EMBED, created)
-        layer.__dict__["lora_velora_initialized"] = created.initialized  # PEFT's name for the flags
-    embeds = _embeds(layer)
+    embeds = layer.add_container(EMBED, Embeds())
+    setattr(layer, "lora_velora_initialized", embeds.initialized)  # PEFT's attribute: the same dict of flags
     embeds[adapter_name] = v
     embeds.initialized[adapter_name] = init_type == "random"
 
 
-def _embeds(layer: LoraLayer) -> AdapterBuffers:
+def _embeds(layer: VariantLayer) -> Embeds:
     """The layer's v container (created by ``_velora_init``)."""
-    return cast(AdapterBuffers, layer._modules[EMBED])
+    return cast(Embeds, layer.container(EMBED))
 
 
-def _update_embed(init_type: str, num_groups: int, embeds: AdapterBuffers, adapter_name: str, x: Tensor) -> None:
+def _update_embed(init_type: str, num_groups: int, embeds: Embeds, adapter_name: str, x: Tensor) -> None:
     """v = μ/‖μ‖ over the sub-tokens of this batch ("batch_average"; "batch_average_once" only while unset)."""
     if init_type == "random" or (init_type == "batch_average_once" and embeds.initialized[adapter_name]):
         return
@@ -238,27 +208,29 @@ def _update_embed(init_type: str, num_groups: int, embeds: AdapterBuffers, adapt
         embeds.initialized[adapter_name] = True
 
 
-def _velora_forward(num_groups: int, scale: float, init_type: str, layer: LoraLayer, adapter_name: str, x: Tensor,
+def _velora_forward(num_groups: int, scale: float, init_type: str, layer: VariantLayer, adapter_name: str, x: Tensor,
                     y: Tensor) -> Tensor:
     """y + s·B A dropout(x); in a training forward A runs through ``VeloraLinear`` after v is updated."""
     A, B = layer.factors(adapter_name)
-    x = layer.lora_dropout[adapter_name](x if x.dtype == A.weight.dtype else x.to(A.weight.dtype))
+    x = layer.apply_dropout(adapter_name, x if x.dtype == A.weight.dtype else x.to(A.weight.dtype))
     if layer.training and torch.is_grad_enabled():
         embeds = _embeds(layer)
         _update_embed(init_type, num_groups, embeds, adapter_name, x)
-        h = VeloraLinear.apply(x, A.weight, None, embeds[adapter_name], num_groups, scale)
+        h = VeloraLinear.apply(x, A.weight, None, embeds[adapter_name], num_groups,  # type: ignore[no-untyped-call]
+                               scale)  # torch's Function.apply is untyped
     else:
         h = A(x)
-    return y + B(h) * layer.scaling[adapter_name]
+    out: Tensor = y + B(h) * layer.scaling[adapter_name]
+    return out
 
 
-def _velora_merge(layer: LoraLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+def _velora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
     """W ± s·B A, as plain LoRA."""
     return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
 
 
-def _velora_shapes(num_groups: int, kind: Kind, base: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {EMBED: (group_dim(kind.features(base)[0], num_groups),)}
+def _velora_shapes(num_groups: int, kind: Kind, base: nn.Module) -> dict[str, Any]:
+    return {EMBED: {"": (group_dim(kind.features(base)[0], num_groups),)}}  # a bare buffer: <EMBED>.<adapter>
 
 
 def _velora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
@@ -273,7 +245,7 @@ def _velora_variant(num_groups: int, scale: float, init_type: str) -> Variant:
                    forward=partial(_velora_forward, num_groups, scale, init_type), merge=_velora_merge,
                    shapes=partial(_velora_shapes, num_groups), bind=_velora_bind,
                    select=lambda config: config.velora_config is not None, options=_velora_options,
-                   config=("velora_config", VeloraConfig), buffers=(EMBED,))
+                   containers=(EMBED,))
 
 
 def _velora_bind(spec: LayerSpec) -> Variant:
@@ -281,4 +253,5 @@ def _velora_bind(spec: LayerSpec) -> Variant:
     return _velora_variant(*spec.variant_options)
 
 
+register_subconfig("velora_config", VeloraConfig)
 register_variant("velora", _velora_variant(64, 1.0, "batch_average"))
