@@ -1,5 +1,5 @@
-"""Find import circles inside the lorakit package: module-level imports only (imports inside functions are
-deferred by design and cannot form a load-time circle).
+"""Find import circles inside the lorakit package, imports inside functions included (``--module-level``:
+only the ones that run at import time). ``if TYPE_CHECKING:`` imports never run and do not count.
 
     python tools/import_cycles.py      # prints each strongly connected group; exit 1 when there is one
 """
@@ -32,30 +32,38 @@ def resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
     return [target] + [f"{target}.{alias.name}" for alias in node.names]
 
 
-def graph() -> dict[str, set[str]]:
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    """ids of every node under an ``if TYPE_CHECKING:`` block: those imports never run."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            test = node.test
+            if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+                    (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+                skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    return skipped
+
+
+def graph(deferred: bool = True) -> dict[str, set[str]]:
+    """{module: the package modules it imports}; ``deferred``: imports inside functions count too (a circle
+    dodged by importing inside a function is still a circle in the design)."""
     files = {module_name(p): p for p in (ROOT / PACKAGE).rglob("*.py")}
     edges: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         tree = ast.parse(path.read_text())
         is_package = path.name == "__init__.py"
-        for node in tree.body:  # module level only
-            stmts = [node]
-            if isinstance(node, ast.If):  # `if TYPE_CHECKING:` blocks never run
-                test = node.test
-                if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-                        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
-                    continue
-                stmts = node.body + node.orelse
-            if isinstance(node, ast.Try):
-                stmts = node.body
-            for stmt in stmts:
-                if isinstance(stmt, ast.Import):
-                    targets = [a.name for a in stmt.names]
-                elif isinstance(stmt, ast.ImportFrom):
-                    targets = resolve(name, is_package, stmt)
-                else:
-                    continue
-                edges[name].update(t for t in targets if t in files and t != name)
+        skipped = _type_checking_nodes(tree)
+        nodes = ast.walk(tree) if deferred else iter(tree.body)
+        for stmt in nodes:
+            if id(stmt) in skipped:
+                continue
+            if isinstance(stmt, ast.Import):
+                targets = [a.name for a in stmt.names]
+            elif isinstance(stmt, ast.ImportFrom):
+                targets = resolve(name, is_package, stmt)
+            else:
+                continue
+            edges[name].update(t for t in targets if t in files and t != name)
     return edges
 
 
@@ -100,8 +108,9 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def main() -> int:
-    found = cycles(graph())
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    found = cycles(graph(deferred="--module-level" not in args))
     for group in found:
         print("circle:", " <-> ".join(group))
     print(f"{len(found)} import circle(s)")

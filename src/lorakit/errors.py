@@ -114,3 +114,7 @@ GUARDS: dict[str, Guard] = {
                                   "LoraWarning when base_model_name_or_path differs and every shape fits; otherwise "
                                   "the name joins the one aggregated AdapterLoadError"),
 }
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder that cannot be loaded onto this model; the message lists every problem."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from .errors import explain, unknown_argument
+from .errors import AdapterLoadError, explain, unknown_argument
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -77,7 +77,6 @@ def resolve_folder(model_id: str | os.PathLike[str], subfolder: str | None, hub_
         root = hub.snapshot_download(repo_id=str(model_id), allow_patterns=[prefix + name for name in ADAPTER_FILES],
                                      **kwargs)
     except Exception as error:  # offline, no such repo, no access: huggingface_hub raises many types
-        from .io import AdapterLoadError
 
         raise AdapterLoadError(f"{str(model_id)!r} is neither a local folder nor a Hub repository that could be "
                                f"downloaded ({type(error).__name__}: {error}); point at the folder save_pretrained "

@@ -24,7 +24,7 @@ from .version import __version__ as _lorakit_version
 from .atomic import replace_folder
 from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, planned_layout, required_keys
 from .config import PEFT_VERSION_WRITTEN, LoraConfig
-from .errors import explain, warn
+from .errors import AdapterLoadError as AdapterLoadError, explain, warn  # re-exported: lorakit.io.AdapterLoadError
 from .functional import IncompatibleKeys
 from .layer import LoraLayer
 from .load_options import LoadOptions, remap_keys
@@ -39,10 +39,6 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 # PEP 440 local label: PEFT reads it as its own version, and the file still says who wrote it.
 PEFT_VERSION_TAG = f"{PEFT_VERSION_WRITTEN}+lorakit.{_lorakit_version}"
-
-
-class AdapterLoadError(ValueError):
-    """An adapter folder that cannot be loaded onto this model; the message lists every problem."""
 
 
 # ---- config -------------------------------------------------------------------------------------------------
@@ -269,7 +265,7 @@ def base_model_mismatch(model: nn.Module, config: LoraConfig) -> str | None:
     return f"the adapter was trained on base model {theirs!r}, this model is {mine!r}"
 
 
-def read_adapter(folder: str | os.PathLike, is_trainable: bool, config: LoraConfig | None = None,
+def read_adapter(folder: str | os.PathLike[str], is_trainable: bool, config: LoraConfig | None = None,
                  device: str | torch.device | None = None, key_mapping: dict[str, str] | None = None,
                  use_safetensors: bool | None = None) -> tuple[LoraConfig, dict[str, Tensor]]:
     """(config, tensors under their file keys) of an adapter folder; nothing is checked against a model yet.
@@ -282,7 +278,7 @@ def read_adapter(folder: str | os.PathLike, is_trainable: bool, config: LoraConf
     return config, remap_keys(read_weights(folder, device, use_safetensors), key_mapping)
 
 
-def check_against_plan(model: nn.Module, plan: Plan, tensors: dict[str, Tensor], folder: str | os.PathLike
+def check_against_plan(model: nn.Module, plan: Plan, tensors: dict[str, Tensor], folder: str | os.PathLike[str]
                        ) -> dict[str, Tensor]:
     """The file's tensors keyed by model key, once checked against the layout ``plan`` will give ``model``.
 

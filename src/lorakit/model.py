@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .config import LoraConfig, LoraRuntimeConfig, TaskType
 from .convert import save_converted
-from .distributed import is_sharded, save_sharded
+from .distributed import is_sharded
+from .sharded_save import save_sharded
 from .errors import explain, warn
 from .functional import IncompatibleKeys
 from .hotswap import hotswap_adapter

@@ -140,7 +140,7 @@ def decide(requested: str, device: torch.device | str = "cpu",
     return Choice(torch.float32, f"{verdict}, under the {AUTO_MARGIN}x needed, so fp32")
 
 
-def compute(dtype: torch.dtype, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+def compute(dtype: torch.dtype, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[object]:
     """``torch.autocast`` in ``dtype`` on ``device`` for a half dtype; nothing for float32 / float64."""
     if dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -63,7 +63,7 @@ def save_checkpoint(model: PeftModel, optimizer: torch.optim.Optimizer, schedule
     _check_finite(model, state.step)
     gathered = None
     if sharded:
-        from ..distributed import full_adapter_state_dict
+        from ..sharded_save import full_adapter_state_dict
 
         gathered = {name: full_adapter_state_dict(model, name) for name in model.peft_config}
         optimizer_state = _full_optimizer_state(model, optimizer)

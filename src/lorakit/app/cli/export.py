@@ -36,33 +36,13 @@ from torch import Tensor
 from ...atomic import replace_folder
 from ...codec import PREFIX, parse_key
 from ...config import LoraConfig
+from ...inits import INITS
 from ...io import BIN_NAME, CONFIG_NAME, PEFT_VERSION_TAG, SAFETENSORS_NAME, read_config, read_weights
 from ...targeting import layer_spec
 from ...targeting import task_modules_to_save
+from .adapter_layers import LayerFactors, layers_of
 from .common import CliError, Command, register
 from .export_gguf import export_gguf
-
-RESIDUAL_INITS = ("pissa", "olora", "loftq", "corda")
-
-
-@dataclass
-class LayerFactors:
-    """The file keys of one adapted layer: A, B and B's bias (lora_bias)."""
-
-    A: str | None = None
-    B: str | None = None
-    bias: str | None = None
-
-
-def layers_of(tensors: dict[str, Tensor]) -> dict[str, LayerFactors]:
-    """Module path -> its factor keys, from the file keys alone (no base model needed)."""
-    layers: dict[str, LayerFactors] = {}
-    for key in tensors:
-        parsed = parse_key(key) if key.startswith(PREFIX) else None
-        if parsed is not None and parsed.role in ("A", "B", "bias"):  # A: rank in dim 0, B: in dim 1
-            setattr(layers.setdefault(parsed.path[len(PREFIX):], LayerFactors()), parsed.role, key)
-    return layers
-
 
 # ---- what each engine cannot load ------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -72,7 +52,7 @@ class Refusal:
 
 
 def _init_name(config: LoraConfig, tensors: dict[str, Tensor]) -> bool:
-    return config.init_method.name in RESIDUAL_INITS
+    return INITS[config.init_method.name].residual  # the adapter needs the rewritten base W_res
 
 
 def _has_conv(config: LoraConfig, tensors: dict[str, Tensor]) -> bool:

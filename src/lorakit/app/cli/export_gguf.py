@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ...config import LoraConfig
+from .adapter_layers import layers_of
 from .common import CliError
 
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -205,7 +206,6 @@ def gguf_tensors(tensors: dict[str, Tensor], paths: dict[str, tuple[str, str]], 
 
 def factor_paths(tensors: dict[str, Tensor]) -> dict[str, tuple[str, str]]:
     """Module path (after PEFT's ``base_model.model.``) -> (A key, B key)."""
-    from .export import layers_of
 
     return {path: (layer.A, layer.B) for path, layer in layers_of(tensors).items() if layer.A and layer.B}
 
