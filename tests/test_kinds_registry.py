@@ -20,7 +20,7 @@ import lorakit
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.init_registry import INITS, named_inits
 from lorakit.inits import InitRequest, InitResult, register_init
-from lorakit.kinds import KINDS, LINEAR_KINDS, Kind, find_kind, register_kind
+from lorakit.kinds import KINDS, Kind, find_kind, register_kind
 
 GAIN = 3.0
 
@@ -70,7 +70,6 @@ def toy_kind():
     register_kind(ScaledInOut, TOY_KIND)
     yield TOY_KIND
     KINDS.pop(ScaledInOut)
-    LINEAR_KINDS.discard(TOY_KIND.name)
 
 
 def _model(seed: int = 0) -> Net:

@@ -14,7 +14,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from .inits import NEEDS_WEIGHT
+from .inits import INITS
 from .kinds_param import inject_parameters
 from .layer import LoraLayer
 from .plan import Plan, holders
@@ -136,7 +136,7 @@ def _modules_at(model: nn.Module, paths: list[str]) -> dict[str, nn.Module]:
 
 def _residual_weights(modules: Iterable[nn.Module], plan: Plan) -> dict[Tensor, Tensor]:
     """{weight: copy} of the targets of an init that rewrites W in place (PiSSA, OLoRA, LoftQ, CorDA)."""
-    if plan.config.init_method.name not in NEEDS_WEIGHT:
+    if not INITS[plan.config.init_method.name].needs_weight:
         return {}
     weights = (getattr(_base(module), "weight", None) for module in modules)
     return {weight: weight.detach().clone() for weight in weights if isinstance(weight, Tensor)}

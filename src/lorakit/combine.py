@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import explain, warn
+from .inits import INITS
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 
@@ -386,10 +387,6 @@ LAYER_CHECKS: dict[Callable[..., object], Callable[[dict[str, tuple[Tensor, Tens
 
 
 # ---- the new adapter -----------------------------------------------------------------------------------------
-# Inits that rewrite the base weight or need data; the new factors are overwritten anyway, so use the default.
-INITS_NOT_REPEATED = {"pissa", "olora", "loftq", "eva", "corda"}
-
-
 def max_rank(config: LoraConfig) -> int:
     """The largest rank an adapter has in any layer: max(r, rank_pattern values), as PEFT sizes the result."""
     return max([config.r, *(int(r) for r in (config.rank_pattern or {}).values())])
@@ -420,7 +417,8 @@ def combined_config(tuner: LoraModel, adapters: Sequence[str], rank: int) -> Lor
     combined update by √rank).
     """
     first = tuner.peft_config[adapters[0]]
-    init = True if first.init_method.name in INITS_NOT_REPEATED else first.init_lora_weights
+    # an init that rewrites W or needs data is not repeated (Init.repeatable): the combined factors overwrite it
+    init = first.init_lora_weights if INITS[first.init_method.name].repeatable else True
     return dataclasses.replace(
         first, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
         target_modules=union_targets({name: tuner.peft_config[name] for name in adapters}), init_lora_weights=init,

@@ -28,15 +28,11 @@ from .errors import explain, warn
 from .init_registry import INITS, Init, InitFn, InitRequest, InitResult, add_init
 from .nf4 import fake_quantize
 
-__all__ = ["INITS", "FRESH", "NEEDS_WEIGHT", "Init", "InitFn", "InitRequest", "InitResult", "register_init",
+__all__ = ["INITS", "Init", "InitFn", "InitRequest", "InitResult", "register_init",
            "write_factor"]
 
 
 Method = TypeVar("Method", bound=Callable[[InitRequest], "InitResult | None"])  # a method keeps its own signature
-
-# Indexes of two Init facts for modules that read them by name (guards.py, tuner.py); kept by register_init.
-NEEDS_WEIGHT: set[str] = set()  # methods that read the base weight (``Init.needs_weight``)
-FRESH: set[str] = set()  # methods whose A and B are new tensors nothing else holds (``Init.fresh``)
 
 
 def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
@@ -55,11 +51,6 @@ def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
         add_init(Init(name, fn if fresh else _after_peft_draws(fn), needs_weight=needs_weight, residual=residual,
                       exact=exact, data_driven=data_driven, repeatable=repeatable, named=named,
                       zeroes_bias=zeroes_bias, fresh=fresh, attached=MappingProxyType(dict(attached or {}))))
-        for index, member in ((NEEDS_WEIGHT, needs_weight), (FRESH, fresh)):
-            if member:
-                index.add(name)
-            else:
-                index.discard(name)
         return fn
 
     return decorate

@@ -144,9 +144,6 @@ KINDS_BY_NAME: dict[str, Kind] = {}
 # Kinds keyed by the "module.QualName" of a quantized weight's tensor class (torchao), for layers that stay
 # nn.Linear but hold a tensor subclass as their weight; looked up before the layer's own class.
 WEIGHT_KINDS_BY_NAME: dict[str, Kind] = {}
-# Names of the registered kinds with ``linear_like`` set, kept by ``register_kind`` (an index of the Kinds'
-# own fact, read by code that only has a name; new code reads ``kind.linear_like``).
-LINEAR_KINDS: set[str] = set()
 
 
 def register_kind(layer_type: type | str, kind: Kind, *, by_weight: bool = False) -> None:
@@ -162,8 +159,6 @@ def register_kind(layer_type: type | str, kind: Kind, *, by_weight: bool = False
         KINDS_BY_NAME[layer_type] = kind
     else:
         KINDS[layer_type] = kind
-    if kind.linear_like:
-        LINEAR_KINDS.add(kind.name)
 
 
 def base_weight(module: nn.Module) -> Tensor:

@@ -22,7 +22,7 @@ from .adapter_rules import check_single_bias
 from .config import LoraConfig
 from .distributed import check_not_sharded
 from .errors import explain, warn
-from .inits import FRESH
+from .inits import INITS
 from .kinds_param import check_same_parameters
 from .layer import LayerSpec, LoraLayer
 from .saved_modules import ModulesToSaveWrapper
@@ -62,7 +62,7 @@ class Plan:
     def draws_init(self, spec: LayerSpec) -> bool:
         """False when the factors of ``spec`` are left uninitialised (a file or a meta-device load fills them)."""
         skip = self.weights_follow or self.low_cpu_mem_usage
-        return not (skip and spec.variant is None and spec.init.name in FRESH)
+        return not (skip and spec.variant is None and INITS[spec.init.name].fresh)
 
     def __str__(self) -> str:
         def line(path: str, kind: str, spec: LayerSpec) -> str:

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from ..errors import explain, warn
-from ..kinds import LINEAR_KINDS
 from . import ModelCall, Variant, VariantLayer, register_variant
 
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ def _alora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor)
 
 def _alora_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
     """Raises: ValueError: the layer is not a linear kind (PEFT's sentence first)."""
-    if layer.kind.name not in LINEAR_KINDS:
+    if not layer.kind.linear_like:
         raise ValueError("Invalid or unsupported variant combination: ('alora_invocation_tokens',) "
                          + explain("aLoRA is not supported", where=f"a {layer.kind.name} target",
                                    expected="Linear / Conv1D targets",

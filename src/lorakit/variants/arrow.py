@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import explain
-from ..kinds import LINEAR_KINDS
 from ..config import register_subconfig
 from . import Variant, VariantLayer, register_variant
 
@@ -188,7 +187,7 @@ def _arrow_forward(layer: VariantLayer, router: str, x: Tensor, y: Tensor) -> Te
 
 def _arrow_init(settings: _Settings, layer: VariantLayer, router: str, A: Tensor, B: Tensor, s: float) -> None:
     """Give the layer its router state (``lora_arrow``). Raises: ValueError: not a linear kind (PEFT's sentence)."""
-    if layer.kind.name not in LINEAR_KINDS:
+    if not layer.kind.linear_like:
         raise ValueError("Invalid or unsupported variant combination: ('arrow_config',) "
                          + explain("Arrow routing is not supported", where=f"a {layer.kind.name} target",
                                    expected="Linear / Conv1D targets", fix="target linear layers only"))
@@ -271,7 +270,7 @@ def _expert_layout(model: PeftModel, names: list[str]) -> tuple[list[str], int]:
         for path, layer in model.named_modules():
             if not isinstance(layer, LoraLayer) or name not in layer.r:
                 continue
-            if layer.kind.name not in LINEAR_KINDS | {"Conv1d"}:  # PEFT's list also names nn.Conv1d
+            if not (layer.kind.linear_like or layer.kind.name == "Conv1d"):  # PEFT's list also names nn.Conv1d
                 offenders.append((name, path, type(layer.base_layer).__name__))
             if name in layer.lora_A:
                 A, B = (cast(Tensor, factor.weight) for factor in layer.factors(name))
