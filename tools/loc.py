@@ -18,6 +18,30 @@ import tokenize
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "src" / "lorakit"
 APP = "app"
 
+# The core's concerns, by file (ARCHITECTURE.md's layout); ``--groups`` prints their sizes.
+GROUPS = {
+    "pipeline": ["plan", "apply", "targeting", "ties", "token_plan", "replication", "adapter_rules"],
+    "layer and kinds": ["layer", "kinds", "kinds_builtin", "kinds_mha", "kinds_param", "ops", "dropout",
+                        "saved_modules", "trainable_tokens"],
+    "inits": ["init_registry", "inits", "calibrate", "corda", "loraga", "loftq"],
+    "variants": ["variants/"],
+    "quantized bases": ["quant", "quant_backends", "quant_gptq", "quant_hqq", "quant_torchao", "kbit", "nf4"],
+    "files (codec, io)": ["codec", "io", "atomic", "convert", "load_options", "hub", "model_card", "sharded_save",
+                          "save_checks"],
+    "model API": ["__init__", "__main__", "config", "tuner", "model", "combine", "functional", "status", "hotswap",
+                  "intruders", "merge_check", "training_checks", "errors", "version"],
+    "runtime": ["distributed", "precision", "compiling"],
+    "integrations": ["integrations/"],
+}
+
+
+def group(name: str) -> str:
+    stem = name[:-3] if name.endswith(".py") else name
+    for label, members in GROUPS.items():
+        if any(stem == m or (m.endswith("/") and stem.startswith(m)) for m in members):
+            return label
+    return "other"
+
 
 def docstring_lines(tree: ast.AST) -> set[int]:
     """Line numbers covered by module, class and function docstrings."""
@@ -51,6 +75,7 @@ def part(path: pathlib.Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", action="store_true", help="print every file's count")
+    parser.add_argument("--groups", action="store_true", help="print the core's count per concern (GROUPS)")
     args = parser.parse_args(argv)
     totals: dict[str, list[int]] = {"core": [0, 0], "app": [0, 0]}
     rows = []
@@ -62,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.files:
         for n, name, where in sorted(rows, reverse=True):
             print(f"{n:6d}  {where:4s}  {name}")
+    if args.groups:
+        sizes: dict[str, int] = {}
+        for n, name, where in rows:
+            if where == "core":
+                sizes[group(name)] = sizes.get(group(name), 0) + n
+        for label, n in sorted(sizes.items(), key=lambda item: -item[1]):
+            print(f"{n:6d}  {label}")
     for where, (n, files) in totals.items():
         print(f"{where}: {n} logical lines in {files} files")
     print(f"total: {sum(t[0] for t in totals.values())} logical lines")

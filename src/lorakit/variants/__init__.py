@@ -303,16 +303,3 @@ def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module |
     if variant.applies is not None and kind is not None and base is not None and not variant.applies(kind, base):
         return None
     return variant.bind(spec) if variant.bind is not None else variant
-
-
-# PEFT exports these classes from its lora package; lorakit.variants.<name> resolves them from variants/builtin.py
-# on first use (the registry itself imports no variant).
-_REEXPORTED = frozenset({"BlockDiagonalLinear", "KasaConfig", "MontecloraConfig", "MontecloraSampler"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _REEXPORTED:
-        from . import builtin
-
-        return getattr(builtin, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
