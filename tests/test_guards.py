@@ -1,6 +1,7 @@
-"""The injection's guards (lorakit/guards.py, moving with the pipeline): tied embeddings (PEFT parity for
-ensure_weight_tying) and a failed injection rolled back. The other checks' tests live with their modules:
-test_training_checks, test_save_checks, test_merge_check, test_io_checks; the GUARDS table's in test_errors."""
+"""The injection's guards, now stages of the pipeline: tied embeddings (ties.py, planned; PEFT parity for
+ensure_weight_tying) and a failed injection rolled back (apply.py). The other checks' tests live with their
+modules: test_training_checks, test_save_checks, test_merge_check, test_io_checks; the GUARDS table's in
+test_errors."""
 
 from __future__ import annotations
 
