@@ -196,3 +196,16 @@ def test_from_pretrained_refuses_a_file_that_does_not_fit_the_callers_config(tmp
         lorakit.PeftModel.from_pretrained(model, tmp_path, config=lorakit.LoraConfig(r=8, target_modules=["net.0"]))
     assert dict(model.named_modules()) == modules
     assert not any(isinstance(module, LoraLayer) for module in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_load_draws_no_init(name: str, tmp_path) -> None:
+    """Every factor follows from the file (Plan.weights_follow): no init is drawn, so the RNG is untouched."""
+    model, config = _build(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(model, config).save_pretrained(tmp_path)
+        fresh, _ = _build(name)
+        before = torch.random.get_rng_state()
+        PeftModel.from_pretrained(fresh, tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), before)
