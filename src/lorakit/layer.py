@@ -471,20 +471,22 @@ class LoraLayer(nn.Module):
             if isinstance(self.scaling[name], Tensor):  # hotswap.py's tensor scaling: GEMM alphas take numbers only
                 y = y + self._branch(name, x) * self.scaling[name]
                 continue
-            # Kind.fused: both factors are nn.Linear (ModuleDict's stub types its entries as Module)
-            A_linear: nn.Linear = self.lora_A[name]  # type: ignore[assignment]
-            B: nn.Linear = self.lora_B[name]  # type: ignore[assignment]
-            A: Tensor = A_linear.weight
-            B_weight: Tensor = B.weight
-            bias: Tensor | None = B.bias
-            if lower is not None:
-                A, B_weight, bias = ops.lowered(lower, A, B_weight, bias)
+            A, B_weight, bias = self._fused_factors(name, lower)
             if y.dtype != A.dtype:  # y + branch in the promoted dtype, as PEFT's sum
                 A, B_weight, bias, y = _promoted(y, A, B_weight, bias)
             if A.dtype not in inputs:
                 inputs[A.dtype] = x.to(A.dtype)
             y = ops.add_lora_(y, inputs[A.dtype], A, B_weight, bias, self.scaling[name], self.dropout_p(name))
         return y if y.dtype == result_dtype else y.to(result_dtype)
+
+    def _fused_factors(self, name: str, lower: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A, B and B's bias of a ``Kind.fused`` adapter (both factors nn.Linear), lowered to autocast's dtype
+        ``lower`` when autocast is on (F.linear's cast in PEFT's ``lora_A(x)``)."""
+        A: nn.Linear = self.lora_A[name]  # type: ignore[assignment]  # ModuleDict's stub types entries as Module
+        B: nn.Linear = self.lora_B[name]  # type: ignore[assignment]
+        if lower is None:
+            return A.weight, B.weight, B.bias
+        return ops.lowered(lower, A.weight, B.weight, B.bias)
 
     def dropout_p(self, adapter_name: str) -> float:
         """The dropout probability adapter ``adapter_name`` applies now: 0 in eval mode or without dropout."""
@@ -523,14 +525,7 @@ class LoraLayer(nn.Module):
                 delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
                 y = y.index_add(0, rows, delta.to(y.dtype))
                 continue
-            # Kind.fused: both factors are nn.Linear (ModuleDict's stub types its entries as Module)
-            A_linear: nn.Linear = self.lora_A[name]  # type: ignore[assignment]
-            B: nn.Linear = self.lora_B[name]  # type: ignore[assignment]
-            A: Tensor = A_linear.weight
-            B_weight: Tensor = B.weight
-            bias: Tensor | None = B.bias
-            if lower is not None:
-                A, B_weight, bias = ops.lowered(lower, A, B_weight, bias)
+            A, B_weight, bias = self._fused_factors(name, lower)
             A, B_weight, bias, y = _promoted(y, A, B_weight, bias)
             if not y.is_contiguous():
                 y = y.contiguous()

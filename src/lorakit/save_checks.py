@@ -16,9 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import explain, warn
-from .layer import LoraLayer
-from .saved_modules import ModulesToSaveWrapper
-from .trainable_tokens import TrainableTokensWrapper
+from .ties import unwrapped
 
 if TYPE_CHECKING:
     from .model import PeftModel
@@ -100,12 +98,6 @@ def verify_saved(path: Path, tensors: dict[str, Tensor]) -> None:
                                        "space and the filesystem, then save again"))
 
 
-def _unwrapped(module: nn.Module | None) -> nn.Module | None:
-    if isinstance(module, LoraLayer):
-        return module.base_layer
-    return module.original_module if isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)) else module
-
-
 # ---- new tokens not saved -------------------------------------------------------------------------------------
 def _base_vocab_size(model: nn.Module) -> int | None:
     """vocab_size of the base model's config on disk (a local folder only: lorakit never goes online here)."""
@@ -128,7 +120,7 @@ def embedding_layers_to_save(peft_model: PeftModel, save_embedding_layers: bool 
     """
     model = peft_model.get_base_model()
     getter = getattr(model, "get_input_embeddings", None)
-    weight = getattr(_unwrapped(getter()), "weight", None) if callable(getter) else None
+    weight = getattr(unwrapped(getter()), "weight", None) if callable(getter) else None
     base = _base_vocab_size(model)
     if weight is None or base is None or weight.shape[0] == base:
         return save_embedding_layers

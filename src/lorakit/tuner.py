@@ -54,11 +54,11 @@ def gc_paused() -> Iterator[None]:
 
 @contextlib.contextmanager
 def planned(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict[str, LoraConfig] | None = None,
-            **options: bool | str) -> Iterator[Plan]:
+            **options: Any) -> Iterator[Plan]:
     """``plan_adapter`` for the block, after ``layer_replication``'s copies (which the plan targets) are made;
     an error inside the block puts the original layer stack back. The garbage collector waits meanwhile."""
     with gc_paused(), replicated(model, config.layer_replication):
-        yield plan_adapter(model, config, adapter_name, existing, **options)  # type: ignore[arg-type]
+        yield plan_adapter(model, config, adapter_name, existing, **options)
 
 
 class LoraModel(nn.Module):

@@ -49,11 +49,10 @@ if TYPE_CHECKING:
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's container of m (one Magnitude per adapter)
 
 
-DoraKind = DoraSupport  # what DoRA needs of a base kind: the Kind's own ``dora`` entry (kinds.py)
 _UNSUPPORTED = DoraSupport(out_dim=0)  # shapes only; dora_init refuses the kind
 
 
-def _dora_kind(layer: VariantLayer) -> DoraKind:
+def _dora_kind(layer: VariantLayer) -> DoraSupport:
     """Raises: ValueError: DoRA is not defined for the layer's kind (``Kind.dora``; PEFT's sentence first)."""
     dora_kind = layer.kind.dora
     if dora_kind is None:
@@ -65,7 +64,7 @@ def _dora_kind(layer: VariantLayer) -> DoraKind:
     return dora_kind
 
 
-def _magnitude_shape(dora_kind: DoraKind, out_features: int, base: nn.Module) -> tuple[int, ...]:
+def _magnitude_shape(dora_kind: DoraSupport, out_features: int, base: nn.Module) -> tuple[int, ...]:
     if dora_kind.spatial:
         return (1, out_features) + (1,) * (cast(Tensor, base.weight).dim() - 2)  # (1, out, 1, ...)
     return (out_features,)
@@ -118,7 +117,7 @@ def _key(*tensors: Tensor) -> tuple[Any, ...]:
 class Magnitude(nn.Module):
     """DoRA's m for one adapter: ``weight`` in PEFT's shape, and a cache of n (not part of the state dict)."""
 
-    def __init__(self, m: Tensor, dora_kind: DoraKind) -> None:
+    def __init__(self, m: Tensor, dora_kind: DoraSupport) -> None:
         super().__init__()
         self.weight = nn.Parameter(m)
         self.dora_kind = dora_kind
