@@ -135,8 +135,9 @@ def _modules_at(model: nn.Module, paths: list[str]) -> dict[str, nn.Module]:
 
 
 def _residual_weights(modules: Iterable[nn.Module], plan: Plan) -> dict[Tensor, Tensor]:
-    """{weight: copy} of the targets of an init that rewrites W in place (PiSSA, OLoRA, LoftQ, CorDA)."""
-    if not INITS[plan.config.init_method.name].needs_weight:
+    """{weight: copy} of the targets of an init that rewrites W in place (``Init.residual``: PiSSA, OLoRA, LoftQ,
+    CorDA, LoRA-GA); an init that only reads W (MiCA) leaves nothing to restore."""
+    if not INITS[plan.config.init_method.name].residual:
         return {}
     weights = (getattr(_base(module), "weight", None) for module in modules)
     return {weight: weight.detach().clone() for weight in weights if isinstance(weight, Tensor)}
