@@ -333,10 +333,6 @@ class LoraLayer(nn.Module):
             raise AttributeError(f"lora.{self.kind.name} has no per-adapter container {name!r}")
         return getattr(self, name)
 
-    def branch(self, adapter_name: str, x: Tensor) -> Tensor:
-        """B A dropout(x), unscaled, in the adapter's dtype: plain LoRA's branch."""
-        return self._branch(adapter_name, x)
-
     def apply_dropout(self, adapter_name: str, x: Tensor) -> Tensor:
         """The adapter's dropout applied to x (identity without dropout and in eval mode)."""
         return cast(Tensor, self.lora_dropout[adapter_name](x))
@@ -449,7 +445,7 @@ class LoraLayer(nn.Module):
                 if variants and name in variants:  # y is the running output, as PEFT hands it to variants
                     y = variants[name].forward(self, name, x, y)
                 else:
-                    y = y + self._branch(name, x) * self.scaling[name]
+                    y = y + self.branch(name, x) * self.scaling[name]
         return y if y.dtype == result_dtype else y.to(result_dtype)
 
     def _fused(self, x: Tensor, y: Tensor) -> Tensor:
@@ -469,7 +465,7 @@ class LoraLayer(nn.Module):
                 y = variants[name].forward(self, name, x, y)
                 continue
             if isinstance(self.scaling[name], Tensor):  # hotswap.py's tensor scaling: GEMM alphas take numbers only
-                y = y + self._branch(name, x) * self.scaling[name]
+                y = y + self.branch(name, x) * self.scaling[name]
                 continue
             A, B_weight, bias = self._fused_factors(name, lower)
             if y.dtype != A.dtype:  # y + branch in the promoted dtype, as PEFT's sum
@@ -493,8 +489,9 @@ class LoraLayer(nn.Module):
         dropout = self.lora_dropout[adapter_name]
         return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
-    def _branch(self, adapter_name: str, x: Tensor) -> Tensor:
-        """B A dropout(x), unscaled, in the adapter's dtype (the reference path, and the kinds ops.py leaves)."""
+    def branch(self, adapter_name: str, x: Tensor) -> Tensor:
+        """B A dropout(x), unscaled, in the adapter's dtype: the reference path, the kinds ops.py leaves, and
+        what variants call (``variants.VariantLayer.branch``)."""
         A, B = self.factors(adapter_name)
         if not self.kind.drops_input:  # embedding ids: PEFT applies no dropout to them
             return self.kind.branch(self.base_layer, x, A, B)
@@ -522,7 +519,7 @@ class LoraLayer(nn.Module):
                 y = y.index_copy(0, rows, y_rows.to(y.dtype))
                 continue
             if not (in_place and self.kind.fused) or isinstance(self.scaling[name], Tensor):
-                delta = self._branch(name, x.index_select(0, rows)) * self.scaling[name]
+                delta = self.branch(name, x.index_select(0, rows)) * self.scaling[name]
                 y = y.index_add(0, rows, delta.to(y.dtype))
                 continue
             A, B_weight, bias = self._fused_factors(name, lower)

@@ -67,7 +67,7 @@ unchanged: one ``is_compiling()`` test per layer call. Measured on CPU (inductor
 the decoder layers, lorakit.compiling): see that module.
 
 Switch: ``LORAKIT_FUSED=0`` in the environment (read at import) or ``ops.FUSED = False`` selects the
-reference path (layer.py's ``_branch`` with ``nn.Dropout``, variants.py's ``dora_reference``); the kinds with
+reference path (layer.py's ``branch`` with ``nn.Dropout``, variants.py's ``dora_reference``); the kinds with
 ``Kind.fused`` set (Linear, Conv1D) take the fused path, every other kind (Embedding, ConvNd) always runs the
 reference.
 tests/test_ops.py checks both paths against each other, forward and every gradient, with the same masks.
