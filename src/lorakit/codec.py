@@ -196,9 +196,9 @@ def _move_under(shapes: Shapes, stem: str, child: str) -> None:
 
 
 # ---- classifying a model key ----------------------------------------------------------------------------------
-def _adapter_part(key: str, layout: Layout) -> tuple[str, str, str, str] | None:
-    """(path, container, adapter, rest) when ``key`` is a LoRA tensor, else None."""
-    parts, containers = key[len(PREFIX):].split("."), _containers()
+def _adapter_part(key: str, layout: Layout, containers: tuple[str, ...]) -> tuple[str, str, str, str] | None:
+    """(path, container, adapter, rest) when ``key`` is a LoRA tensor (one of ``containers``), else None."""
+    parts = key[len(PREFIX):].split(".")
     for i, part in enumerate(parts):
         if part in containers and ".".join(parts[:i]) in layout.lora_paths and i + 1 < len(parts):
             return ".".join(parts[:i]), part, parts[i + 1], ".".join(parts[i + 2:])
@@ -241,7 +241,7 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: Sequen
             if tokens[1] == adapter_name and tokens[0] in layout.token_paths:
                 mapping[key] = f"{PREFIX}{tokens[0]}.{DELTA}"
             continue
-        adapter = _adapter_part(key, layout)
+        adapter = _adapter_part(key, layout, containers)
         saved = _saved_part(key, layout) if adapter is None else None
         if adapter is not None:
             path, container, name, rest = adapter
@@ -296,8 +296,10 @@ def embedding_paths(model: nn.Module, target_modules: Collection[str] | str | No
 def decode(file_keys: list[str], layout: Layout, adapter_name: str) -> tuple[dict[str, str], list[str]]:
     """({file key: model key}, [file keys with no place in the model]) for loading into ``adapter_name``."""
     mapping, unexpected = {}, []
+    containers = _containers()
+    bare = (*_bare(), *variant_containers())  # <container>.<name>, no tail
     for key in file_keys:
-        model_key = _decode_one(key, layout, adapter_name) if key.startswith(PREFIX) else None
+        model_key = _decode_one(key, layout, adapter_name, containers, bare) if key.startswith(PREFIX) else None
         if model_key is None:
             unexpected.append(key)
         else:
@@ -305,19 +307,19 @@ def decode(file_keys: list[str], layout: Layout, adapter_name: str) -> tuple[dic
     return mapping, unexpected
 
 
-def _decode_one(key: str, layout: Layout, adapter_name: str) -> str | None:
+def _decode_one(key: str, layout: Layout, adapter_name: str, containers: tuple[str, ...], bare: tuple[str, ...]
+                ) -> str | None:
     path = key[len(PREFIX):].removesuffix("." + DELTA)
     if key.endswith("." + DELTA) and path in layout.token_paths | layout.tied_token_paths:
         return f"{key}.{adapter_name}"
-    parts, containers, bare = key[len(PREFIX):].split("."), _containers(), _bare()
+    parts = key[len(PREFIX):].split(".")
     for i, part in enumerate(parts):
         path = ".".join(parts[:i])
         if part in containers and path in layout.lora_paths:
             rest = parts[i + 1:]
             if part == MAGNITUDE and rest in ([], ["weight"]):
                 rest = ["weight"]
-            is_bare = part in bare or part in variant_containers()  # <container>.<name>, no tail
-            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or is_bare else None
+            return ".".join([PREFIX + path, part, adapter_name, *rest]) if rest or part in bare else None
         if path in layout.saved_paths and part not in WRAPPER_PARTS:
             return f"{PREFIX}{path}.modules_to_save.{adapter_name}.{'.'.join(parts[i:])}"
     if key in layout.shapes:
