@@ -18,6 +18,7 @@ from models import tiny_llama  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.quant import dense_weight, find_backend  # noqa: E402
+from variant_parity import assert_gradients_match  # noqa: E402
 
 EXACT = dict(atol=0.0, rtol=0.0)
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -68,11 +69,7 @@ def test_outputs_and_gradients_equal_peft(setting, variant):
     torch.testing.assert_close(out_ours, out_theirs, **TOL)
     out_theirs.square().mean().backward()
     out_ours.square().mean().backward()
-    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert grads.keys() == mine.keys() and grads
-    for name, grad in grads.items():
-        torch.testing.assert_close(mine[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_gradients_match(theirs, ours, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("setting", SETTINGS)

@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 import lorakit  # noqa: E402
 from lorakit.errors import LoraWarning  # noqa: E402
 from lorakit.variants.qalora import pooled  # noqa: E402
+from variant_parity import assert_gradients_match  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 IDS = torch.tensor([[1, 5, 9, 33, 2, 70, 11, 4], [3, 3, 100, 17, 8, 6, 42, 120]])
@@ -113,11 +114,7 @@ def test_gptq_outputs_gradients_and_shapes_equal_peft(gptq_checkpoint, config):
     torch.testing.assert_close(out_ours, out_theirs, atol=1e-2, rtol=1e-2)  # bf16 compute in both
     out_theirs.square().mean().backward()
     out_ours.square().mean().backward()
-    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert grads.keys() == mine.keys() and grads
-    for name, grad in grads.items():
-        torch.testing.assert_close(mine[name].float(), grad.float(), atol=1e-3, rtol=2e-2, msg=name)
+    assert_gradients_match(theirs, ours, atol=1e-3, rtol=2e-2)
 
 
 @gptq

@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
+from variant_parity import assert_gradients_match
 
 ATOL = 1e-5  # fp32; both libraries run the same index_copy / embedding / matmul sequence
 INPUT_IDS = torch.tensor([[1, 2, 3, 5, 7, 0], [3, 4, 1, 9, 5, 6]])
@@ -96,11 +97,7 @@ def test_forward_and_gradients_match_peft(name: str, tie: bool, kwargs: dict) ->
     assert (out_ours - logits(tiny_llama(tie))).abs().max() > 1e-3  # the adapter changes the output
     (out_theirs ** 2).sum().backward()
     (out_ours ** 2).sum().backward()
-    grads_theirs = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    grads_ours = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert sorted(grads_ours) == sorted(grads_theirs)
-    for key, grad in grads_theirs.items():
-        torch.testing.assert_close(grads_ours[key], grad, atol=ATOL, rtol=0, msg=key)
+    grads_ours = assert_gradients_match(theirs, ours, atol=ATOL, rtol=0)
     deltas = [n for n in grads_ours if "trainable_tokens_delta" in n]
     assert deltas and all(grads_ours[n].abs().sum() > 0 for n in deltas)
 

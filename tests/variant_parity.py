@@ -1,5 +1,5 @@
-"""Shared steps of the variant tests against peft (MiCA, KaSA, MonteCLoRA, aLoRA): perturbing PEFT's adapter,
-reading a model's output, and the merge / unmerge / unload check."""
+"""Shared steps of the tests against peft (variants, quantized bases, trainable tokens): perturbing PEFT's adapter,
+reading a model's output, comparing gradients, and the merge / unmerge / unload check."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def outputs(model: nn.Module, inputs: dict) -> torch.Tensor:
     """The model's output tensor (a plain module's return value, or a transformers output's logits)."""
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def assert_gradients_match(theirs: nn.Module, ours: nn.Module, atol: float, rtol: float) -> dict[str, torch.Tensor]:
+    """After a backward through both: the same trainable parameter names, at least one, and each gradient of
+    ours close to PEFT's (compared in float32); returns ours by name."""
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert grads.keys() == mine.keys() and grads, (sorted(grads), sorted(mine))
+    for name, grad in grads.items():
+        assert grad is not None and mine[name] is not None, name
+        torch.testing.assert_close(mine[name].float(), grad.float(), atol=atol, rtol=rtol, msg=name)
+    return mine
 
 
 def _base(model: nn.Module) -> dict[str, torch.Tensor]:
