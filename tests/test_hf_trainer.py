@@ -221,13 +221,42 @@ def test_load_best_model_at_end_puts_the_best_checkpoints_adapter_back(model_dir
         torch.testing.assert_close(live[key], best[key], atol=0, rtol=0)
 
 
-def test_load_adapter_state_dict_that_does_not_fit_changes_nothing(model_dir):
+@pytest.mark.parametrize("first", [True, False], ids=["first adapter", "second adapter"])
+def test_load_adapter_state_dict_that_does_not_fit_is_refused_before_apply(model_dir, monkeypatch, first):
+    """The state-dict load is plan, check, apply: a misfit fails at the check, so apply never runs (no add-then-
+    delete rollback), and the model's modules and tensors are the ones it had."""
+    import lorakit.tuner
+
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if not first:
+        model.add_adapter(LoraConfig(r=2, target_modules=["k_proj"]), adapter_name="other")
     source = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
     tensors = lorakit.get_peft_model_state_dict(source)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    applied: list[str] = []
+    monkeypatch.setattr(lorakit.tuner, "apply", lambda *a, **k: applied.append("apply"))
     with pytest.raises(lorakit.AdapterLoadError, match="missing tensor"):
         model.load_adapter(peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_state_dict=tensors)
-    assert not model._hf_peft_config_loaded and not any(isinstance(m, lorakit.LoraLayer) for m in model.modules())
+    assert applied == [] and dict(model.named_modules()) == modules
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    if first:
+        assert not model._hf_peft_config_loaded
+    else:
+        assert list(model.peft_config) == ["other"]
+
+
+def test_load_adapter_state_dict_draws_no_init(model_dir):
+    """The factors come from the state dict, so the load plans with weights_follow: the global RNG is untouched."""
+    source = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    tensors = lorakit.get_peft_model_state_dict(source)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(7)
+    model.load_adapter(peft_config=LoraConfig(r=2, target_modules=["q_proj"]), adapter_state_dict=tensors)
+    drawn = torch.rand(4)
+    torch.manual_seed(7)
+    torch.testing.assert_close(drawn, torch.rand(4), atol=0, rtol=0)
 
 
 def test_post_import_hook_runs_once_after_the_module_and_survives_find_spec(tmp_path, monkeypatch):

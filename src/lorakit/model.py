@@ -261,16 +261,26 @@ class PeftModel(nn.Module):
         read_config, tensors = io.read_adapter(folder, is_trainable, config=config, device=options.torch_device,
                                                key_mapping=key_mapping, use_safetensors=options.use_safetensors)
         read_config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)  # as PEFT sets it
-        task = getattr(read_config.task_type, "value", read_config.task_type)
+        return cls.from_tensors(model, read_config, tensors, adapter_name, folder, is_trainable,
+                                autocast_adapter_dtype=autocast_adapter_dtype, adopt=True, caller_config=config)
+
+    @classmethod
+    def from_tensors(cls, model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], adapter_name: str,
+                     source: str | os.PathLike[str], is_trainable: bool, autocast_adapter_dtype: bool = True,
+                     adopt: bool = False, caller_config: LoraConfig | None = None) -> PeftModel:
+        """The load pipeline on tensors under PEFT's file keys: plan (no init drawn), check the tensors against
+        that plan, apply it, copy the tensors in. Nothing changes before the check passes. ``source`` names the
+        tensors' origin in errors; ``adopt``: the tensors belong to no one else (``io.load_tensors``)."""
+        task = getattr(config.task_type, "value", config.task_type)
         wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-        with gc_paused(), replicated(model, read_config.layer_replication):  # the file's keys name the copies
-            plan = _plan_load(model, read_config, adapter_name, {}, folder)  # one plan: checked, then injected
-            tensors = io.check_against_plan(model, plan, tensors, folder)
-            peft_model = wrapper(model, read_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+        with gc_paused(), replicated(model, config.layer_replication):  # the file's keys name the copies
+            plan = _plan_load(model, config, adapter_name, {}, source)  # one plan: checked, then injected
+            tensors = io.check_against_plan(model, plan, tensors, source)
+            peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                  plan=plan)
-        io.load_tensors(peft_model.get_base_model(), tensors, adopt=True)
-        if config is not None:
-            peft_model.base_model.adopt_config(adapter_name, config)
+        io.load_tensors(peft_model.get_base_model(), tensors, adopt=adopt)
+        if caller_config is not None:
+            peft_model.base_model.adopt_config(adapter_name, caller_config)
         training_checks.frozen_load_flag(peft_model, is_trainable)
         if not is_trainable:
             peft_model.eval()
@@ -308,18 +318,24 @@ class PeftModel(nn.Module):
         config, tensors = io.read_adapter(folder, is_trainable, device=options.torch_device, key_mapping=key_mapping,
                                           use_safetensors=options.use_safetensors)
         config.runtime_config = LoraRuntimeConfig(ephemeral_gpu_offload=ephemeral_gpu_offload)
+        self.add_from_tensors(config, tensors, adapter_name, folder, is_trainable, autocast_adapter_dtype, adopt=True)
+        return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+    def add_from_tensors(self, config: LoraConfig, tensors: dict[str, Tensor], adapter_name: str,
+                         source: str | os.PathLike[str], is_trainable: bool, autocast_adapter_dtype: bool = True,
+                         adopt: bool = False) -> None:
+        """``from_tensors`` for a further adapter (inactive until ``set_adapter``): plan, check, apply, copy."""
         _check_config(config)  # e.g. ephemeral_gpu_offload with DoRA: refused before anything changes
         model, tuner = self.get_base_model(), self.base_model
         with gc_paused(), replicated(model, config.layer_replication):
-            plan = _plan_load(model, config, adapter_name, tuner.peft_config, folder, tuner_name=type(tuner).__name__)
-            tensors = io.check_against_plan(model, plan, tensors, folder)
+            plan = _plan_load(model, config, adapter_name, tuner.peft_config, source, tuner_name=type(tuner).__name__)
+            tensors = io.check_against_plan(model, plan, tensors, source)
             tuner.apply_plan(plan, autocast_adapter_dtype)
-        io.load_tensors(model, tensors, adopt=True)
+        io.load_tensors(model, tensors, adopt=adopt)
         if is_trainable:  # peft 0.21.2: the loaded adapter trains (its factors and modules_to_save copies), active or not
             self.base_model.set_requires_grad(adapter_name, True)
         else:
             self.eval()
-        return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -25,7 +25,6 @@ import os
 from types import ModuleType
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..codec import PREFIX, decode, layout_of
@@ -33,7 +32,7 @@ from ..config import LoraConfig
 from ..errors import explain
 from ..hotswap import (check_hotswap_configs_compatible, hotswap_adapter, hotswap_adapter_from_state_dict,
                        prepare_model_for_compiled_hotswap)
-from ..io import CONFIG_NAME, adapter_state_dict, load_adapter_weights
+from ..io import CONFIG_NAME, adapter_state_dict
 from ..model import PeftModel, get_peft_model
 from .hooks import replace
 
@@ -164,14 +163,13 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict[str
                                      f"{type(tensors).__name__}",
                                  expected="a lorakit.LoraConfig and a dict of tensors"))
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    with torch.random.fork_rng():  # the init drawn here is overwritten by the load: it leaves the RNG as it was
-        add_adapter(model, config, name)
     keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
-    try:
-        load_adapter_weights(managed(model), keyed, adapter_name=name)
-    except Exception:
-        delete_adapter(model, name)  # a state dict that does not fit leaves the model as it was
-        raise
+    peft_model = lorakit_of(model)
+    if peft_model is None:  # plan, check, apply, copy (PeftModel.from_tensors): a misfit changes nothing
+        _attach(model, PeftModel.from_tensors(model, config, keyed, name, "adapter_state_dict", is_trainable))
+    else:
+        peft_model.add_from_tensors(config, keyed, name, "adapter_state_dict", is_trainable)
+    managed(model).set_adapter(name, inference_mode=not is_trainable)  # active, as transformers' add_adapter
     if not is_trainable:
         model.eval()
 
