@@ -200,6 +200,12 @@ def _subconfig(field_name: str, value: Any, sub: Subconfig) -> Any:
     return cls(**{k: v for k, v in value.items() if k in accepted})
 
 
+# This module's own sub-configs: a dict is converted strictly (a misspelt key raises, with a hint).
+for _field, _cls in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("use_bdlora", BdLoraConfig),
+                     ("runtime_config", LoraRuntimeConfig)):
+    register_subconfig(_field, _cls, lambda data, cls=_cls: cls(**data))
+
+
 # Options PEFT has that lorakit accepts and stores but does not run yet, with the value that means "off".
 # get_peft_model raises NotImplementedError naming any of them that is set (never a silent no-op).
 NOT_YET = {
@@ -288,16 +294,8 @@ class LoraConfig:
                                       fix="wrap the name in a list: target_parameters=['mlp.experts.gate_up_proj']"))
         if isinstance(self.target_parameters, (list, tuple)):
             self.target_parameters = set(self.target_parameters)
-        if isinstance(self.use_bdlora, dict):
-            self.use_bdlora = BdLoraConfig(**self.use_bdlora)
-        for name, sub in SUBCONFIGS.items():  # velora_config, kasa_config, lora_ga_config, ... given as dicts
+        for name, sub in SUBCONFIGS.items():  # eva_config, use_bdlora, velora_config, ... given as dicts
             setattr(self, name, _subconfig(name, getattr(self, name), sub))
-        if isinstance(self.eva_config, dict):
-            self.eva_config = EvaConfig(**self.eva_config)
-        if isinstance(self.corda_config, dict):
-            self.corda_config = CordaConfig(**self.corda_config)
-        if isinstance(self.runtime_config, dict):
-            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if self.alpha_pattern is None:
@@ -542,8 +540,7 @@ def _check_combinations(config: LoraConfig) -> None:
 
 def _check_bdlora(config: LoraConfig) -> None:
     bd = config.use_bdlora
-    if not isinstance(bd, BdLoraConfig):
-        raise _fail("use_bdlora", bd, "a BdLoraConfig or its dict")
+    assert isinstance(bd, BdLoraConfig)  # the sub-config registry converted it (or raised)
     lists = (bd.target_modules_bd_a or [], bd.target_modules_bd_b or [])
     if not all(isinstance(p, str) for patterns in lists for p in patterns):
         raise _fail("use_bdlora", bd, "target_modules_bd_a / _bd_b as lists of module-name substrings")
