@@ -21,6 +21,17 @@ SCRIPT = ROOT / "examples" / "accelerate_train.py"
 CONFIG = ROOT / "examples" / "accelerate_config.yaml"
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide AcceleratorState: an earlier test's Trainer (bf16 off) would make this
+    file's Accelerator(mixed_precision="bf16") raise. Each test here starts and ends with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _train(command: list[str], model: Path, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*command, str(SCRIPT), "--model", str(model), "--out", str(out), "--steps", "3"],
