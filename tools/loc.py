@@ -1,6 +1,7 @@
 """Count logical lines of lorakit: every source line that holds code, not blank, not a comment, not a docstring.
 
     python tools/loc.py            # core / app / total, per file with --files
+    python tools/loc.py --root .venv/lib/python3.11/site-packages/peft --files   # another package, same rules
 
 "Core" is the library: ``src/lorakit`` minus the app (``src/lorakit/app``). A line counts once however many
 statements it holds; a statement spanning several lines counts each of its non-blank code lines.
@@ -68,22 +69,24 @@ def logical_lines(source: str) -> int:
     return len(code)
 
 
-def part(path: pathlib.Path) -> str:
-    return "app" if path.relative_to(ROOT).parts[0] == APP else "core"
+def part(path: pathlib.Path, root: pathlib.Path = ROOT) -> str:
+    return "app" if path.relative_to(root).parts[0] == APP else "core"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", action="store_true", help="print every file's count")
     parser.add_argument("--groups", action="store_true", help="print the core's count per concern (GROUPS)")
+    parser.add_argument("--root", type=pathlib.Path, default=ROOT, help="the package to count (default: lorakit)")
     args = parser.parse_args(argv)
+    root = args.root.resolve()
     totals: dict[str, list[int]] = {"core": [0, 0], "app": [0, 0]}
     rows = []
-    for path in sorted(ROOT.rglob("*.py")):
-        n = logical_lines(path.read_text())
-        totals[part(path)][0] += n
-        totals[part(path)][1] += 1
-        rows.append((n, str(path.relative_to(ROOT)), part(path)))
+    for path in sorted(root.rglob("*.py")):
+        n, where = logical_lines(path.read_text()), part(path, root)
+        totals[where][0] += n
+        totals[where][1] += 1
+        rows.append((n, str(path.relative_to(root)), where))
     if args.files:
         for n, name, where in sorted(rows, reverse=True):
             print(f"{n:6d}  {where:4s}  {name}")
