@@ -35,7 +35,7 @@ from .errors import explain, warn
 from .inits import INITS, InitRequest, write_factor
 from .kinds import Kind, exposed_attributes, kind_for
 from .quant import dense_weight, write_weight
-from .variants import BufferDict, Variant, entry_parameters, entry_to_meta, resolve_variant
+from .variants import BufferDict, Variant, entry_parameters, entry_to_meta, plain_merge, resolve_variant
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 C = TypeVar("C", bound=nn.Module)
@@ -548,9 +548,7 @@ class LoraLayer(nn.Module):
     def _merged_weight(self, adapter_name: str, W: Tensor, sign: float) -> Tensor:
         """W ± s·ΔW for a plain adapter, the variant's merge (+1) or unmerge (−1) otherwise; W is float32."""
         variant = self._variants.get(adapter_name)
-        if variant is not None:
-            return variant.merge(self, adapter_name, W, sign)
-        return W + sign * self.get_delta_weight(adapter_name).to(W.device)
+        return (plain_merge if variant is None else variant.merge)(self, adapter_name, W, sign)
 
     def unmerged_weight(self) -> Tensor:
         """The base weight with every merged adapter taken out, in float32 and its own layout (W is unchanged)."""

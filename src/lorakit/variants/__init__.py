@@ -143,6 +143,16 @@ def entry_parameters(entry: object) -> list[nn.Parameter]:
     return list(entry.parameters()) if isinstance(entry, nn.Module) else []
 
 
+def plain_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+    """y + s·B A dropout(x): plain LoRA's forward, for variants that change only init or training (MiCA, BD-LoRA)."""
+    return y + layer.branch(adapter_name, x) * layer.scaling[adapter_name]
+
+
+def plain_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+    """W ± s·ΔW: plain LoRA's merge (+1) or unmerge (−1); ΔW through ``Variant.dense`` where the variant has one."""
+    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
+
+
 def entry_to_meta(container: Any, adapter_name: str) -> None:
     """Replace one container entry by an empty tensor on the meta device (dtype, shape, requires_grad kept)."""
     old = container[adapter_name]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from . import Variant, VariantLayer, register_variant
+from . import Variant, VariantLayer, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -116,11 +116,6 @@ def _kasa_dense(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]
     return A.weight, B.weight * diag
 
 
-def _kasa_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s · B diag(ΔΣ) A (into the truncated W; unmerging gives the truncated W back, as in PEFT)."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
-
-
 def _kasa_shapes(r: int, kind: Kind, base: nn.Module) -> dict[str, Any]:
     return {CONTAINER: {"": (r,)}}  # <path>.lora_diag.<adapter>, a bare Parameter
 
@@ -161,11 +156,12 @@ def kasa_loss(tuner: Any, adapter_names: str | list[str] | None = None) -> Tenso
 
 def _kasa_variant(r: int) -> Variant:
     """The Variant for one layer of rank r (``shapes`` needs r); the registered one also selects and checks."""
-    return Variant(init=_kasa_init, forward=_kasa_forward, merge=_kasa_merge, shapes=partial(_kasa_shapes, r),
+    return Variant(init=_kasa_init, forward=_kasa_forward, merge=plain_merge, shapes=partial(_kasa_shapes, r),
                    dense=_kasa_dense)
 
 
-register_variant("kasa", Variant(init=_kasa_init, forward=_kasa_forward, merge=_kasa_merge,
+# merge: W ± s · B diag(ΔΣ) A (``dense``) into the truncated W; unmerging gives the truncated W back, as in PEFT
+register_variant("kasa", Variant(init=_kasa_init, forward=_kasa_forward, merge=plain_merge,
                                  shapes=partial(_kasa_shapes, 0), dense=_kasa_dense,
                                  bind=lambda spec: _kasa_variant(spec.r),
                                  select=lambda config: config.kasa_config is not None, containers=(CONTAINER,),

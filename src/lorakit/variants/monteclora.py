@@ -43,7 +43,7 @@ from torch.distributions import Wishart
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from . import Variant, VariantLayer, register_variant
+from . import Variant, VariantLayer, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -189,11 +189,6 @@ def _monteclora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Te
     return out
 
 
-def _monteclora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s·B A: the mean adapter, without sampling (PEFT's merge)."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
-
-
 def _monteclora_shapes(n: int, r: int, kind: Kind, base: nn.Module) -> dict[str, Any]:
     return {CONTAINER: {"std_prior": (r,), "expert_weights_prior": (n,), "gaussian_var_prior": (r, r),
                         "expert_weights": (n,)}}
@@ -205,7 +200,7 @@ def _monteclora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
 
 def _monteclora_variant(spec: LayerSpec) -> Variant:
     settings = MontecloraConfig(*spec.variant_options)
-    return Variant(init=partial(_monteclora_init, settings), forward=_monteclora_forward, merge=_monteclora_merge,
+    return Variant(init=partial(_monteclora_init, settings), forward=_monteclora_forward, merge=plain_merge,
                    shapes=partial(_monteclora_shapes, settings.num_samples, spec.r))
 
 
@@ -227,8 +222,9 @@ def monteclora_loss(tuner: Any, adapter_names: str | list[str] | None = None) ->
     return total / count if count else 0.0
 
 
+# merge: the mean adapter, W ± s·B A without sampling (PEFT's merge)
 register_variant("monteclora", Variant(
-    init=partial(_monteclora_init, MontecloraConfig()), forward=_monteclora_forward, merge=_monteclora_merge,
+    init=partial(_monteclora_init, MontecloraConfig()), forward=_monteclora_forward, merge=plain_merge,
     shapes=partial(_monteclora_shapes, 0, 0), bind=_monteclora_variant, options=_monteclora_options,
     select=lambda config: config.monteclora_config is not None, containers=(CONTAINER,),
     model_methods={"_get_monteclora_loss": monteclora_loss}))

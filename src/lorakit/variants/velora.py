@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from . import BufferDict, Variant, VariantLayer, register_variant
+from . import BufferDict, Variant, VariantLayer, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -224,11 +224,6 @@ def _velora_forward(num_groups: int, scale: float, init_type: str, layer: Varian
     return out
 
 
-def _velora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s·B A, as plain LoRA."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
-
-
 def _velora_shapes(num_groups: int, kind: Kind, base: nn.Module) -> dict[str, Any]:
     return {EMBED: {"": (group_dim(kind.features(base)[0], num_groups),)}}  # a bare buffer: <EMBED>.<adapter>
 
@@ -242,7 +237,7 @@ def _velora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
 
 def _velora_variant(num_groups: int, scale: float, init_type: str) -> Variant:
     return Variant(init=partial(_velora_init, num_groups, scale, init_type),
-                   forward=partial(_velora_forward, num_groups, scale, init_type), merge=_velora_merge,
+                   forward=partial(_velora_forward, num_groups, scale, init_type), merge=plain_merge,
                    shapes=partial(_velora_shapes, num_groups), bind=_velora_bind,
                    select=lambda config: config.velora_config is not None, options=_velora_options,
                    containers=(EMBED,))
