@@ -18,7 +18,6 @@ tensors are the embedding's and are not written to adapter files.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -27,34 +26,7 @@ from torch import Tensor, nn
 
 from .errors import explain, warn
 from .layer import expand_rows
-
-
-class BufferDict(nn.Module):
-    """{adapter name: tensor} held as non-persistent buffers (they follow ``.to()`` but stay out of state dicts)."""
-
-    def __setitem__(self, name: str, tensor: Tensor) -> None:
-        self.register_buffer(name, tensor, persistent=False)
-
-    def __getitem__(self, name: str) -> Tensor:
-        return cast(Tensor, self._buffers[name])
-
-    def __delitem__(self, name: str) -> None:
-        del self._buffers[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._buffers
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._buffers))
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self) -> list[str]:
-        return list(self._buffers)
-
-    def items(self) -> list[tuple[str, Tensor]]:
-        return [(name, cast(Tensor, buffer)) for name, buffer in self._buffers.items()]
+from .variants import BufferDict
 
 
 def _overlap_error(adapter_name: str) -> ValueError:
@@ -77,7 +49,7 @@ class TrainableTokensLayer(nn.Module):
         self._tied_adapter = [tied_adapter] if tied_adapter is not None else []
         if tied_adapter is None:
             self.trainable_tokens_delta = nn.ParameterDict()
-            self.trainable_tokens_original = BufferDict()
+            self.trainable_tokens_original = BufferDict(persistent=False)
             self.token_indices: dict[str, list[int]] = {}
         else:  # the very same containers: one D for both sides of the tie
             self.trainable_tokens_delta = tied_adapter.trainable_tokens_delta

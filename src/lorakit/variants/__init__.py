@@ -101,10 +101,15 @@ class VariantLayer(Protocol):
 
 
 class BufferDict(nn.Module):
-    """Per-adapter bare tensors kept as persistent buffers, used as a dict: state-dict key ``<container>.<adapter>``.
+    """Per-adapter bare tensors kept as buffers, used as a dict: state-dict key ``<container>.<adapter>``.
 
-    A ``VariantLayer.add_container`` container for state that does not train (VeLoRA's v).
+    A ``VariantLayer.add_container`` container for state that does not train (VeLoRA's v), persistent; with
+    ``persistent=False`` the tensors follow ``.to()`` but stay out of state dicts (trainable tokens' originals).
     """
+
+    def __init__(self, persistent: bool = True) -> None:
+        super().__init__()
+        self._persistent = persistent
 
     def __getitem__(self, adapter_name: str) -> Tensor:
         value = self._buffers[adapter_name]
@@ -112,7 +117,7 @@ class BufferDict(nn.Module):
         return value
 
     def __setitem__(self, adapter_name: str, value: Tensor) -> None:
-        self.register_buffer(adapter_name, value, persistent=True)
+        self.register_buffer(adapter_name, value, persistent=self._persistent)
 
     def __delitem__(self, adapter_name: str) -> None:
         del self._buffers[adapter_name]
@@ -121,7 +126,7 @@ class BufferDict(nn.Module):
         return adapter_name in self._buffers
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
+        return iter(list(self._buffers))  # a snapshot: entries may be deleted while iterating
 
     def __len__(self) -> int:
         return len(self._buffers)
