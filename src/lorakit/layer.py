@@ -24,6 +24,7 @@ import contextlib
 import math
 import types
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import torch
@@ -97,6 +98,23 @@ def expand_rows(rows: Tensor, batch: int, routed_batch: int) -> Tensor:
     return (rows[:, None] * k + torch.arange(k, device=rows.device)).flatten()
 
 
+Routes = tuple[int, list[tuple[str, Tensor]]]  # a mixed batch, set by the tuner: (routed rows, [(adapter, rows)])
+
+
+def run_routed(routing: Routes, x: Tensor, run: Callable[[str, Tensor], Tensor]) -> Tensor | None:
+    """out[rows_a] = run(a, x[rows_a]) for each adapter a of a mixed batch and its rows (``expand_rows``), for
+    wrappers whose adapters replace the module rather than add to it; None for a batch with no routes."""
+    routed_batch, routes = routing
+    out: Tensor | None = None
+    for name, rows in routes:
+        rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
+        part = run(name, x.index_select(0, rows))
+        if out is None:
+            out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out = out.index_copy(0, rows, part)
+    return out
+
+
 def contiguous_run(rows: Tensor) -> tuple[int, int] | None:
     """(i, j) when ``rows`` is i, i + 1, ..., j − 1 (a slice of the batch), else None."""
     if rows.numel() == 0:
@@ -140,7 +158,7 @@ class LoraLayer(nn.Module):
     frozen_peft_weight_names: dict[str, tuple[str, ...]]
     merged_adapters: list[str]
     _active_adapter: list[str]
-    _routes: tuple[int, list[tuple[str, Tensor]]] | None
+    _routes: Routes | None
     rounding_error: float | None
 
     def __init__(self, base_layer: nn.Module, kind: Kind) -> None:

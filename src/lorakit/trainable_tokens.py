@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import explain, warn
-from .layer import expand_rows
+from .layer import Routes, run_routed
 from .variants import BufferDict
 
 
@@ -220,7 +220,7 @@ class TrainableTokensWrapper(nn.Module):
         super().__init__()
         self.token_adapter = TrainableTokensLayer(module, tied_adapter)
         self._adapters: set[str] = set()
-        self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # mixed batch, set by the tuner
+        self._routes: Routes | None = None  # mixed batch, set by the tuner
         self.update(adapter_name, token_indices, init_weights)  # inactive and frozen until set_adapter
 
     def update(self, adapter_name: str, token_indices: list[int], init_weights: bool = True) -> None:
@@ -268,15 +268,8 @@ class TrainableTokensWrapper(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self._routes is None:
             return cast(Tensor, self.token_adapter(x, *args, **kwargs))
-        routed_batch, routes = self._routes
-        out = None
-        for name, rows in routes:  # each sub-batch with its own adapter ("__base__" or none here: E)
-            rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
-            names = [name] if name in self._adapters else []
-            part = self.token_adapter.forward_adapters(x.index_select(0, rows), names, *args, **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out = out.index_copy(0, rows, part)
+        out = run_routed(self._routes, x, lambda name, rows: self.token_adapter.forward_adapters(
+            rows, [name] if name in self._adapters else [], *args, **kwargs))  # "__base__" or none here: E
         assert out is not None  # routes cover the batch (LoraModel.routed)
         return out
 
