@@ -310,6 +310,21 @@ def model_method(name: str) -> Callable[..., Any] | None:
     return None
 
 
+def adapter_entries(tuner: Any, container: str, adapter_names: str | list[str] | None
+                    ) -> Iterator[tuple[Any, str, Any]]:
+    """(layer, adapter, entry) for each entry of the per-adapter ``container`` in ``tuner``'s LoRA layers that
+    belongs to ``adapter_names`` (default: the active adapters): what a variant's model-level loss sums over
+    (KaSA's ``_get_kasa_loss``, MonteCLoRA's ``_get_monteclora_loss``)."""
+    if adapter_names is None:
+        names = tuner.active_adapters
+    else:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for layer in tuner.lora_layers():
+        entries = getattr(layer, container, None)
+        if entries is not None:
+            yield from ((layer, name, entries[name]) for name in names if name in entries)
+
+
 def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module | None = None) -> Variant | None:
     """The Variant that runs an adapter created from ``spec`` on ``base`` (None for plain LoRA)."""
     if spec.variant is None:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from . import Variant, VariantLayer, plain_merge, register_variant
+from . import Variant, VariantLayer, adapter_entries, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -136,21 +136,13 @@ def _check_adapters(existing: dict[str, LoraConfig], config: LoraConfig) -> None
 def kasa_loss(tuner: Any, adapter_names: str | list[str] | None = None) -> Tensor | float:
     """Σ over KaSA layers of β‖ΔΣ‖² + γ(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) for ``adapter_names`` (default: the active
     adapters), β and γ from each adapter's KasaConfig; 0.0 when no layer matches (PEFT's ``_get_kasa_loss``)."""
-    names = tuner.active_adapters if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) \
-        else list(adapter_names)
     total: Tensor | float = 0.0
-    for layer in tuner.lora_layers():
-        diags = getattr(layer, CONTAINER, None)
-        if diags is None:
-            continue
-        for name in names:
-            if name not in diags:
-                continue
-            config = tuner.peft_config[name].kasa_config
-            diag, A, B = diags[name].float(), layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
-            eye = torch.eye(diag.shape[0], device=diag.device)
-            orthogonality = torch.linalg.norm(B.T @ B - eye) + torch.linalg.norm(A @ A.T - eye)
-            total = total + config.beta * diag.square().sum() + config.gamma * orthogonality
+    for layer, name, entry in adapter_entries(tuner, CONTAINER, adapter_names):
+        config = tuner.peft_config[name].kasa_config
+        diag, A, B = entry.float(), layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+        eye = torch.eye(diag.shape[0], device=diag.device)
+        orthogonality = torch.linalg.norm(B.T @ B - eye) + torch.linalg.norm(A @ A.T - eye)
+        total = total + config.beta * diag.square().sum() + config.gamma * orthogonality
     return total
 
 

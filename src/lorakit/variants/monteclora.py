@@ -43,7 +43,7 @@ from torch.distributions import Wishart
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from . import Variant, VariantLayer, plain_merge, register_variant
+from . import Variant, VariantLayer, adapter_entries, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -207,18 +207,11 @@ def _monteclora_variant(spec: LayerSpec) -> Variant:
 def monteclora_loss(tuner: Any, adapter_names: str | list[str] | None = None) -> Tensor | float:
     """The mean over the layers holding ``adapter_names`` (default: the active adapters) of each sampler's
     KL + entropy terms; 0.0 when none does (PEFT's ``_get_monteclora_loss``)."""
-    names = tuner.active_adapters if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) \
-        else list(adapter_names)
     total: Tensor | float = 0.0
     count = 0
-    for layer in tuner.lora_layers():
-        samplers = getattr(layer, CONTAINER, None)
-        if samplers is None:
-            continue
-        for name in names:
-            if name in samplers:
-                kl, entropy = samplers[name].variational_loss()
-                total, count = total + kl + entropy, count + 1
+    for _, _, sampler in adapter_entries(tuner, CONTAINER, adapter_names):
+        kl, entropy = sampler.variational_loss()
+        total, count = total + kl + entropy, count + 1
     return total / count if count else 0.0
 
 
