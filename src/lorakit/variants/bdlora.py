@@ -13,7 +13,7 @@ kaiming_uniform_ (a = 0), a block-diagonal B as zeros, as in PEFT; the other fac
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -118,12 +118,12 @@ def _bdlora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
 
 def _bdlora_bind(spec: LayerSpec) -> Variant:
     factor, nblocks = spec.variant_options
-    return Variant(init=partial(_bdlora_init, factor, nblocks), forward=plain_forward, merge=plain_merge,
-                   shapes=partial(_bdlora_shapes, factor, nblocks, spec.r), dense=_bdlora_dense)
+    return replace(BDLORA, init=partial(_bdlora_init, factor, nblocks),
+                   shapes=partial(_bdlora_shapes, factor, nblocks, spec.r))
 
 
 # forward: A and B run their own (block-diagonal) matmuls in the branch; merge: the dense factor (``dense``)
-register_variant("bdlora", Variant(init=partial(_bdlora_init, None, 1), forward=plain_forward,
-                                   merge=plain_merge, shapes=partial(_bdlora_shapes, None, 1, 0),
-                                   dense=_bdlora_dense, bind=_bdlora_bind,
-                                   select=lambda config: config.use_bdlora is not None, options=_bdlora_options))
+BDLORA: Variant = register_variant("bdlora", Variant(
+    init=partial(_bdlora_init, None, 1), forward=plain_forward, merge=plain_merge,
+    shapes=partial(_bdlora_shapes, None, 1, 0), dense=_bdlora_dense, bind=_bdlora_bind,
+    select=lambda config: config.use_bdlora is not None, options=_bdlora_options))

@@ -19,7 +19,7 @@ The file key of ΔΣ is ``<path>.lora_diag`` (model key ``<path>.lora_diag.<adap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -146,15 +146,10 @@ def kasa_loss(tuner: Any, adapter_names: str | list[str] | None = None) -> Tenso
     return total
 
 
-def _kasa_variant(r: int) -> Variant:
-    """The Variant for one layer of rank r (``shapes`` needs r); the registered one also selects and checks."""
-    return Variant(init=_kasa_init, forward=_kasa_forward, merge=plain_merge, shapes=partial(_kasa_shapes, r),
-                   dense=_kasa_dense)
-
-
-# merge: W ± s · B diag(ΔΣ) A (``dense``) into the truncated W; unmerging gives the truncated W back, as in PEFT
-register_variant("kasa", Variant(init=_kasa_init, forward=_kasa_forward, merge=plain_merge,
-                                 shapes=partial(_kasa_shapes, 0), dense=_kasa_dense,
-                                 bind=lambda spec: _kasa_variant(spec.r),
-                                 select=lambda config: config.kasa_config is not None, containers=(CONTAINER,),
-                                 check_adapters=_check_adapters, model_methods={"_get_kasa_loss": kasa_loss}))
+# merge: W ± s · B diag(ΔΣ) A (``dense``) into the truncated W; unmerging gives the truncated W back, as in PEFT.
+# bind: the Variant for one layer of rank r (``shapes`` needs r).
+KASA: Variant = register_variant("kasa", Variant(
+    init=_kasa_init, forward=_kasa_forward, merge=plain_merge, shapes=partial(_kasa_shapes, 0), dense=_kasa_dense,
+    bind=lambda spec: replace(KASA, shapes=partial(_kasa_shapes, spec.r)),
+    select=lambda config: config.kasa_config is not None, containers=(CONTAINER,),
+    check_adapters=_check_adapters, model_methods={"_get_kasa_loss": kasa_loss}))

@@ -200,8 +200,8 @@ def _monteclora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
 
 def _monteclora_variant(spec: LayerSpec) -> Variant:
     settings = MontecloraConfig(*spec.variant_options)
-    return Variant(init=partial(_monteclora_init, settings), forward=_monteclora_forward, merge=plain_merge,
-                   shapes=partial(_monteclora_shapes, settings.num_samples, spec.r))
+    return dataclasses.replace(MONTECLORA, init=partial(_monteclora_init, settings),
+                               shapes=partial(_monteclora_shapes, settings.num_samples, spec.r))
 
 
 def monteclora_loss(tuner: Any, adapter_names: str | list[str] | None = None) -> Tensor | float:
@@ -216,7 +216,7 @@ def monteclora_loss(tuner: Any, adapter_names: str | list[str] | None = None) ->
 
 
 # merge: the mean adapter, W ± s·B A without sampling (PEFT's merge)
-register_variant("monteclora", Variant(
+MONTECLORA: Variant = register_variant("monteclora", Variant(
     init=partial(_monteclora_init, MontecloraConfig()), forward=_monteclora_forward, merge=plain_merge,
     shapes=partial(_monteclora_shapes, 0, 0), bind=_monteclora_variant, options=_monteclora_options,
     select=lambda config: config.monteclora_config is not None, containers=(CONTAINER,),
