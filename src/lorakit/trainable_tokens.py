@@ -29,13 +29,6 @@ from .layer import Routes, run_routed
 from .variants import BufferDict
 
 
-def _overlap_error(adapter_name: str) -> ValueError:
-    return ValueError(
-        f"Token indices of adapter {adapter_name} are already defined and would result in undefined merging "
-        "behavior. Only disjunct token indices are currently supported. (Two adapters that replace the same rows "
-        "of the embedding cannot both apply: activate or merge one of them, or give them disjoint indices.)")
-
-
 class TrainableTokensLayer(nn.Module):
     """E' = E with rows I replaced by D (see the module docstring); ``base_layer`` is the Embedding or tied head."""
 
@@ -128,7 +121,11 @@ class TrainableTokensLayer(nn.Module):
         for name in dict.fromkeys(self.merged_adapters + list(adapter_names)):
             rows = set(self.token_indices[name])
             if seen & rows:
-                raise _overlap_error(name)
+                raise ValueError(
+                    f"Token indices of adapter {name} are already defined and would result in undefined merging "
+                    "behavior. Only disjunct token indices are currently supported. (Two adapters that replace the "
+                    "same rows of the embedding cannot both apply: activate or merge one of them, or give them "
+                    "disjoint indices.)")
             seen |= rows
 
     def get_merged_weights(self, adapter_names: list[str]) -> Tensor:
@@ -142,11 +139,10 @@ class TrainableTokensLayer(nn.Module):
         return self.forward_adapters(x, self.active_adapters, *args, **kwargs)
 
     def forward_adapters(self, x: Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Tensor:
-        if self._disable_adapters or not adapter_names:
-            if self.merged:
-                self.unmerge()
-            return cast(Tensor, self.base_layer(x, *args, **kwargs))
-        if self.merged:
+        off = self._disable_adapters or not adapter_names
+        if off and self.merged:
+            self.unmerge()
+        if off or self.merged:  # E as it is: the base layer alone (merged rows are in E already)
             return cast(Tensor, self.base_layer(x, *args, **kwargs))
         self.check_overlap(adapter_names)
         W = self.get_merged_weights(adapter_names)  # (vocab, dim)
