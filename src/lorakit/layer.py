@@ -65,13 +65,13 @@ class LayerSpec:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def adapter_dtype(base_layer: nn.Module, kind: Kind | None = None) -> torch.dtype:
+def adapter_dtype(base_layer: nn.Module, kind: Kind) -> torch.dtype:
     """float32 for half-precision or non-float (quantized) bases, else the base's own dtype (PEFT's autocast).
 
     ``kind``: read its ``weight`` where the base has no ``.weight`` (a ParamWrapper's expert parameter).
     """
     weight = getattr(base_layer, "weight", None)
-    if weight is None and kind is not None:
+    if weight is None:
         with contextlib.suppress(ValueError, AttributeError):
             weight = kind.weight(base_layer)
     if weight is None or not weight.is_floating_point() or weight.dtype in HALF_DTYPES:
@@ -392,11 +392,9 @@ class LoraLayer(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.r:
             for param in self.adapter_parameters(name):
-                param.requires_grad_(trainable and name in names)
-            if trainable and name in names and name in self.frozen_peft_weight_names:
-                for container_name in self.frozen_peft_weight_names[name]:
-                    for param in self._entry_parameters(container_name, name):
-                        param.requires_grad_(False)
+                param.requires_grad_(False)
+            for param in self.trainable_parameters(name) if trainable and name in names else []:
+                param.requires_grad_(True)  # what its variant keeps frozen stays frozen (MiCA's B)
         self._active_adapter = names
         for child in self.companions():
             child.set_adapter(names, trainable=trainable)
