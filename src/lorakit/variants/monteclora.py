@@ -154,10 +154,6 @@ class MontecloraSampler(nn.Module):
         return self.settings.kl_loss_weight * (kl_d + kl_w + kl_n), entropy
 
 
-def _samplers(layer: VariantLayer) -> nn.ModuleDict:
-    return layer.container(CONTAINER)  # type: ignore[no-any-return]  # added as an nn.ModuleDict by init
-
-
 def _monteclora_init(settings: MontecloraConfig, layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor,
                      s: float) -> None:
     """Add the adapter's MontecloraSampler (σ, π ~ U(0, 1) in A's dtype and device).
@@ -176,11 +172,10 @@ def _monteclora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Te
     """y + s·B Ã dropout(x), Ã the sampled average of A in training and A itself in eval mode."""
     A, B = layer.factors(adapter_name)
     x = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
-    if layer.training:
-        x = layer.apply_dropout(adapter_name, x)
     weight = A.weight
     if layer.training:
-        E, w = _samplers(layer)[adapter_name]()
+        x = layer.apply_dropout(adapter_name, x)
+        E, w = layer.container(CONTAINER)[adapter_name]()  # the adapter's MontecloraSampler
         if torch.isnan(E).any() or torch.isnan(w).any():
             warnings.warn("Monteclora sampling produced NaNs, using base weights.", stacklevel=2)
         else:
