@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import math
 import types
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
@@ -283,7 +283,7 @@ class LoraLayer(nn.Module):
 
     # ---- companions: child layers that get this layer's adapters (Kind.companions, e.g. MHA's out_proj) ------
     def _update_companions(self, adapter_name: str, spec: LayerSpec, autocast_adapter_dtype: bool,
-                           initialise: bool = True) -> None:
+                           initialise: bool) -> None:
         """Give each companion child ``adapter_name`` too, wrapping it in a LoraLayer of its own kind first."""
         if self.kind.companions is None:
             return
@@ -564,7 +564,8 @@ class LoraLayer(nn.Module):
     def _merged_weight(self, adapter_name: str, W: Tensor, sign: float) -> Tensor:
         """W ± s·ΔW for a plain adapter, the variant's merge (+1) or unmerge (−1) otherwise; W is float32."""
         variant = self._variants.get(adapter_name)
-        return (plain_merge if variant is None else variant.merge)(self, adapter_name, W, sign)
+        merge = plain_merge if variant is None else variant.merge
+        return merge(self, adapter_name, W, sign)
 
     def unmerged_weight(self) -> Tensor:
         """The base weight with every merged adapter taken out, in float32 and its own layout (W is unchanged)."""

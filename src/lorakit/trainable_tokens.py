@@ -139,10 +139,10 @@ class TrainableTokensLayer(nn.Module):
         return self.forward_adapters(x, self.active_adapters, *args, **kwargs)
 
     def forward_adapters(self, x: Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Tensor:
-        off = self._disable_adapters or not adapter_names
-        if off and self.merged:
+        disabled = self._disable_adapters or not adapter_names
+        if disabled and self.merged:
             self.unmerge()
-        if off or self.merged:  # E as it is: the base layer alone (merged rows are in E already)
+        if disabled or self.merged:  # E as it is: the base layer alone (merged rows are in E already)
             return cast(Tensor, self.base_layer(x, *args, **kwargs))
         self.check_overlap(adapter_names)
         W = self.get_merged_weights(adapter_names)  # (vocab, dim)

@@ -138,8 +138,7 @@ def top_right_singular_vector(A: Tensor, B: Tensor, seed: int | None) -> Tensor:
 
 def _weights(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     """(A (r, in), B (out, r)) of one expert."""
-    A, B = layer.factors(adapter_name)
-    return A.weight, B.weight
+    return layer.kind.factor_weights(*layer.factors(adapter_name))
 
 
 @torch.no_grad()
