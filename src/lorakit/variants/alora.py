@@ -170,8 +170,7 @@ def get_alora_offsets_for_generate(model: Any, *args: Any, **kwargs: Any) -> dic
 
 
 def _tokens(call: ModelCall, adapter_name: str) -> Sequence[int] | None:
-    config = call.peft_config.get(adapter_name)
-    return None if config is None else getattr(config, "alora_invocation_tokens", None)
+    return getattr(call.peft_config.get(adapter_name), "alora_invocation_tokens", None)  # None: no such adapter
 
 
 def _input_ids(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
