@@ -325,11 +325,11 @@ def adapter_entries(tuner: Any, container: str, adapter_names: str | list[str] |
             yield from ((layer, name, entries[name]) for name in names if name in entries)
 
 
-def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module | None = None) -> Variant | None:
+def resolve_variant(spec: LayerSpec, kind: Kind, base: nn.Module) -> Variant | None:
     """The Variant that runs an adapter created from ``spec`` on ``base`` (None for plain LoRA)."""
     if spec.variant is None:
         return None
     variant = VARIANTS[spec.variant]
-    if variant.applies is not None and kind is not None and base is not None and not variant.applies(kind, base):
+    if variant.applies is not None and not variant.applies(kind, base):
         return None
     return variant.bind(spec) if variant.bind is not None else variant
