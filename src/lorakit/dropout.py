@@ -34,6 +34,8 @@ so the partitioner never recomputes a draw in backward (which would draw a diffe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -53,9 +55,7 @@ def keep_probability(p: float) -> float:
 def _draws(shape: torch.Size | tuple[int, ...], device: torch.device | None,
            generator: torch.Generator | None) -> Tensor:
     """w (int16, ``shape``) uniform on int16: four draws per 64-bit word of ``random_``."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), None, generator=generator)  # 64 uniform bits per word: four int16 draws
     return words.view(torch.int16)[:numel].view(shape)

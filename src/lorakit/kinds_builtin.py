@@ -7,6 +7,4 @@ kinds.py is the registry and imports none of its plug-ins; none of them imports 
 
 from __future__ import annotations
 
-from . import kinds_mha
-
-KIND_MODULES = (kinds_mha,)
+from . import kinds_mha  # noqa: F401  (registers nn.MultiheadAttention's Kind on import)

@@ -73,14 +73,17 @@ def _set_in_proj(m: nn.MultiheadAttention, M: Tensor) -> None:
     m.in_proj_weight.copy_(M)
 
 
-def effective_weight(layer: LoraLayer) -> Tensor | None:
-    """W + Σ_active s·ΔW of ``layer``'s base weight, differentiable in the factors; None: W as it is.
+def added_adapters(layer: LoraLayer) -> list[str]:
+    """The adapters whose update a weight-level forward adds: the active ones ``layer`` holds, and none when
+    merged ones are already in W (a merged layer runs its base alone, as ``LoraLayer.forward`` does)."""
+    return [] if layer.merged_adapters else [name for name in layer._active_adapter if name in layer.scaling]
 
-    None when no adapter adds anything: none active, or merged ones already in W (a merged layer runs
-    its base alone, as ``LoraLayer.forward`` does).
-    """
-    names = [name for name in layer._active_adapter if name in layer.scaling]
-    if not names or layer.merged_adapters:
+
+def effective_weight(layer: LoraLayer) -> Tensor | None:
+    """W + Σ_active s·ΔW of ``layer``'s base weight, differentiable in the factors; None: W as it is (no adapter
+    adds anything, ``added_adapters``)."""
+    names = added_adapters(layer)
+    if not names:
         return None
     W = layer.kind.weight(layer.base_layer)
     for name in names:

@@ -44,7 +44,7 @@ from .config import LoraConfig
 from .errors import explain
 from .inits import INITS
 from .kinds import Kind, _linear_factors
-from .kinds_mha import effective_weight, weights_replaced
+from .kinds_mha import added_adapters, effective_weight, weights_replaced
 from .layer import LayerSpec, LoraLayer
 
 NAME = "ParamWrapper"
@@ -158,8 +158,8 @@ def _forward(layer: LoraLayer, x: Tensor, args: tuple[Any, ...], kwargs: dict[st
         return layer.base_layer(x, *args, **kwargs)
     module, parameter_name = owner(layer.base_layer), parameter_name_of(layer)
     if parametrize.is_parametrized(module, parameter_name):  # W = f(W₀) already: add ΔW after f
-        names = [name for name in layer._active_adapter if name in layer.scaling]
-        if not names or layer.merged_adapters:
+        names = added_adapters(layer)
+        if not names:
             return layer.base_layer(x, *args, **kwargs)
         delta = layer.get_delta_weight(names[0])
         for name in names[1:]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -35,7 +36,7 @@ from .errors import explain, warn
 from .inits import INITS, InitRequest, write_factor
 from .kinds import Kind, exposed_attributes, kind_for
 from .quant import dense_weight, write_weight
-from .variants import BufferDict, Variant, entry_parameters, entry_to_meta, resolve_variant
+from .variants import BufferDict, Variant, entry_parameters, entry_to_meta, plain_merge, resolve_variant
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 C = TypeVar("C", bound=nn.Module)
@@ -64,13 +65,13 @@ class LayerSpec:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def adapter_dtype(base_layer: nn.Module, kind: Kind | None = None) -> torch.dtype:
+def adapter_dtype(base_layer: nn.Module, kind: Kind) -> torch.dtype:
     """float32 for half-precision or non-float (quantized) bases, else the base's own dtype (PEFT's autocast).
 
     ``kind``: read its ``weight`` where the base has no ``.weight`` (a ParamWrapper's expert parameter).
     """
     weight = getattr(base_layer, "weight", None)
-    if weight is None and kind is not None:
+    if weight is None:
         with contextlib.suppress(ValueError, AttributeError):
             weight = kind.weight(base_layer)
     if weight is None or not weight.is_floating_point() or weight.dtype in HALF_DTYPES:
@@ -95,6 +96,23 @@ def expand_rows(rows: Tensor, batch: int, routed_batch: int) -> Tensor:
                                  expected=f"one name per row of the batch ({batch} rows)"))
     k = batch // routed_batch
     return (rows[:, None] * k + torch.arange(k, device=rows.device)).flatten()
+
+
+Routes = tuple[int, list[tuple[str, Tensor]]]  # a mixed batch, set by the tuner: (routed rows, [(adapter, rows)])
+
+
+def run_routed(routing: Routes, x: Tensor, run: Callable[[str, Tensor], Tensor]) -> Tensor | None:
+    """out[rows_a] = run(a, x[rows_a]) for each adapter a of a mixed batch and its rows (``expand_rows``), for
+    wrappers whose adapters replace the module rather than add to it; None for a batch with no routes."""
+    routed_batch, routes = routing
+    out: Tensor | None = None
+    for name, rows in routes:
+        rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
+        part = run(name, x.index_select(0, rows))
+        if out is None:
+            out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out = out.index_copy(0, rows, part)
+    return out
 
 
 def contiguous_run(rows: Tensor) -> tuple[int, int] | None:
@@ -140,7 +158,7 @@ class LoraLayer(nn.Module):
     frozen_peft_weight_names: dict[str, tuple[str, ...]]
     merged_adapters: list[str]
     _active_adapter: list[str]
-    _routes: tuple[int, list[tuple[str, Tensor]]] | None
+    _routes: Routes | None
     rounding_error: float | None
 
     def __init__(self, base_layer: nn.Module, kind: Kind) -> None:
@@ -265,7 +283,7 @@ class LoraLayer(nn.Module):
 
     # ---- companions: child layers that get this layer's adapters (Kind.companions, e.g. MHA's out_proj) ------
     def _update_companions(self, adapter_name: str, spec: LayerSpec, autocast_adapter_dtype: bool,
-                           initialise: bool = True) -> None:
+                           initialise: bool) -> None:
         """Give each companion child ``adapter_name`` too, wrapping it in a LoraLayer of its own kind first."""
         if self.kind.companions is None:
             return
@@ -374,11 +392,9 @@ class LoraLayer(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.r:
             for param in self.adapter_parameters(name):
-                param.requires_grad_(trainable and name in names)
-            if trainable and name in names and name in self.frozen_peft_weight_names:
-                for container_name in self.frozen_peft_weight_names[name]:
-                    for param in self._entry_parameters(container_name, name):
-                        param.requires_grad_(False)
+                param.requires_grad_(False)
+            for param in self.trainable_parameters(name) if trainable and name in names else []:
+                param.requires_grad_(True)  # what its variant keeps frozen stays frozen (MiCA's B)
         self._active_adapter = names
         for child in self.companions():
             child.set_adapter(names, trainable=trainable)
@@ -548,9 +564,8 @@ class LoraLayer(nn.Module):
     def _merged_weight(self, adapter_name: str, W: Tensor, sign: float) -> Tensor:
         """W ± s·ΔW for a plain adapter, the variant's merge (+1) or unmerge (−1) otherwise; W is float32."""
         variant = self._variants.get(adapter_name)
-        if variant is not None:
-            return variant.merge(self, adapter_name, W, sign)
-        return W + sign * self.get_delta_weight(adapter_name).to(W.device)
+        merge = plain_merge if variant is None else variant.merge
+        return merge(self, adapter_name, W, sign)
 
     def unmerged_weight(self) -> Tensor:
         """The base weight with every merged adapter taken out, in float32 and its own layout (W is unchanged)."""

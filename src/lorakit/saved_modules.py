@@ -12,7 +12,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
-from .layer import expand_rows
+from .layer import Routes, run_routed
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -27,7 +27,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # mixed batch, set by the tuner
+        self._routes: Routes | None = None  # mixed batch, set by the tuner
         self.update(adapter_name)  # inactive and frozen until the tuner's set_adapter
 
     def update(self, adapter_name: str) -> None:
@@ -100,18 +100,8 @@ class ModulesToSaveWrapper(nn.Module):
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> object:
         if self._routes is None:
             return self.active_module(x, *args, **kwargs)
-        return self._mixed_batch(self._routes, x, *args, **kwargs)
+        return run_routed(self._routes, x, lambda name, rows: self._copy(name)(rows, *args, **kwargs))
 
-    def _mixed_batch(self, routing: tuple[int, list[tuple[str, Tensor]]], x: Tensor, *args: object,
-                     **kwargs: object) -> Tensor | None:
-        """Each routed sub-batch runs through its adapter's copy ("__base__": the original module)."""
-        routed_batch, routes = routing
-        out: Tensor | None = None
-        for name, rows in routes:
-            rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
-            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            part = module(x.index_select(0, rows), *args, **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out = out.index_copy(0, rows, part)
-        return out
+    def _copy(self, adapter_name: str) -> nn.Module:
+        """The module a routed sub-batch of ``adapter_name`` runs through: its copy, else ("__base__") the original."""
+        return self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else self.original_module

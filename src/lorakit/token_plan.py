@@ -163,7 +163,7 @@ def _tied_paths(model: nn.Module, candidates: Candidates) -> tuple[str, str] | N
 
 
 def inject_tokens(model: nn.Module, adapter_name: str, targets: dict[str, TokenTarget],
-                  active_adapters: list[str], init_weights: bool = True) -> list[TrainableTokensWrapper]:
+                  active_adapters: list[str]) -> list[TrainableTokensWrapper]:
     """Wrap (or extend) each target, frozen and following the model's active adapters; returns the wrappers.
 
     Raises:
@@ -179,9 +179,9 @@ def inject_tokens(model: nn.Module, adapter_name: str, targets: dict[str, TokenT
                 raise ValueError(explain(f"{path!r} already holds trainable tokens {'tied' if tied is None else 'un'}"
                                          "tied to the input embedding; a new adapter cannot change that",
                                          fix="give this adapter the same ids for the tied layers"))
-            module.update(adapter_name, list(target.indices), init_weights)
+            module.update(adapter_name, list(target.indices))
         else:
-            module = TrainableTokensWrapper(module, adapter_name, list(target.indices), tied, init_weights)
+            module = TrainableTokensWrapper(module, adapter_name, list(target.indices), tied)
             module.set_adapter(active_adapters, trainable=False)
             model.set_submodule(path, module)
         wrappers.append(module)

@@ -18,7 +18,6 @@ tensors are the embedding's and are not written to adapter files.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -26,42 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import explain, warn
-from .layer import expand_rows
-
-
-class BufferDict(nn.Module):
-    """{adapter name: tensor} held as non-persistent buffers (they follow ``.to()`` but stay out of state dicts)."""
-
-    def __setitem__(self, name: str, tensor: Tensor) -> None:
-        self.register_buffer(name, tensor, persistent=False)
-
-    def __getitem__(self, name: str) -> Tensor:
-        return cast(Tensor, self._buffers[name])
-
-    def __delitem__(self, name: str) -> None:
-        del self._buffers[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._buffers
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._buffers))
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def keys(self) -> list[str]:
-        return list(self._buffers)
-
-    def items(self) -> list[tuple[str, Tensor]]:
-        return [(name, cast(Tensor, buffer)) for name, buffer in self._buffers.items()]
-
-
-def _overlap_error(adapter_name: str) -> ValueError:
-    return ValueError(
-        f"Token indices of adapter {adapter_name} are already defined and would result in undefined merging "
-        "behavior. Only disjunct token indices are currently supported. (Two adapters that replace the same rows "
-        "of the embedding cannot both apply: activate or merge one of them, or give them disjoint indices.)")
+from .layer import Routes, run_routed
+from .variants import BufferDict
 
 
 class TrainableTokensLayer(nn.Module):
@@ -77,7 +42,7 @@ class TrainableTokensLayer(nn.Module):
         self._tied_adapter = [tied_adapter] if tied_adapter is not None else []
         if tied_adapter is None:
             self.trainable_tokens_delta = nn.ParameterDict()
-            self.trainable_tokens_original = BufferDict()
+            self.trainable_tokens_original = BufferDict(persistent=False)
             self.token_indices: dict[str, list[int]] = {}
         else:  # the very same containers: one D for both sides of the tie
             self.trainable_tokens_delta = tied_adapter.trainable_tokens_delta
@@ -156,7 +121,11 @@ class TrainableTokensLayer(nn.Module):
         for name in dict.fromkeys(self.merged_adapters + list(adapter_names)):
             rows = set(self.token_indices[name])
             if seen & rows:
-                raise _overlap_error(name)
+                raise ValueError(
+                    f"Token indices of adapter {name} are already defined and would result in undefined merging "
+                    "behavior. Only disjunct token indices are currently supported. (Two adapters that replace the "
+                    "same rows of the embedding cannot both apply: activate or merge one of them, or give them "
+                    "disjoint indices.)")
             seen |= rows
 
     def get_merged_weights(self, adapter_names: list[str]) -> Tensor:
@@ -170,11 +139,10 @@ class TrainableTokensLayer(nn.Module):
         return self.forward_adapters(x, self.active_adapters, *args, **kwargs)
 
     def forward_adapters(self, x: Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Tensor:
-        if self._disable_adapters or not adapter_names:
-            if self.merged:
-                self.unmerge()
-            return cast(Tensor, self.base_layer(x, *args, **kwargs))
-        if self.merged:
+        disabled = self._disable_adapters or not adapter_names
+        if disabled and self.merged:
+            self.unmerge()
+        if disabled or self.merged:  # E as it is: the base layer alone (merged rows are in E already)
             return cast(Tensor, self.base_layer(x, *args, **kwargs))
         self.check_overlap(adapter_names)
         W = self.get_merged_weights(adapter_names)  # (vocab, dim)
@@ -248,7 +216,7 @@ class TrainableTokensWrapper(nn.Module):
         super().__init__()
         self.token_adapter = TrainableTokensLayer(module, tied_adapter)
         self._adapters: set[str] = set()
-        self._routes: tuple[int, list[tuple[str, Tensor]]] | None = None  # mixed batch, set by the tuner
+        self._routes: Routes | None = None  # mixed batch, set by the tuner
         self.update(adapter_name, token_indices, init_weights)  # inactive and frozen until set_adapter
 
     def update(self, adapter_name: str, token_indices: list[int], init_weights: bool = True) -> None:
@@ -296,15 +264,8 @@ class TrainableTokensWrapper(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self._routes is None:
             return cast(Tensor, self.token_adapter(x, *args, **kwargs))
-        routed_batch, routes = self._routes
-        out = None
-        for name, rows in routes:  # each sub-batch with its own adapter ("__base__" or none here: E)
-            rows = expand_rows(rows.to(x.device), x.shape[0], routed_batch)
-            names = [name] if name in self._adapters else []
-            part = self.token_adapter.forward_adapters(x.index_select(0, rows), names, *args, **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out = out.index_copy(0, rows, part)
+        out = run_routed(self._routes, x, lambda name, rows: self.token_adapter.forward_adapters(
+            rows, [name] if name in self._adapters else [], *args, **kwargs))  # "__base__" or none here: E
         assert out is not None  # routes cover the batch (LoraModel.routed)
         return out
 

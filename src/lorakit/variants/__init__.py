@@ -101,10 +101,15 @@ class VariantLayer(Protocol):
 
 
 class BufferDict(nn.Module):
-    """Per-adapter bare tensors kept as persistent buffers, used as a dict: state-dict key ``<container>.<adapter>``.
+    """Per-adapter bare tensors kept as buffers, used as a dict: state-dict key ``<container>.<adapter>``.
 
-    A ``VariantLayer.add_container`` container for state that does not train (VeLoRA's v).
+    A ``VariantLayer.add_container`` container for state that does not train (VeLoRA's v), persistent; with
+    ``persistent=False`` the tensors follow ``.to()`` but stay out of state dicts (trainable tokens' originals).
     """
+
+    def __init__(self, persistent: bool = True) -> None:
+        super().__init__()
+        self._persistent = persistent
 
     def __getitem__(self, adapter_name: str) -> Tensor:
         value = self._buffers[adapter_name]
@@ -112,7 +117,7 @@ class BufferDict(nn.Module):
         return value
 
     def __setitem__(self, adapter_name: str, value: Tensor) -> None:
-        self.register_buffer(adapter_name, value, persistent=True)
+        self.register_buffer(adapter_name, value, persistent=self._persistent)
 
     def __delitem__(self, adapter_name: str) -> None:
         del self._buffers[adapter_name]
@@ -121,7 +126,7 @@ class BufferDict(nn.Module):
         return adapter_name in self._buffers
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
+        return iter(list(self._buffers))  # a snapshot: entries may be deleted while iterating
 
     def __len__(self) -> int:
         return len(self._buffers)
@@ -141,6 +146,16 @@ def entry_parameters(entry: object) -> list[nn.Parameter]:
     if isinstance(entry, nn.Parameter):
         return [entry]
     return list(entry.parameters()) if isinstance(entry, nn.Module) else []
+
+
+def plain_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
+    """y + s·B A dropout(x): plain LoRA's forward, for variants that change only init or training (MiCA, BD-LoRA)."""
+    return y + layer.branch(adapter_name, x) * layer.scaling[adapter_name]
+
+
+def plain_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
+    """W ± s·ΔW: plain LoRA's merge (+1) or unmerge (−1); ΔW through ``Variant.dense`` where the variant has one."""
+    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
 
 
 def entry_to_meta(container: Any, adapter_name: str) -> None:
@@ -295,11 +310,26 @@ def model_method(name: str) -> Callable[..., Any] | None:
     return None
 
 
-def resolve_variant(spec: LayerSpec, kind: Kind | None = None, base: nn.Module | None = None) -> Variant | None:
+def adapter_entries(tuner: Any, container: str, adapter_names: str | list[str] | None
+                    ) -> Iterator[tuple[Any, str, Any]]:
+    """(layer, adapter, entry) for each entry of the per-adapter ``container`` in ``tuner``'s LoRA layers that
+    belongs to ``adapter_names`` (default: the active adapters): what a variant's model-level loss sums over
+    (KaSA's ``_get_kasa_loss``, MonteCLoRA's ``_get_monteclora_loss``)."""
+    if adapter_names is None:
+        names = tuner.active_adapters
+    else:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for layer in tuner.lora_layers():
+        entries = getattr(layer, container, None)
+        if entries is not None:
+            yield from ((layer, name, entries[name]) for name in names if name in entries)
+
+
+def resolve_variant(spec: LayerSpec, kind: Kind, base: nn.Module) -> Variant | None:
     """The Variant that runs an adapter created from ``spec`` on ``base`` (None for plain LoRA)."""
     if spec.variant is None:
         return None
     variant = VARIANTS[spec.variant]
-    if variant.applies is not None and kind is not None and base is not None and not variant.applies(kind, base):
+    if variant.applies is not None and not variant.applies(kind, base):
         return None
     return variant.bind(spec) if variant.bind is not None else variant

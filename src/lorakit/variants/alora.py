@@ -140,13 +140,18 @@ def is_alora_relevant_in_batch(model: Any, adapter_names: list[str] | None = Non
     return any(getattr(model.peft_config.get(n), "alora_invocation_tokens", None) for n in names)
 
 
+def _warn_no_input_ids(generate: bool) -> None:
+    """PEFT's warning when no input_ids reach a call with an aLoRA adapter (aLoRA is then off for the call)."""
+    warn("Cannot calculate aLoRA offsets during generate as input_ids are not available. Disabling aLoRA."
+         if generate else "Cannot calculate aLoRA offsets when only inputs_embeds are provided. Disabling aLoRA "
+         "for this forward pass.")
+
+
 def _offsets_kwargs(model: Any, input_ids: Tensor | None, generate: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     if not is_alora_relevant_in_batch(model, kwargs.get("adapter_names")) or kwargs.get("alora_offsets") is not None:
         return kwargs
     if input_ids is None:
-        warn("Cannot calculate aLoRA offsets during generate as input_ids are not available. Disabling aLoRA."
-             if generate else "Cannot calculate aLoRA offsets when only inputs_embeds are provided. Disabling aLoRA "
-             "for this forward pass.")
+        _warn_no_input_ids(generate)
         return {**kwargs, "alora_offsets": None}
     active = model.active_adapters[0] if model.active_adapters else "default"
     offsets = calculate_alora_offsets(model.peft_config, active, input_ids, kwargs.get("adapter_names"))
@@ -161,23 +166,18 @@ def get_alora_offsets_for_forward(model: Any, input_ids: Tensor | None = None,
 
 def get_alora_offsets_for_generate(model: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """PEFT's helper: as ``get_alora_offsets_for_forward``, reading input_ids from kwargs or the first argument."""
-    input_ids = kwargs.get("input_ids")
-    if input_ids is None and args and isinstance(args[0], Tensor):
-        input_ids = args[0]
-    if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
-        input_ids = input_ids[None, :]
-    return _offsets_kwargs(model, input_ids, True, kwargs)
+    return _offsets_kwargs(model, _input_ids(args, kwargs), True, kwargs)
 
 
 def _tokens(call: ModelCall, adapter_name: str) -> Sequence[int] | None:
-    config = call.peft_config.get(adapter_name)
-    return None if config is None else getattr(config, "alora_invocation_tokens", None)
+    return getattr(call.peft_config.get(adapter_name), "alora_invocation_tokens", None)  # None: no such adapter
 
 
-def _input_ids(call: ModelCall) -> Tensor | None:
-    input_ids = call.kwargs.get("input_ids")
-    if input_ids is None and call.args and isinstance(call.args[0], Tensor):
-        input_ids = call.args[0]
+def _input_ids(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
+    """A call's input_ids, from its keyword or its first argument, as (batch, T)."""
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None and args and isinstance(args[0], Tensor):
+        input_ids = args[0]
     if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
         input_ids = input_ids[None, :]
     return input_ids
@@ -197,7 +197,7 @@ def _alora_context(call: ModelCall) -> Iterator[None]:
     if not relevant:
         yield
         return
-    input_ids = _input_ids(call)
+    input_ids = _input_ids(call.args, call.kwargs)
     num_beams = call.kwargs.get("num_beams")
     if isinstance(num_beams, int) and num_beams > 1 and (explicit is not None or input_ids is not None):
         raise ValueError("Beam search not yet supported for aLoRA. "
@@ -205,10 +205,7 @@ def _alora_context(call: ModelCall) -> Iterator[None]:
                                    fix="use greedy or sampling decoding (num_beams=1)"))
     mapping: dict[str, Offsets] = {}
     if explicit is None and input_ids is None:
-        warn("Cannot calculate aLoRA offsets during generate as input_ids are not available. Disabling aLoRA."
-             if call.generate else
-             "Cannot calculate aLoRA offsets when only inputs_embeds are provided. Disabling aLoRA for this "
-             "forward pass.")
+        _warn_no_input_ids(call.generate)
     else:
         for name in relevant:
             if explicit is not None:

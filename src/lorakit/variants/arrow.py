@@ -22,7 +22,7 @@ Arrow runs on linear kinds and cannot be merged (the mixture changes token by to
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -138,8 +138,7 @@ def top_right_singular_vector(A: Tensor, B: Tensor, seed: int | None) -> Tensor:
 
 def _weights(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     """(A (r, in), B (out, r)) of one expert."""
-    A, B = layer.factors(adapter_name)
-    return A.weight, B.weight
+    return layer.kind.factor_weights(*layer.factors(adapter_name))
 
 
 @torch.no_grad()
@@ -212,14 +211,13 @@ def _arrow_options(module_name: str, config: LoraConfig) -> tuple[Any, ...]:
 
 def _arrow_bind(spec: LayerSpec) -> Variant:
     (settings,) = spec.variant_options
-    return Variant(init=partial(_arrow_init, settings), forward=_arrow_forward, merge=_arrow_merge,
-                   shapes=lambda kind, base: {}, containers=(STATE,))
+    return replace(ARROW, init=partial(_arrow_init, settings))
 
 
-register_variant("arrow", Variant(init=partial(_arrow_init, _Settings(3, 1.0, False, None, (), None)),
-                                  forward=_arrow_forward, merge=_arrow_merge, shapes=lambda kind, base: {},
-                                  bind=_arrow_bind, options=_arrow_options,
-                                  select=lambda config: config.arrow_config is not None, containers=(STATE,)))
+ARROW: Variant = register_variant("arrow", Variant(
+    init=partial(_arrow_init, _Settings(3, 1.0, False, None, (), None)), forward=_arrow_forward,
+    merge=_arrow_merge, shapes=lambda kind, base: {}, bind=_arrow_bind, options=_arrow_options,
+    select=lambda config: config.arrow_config is not None, containers=(STATE,)))
 
 
 # ---- building the routed model from saved experts -----------------------------------------------------------

@@ -13,7 +13,7 @@ kaiming_uniform_ (a = 0), a block-diagonal B as zeros, as in PEFT; the other fac
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..config import BdLoraConfig
 from ..errors import explain
-from . import Variant, VariantLayer, register_variant
+from . import Variant, VariantLayer, plain_forward, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -82,16 +82,6 @@ def _bdlora_init(factor: str | None, nblocks: int, layer: VariantLayer, adapter_
     return None
 
 
-def _bdlora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
-    """y + s·B A dropout(x); A and B run their own (block-diagonal) matmuls."""
-    return y + layer.branch(adapter_name, x) * layer.scaling[adapter_name]
-
-
-def _bdlora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s·B A with the dense block-diagonal factor (``get_delta_weight`` goes through ``dense``)."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
-
-
 def _bdlora_dense(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     A, B = layer.factors(adapter_name)
     def weight(m: Any) -> Tensor:
@@ -128,11 +118,12 @@ def _bdlora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
 
 def _bdlora_bind(spec: LayerSpec) -> Variant:
     factor, nblocks = spec.variant_options
-    return Variant(init=partial(_bdlora_init, factor, nblocks), forward=_bdlora_forward, merge=_bdlora_merge,
-                   shapes=partial(_bdlora_shapes, factor, nblocks, spec.r), dense=_bdlora_dense)
+    return replace(BDLORA, init=partial(_bdlora_init, factor, nblocks),
+                   shapes=partial(_bdlora_shapes, factor, nblocks, spec.r))
 
 
-register_variant("bdlora", Variant(init=partial(_bdlora_init, None, 1), forward=_bdlora_forward,
-                                   merge=_bdlora_merge, shapes=partial(_bdlora_shapes, None, 1, 0),
-                                   dense=_bdlora_dense, bind=_bdlora_bind,
-                                   select=lambda config: config.use_bdlora is not None, options=_bdlora_options))
+# forward: A and B run their own (block-diagonal) matmuls in the branch; merge: the dense factor (``dense``)
+BDLORA: Variant = register_variant("bdlora", Variant(
+    init=partial(_bdlora_init, None, 1), forward=plain_forward, merge=plain_merge,
+    shapes=partial(_bdlora_shapes, None, 1, 0), dense=_bdlora_dense, bind=_bdlora_bind,
+    select=lambda config: config.use_bdlora is not None, options=_bdlora_options))

@@ -70,10 +70,6 @@ def _magnitude_shape(dora_kind: DoraSupport, out_features: int, base: nn.Module)
     return (out_features,)
 
 
-def _as_matrices(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    return A.flatten(1), B.flatten(1)  # A (r, K), B (out, r), whatever the factor layout
-
-
 def row_norm(W: Tensor, A: Tensor, B: Tensor, s: float, W_sq: Tensor | None = None) -> Tensor:
     """n_i = ‖W_i + s·(B A)_i‖ by the low-rank identity (module docstring), in A's dtype.
 
@@ -104,7 +100,7 @@ def weight_norm(W: Tensor, A: Tensor, B: Tensor, s: float, W_sq: Tensor | None =
     """
     r = A.shape[0]
     if B.flatten(1).shape[1] == r:
-        return row_norm(W, *_as_matrices(A, B), s, W_sq)
+        return row_norm(W, A.flatten(1), B.flatten(1), s, W_sq)  # A (r, K), B (out, r), whatever the factor layout
     L = (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(W.shape[0], -1)  # (out, in/g·k)
     n: Tensor = torch.linalg.vector_norm(W.to(A.dtype) + s * L, dim=1)
     return n
@@ -149,11 +145,6 @@ class Magnitude(nn.Module):
         return n
 
 
-def _factor_weights(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
-    A, B = layer.factors(adapter_name)
-    return (A, B) if layer.kind.embedding else (A.weight, B.weight)
-
-
 # ---- DoRA ------------------------------------------------------------------------------------------------------
 def dora_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: float) -> None:
     """m = ‖W + s·B A‖ per output row, in the factors' dtype and PEFT's shape.
@@ -192,7 +183,7 @@ def dora_reference(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor)
     A, B = layer.factors(adapter_name)
     s = layer.scaling[adapter_name]
     magnitude = layer.container(MAGNITUDE)[adapter_name]
-    A_weight, B_weight = (A, B) if layer.kind.embedding else (A.weight, B.weight)
+    A_weight, B_weight = layer.kind.factor_weights(A, B)
     n = magnitude.norm(layer, A_weight, B_weight, s)
     f = magnitude.weight / n.view(magnitude.weight.shape)  # m/n, broadcasts against y
     if not layer.kind.embedding and x.dtype != A_weight.dtype:
@@ -225,7 +216,7 @@ def dora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -
             base = layer.unmerged_weight().movedim(out_dim, 0).flatten(1)  # (out, K)
         else:
             base = layer.kind.matrix(layer.base_layer)
-        A_weight, B_weight = _factor_weights(layer, adapter_name)
+        A_weight, B_weight = layer.kind.factor_weights(*layer.factors(adapter_name))
         with torch.no_grad():
             magnitude.merged_norm = weight_norm(base.float(), A_weight.float(), B_weight.float(),
                                                 layer.scaling[adapter_name])

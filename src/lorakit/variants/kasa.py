@@ -19,7 +19,7 @@ The file key of ΔΣ is ``<path>.lora_diag`` (model key ``<path>.lora_diag.<adap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from . import Variant, VariantLayer, register_variant
+from . import Variant, VariantLayer, adapter_entries, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -116,11 +116,6 @@ def _kasa_dense(layer: VariantLayer, adapter_name: str) -> tuple[Tensor, Tensor]
     return A.weight, B.weight * diag
 
 
-def _kasa_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s · B diag(ΔΣ) A (into the truncated W; unmerging gives the truncated W back, as in PEFT)."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
-
-
 def _kasa_shapes(r: int, kind: Kind, base: nn.Module) -> dict[str, Any]:
     return {CONTAINER: {"": (r,)}}  # <path>.lora_diag.<adapter>, a bare Parameter
 
@@ -141,32 +136,20 @@ def _check_adapters(existing: dict[str, LoraConfig], config: LoraConfig) -> None
 def kasa_loss(tuner: Any, adapter_names: str | list[str] | None = None) -> Tensor | float:
     """Σ over KaSA layers of β‖ΔΣ‖² + γ(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) for ``adapter_names`` (default: the active
     adapters), β and γ from each adapter's KasaConfig; 0.0 when no layer matches (PEFT's ``_get_kasa_loss``)."""
-    names = tuner.active_adapters if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) \
-        else list(adapter_names)
     total: Tensor | float = 0.0
-    for layer in tuner.lora_layers():
-        diags = getattr(layer, CONTAINER, None)
-        if diags is None:
-            continue
-        for name in names:
-            if name not in diags:
-                continue
-            config = tuner.peft_config[name].kasa_config
-            diag, A, B = diags[name].float(), layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
-            eye = torch.eye(diag.shape[0], device=diag.device)
-            orthogonality = torch.linalg.norm(B.T @ B - eye) + torch.linalg.norm(A @ A.T - eye)
-            total = total + config.beta * diag.square().sum() + config.gamma * orthogonality
+    for layer, name, entry in adapter_entries(tuner, CONTAINER, adapter_names):
+        config = tuner.peft_config[name].kasa_config
+        diag, A, B = entry.float(), layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+        eye = torch.eye(diag.shape[0], device=diag.device)
+        orthogonality = torch.linalg.norm(B.T @ B - eye) + torch.linalg.norm(A @ A.T - eye)
+        total = total + config.beta * diag.square().sum() + config.gamma * orthogonality
     return total
 
 
-def _kasa_variant(r: int) -> Variant:
-    """The Variant for one layer of rank r (``shapes`` needs r); the registered one also selects and checks."""
-    return Variant(init=_kasa_init, forward=_kasa_forward, merge=_kasa_merge, shapes=partial(_kasa_shapes, r),
-                   dense=_kasa_dense)
-
-
-register_variant("kasa", Variant(init=_kasa_init, forward=_kasa_forward, merge=_kasa_merge,
-                                 shapes=partial(_kasa_shapes, 0), dense=_kasa_dense,
-                                 bind=lambda spec: _kasa_variant(spec.r),
-                                 select=lambda config: config.kasa_config is not None, containers=(CONTAINER,),
-                                 check_adapters=_check_adapters, model_methods={"_get_kasa_loss": kasa_loss}))
+# merge: W ± s · B diag(ΔΣ) A (``dense``) into the truncated W; unmerging gives the truncated W back, as in PEFT.
+# bind: the Variant for one layer of rank r (``shapes`` needs r).
+KASA: Variant = register_variant("kasa", Variant(
+    init=_kasa_init, forward=_kasa_forward, merge=plain_merge, shapes=partial(_kasa_shapes, 0), dense=_kasa_dense,
+    bind=lambda spec: replace(KASA, shapes=partial(_kasa_shapes, spec.r)),
+    select=lambda config: config.kasa_config is not None, containers=(CONTAINER,),
+    check_adapters=_check_adapters, model_methods={"_get_kasa_loss": kasa_loss}))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import explain
 from ..inits import InitRequest, InitResult, register_init
-from . import Variant, VariantLayer, register_variant
+from . import Variant, VariantLayer, plain_forward, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -86,19 +86,9 @@ def _mica_init(layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor, s: 
     B.requires_grad_(False)
 
 
-def _mica_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Tensor) -> Tensor:
-    """y + s·B A dropout(x), plain LoRA's branch."""
-    return y + layer.branch(adapter_name, x) * layer.scaling[adapter_name]
-
-
-def _mica_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s·B A."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
-
-
 def _mica_shapes(kind: Kind, base: nn.Module) -> dict[str, tuple[int, ...]]:
     return {}  # only lora_A / lora_B (or lora_embedding_A / _B): nothing beyond LoRA's keys
 
 
-register_variant("mica", Variant(init=_mica_init, forward=_mica_forward, merge=_mica_merge, shapes=_mica_shapes,
+register_variant("mica", Variant(init=_mica_init, forward=plain_forward, merge=plain_merge, shapes=_mica_shapes,
                                  select=lambda config: config.init_method.name == "mica"))

@@ -43,7 +43,7 @@ from torch.distributions import Wishart
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from . import Variant, VariantLayer, register_variant
+from . import Variant, VariantLayer, adapter_entries, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
@@ -154,10 +154,6 @@ class MontecloraSampler(nn.Module):
         return self.settings.kl_loss_weight * (kl_d + kl_w + kl_n), entropy
 
 
-def _samplers(layer: VariantLayer) -> nn.ModuleDict:
-    return layer.container(CONTAINER)  # type: ignore[no-any-return]  # added as an nn.ModuleDict by init
-
-
 def _monteclora_init(settings: MontecloraConfig, layer: VariantLayer, adapter_name: str, A: Tensor, B: Tensor,
                      s: float) -> None:
     """Add the adapter's MontecloraSampler (σ, π ~ U(0, 1) in A's dtype and device).
@@ -176,22 +172,16 @@ def _monteclora_forward(layer: VariantLayer, adapter_name: str, x: Tensor, y: Te
     """y + s·B Ã dropout(x), Ã the sampled average of A in training and A itself in eval mode."""
     A, B = layer.factors(adapter_name)
     x = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
-    if layer.training:
-        x = layer.apply_dropout(adapter_name, x)
     weight = A.weight
     if layer.training:
-        E, w = _samplers(layer)[adapter_name]()
+        x = layer.apply_dropout(adapter_name, x)
+        E, w = layer.container(CONTAINER)[adapter_name]()  # the adapter's MontecloraSampler
         if torch.isnan(E).any() or torch.isnan(w).any():
             warnings.warn("Monteclora sampling produced NaNs, using base weights.", stacklevel=2)
         else:
             weight = torch.einsum("n,nij->ij", w, weight.T + E).T  # Σ_k w_k (Aᵀ + E_k), transposed: (r, in)
     out: Tensor = y + B(F.linear(x, weight)) * layer.scaling[adapter_name]
     return out
-
-
-def _monteclora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s·B A: the mean adapter, without sampling (PEFT's merge)."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
 
 
 def _monteclora_shapes(n: int, r: int, kind: Kind, base: nn.Module) -> dict[str, Any]:
@@ -205,30 +195,24 @@ def _monteclora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
 
 def _monteclora_variant(spec: LayerSpec) -> Variant:
     settings = MontecloraConfig(*spec.variant_options)
-    return Variant(init=partial(_monteclora_init, settings), forward=_monteclora_forward, merge=_monteclora_merge,
-                   shapes=partial(_monteclora_shapes, settings.num_samples, spec.r))
+    return dataclasses.replace(MONTECLORA, init=partial(_monteclora_init, settings),
+                               shapes=partial(_monteclora_shapes, settings.num_samples, spec.r))
 
 
 def monteclora_loss(tuner: Any, adapter_names: str | list[str] | None = None) -> Tensor | float:
     """The mean over the layers holding ``adapter_names`` (default: the active adapters) of each sampler's
     KL + entropy terms; 0.0 when none does (PEFT's ``_get_monteclora_loss``)."""
-    names = tuner.active_adapters if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) \
-        else list(adapter_names)
     total: Tensor | float = 0.0
     count = 0
-    for layer in tuner.lora_layers():
-        samplers = getattr(layer, CONTAINER, None)
-        if samplers is None:
-            continue
-        for name in names:
-            if name in samplers:
-                kl, entropy = samplers[name].variational_loss()
-                total, count = total + kl + entropy, count + 1
+    for _, _, sampler in adapter_entries(tuner, CONTAINER, adapter_names):
+        kl, entropy = sampler.variational_loss()
+        total, count = total + kl + entropy, count + 1
     return total / count if count else 0.0
 
 
-register_variant("monteclora", Variant(
-    init=partial(_monteclora_init, MontecloraConfig()), forward=_monteclora_forward, merge=_monteclora_merge,
+# merge: the mean adapter, W ± s·B A without sampling (PEFT's merge)
+MONTECLORA: Variant = register_variant("monteclora", Variant(
+    init=partial(_monteclora_init, MontecloraConfig()), forward=_monteclora_forward, merge=plain_merge,
     shapes=partial(_monteclora_shapes, 0, 0), bind=_monteclora_variant, options=_monteclora_options,
     select=lambda config: config.monteclora_config is not None, containers=(CONTAINER,),
     model_methods={"_get_monteclora_loss": monteclora_loss}))

@@ -15,6 +15,7 @@ layers only (quant_gptq.py): every other target gets plain LoRA. A is freshly dr
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -78,8 +79,8 @@ def _shapes(group: int, r: int, kind: Kind, base: nn.Module) -> dict[str, tuple[
 
 def _bind(spec: LayerSpec) -> Variant:
     (group,) = spec.variant_options
-    return Variant(init=partial(_init, group), forward=partial(_forward, group), merge=_merge,
-                   shapes=partial(_shapes, group, spec.r), dense=_dense, applies=_applies)
+    return replace(QALORA, init=partial(_init, group), forward=partial(_forward, group),
+                   shapes=partial(_shapes, group, spec.r))
 
 
 def _applies(kind: Kind, base: nn.Module) -> bool:
@@ -94,7 +95,7 @@ def _options(name: str, config: LoraConfig) -> tuple[Any, ...]:
     return (config.qalora_group_size,)
 
 
-register_variant("qalora", Variant(init=partial(_init, 16), forward=partial(_forward, 16), merge=_merge,
-                                   shapes=partial(_shapes, 16, 0), dense=_dense, bind=_bind,
-                                   select=lambda config: bool(config.use_qalora), options=_options,
-                                   applies=_applies))
+QALORA: Variant = register_variant("qalora", Variant(
+    init=partial(_init, 16), forward=partial(_forward, 16), merge=_merge, shapes=partial(_shapes, 16, 0),
+    dense=_dense, bind=_bind, select=lambda config: bool(config.use_qalora), options=_options,
+    applies=_applies))

@@ -35,12 +35,11 @@ from torch import Tensor, nn
 
 from ..config import register_subconfig, strict_init
 from ..errors import explain
-from . import BufferDict, Variant, VariantLayer, register_variant
+from . import BufferDict, Variant, VariantLayer, plain_merge, register_variant
 
 if TYPE_CHECKING:
     from ..kinds import Kind
     from ..config import LoraConfig
-    from ..layer import LayerSpec
 
 INIT_TYPES = ("batch_average_once", "batch_average", "random")
 EMBED = "lora_velora_embed"  # PEFT's name of the per-adapter buffer container: key <path>.lora_velora_embed.<name>
@@ -224,11 +223,6 @@ def _velora_forward(num_groups: int, scale: float, init_type: str, layer: Varian
     return out
 
 
-def _velora_merge(layer: VariantLayer, adapter_name: str, W: Tensor, sign: float) -> Tensor:
-    """W ± s·B A, as plain LoRA."""
-    return W + sign * layer.get_delta_weight(adapter_name).to(W.device)
-
-
 def _velora_shapes(num_groups: int, kind: Kind, base: nn.Module) -> dict[str, Any]:
     return {EMBED: {"": (group_dim(kind.features(base)[0], num_groups),)}}  # a bare buffer: <EMBED>.<adapter>
 
@@ -241,16 +235,12 @@ def _velora_options(name: str, config: LoraConfig) -> tuple[Any, ...]:
 
 
 def _velora_variant(num_groups: int, scale: float, init_type: str) -> Variant:
+    """The Variant for one layer's (num_groups, scale, init_type); ``bind``: from ``LayerSpec.variant_options``."""
     return Variant(init=partial(_velora_init, num_groups, scale, init_type),
-                   forward=partial(_velora_forward, num_groups, scale, init_type), merge=_velora_merge,
-                   shapes=partial(_velora_shapes, num_groups), bind=_velora_bind,
+                   forward=partial(_velora_forward, num_groups, scale, init_type), merge=plain_merge,
+                   shapes=partial(_velora_shapes, num_groups),
                    select=lambda config: config.velora_config is not None, options=_velora_options,
-                   containers=(EMBED,))
-
-
-def _velora_bind(spec: LayerSpec) -> Variant:
-    """The Variant for one layer's (num_groups, scale, init_type)."""
-    return _velora_variant(*spec.variant_options)
+                   containers=(EMBED,), bind=lambda spec: _velora_variant(*spec.variant_options))
 
 
 register_subconfig("velora_config", VeloraConfig)
