@@ -200,10 +200,15 @@ def _subconfig(field_name: str, value: Any, sub: Subconfig) -> Any:
     return cls(**{k: v for k, v in value.items() if k in accepted})
 
 
-# This module's own sub-configs: a dict is converted strictly (a misspelt key raises, with a hint).
+def _strictly(cls: type) -> Callable[[dict[str, Any]], Any]:
+    """A dict converted to ``cls`` strictly: a misspelt key raises (``strict_init``, with a hint)."""
+    return lambda data: cls(**data)
+
+
+# This module's own sub-configs: a dict is converted strictly.
 for _field, _cls in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("use_bdlora", BdLoraConfig),
                      ("runtime_config", LoraRuntimeConfig)):
-    register_subconfig(_field, _cls, lambda data, cls=_cls: cls(**data))
+    register_subconfig(_field, _cls, _strictly(_cls))
 
 
 # Options PEFT has that lorakit accepts and stores but does not run yet, with the value that means "off".
