@@ -38,9 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -207,21 +206,17 @@ def clamp_quantile(A: Tensor, B: Tensor, q: float) -> tuple[Tensor, Tensor]:
     return A.clamp(-h, h), B.clamp(-h, h)
 
 
-def _transpose(matrix: Tensor) -> Tensor:
-    return matrix.T
-
-
-def _identity(matrix: Tensor) -> Tensor:
-    return matrix
-
-
 def combine_svd(sources: Sequence[Source], options: CombineOptions) -> tuple[Tensor, Tensor]:
     """ΔW = C({s_i B̄_i Ā_i}, {w_i}) (out, in·k) ≈ U_r S_r V_rᵀ;  B = U_r S_r (out, r, *1), A = V_rᵀ (r, in, *k).
 
     r is ``options.rank`` capped by min(out, in·k) (the caller zero-pads the rest). C runs on ΔW in the base
     weight's layout, transposed for (in, out) storage, so DARE draws the same masks as PEFT for a given seed.
     """
-    layout = _transpose if sources[0].stored_in_out else _identity
+    transposed = sources[0].stored_in_out
+
+    def layout(matrix: Tensor) -> Tensor:  # (out, in·k) <-> the base weight's (in, out) storage
+        return matrix.T if transposed else matrix
+
     deltas = [layout(source.scaling * (source.B.flatten(1) @ source.A.flatten(1))) for source in sources]
     delta = layout(COMBINERS[options.combiner](deltas, [s.weight for s in sources], options.density,
                                                options.majority_sign_method))
@@ -460,12 +455,15 @@ def fill_layer(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], wei
 
 def fill_bias(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], weights: Sequence[float]) -> None:
     """lora_bias: b = Σ w_i s_i b_i over the sources that have one (PEFT leaves the new bias as initialised)."""
-    bias = getattr(layer.lora_B[adapter_name], "bias", None) if adapter_name in layer.lora_B else None
+    def lora_bias(name: str) -> Tensor | None:
+        return getattr(layer.lora_B[name], "bias", None) if name in layer.lora_B else None
+
+    bias = lora_bias(adapter_name)
     if bias is None:
         return
     bias.zero_()
     for name, weight in zip(adapters, weights, strict=True):
-        source_bias = getattr(layer.lora_B[name], "bias", None) if name in layer.lora_B else None
+        source_bias = lora_bias(name)
         if source_bias is not None:
             bias.add_((weight * layer.scaling[name] * source_bias.float()).to(bias.dtype))
 
