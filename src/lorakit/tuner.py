@@ -34,6 +34,8 @@ from .variants import model_method
 
 __all__ = ["LoraModel", "check_adapter_name", "planned"]
 
+ADAPTER_MODULES = (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)  # what holds an adapter's tensors
+
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
@@ -139,8 +141,7 @@ class LoraModel(nn.Module):
         return (m for m in self.model.modules() if isinstance(m, LoraLayer))
 
     def _adapter_modules(self) -> Iterator[LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper]:
-        return (m for m in self.model.modules()
-                if isinstance(m, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)))
+        return (m for m in self.model.modules() if isinstance(m, ADAPTER_MODULES))
 
     def _token_wrappers(self) -> list[TrainableTokensWrapper]:
         return [m for m in self.model.modules() if isinstance(m, TrainableTokensWrapper)]
@@ -156,11 +157,7 @@ class LoraModel(nn.Module):
 
         A merged layer is unmerged first, with PEFT's warning, so W never holds an adapter that is not active.
         """
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(explain(f"unknown adapter(s) {unknown}", got=unknown,
-                                     expected=f"one of {list(self.peft_config)}"))
+        names = self._known(adapter_name)
         check_one_saved_copy(self.model, names)
         trainable = not inference_mode
         for module in self._adapter_modules() if _modules is None else _modules:
@@ -172,6 +169,19 @@ class LoraModel(nn.Module):
         self._set_bias_trainable(names, trainable)
         self.active_adapter = adapter_name
 
+    def _known(self, adapter_names: str | list[str]) -> list[str]:
+        """``adapter_names`` as a list.
+
+        Raises:
+            ValueError: a name that is not an adapter of this model.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(explain(f"unknown adapter(s) {unknown}", got=unknown,
+                                     expected=f"one of {list(self.peft_config)}"))
+        return names
+
     def _inference_only(self, names: list[str]) -> bool:
         """True when any of ``names`` was created for inference (a load without ``is_trainable``)."""
         return any(self.peft_config[name].inference_mode for name in names)
@@ -182,10 +192,7 @@ class LoraModel(nn.Module):
         Raises:
             ValueError: an unknown adapter name.
         """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(explain(f"unknown adapter(s) {unknown}", expected=f"names among {list(self.peft_config)}"))
+        names = self._known(adapter_names)
         for module in self._adapter_modules():
             for name in names:
                 params = (module.trainable_parameters(name) if isinstance(module, LoraLayer) else
@@ -232,7 +239,7 @@ class LoraModel(nn.Module):
         # innermost first: a layer nested in another's base (MultiheadAttention's out_proj) goes back to its base
         # while its owner's path still leads to it
         for path, module in reversed(list(self.model.named_modules())):
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
+            if isinstance(module, ADAPTER_MODULES):
                 module.delete_adapter(adapter_name)
                 if isinstance(module, LoraLayer) and not module.r:
                     self.model.set_submodule(path, module.base_layer)
@@ -315,13 +322,15 @@ class LoraModel(nn.Module):
         if not names:
             return
 
+        chosen = names if adapter_names is not None else None  # None: each layer merges its own active adapters
+
         def merge() -> None:
             # trainable tokens first (E <- E', trainable_tokens.py): a LoRA layer around a tied head's wrapper then
             # reads and writes the wrapper's real weight, not the computed E'
             for wrapper in self._token_wrappers():
-                wrapper.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
-            for layer in self.lora_layers():  # default: each layer merges its own active adapters
-                layer.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
+                wrapper.merge(safe_merge=safe_merge, adapter_names=chosen)
+            for layer in self.lora_layers():
+                layer.merge(safe_merge=safe_merge, adapter_names=chosen)
 
         merge_reporting_rounding(self.lora_layers(), merge)  # a quantized base is requantized: say how much
 
