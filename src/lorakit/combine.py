@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,7 +52,6 @@ from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 
 
-
 class LoraModel(Protocol):
     """What combining needs of the tuner (``tuner.LoraModel``; a Protocol, so this module does not import it)."""
 
@@ -61,7 +60,6 @@ class LoraModel(Protocol):
 
     def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None: ...
 
-    def lora_layers(self) -> Iterator[LoraLayer]: ...
 
 WHERE = "add_weighted_adapter"
 
@@ -505,7 +503,7 @@ def add_weighted_adapter(tuner: LoraModel, adapters: Sequence[str], weights: Seq
     tuner.inject_adapter(adapter_name, config)
     options = CombineOptions(combination.combiner, rank, density, majority_sign_method, svd_clamp,
                              svd_full_matrices, svd_driver)
-    for layer in tuner.lora_layers():
+    for _, layer in named_lora_layers(tuner):
         if adapter_name in layer.r:
             fill_layer(layer, adapter_name, adapters, weights, combination, options)
     warn_uncovered(tuner, adapters, adapter_name)
