@@ -68,10 +68,6 @@ def _detach(model: nn.Module) -> None:
     setattr(model, "_hf_peft_config_loaded", False)
 
 
-def _refuse_taken(name: str) -> None:
-    raise ValueError(f"Adapter with name {name} already exists. Please use a different name.")
-
-
 def _refuse_mixing(model: nn.Module) -> None:
     if getattr(model, "_hf_peft_config_loaded", False) and lorakit_of(model) is None:
         raise ValueError(explain("this model already holds peft adapters; lorakit cannot add its own next to them",
@@ -87,7 +83,7 @@ def add_adapter(self: nn.Module, adapter_config: Any, adapter_name: str | None =
         _refuse_mixing(self)
         _attach(self, get_peft_model(self, adapter_config, name))
     elif name in peft_model.peft_config:
-        _refuse_taken(name)
+        raise ValueError(f"Adapter with name {name} already exists. Please use a different name.")
     else:
         peft_model.add_adapter(name, adapter_config)
     # active; trainable unless its config is for inference (a load with is_trainable=False), as PEFT injects it
@@ -116,7 +112,7 @@ def load_adapter(self: nn.Module, peft_model_id: str | None = None, adapter_name
         _hotswap(managed(self), name, peft_model_id, peft_config, adapter_state_dict, adapter_kwargs)
         return _load_info()
     if loaded:
-        _refuse_taken(name)
+        raise ValueError(f"Adapter with name {name} already exists. Please use a different name.")
     _refuse_mixing(self)
     if peft_config is not None or adapter_state_dict is not None:
         _load_state_dict(self, name, peft_config, adapter_state_dict, is_trainable)
@@ -146,7 +142,7 @@ def _hotswap(peft_model: PeftModel, name: str, model_id: str | None, config: Any
     if tensors is None:
         hotswap_adapter(peft_model, _local_folder(model_id, adapter_kwargs), name)
         return
-    config = _as_config(config)
+    config = LoraConfig.from_dict(config) if isinstance(config, dict) else config
     if not isinstance(config, LoraConfig):
         raise ValueError(explain("load_adapter(hotswap=True, adapter_state_dict=...) needs the adapter's peft_config",
                                  got=type(config).__name__, expected="a lorakit.LoraConfig"))
@@ -159,7 +155,7 @@ def _hotswap(peft_model: PeftModel, name: str, model_id: str | None, config: Any
 
 def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict[str, Tensor] | None, is_trainable: bool) -> None:
     """transformers' ``load_adapter(peft_config=..., adapter_state_dict=...)``: PEFT file keys, validated."""
-    config = _as_config(config)
+    config = LoraConfig.from_dict(config) if isinstance(config, dict) else config
     if not isinstance(config, LoraConfig) or tensors is None:
         raise ValueError(explain("load_adapter without a folder needs both peft_config and adapter_state_dict",
                                  got=f"peft_config={type(config).__name__}, adapter_state_dict="
@@ -175,11 +171,6 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict[str
     managed(model).set_adapter(name, inference_mode=not is_trainable)  # active, as transformers' add_adapter
     if not is_trainable:
         model.eval()
-
-
-def _as_config(config: Any) -> Any:
-    """A ``peft_config`` given as a dict (as transformers passes PEFT's) read as a LoraConfig; others as they are."""
-    return LoraConfig.from_dict(config) if isinstance(config, dict) else config
 
 
 def _file_keys(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
