@@ -520,14 +520,14 @@ def _check_combinations(config: LoraConfig) -> None:
     if config.lora_bias and config.init_lora_weights not in (True, False):
         raise _fail("lora_bias", True, "init_lora_weights True or False with lora_bias",
                     f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight and has no bias term")
-    method = config.init_method.name
-    if method == "loftq" and not config.loftq_config:
-        raise _fail("loftq_config", config.loftq_config, "a LoftQConfig when init_lora_weights='loftq'")
-    if method == "loftq":
-        loftq = _loftq_dict(config.loftq_config)
-        bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+    method = config.init_method
+    if method.name == "loftq":
+        if not config.loftq_config:
+            raise _fail("loftq_config", config.loftq_config, "a LoftQConfig when init_lora_weights='loftq'")
+        bits, iters = method.options["bits"], method.options["iters"]  # loftq_config's, with PEFT's defaults
         if bits not in (4, 8) or not _is_int(iters) or iters < 1:
-            raise _fail("loftq_config", loftq, "loftq_bits 4 or 8 and loftq_iter >= 1 (as in PEFT)")
+            raise _fail("loftq_config", _loftq_dict(config.loftq_config),
+                        "loftq_bits 4 or 8 and loftq_iter >= 1 (as in PEFT)")
     if config.use_dora and config.use_bdlora is not None:
         raise _fail("use_bdlora", config.use_bdlora, "use_bdlora=None with use_dora=True")
     if config.use_bdlora is not None:
