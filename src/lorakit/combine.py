@@ -424,8 +424,7 @@ def named_lora_layers(tuner: LoraModel) -> list[tuple[str, LoraLayer]]:
 
 def factor_weights(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     """(A, B) of one adapter as tensors in PEFT's storage layout (the weights of lora_A/B, or the embedding factors)."""
-    A, B = layer.factors(adapter_name)
-    return (A, B) if layer.kind.embedding else (A.weight, B.weight)
+    return layer.kind.factor_weights(*layer.factors(adapter_name))
 
 
 def fill_layer(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], weights: Sequence[float],
