@@ -175,14 +175,7 @@ class PeftModel(nn.Module):
         """The config of the active adapter (of the first one when several are active)."""
         return self.peft_config[self.active_adapters[0]]
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
-                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
-                    create_pr: bool = False, max_shard_size: int | str | None = "50GB",
-                    tags: list[str] | None = None) -> str:
-        """Upload the adapters and their model card to the Hub (needs huggingface_hub; see hub.push_to_hub)."""
-        return hub.push_to_hub(self, repo_id, commit_message=commit_message, commit_description=commit_description,
-                               private=private, token=token, revision=revision, create_pr=create_pr,
-                               max_shard_size=max_shard_size, tags=tags)
+    push_to_hub = hub.push_to_hub  # upload the adapters and their model card (needs huggingface_hub)
 
     # ---- adapters on disk ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
