@@ -63,6 +63,11 @@ def planned(model: nn.Module, config: LoraConfig, adapter_name: str, existing: d
         yield plan_adapter(model, config, adapter_name, existing, **options)
 
 
+def _plain(module: LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper) -> nn.Module:
+    """The module an adapter wrapper stands in for: a LoraLayer's base_layer, a wrapper's original_module."""
+    return module.base_layer if isinstance(module, LoraLayer) else module.original_module
+
+
 class LoraModel(nn.Module):
     """The LoRA tuner (PEFT's ``LoraModel``): ``self.model`` is the user's model with adapters injected.
 
@@ -241,12 +246,8 @@ class LoraModel(nn.Module):
         for path, module in reversed(list(self.model.named_modules())):
             if isinstance(module, ADAPTER_MODULES):
                 module.delete_adapter(adapter_name)
-                if isinstance(module, LoraLayer) and not module.r:
-                    self.model.set_submodule(path, module.base_layer)
-                elif isinstance(module, ModulesToSaveWrapper) and not len(module.modules_to_save):
-                    self.model.set_submodule(path, module.original_module)
-                elif isinstance(module, TrainableTokensWrapper) and not module._adapters:
-                    self.model.set_submodule(path, module.original_module)
+                if not (module.r if isinstance(module, LoraLayer) else module._adapters):  # its last adapter went
+                    self.model.set_submodule(path, _plain(module))
         del self.peft_config[adapter_name]
         alive = {p for p, m in self.model.named_modules() if isinstance(m, LoraLayer)}
         self.targeted_module_names = [p for p in self.targeted_module_names if p in alive]
@@ -357,8 +358,7 @@ class LoraModel(nn.Module):
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 else:
                     module.unmerge()
-                plain = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-                self.model.set_submodule(path, plain)
+                self.model.set_submodule(path, _plain(module))
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
