@@ -269,15 +269,11 @@ COMBINATION_TYPES: dict[str, CombinationType] = {
     "svd": CombinationType(combine_svd, "linear", svd_rank_or_max),
     "linear": CombinationType(combine_factors, "linear", equal_rank),
     "cat": CombinationType(concat_factors, "linear", sum_of_ranks),
-    "ties": CombinationType(combine_factors, "ties", equal_rank),
-    "ties_svd": CombinationType(combine_svd, "ties", svd_rank_or_max),
-    "dare_ties": CombinationType(combine_factors, "dare_ties", equal_rank),
-    "dare_linear": CombinationType(combine_factors, "dare_linear", equal_rank),
-    "dare_ties_svd": CombinationType(combine_svd, "dare_ties", svd_rank_or_max),
-    "dare_linear_svd": CombinationType(combine_svd, "dare_linear", svd_rank_or_max),
-    "magnitude_prune": CombinationType(combine_factors, "magnitude_prune", equal_rank),
-    "magnitude_prune_svd": CombinationType(combine_svd, "magnitude_prune", svd_rank_or_max),
 }
+for _rule in COMBINERS:  # each pruning rule, factor-wise ("ties") and through SVD ("ties_svd")
+    if _rule != "linear":
+        COMBINATION_TYPES[_rule] = CombinationType(combine_factors, _rule, equal_rank)
+        COMBINATION_TYPES[f"{_rule}_svd"] = CombinationType(combine_svd, _rule, svd_rank_or_max)
 
 
 # ---- argument checks ---------------------------------------------------------------------------------------
