@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy
 from .apply import AdapterModule, apply
-from .combine import add_weighted_adapter
+from . import combine
 from .config import LoraConfig
 from .errors import explain, warn
 from .merge_check import checked_merge
@@ -385,11 +385,4 @@ class LoraModel(nn.Module):
         return self._unload(merge=False)
 
     # ---- combining adapters --------------------------------------------------------------------------------
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
-                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
-                             svd_driver: str | None = None, density: float | None = None,
-                             majority_sign_method: str = "total") -> None:
-        """Add ``adapter_name`` combining ``adapters`` with ``weights``; see ``combine.add_weighted_adapter``."""
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-                             svd_full_matrices, svd_driver, density, majority_sign_method)
+    add_weighted_adapter = combine.add_weighted_adapter  # PEFT's method: combine.py with this tuner
