@@ -27,11 +27,10 @@ from .functional import IncompatibleKeys
 from .hotswap import hotswap_adapter
 from .integrations.signature import bind_forward_signature
 from .load_options import LoadOptions, save_state_dict
-from .plan import Plan, check_adapter_name, check_config as _check_config, plan_adapter
-from .replication import replicated
+from .plan import Plan, check_adapter_name, check_config as _check_config
 from .status import PEFT_MODEL_CLASSES
 from . import hub, io, model_card, save_checks, status, training_checks
-from .tuner import LoraModel, gc_paused, planned
+from .tuner import LoraModel, planned
 from .variants import ModelCall, call_context
 
 
@@ -254,9 +253,7 @@ class PeftModel(nn.Module):
         that plan, apply it, copy the tensors in. Nothing changes before the check passes. ``source`` names the
         tensors' origin in errors; ``adopt``: the tensors belong to no one else (``io.load_tensors``)."""
         wrapper = cls if cls is not PeftModel else _task_class(config)
-        with gc_paused(), replicated(model, config.layer_replication):  # the file's keys name the copies
-            plan = _plan_load(model, config, adapter_name, {}, source)  # one plan: checked, then injected
-            tensors = io.check_against_plan(model, plan, tensors, source)
+        with _load_planned(model, config, adapter_name, {}, tensors, source) as (plan, tensors):
             peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                  plan=plan)
         io.load_tensors(peft_model.get_base_model(), tensors, adopt=adopt)
@@ -308,9 +305,8 @@ class PeftModel(nn.Module):
         """``from_tensors`` for a further adapter (inactive until ``set_adapter``): plan, check, apply, copy."""
         _check_config(config)  # e.g. ephemeral_gpu_offload with DoRA: refused before anything changes
         model, tuner = self.get_base_model(), self.base_model
-        with gc_paused(), replicated(model, config.layer_replication):
-            plan = _plan_load(model, config, adapter_name, tuner.peft_config, source, tuner_name=type(tuner).__name__)
-            tensors = io.check_against_plan(model, plan, tensors, source)
+        with _load_planned(model, config, adapter_name, tuner.peft_config, tensors, source,
+                           tuner_name=type(tuner).__name__) as (plan, tensors):
             tuner.apply_plan(plan, autocast_adapter_dtype)
         io.load_tensors(model, tensors, adopt=adopt)
         if is_trainable:  # peft 0.21.2: the loaded adapter trains (its factors and modules_to_save copies), active or not
@@ -369,19 +365,25 @@ class PeftModel(nn.Module):
             getter().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
 
 
-def _plan_load(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict[str, LoraConfig],
-               folder: str | os.PathLike[str], tuner_name: str = "LoraModel") -> Plan:
-    """``plan_adapter`` for a load: every factor follows from the file, so no init is drawn.
+@contextlib.contextmanager
+def _load_planned(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict[str, LoraConfig],
+                  tensors: dict[str, Tensor], source: str | os.PathLike[str],
+                  tuner_name: str = "LoraModel") -> Iterator[tuple[Plan, dict[str, Tensor]]]:
+    """``planned`` for a load, and ``tensors`` checked against that one plan (io.check_against_plan): every factor
+    follows from the file, so no init is drawn; the block applies the plan (the file's keys name the copies of
+    ``layer_replication``, made meanwhile).
 
     Raises:
-        lorakit.io.AdapterLoadError: the config does not fit the model (a targeting error, named).
+        lorakit.io.AdapterLoadError: the config does not fit the model (a targeting error, named), or the tensors
+            do not fit the plan.
         ValueError: an adapter name in use or invalid.
     """
     def load_error(error: Exception) -> Exception:
-        return io.AdapterLoadError(f"cannot load adapter {str(folder)!r}: {error}")
+        return io.AdapterLoadError(f"cannot load adapter {str(source)!r}: {error}")
 
-    return plan_adapter(model, config, adapter_name, existing, tuner_name=tuner_name, weights_follow=True,
-                        targeting_error=load_error)
+    with planned(model, config, adapter_name, existing, tuner_name=tuner_name, weights_follow=True,
+                 targeting_error=load_error) as plan:
+        yield plan, io.check_against_plan(model, plan, tensors, source)
 
 
 def _is_checkpointing(model: nn.Module, candidates: Sequence[tuple[str, nn.Module]]) -> bool:
