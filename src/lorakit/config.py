@@ -318,10 +318,10 @@ class LoraConfig:
         """``init_lora_weights`` parsed (see ``parse_init``); "loftq" carries {"bits", "iters"} of loftq_config."""
         method = parse_init(self.init_lora_weights)
         if method.name == "loftq" and self.loftq_config:
-            loftq = _loftq_dict(self.loftq_config)
+            loftq = _as_dict(self.loftq_config)
             return InitMethod("loftq", {"bits": loftq.get("loftq_bits", 4), "iters": loftq.get("loftq_iter", 1)})
         if method.name == "lora_ga":  # the LoraGAConfig's fields (None: none given, refused where a gradient is used)
-            return InitMethod("lora_ga", {"lora_ga_config": _loftq_dict(self.lora_ga_config)
+            return InitMethod("lora_ga", {"lora_ga_config": _as_dict(self.lora_ga_config)
                                           if self.lora_ga_config is not None else None})
         return method
 
@@ -410,8 +410,8 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---- validation: one small function per rule, run in order by __post_init__ -------------------------------
-def _loftq_dict(value: LoftQConfig | dict[str, Any]) -> dict[str, Any]:
-    """loftq_config as a dict: PEFT stores a dict, lorakit accepts either."""
+def _as_dict(value: LoftQConfig | dict[str, Any]) -> dict[str, Any]:
+    """loftq_config / lora_ga_config as a dict: PEFT stores a dict, lorakit accepts the dataclass too."""
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
 
 
@@ -526,7 +526,7 @@ def _check_combinations(config: LoraConfig) -> None:
             raise _fail("loftq_config", config.loftq_config, "a LoftQConfig when init_lora_weights='loftq'")
         bits, iters = method.options["bits"], method.options["iters"]  # loftq_config's, with PEFT's defaults
         if bits not in (4, 8) or not _is_int(iters) or iters < 1:
-            raise _fail("loftq_config", _loftq_dict(config.loftq_config),
+            raise _fail("loftq_config", _as_dict(config.loftq_config),
                         "loftq_bits 4 or 8 and loftq_iter >= 1 (as in PEFT)")
     if config.use_dora and config.use_bdlora is not None:
         raise _fail("use_bdlora", config.use_bdlora, "use_bdlora=None with use_dora=True")
