@@ -28,7 +28,6 @@ from .hotswap import hotswap_adapter
 from .integrations.signature import bind_forward_signature
 from .load_options import LoadOptions, save_state_dict
 from .plan import Plan, check_adapter_name, check_config as _check_config
-from .status import PEFT_MODEL_CLASSES
 from . import hub, io, model_card, save_checks, status, training_checks
 from .tuner import LoraModel, planned
 from .variants import ModelCall, call_context
@@ -477,4 +476,5 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     training_checks.check_trainable(peft_model)
     return peft_model
 
-PEFT_MODEL_CLASSES.append(PeftModel)  # status.py tells a PeftModel from a plain model by this list
+
+status.PEFT_MODEL_CLASSES.append(PeftModel)  # status.py tells a PeftModel from a plain model by this list
