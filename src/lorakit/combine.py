@@ -40,7 +40,6 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -53,7 +52,6 @@ from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
 
 
-
 class LoraModel(Protocol):
     """What combining needs of the tuner (``tuner.LoraModel``; a Protocol, so this module does not import it)."""
 
@@ -62,7 +60,6 @@ class LoraModel(Protocol):
 
     def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None: ...
 
-    def lora_layers(self) -> Iterator[LoraLayer]: ...
 
 WHERE = "add_weighted_adapter"
 
@@ -207,21 +204,17 @@ def clamp_quantile(A: Tensor, B: Tensor, q: float) -> tuple[Tensor, Tensor]:
     return A.clamp(-h, h), B.clamp(-h, h)
 
 
-def _transpose(matrix: Tensor) -> Tensor:
-    return matrix.T
-
-
-def _identity(matrix: Tensor) -> Tensor:
-    return matrix
-
-
 def combine_svd(sources: Sequence[Source], options: CombineOptions) -> tuple[Tensor, Tensor]:
     """ΔW = C({s_i B̄_i Ā_i}, {w_i}) (out, in·k) ≈ U_r S_r V_rᵀ;  B = U_r S_r (out, r, *1), A = V_rᵀ (r, in, *k).
 
     r is ``options.rank`` capped by min(out, in·k) (the caller zero-pads the rest). C runs on ΔW in the base
     weight's layout, transposed for (in, out) storage, so DARE draws the same masks as PEFT for a given seed.
     """
-    layout = _transpose if sources[0].stored_in_out else _identity
+    transposed = sources[0].stored_in_out
+
+    def layout(matrix: Tensor) -> Tensor:  # (out, in·k) <-> the base weight's (in, out) storage
+        return matrix.T if transposed else matrix
+
     deltas = [layout(source.scaling * (source.B.flatten(1) @ source.A.flatten(1))) for source in sources]
     delta = layout(COMBINERS[options.combiner](deltas, [s.weight for s in sources], options.density,
                                                options.majority_sign_method))
@@ -276,15 +269,11 @@ COMBINATION_TYPES: dict[str, CombinationType] = {
     "svd": CombinationType(combine_svd, "linear", svd_rank_or_max),
     "linear": CombinationType(combine_factors, "linear", equal_rank),
     "cat": CombinationType(concat_factors, "linear", sum_of_ranks),
-    "ties": CombinationType(combine_factors, "ties", equal_rank),
-    "ties_svd": CombinationType(combine_svd, "ties", svd_rank_or_max),
-    "dare_ties": CombinationType(combine_factors, "dare_ties", equal_rank),
-    "dare_linear": CombinationType(combine_factors, "dare_linear", equal_rank),
-    "dare_ties_svd": CombinationType(combine_svd, "dare_ties", svd_rank_or_max),
-    "dare_linear_svd": CombinationType(combine_svd, "dare_linear", svd_rank_or_max),
-    "magnitude_prune": CombinationType(combine_factors, "magnitude_prune", equal_rank),
-    "magnitude_prune_svd": CombinationType(combine_svd, "magnitude_prune", svd_rank_or_max),
 }
+for _rule in COMBINERS:  # each pruning rule, factor-wise ("ties") and through SVD ("ties_svd")
+    if _rule != "linear":
+        COMBINATION_TYPES[_rule] = CombinationType(combine_factors, _rule, equal_rank)
+        COMBINATION_TYPES[f"{_rule}_svd"] = CombinationType(combine_svd, _rule, svd_rank_or_max)
 
 
 # ---- argument checks ---------------------------------------------------------------------------------------
@@ -431,8 +420,7 @@ def named_lora_layers(tuner: LoraModel) -> list[tuple[str, LoraLayer]]:
 
 def factor_weights(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     """(A, B) of one adapter as tensors in PEFT's storage layout (the weights of lora_A/B, or the embedding factors)."""
-    A, B = layer.factors(adapter_name)
-    return (A, B) if layer.kind.embedding else (A.weight, B.weight)
+    return layer.kind.factor_weights(*layer.factors(adapter_name))
 
 
 def fill_layer(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], weights: Sequence[float],
@@ -460,12 +448,15 @@ def fill_layer(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], wei
 
 def fill_bias(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], weights: Sequence[float]) -> None:
     """lora_bias: b = Σ w_i s_i b_i over the sources that have one (PEFT leaves the new bias as initialised)."""
-    bias = getattr(layer.lora_B[adapter_name], "bias", None) if adapter_name in layer.lora_B else None
+    def lora_bias(name: str) -> Tensor | None:
+        return getattr(layer.lora_B[name], "bias", None) if name in layer.lora_B else None
+
+    bias = lora_bias(adapter_name)
     if bias is None:
         return
     bias.zero_()
     for name, weight in zip(adapters, weights, strict=True):
-        source_bias = getattr(layer.lora_B[name], "bias", None) if name in layer.lora_B else None
+        source_bias = lora_bias(name)
         if source_bias is not None:
             bias.add_((weight * layer.scaling[name] * source_bias.float()).to(bias.dtype))
 
@@ -507,7 +498,7 @@ def add_weighted_adapter(tuner: LoraModel, adapters: Sequence[str], weights: Seq
     tuner.inject_adapter(adapter_name, config)
     options = CombineOptions(combination.combiner, rank, density, majority_sign_method, svd_clamp,
                              svd_full_matrices, svd_driver)
-    for layer in tuner.lora_layers():
+    for _, layer in named_lora_layers(tuner):
         if adapter_name in layer.r:
             fill_layer(layer, adapter_name, adapters, weights, combination, options)
     warn_uncovered(tuner, adapters, adapter_name)

@@ -41,15 +41,15 @@ from torch import nn
 from .errors import explain
 
 
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+def repeated_blocks(model: nn.Module, min_blocks: int = 2) -> list[nn.Module]:
     """The children of the longest ``nn.ModuleList`` whose children share one class (a decoder's layers).
 
-    Two or more entries are needed; ties go to the list met first in ``model.modules()`` order. [] when
-    the model has no such list.
+    ``min_blocks`` or more entries are needed (compiling: two; FSDP2's wrap plan: one); ties go to the list
+    met first in ``model.modules()`` order. [] when the model has no such list.
     """
     best: list[nn.Module] = []
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > max(1, len(best)):
+        if isinstance(module, nn.ModuleList) and len(module) > max(min_blocks - 1, len(best)):
             children = list(module)
             if len({type(child) for child in children}) == 1:
                 best = children

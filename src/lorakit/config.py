@@ -193,17 +193,27 @@ def _subconfig(field_name: str, value: Any, sub: Subconfig) -> Any:
                                   expected=f"{name}(...), a dict of its fields, or None"))
     if sub.from_dict is not None:
         return sub.from_dict(value)
+    return cls(**_known_keys(value, cls, f"LoraConfig.{field_name}", name))
+
+
+def _known_keys(data: dict[str, Any], cls: type, where: str, reader: str) -> dict[str, Any]:
+    """``data`` without the keys ``cls`` does not take, which are dropped with one warning naming them."""
     accepted = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(value) - accepted)
+    unknown = sorted(set(data) - accepted)
     if unknown:
-        warn(f"LoraConfig.{field_name}: ignoring keys {name} does not know: {unknown}")
-    return cls(**{k: v for k, v in value.items() if k in accepted})
+        warn(f"{where}: ignoring keys {reader} does not know: {unknown}")
+    return {k: v for k, v in data.items() if k in accepted}
 
 
-# This module's own sub-configs: a dict is converted strictly (a misspelt key raises, with a hint).
+def _strictly(cls: type) -> Callable[[dict[str, Any]], Any]:
+    """A dict converted to ``cls`` strictly: a misspelt key raises (``strict_init``, with a hint)."""
+    return lambda data: cls(**data)
+
+
+# This module's own sub-configs: a dict is converted strictly.
 for _field, _cls in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("use_bdlora", BdLoraConfig),
                      ("runtime_config", LoraRuntimeConfig)):
-    register_subconfig(_field, _cls, lambda data, cls=_cls: cls(**data))
+    register_subconfig(_field, _cls, _strictly(_cls))
 
 
 # Options PEFT has that lorakit accepts and stores but does not run yet, with the value that means "off".
@@ -283,23 +293,19 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         # PEFT stores list targets as sets (order carries no meaning); keep that so `in` and equality agree.
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
+        for name in ("target_modules", "exclude_modules", "target_parameters"):
+            if isinstance(getattr(self, name), (list, tuple)):
+                setattr(self, name, set(getattr(self, name)))
         if self.target_parameters is not None and not isinstance(self.target_parameters, (list, tuple, set)):
             raise TypeError("`target_parameters` must be a list of strings or None. "
                             + explain("target_parameters has the wrong type", got=type(self.target_parameters).__name__,
                                       expected="a list of parameter names (exact or dot-bounded suffixes)",
                                       fix="wrap the name in a list: target_parameters=['mlp.experts.gate_up_proj']"))
-        if isinstance(self.target_parameters, (list, tuple)):
-            self.target_parameters = set(self.target_parameters)
         for name, sub in SUBCONFIGS.items():  # eva_config, use_bdlora, velora_config, ... given as dicts
             setattr(self, name, _subconfig(name, getattr(self, name), sub))
-        if self.rank_pattern is None:
-            self.rank_pattern = {}
-        if self.alpha_pattern is None:
-            self.alpha_pattern = {}
+        for name in ("rank_pattern", "alpha_pattern"):  # None (PEFT allows it) is no pattern
+            if getattr(self, name) is None:
+                setattr(self, name, {})
         for check in VALIDATORS:
             check(self)
         if self.init_method.name == "eva" and self.eva_config is None:
@@ -312,10 +318,10 @@ class LoraConfig:
         """``init_lora_weights`` parsed (see ``parse_init``); "loftq" carries {"bits", "iters"} of loftq_config."""
         method = parse_init(self.init_lora_weights)
         if method.name == "loftq" and self.loftq_config:
-            loftq = _loftq_dict(self.loftq_config)
+            loftq = _as_dict(self.loftq_config)
             return InitMethod("loftq", {"bits": loftq.get("loftq_bits", 4), "iters": loftq.get("loftq_iter", 1)})
         if method.name == "lora_ga":  # the LoraGAConfig's fields (None: none given, refused where a gradient is used)
-            return InitMethod("lora_ga", {"lora_ga_config": _loftq_dict(self.lora_ga_config)
+            return InitMethod("lora_ga", {"lora_ga_config": _as_dict(self.lora_ga_config)
                                           if self.lora_ga_config is not None else None})
         return method
 
@@ -357,12 +363,8 @@ class LoraConfig:
     # ---- JSON form -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: every field but ``runtime_config``, JSON-ready (41 keys)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name == "runtime_config":
-                continue
-            out[f.name] = _jsonable(getattr(self, f.name))
-        return out
+        return {f.name: _jsonable(getattr(self, f.name))
+                for f in dataclasses.fields(self) if f.name != "runtime_config"}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -383,11 +385,7 @@ class LoraConfig:
                 explain("not a LoRA config", where=source, got=peft_type, expected="peft_type 'LORA'",
                         fix="lorakit implements LoRA only; load this adapter with the library that made it")
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warn(f"{source}: ignoring keys lorakit does not know: {unknown}")
-        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs = _known_keys(data, cls, source, "lorakit")
         if isinstance(kwargs.get("loftq_config"), dict) and kwargs["loftq_config"]:
             kwargs["loftq_config"] = LoftQConfig(**kwargs["loftq_config"])
         return cls(**kwargs)
@@ -412,8 +410,8 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---- validation: one small function per rule, run in order by __post_init__ -------------------------------
-def _loftq_dict(value: LoftQConfig | dict[str, Any]) -> dict[str, Any]:
-    """loftq_config as a dict: PEFT stores a dict, lorakit accepts either."""
+def _as_dict(value: LoftQConfig | dict[str, Any]) -> dict[str, Any]:
+    """loftq_config / lora_ga_config as a dict: PEFT stores a dict, lorakit accepts the dataclass too."""
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
 
 
@@ -453,14 +451,18 @@ def _check_numbers(config: LoraConfig) -> None:
     parse_init(config.init_lora_weights)
 
 
+def _check_regex(field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise _fail(field_name, pattern, f"a valid regular expression ({error})") from None
+
+
 def _check_names(value: object, field_name: str) -> None:
     if value is None:
         return
     if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise _fail(field_name, value, f"a valid regular expression ({error})") from None
+        _check_regex(field_name, value)
         return
     if not isinstance(value, (set, frozenset)) or not all(isinstance(v, str) for v in value):
         raise _fail(field_name, value, "None, a regex string or a list of module names")
@@ -509,10 +511,7 @@ def _check_patterns(config: LoraConfig) -> None:
         for key, value in pattern.items():
             if not isinstance(key, str) or not valid(value):
                 raise _fail(name, {key: value}, f"regex string keys and {expected}")
-            try:
-                re.compile(key)
-            except re.error as error:
-                raise _fail(name, key, f"a valid regular expression ({error})") from None
+            _check_regex(name, key)
 
 
 def _check_combinations(config: LoraConfig) -> None:
@@ -521,14 +520,14 @@ def _check_combinations(config: LoraConfig) -> None:
     if config.lora_bias and config.init_lora_weights not in (True, False):
         raise _fail("lora_bias", True, "init_lora_weights True or False with lora_bias",
                     f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight and has no bias term")
-    method = config.init_method.name
-    if method == "loftq" and not config.loftq_config:
-        raise _fail("loftq_config", config.loftq_config, "a LoftQConfig when init_lora_weights='loftq'")
-    if method == "loftq":
-        loftq = _loftq_dict(config.loftq_config)
-        bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+    method = config.init_method
+    if method.name == "loftq":
+        if not config.loftq_config:
+            raise _fail("loftq_config", config.loftq_config, "a LoftQConfig when init_lora_weights='loftq'")
+        bits, iters = method.options["bits"], method.options["iters"]  # loftq_config's, with PEFT's defaults
         if bits not in (4, 8) or not _is_int(iters) or iters < 1:
-            raise _fail("loftq_config", loftq, "loftq_bits 4 or 8 and loftq_iter >= 1 (as in PEFT)")
+            raise _fail("loftq_config", _as_dict(config.loftq_config),
+                        "loftq_bits 4 or 8 and loftq_iter >= 1 (as in PEFT)")
     if config.use_dora and config.use_bdlora is not None:
         raise _fail("use_bdlora", config.use_bdlora, "use_bdlora=None with use_dora=True")
     if config.use_bdlora is not None:

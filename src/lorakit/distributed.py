@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import precision
+from .compiling import repeated_blocks
 from .errors import explain
 
 
@@ -58,13 +59,10 @@ def fsdp2_wrap_plan(model: nn.Module) -> list[nn.Module]:
     """The modules to ``fully_shard``, innermost first: each transformer block, then ``model`` itself.
 
     The blocks are the elements of the largest ``nn.ModuleList`` whose elements all share one class (a
-    decoder's ``layers`` / ``h`` / ``blocks``), found without naming the architecture.
+    decoder's ``layers`` / ``h`` / ``blocks``; ``compiling.repeated_blocks``, here a list of one counts too),
+    found without naming the architecture.
     """
-    best: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
-            best = list(module)
-    return [*best, model]
+    return [*repeated_blocks(model, min_blocks=1), model]
 
 
 def shard(peft_model: nn.Module, mixed_precision: str | None = None, **fsdp_kwargs: Any) -> nn.Module:

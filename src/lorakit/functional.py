@@ -81,12 +81,8 @@ def _original_key(model: nn.Module, key: str) -> str | None:
 def _base_keys(peft_model: Any) -> dict[str, str]:
     """{key in the adapted model's state dict: the key the base model had}, adapter tensors left out."""
     model = peft_model.base_model.model
-    mapping = {}
-    for key in model.state_dict(keep_vars=True):
-        original = _original_key(model, key)
-        if original is not None:
-            mapping[key] = original
-    return mapping
+    originals = {key: _original_key(model, key) for key in model.state_dict(keep_vars=True)}
+    return {key: original for key, original in originals.items() if original is not None}
 
 
 def get_base_model_state_dict(model: Any) -> dict[str, Tensor]:

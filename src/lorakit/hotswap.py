@@ -86,10 +86,8 @@ def _pad(factor: nn.Module, target_rank: int, rank_dim: int, groups: int = 1) ->
     padded = weight.new_zeros(shape)
     _copy_rank_blocks(padded, weight.detach(), rank_dim, groups if rank_dim == 0 else 1)
     factor.weight = nn.Parameter(padded, requires_grad=weight.requires_grad)
-    if isinstance(factor, nn.Linear):
-        setattr(factor, "out_features" if rank_dim == 0 else "in_features", target_rank)
-    else:  # a conv factor
-        setattr(factor, "out_channels" if rank_dim == 0 else "in_channels", target_rank)
+    sizes = ("out_features", "in_features") if isinstance(factor, nn.Linear) else ("out_channels", "in_channels")
+    setattr(factor, sizes[rank_dim], target_rank)  # the size the rank dimension is: A's output, B's input
 
 
 def _copy_rank_blocks(destination: Tensor, source: Tensor, rank_dim: int, blocks: int) -> None:

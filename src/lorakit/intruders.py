@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import Tensor
 
+from .combine import factor_weights
 from .errors import explain
 from .layer import LoraLayer
 from .quant import dense_weight, is_quantized
@@ -104,16 +105,14 @@ def reduce_intruder_dimension(peft_model: PeftModel, old_adapter_name: str = "de
     peft_model.add_adapter(new_adapter_name, peft_model.peft_config[old_adapter_name])
     with torch.no_grad():
         for name, layer in layers:
-            A_old, B_old = layer.factors(old_adapter_name)
-            A_new, B_new = layer.factors(new_adapter_name)
-            if not layer.kind.embedding:
-                A_old, B_old, A_new, B_new = A_old.weight, B_old.weight, A_new.weight, B_new.weight
+            A_old, B_old = factor_weights(layer, old_adapter_name)
+            A_new, B_new = factor_weights(layer, new_adapter_name)
             W = _base_matrix(layer)
             delta = layer.get_delta_weight(old_adapter_name).to(W.dtype)
             count, A, B = mitigated_factors(W, delta, layer.scaling[old_adapter_name], layer.r[old_adapter_name],
                                        layer.kind.embedding or layer.kind.weight_is_in_out, top_k,
                                        threshold_epsilon, mitigation_lambda)
-            if A is None:
+            if A is None or B is None:  # (both are None together)
                 sink(f"{name}: No intruders")
                 A, B = A_old, B_old
             else:

@@ -27,13 +27,9 @@ from .functional import IncompatibleKeys
 from .hotswap import hotswap_adapter
 from .integrations.signature import bind_forward_signature
 from .load_options import LoadOptions, save_state_dict
-from .model_card import create_or_update_model_card
-from .plan import Plan, check_adapter_name, check_config as _check_config, plan_adapter
-from .replication import replicated
-from .status import PEFT_MODEL_CLASSES, TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, \
-    get_model_status
-from . import hub, io, save_checks, training_checks
-from .tuner import LoraModel, gc_paused, planned
+from .plan import Plan, check_adapter_name, check_config as _check_config
+from . import hub, io, model_card, save_checks, status, training_checks
+from .tuner import LoraModel, planned
 from .variants import ModelCall, call_context
 
 
@@ -132,22 +128,17 @@ class PeftModel(nn.Module):
         names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
         return names or None
 
-    def get_layer_status(self) -> list[TunerLayerStatus]:
-        """One status per adapter layer (status.get_layer_status)."""
-        return get_layer_status(self)
-
-    def get_model_status(self) -> TunerModelStatus:
-        """The adapter state of the whole model (status.get_model_status)."""
-        return get_model_status(self)
+    # PEFT's methods that are module functions applied to the model: ``peft_model.f()`` is ``f(peft_model)``.
+    get_layer_status = status.get_layer_status
+    get_model_status = status.get_model_status
+    create_or_update_model_card = model_card.create_or_update_model_card
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with LoRA layers in it)."""
         return self.base_model.model
 
     # ---- parameters ----------------------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameters, counted as PEFT counts them (contract section 3)."""
-        return count_parameters(self)
+    get_nb_trainable_parameters = status.count_parameters  # (trainable, all), counted as PEFT counts them
 
     def print_trainable_parameters(self) -> None:
         """Print PEFT's line: ``trainable params: 3,584 || all params: 110,400 || trainable%: 3.2464``."""
@@ -182,18 +173,7 @@ class PeftModel(nn.Module):
         """The config of the active adapter (of the first one when several are active)."""
         return self.peft_config[self.active_adapters[0]]
 
-    def create_or_update_model_card(self, output_dir: str) -> None:
-        """Write or update ``<output_dir>/README.md`` with the adapter's Hub metadata (see model_card.py)."""
-        create_or_update_model_card(self, output_dir)
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
-                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
-                    create_pr: bool = False, max_shard_size: int | str | None = "50GB",
-                    tags: list[str] | None = None) -> str:
-        """Upload the adapters and their model card to the Hub (needs huggingface_hub; see hub.push_to_hub)."""
-        return hub.push_to_hub(self, repo_id, commit_message=commit_message, commit_description=commit_description,
-                               private=private, token=token, revision=revision, create_pr=create_pr,
-                               max_shard_size=max_shard_size, tags=tags)
+    push_to_hub = hub.push_to_hub  # upload the adapters and their model card (needs huggingface_hub)
 
     # ---- adapters on disk ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
@@ -230,7 +210,7 @@ class PeftModel(nn.Module):
                             for name in (selected_adapters or list(self.peft_config)) if name in self.peft_config}
             io.save_adapters(self, save_directory, selected_adapters, safe_serialization, save_embedding_layers,
                              gathered=gathered)
-        create_or_update_model_card(self, save_directory)
+        self.create_or_update_model_card(save_directory)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default",
@@ -271,11 +251,8 @@ class PeftModel(nn.Module):
         """The load pipeline on tensors under PEFT's file keys: plan (no init drawn), check the tensors against
         that plan, apply it, copy the tensors in. Nothing changes before the check passes. ``source`` names the
         tensors' origin in errors; ``adopt``: the tensors belong to no one else (``io.load_tensors``)."""
-        task = getattr(config.task_type, "value", config.task_type)
-        wrapper = cls if cls is not PeftModel or task is None else MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-        with gc_paused(), replicated(model, config.layer_replication):  # the file's keys name the copies
-            plan = _plan_load(model, config, adapter_name, {}, source)  # one plan: checked, then injected
-            tensors = io.check_against_plan(model, plan, tensors, source)
+        wrapper = cls if cls is not PeftModel else _task_class(config)
+        with _load_planned(model, config, adapter_name, {}, tensors, source) as (plan, tensors):
             peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                  plan=plan)
         io.load_tensors(peft_model.get_base_model(), tensors, adopt=adopt)
@@ -327,9 +304,8 @@ class PeftModel(nn.Module):
         """``from_tensors`` for a further adapter (inactive until ``set_adapter``): plan, check, apply, copy."""
         _check_config(config)  # e.g. ephemeral_gpu_offload with DoRA: refused before anything changes
         model, tuner = self.get_base_model(), self.base_model
-        with gc_paused(), replicated(model, config.layer_replication):
-            plan = _plan_load(model, config, adapter_name, tuner.peft_config, source, tuner_name=type(tuner).__name__)
-            tensors = io.check_against_plan(model, plan, tensors, source)
+        with _load_planned(model, config, adapter_name, tuner.peft_config, tensors, source,
+                           tuner_name=type(tuner).__name__) as (plan, tensors):
             tuner.apply_plan(plan, autocast_adapter_dtype)
         io.load_tensors(model, tensors, adopt=adopt)
         if is_trainable:  # peft 0.21.2: the loaded adapter trains (its factors and modules_to_save copies), active or not
@@ -388,19 +364,25 @@ class PeftModel(nn.Module):
             getter().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
 
 
-def _plan_load(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict[str, LoraConfig],
-               folder: str | os.PathLike[str], tuner_name: str = "LoraModel") -> Plan:
-    """``plan_adapter`` for a load: every factor follows from the file, so no init is drawn.
+@contextlib.contextmanager
+def _load_planned(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict[str, LoraConfig],
+                  tensors: dict[str, Tensor], source: str | os.PathLike[str],
+                  tuner_name: str = "LoraModel") -> Iterator[tuple[Plan, dict[str, Tensor]]]:
+    """``planned`` for a load, and ``tensors`` checked against that one plan (io.check_against_plan): every factor
+    follows from the file, so no init is drawn; the block applies the plan (the file's keys name the copies of
+    ``layer_replication``, made meanwhile).
 
     Raises:
-        lorakit.io.AdapterLoadError: the config does not fit the model (a targeting error, named).
+        lorakit.io.AdapterLoadError: the config does not fit the model (a targeting error, named), or the tensors
+            do not fit the plan.
         ValueError: an adapter name in use or invalid.
     """
     def load_error(error: Exception) -> Exception:
-        return io.AdapterLoadError(f"cannot load adapter {str(folder)!r}: {error}")
+        return io.AdapterLoadError(f"cannot load adapter {str(source)!r}: {error}")
 
-    return plan_adapter(model, config, adapter_name, existing, tuner_name=tuner_name, weights_follow=True,
-                        targeting_error=load_error)
+    with planned(model, config, adapter_name, existing, tuner_name=tuner_name, weights_follow=True,
+                 targeting_error=load_error) as plan:
+        yield plan, io.check_against_plan(model, plan, tensors, source)
 
 
 def _is_checkpointing(model: nn.Module, candidates: Sequence[tuple[str, nn.Module]]) -> bool:
@@ -461,6 +443,11 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str | None, type[PeftModel]] = {
 }
 
 
+def _task_class(config: LoraConfig) -> type[PeftModel]:
+    """The PeftModel class of ``config.task_type`` (PeftModel itself for None)."""
+    return MODEL_TYPE_TO_PEFT_MODEL_MAPPING[getattr(config.task_type, "value", config.task_type)]
+
+
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision: str | None = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
@@ -480,18 +467,14 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     _check_config(peft_config)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     if peft_config.base_model_name_or_path is None and name_or_path:
-        peft_config = _replace(peft_config, base_model_name_or_path=name_or_path)
+        peft_config = dataclasses.replace(peft_config, base_model_name_or_path=name_or_path)
     if revision is not None:
-        peft_config = _replace(peft_config, revision=revision)
-    task = getattr(peft_config.task_type, "value", peft_config.task_type)
-    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
+        peft_config = dataclasses.replace(peft_config, revision=revision)
+    cls = _task_class(peft_config)
     with planned(model, peft_config, adapter_name, second_injection=True, low_cpu_mem_usage=low_cpu_mem_usage) as plan:
         peft_model = cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, plan=plan)
     training_checks.check_trainable(peft_model)
     return peft_model
 
 
-def _replace(config: LoraConfig, **changes: Any) -> LoraConfig:
-    return dataclasses.replace(config, **changes)
-
-PEFT_MODEL_CLASSES.append(PeftModel)  # status.py tells a PeftModel from a plain model by this list
+status.PEFT_MODEL_CLASSES.append(PeftModel)  # status.py tells a PeftModel from a plain model by this list

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 from torch import Tensor, nn
 
@@ -26,6 +26,7 @@ from .saved_modules import ModulesToSaveWrapper
 
 Irregular = Literal["irregular"]
 IRREGULAR: Irregular = "irregular"
+T = TypeVar("T")
 ADAPTER_MODULES = (LoraLayer, ModulesToSaveWrapper)
 
 
@@ -63,14 +64,12 @@ class TunerModelStatus:
     quantization_backend: Union[str, None, Irregular]
 
 
-def _agreement(values: Iterable[Union[bool, Irregular]]) -> Union[bool, Irregular]:
-    """True when every value is True, False when every one is False, else "irregular"."""
-    values = list(values)
-    if all(value is True for value in values):
-        return True
-    if all(value is False for value in values):
-        return False
-    return IRREGULAR
+def _shared(values: Iterable[T], default: T | Irregular = IRREGULAR) -> T | Irregular:
+    """The one value all of ``values`` share, else "irregular"; ``default`` when there are none."""
+    distinct = set(values)
+    if not distinct:
+        return default
+    return distinct.pop() if len(distinct) == 1 else IRREGULAR
 
 
 def _adapter_tensors(module: nn.Module) -> dict[str, list[Tensor]]:
@@ -98,7 +97,8 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
         enabled=not module.disable_adapters,
         active_adapters=list(getattr(module, "active_adapters")),
         merged_adapters=list(getattr(module, "merged_adapters", [])),  # a saved-module copy is never merged
-        requires_grad={adapter: _agreement(p.requires_grad for p in params) for adapter, params in tensors.items()},
+        requires_grad={adapter: _shared((p.requires_grad for p in params), default=True)
+                       for adapter, params in tensors.items()},
         available_adapters=sorted(tensors),
         devices={adapter: sorted({p.device.type for p in params}) for adapter, params in tensors.items()},
         quantization_backend=_backend_name(module),
@@ -188,8 +188,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     """
     layers = get_layer_status(model)
     base_type, adapter_type, peft_types, (trainable, total) = _model_identity(model)
-    enabled = {status.enabled for status in layers}
-    active = {tuple(status.active_adapters) for status in layers}
+    active = _shared(tuple(status.active_adapters) for status in layers)
     requires_grad: dict[str, list[Union[bool, Irregular]]] = defaultdict(list)
     devices: dict[str, set[str]] = defaultdict(set)
     for status in layers:
@@ -197,7 +196,6 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
             requires_grad[adapter].append(value)
         for adapter, types in status.devices.items():
             devices[adapter].update(types)
-    backends = {status.quantization_backend for status in layers}
     return TunerModelStatus(
         base_model_type=base_type,
         adapter_model_type=adapter_type,
@@ -205,11 +203,11 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         trainable_params=trainable,
         total_params=total,
         num_adapter_layers=len(layers),
-        enabled=enabled.pop() if len(enabled) == 1 else IRREGULAR,
-        active_adapters=list(active.pop()) if len(active) == 1 else IRREGULAR,
+        enabled=_shared(status.enabled for status in layers),
+        active_adapters=IRREGULAR if active == IRREGULAR else list(active),
         merged_adapters=_merged(layers),
-        requires_grad={adapter: _agreement(values) for adapter, values in requires_grad.items()},
+        requires_grad={adapter: _shared(values) for adapter, values in requires_grad.items()},
         available_adapters=sorted(set().union(*(status.available_adapters for status in layers))),
         devices={adapter: sorted(types) for adapter, types in devices.items()},
-        quantization_backend=backends.pop() if len(backends) == 1 else IRREGULAR,
+        quantization_backend=_shared(status.quantization_backend for status in layers),
     )

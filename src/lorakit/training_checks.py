@@ -12,11 +12,11 @@ Each check reads ``requires_grad`` flags (and, for ``check_training``, one ``any
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import nn
 
+from .combine import factor_weights
 from .errors import warn
 from .layer import LoraLayer
 
@@ -61,18 +61,6 @@ def check_frozen_training(peft_model: PeftModel) -> None:
 
 
 # ---- an adapter that does not learn --------------------------------------------------------------------------
-def _zero_factors(layer: LoraLayer, name: str) -> Iterator[Tensor]:
-    """Every factor tensor of adapter ``name``: lora_A/B's weights, or the embedding factors."""
-    for modules in (layer.lora_A, layer.lora_B):
-        if name in modules:
-            weight = modules[name].weight
-            assert isinstance(weight, Tensor)
-            yield weight
-    for parameters in (layer.lora_embedding_A, layer.lora_embedding_B):
-        if name in parameters:
-            yield parameters[name]
-
-
 def check_training(model: nn.Module, steps: int | None = None) -> list[str]:
     """``path (adapter)`` of every trainable LoRA layer whose update ΔW = s·B·A is still exactly zero.
 
@@ -85,7 +73,7 @@ def check_training(model: nn.Module, steps: int | None = None) -> list[str]:
         if not isinstance(layer, LoraLayer):
             continue
         for name in layer.r:
-            factors = list(_zero_factors(layer, name))
+            factors = factor_weights(layer, name)  # lora_A/B's weights, or the embedding factors
             if any(f.requires_grad for f in factors) and any(not f.detach().any() for f in factors):
                 found.append(f"{path} ({name})")
     if found:

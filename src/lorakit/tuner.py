@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy
 from .apply import AdapterModule, apply
-from .combine import add_weighted_adapter
+from . import combine
 from .config import LoraConfig
 from .errors import explain, warn
 from .merge_check import checked_merge
@@ -33,6 +33,8 @@ from .trainable_tokens import TrainableTokensWrapper
 from .variants import model_method
 
 __all__ = ["LoraModel", "check_adapter_name", "planned"]
+
+ADAPTER_MODULES = (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)  # what holds an adapter's tensors
 
 
 @contextlib.contextmanager
@@ -59,6 +61,11 @@ def planned(model: nn.Module, config: LoraConfig, adapter_name: str, existing: d
     an error inside the block puts the original layer stack back. The garbage collector waits meanwhile."""
     with gc_paused(), replicated(model, config.layer_replication):
         yield plan_adapter(model, config, adapter_name, existing, **options)
+
+
+def _plain(module: LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper) -> nn.Module:
+    """The module an adapter wrapper stands in for: a LoraLayer's base_layer, a wrapper's original_module."""
+    return module.base_layer if isinstance(module, LoraLayer) else module.original_module
 
 
 class LoraModel(nn.Module):
@@ -139,8 +146,7 @@ class LoraModel(nn.Module):
         return (m for m in self.model.modules() if isinstance(m, LoraLayer))
 
     def _adapter_modules(self) -> Iterator[LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper]:
-        return (m for m in self.model.modules()
-                if isinstance(m, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)))
+        return (m for m in self.model.modules() if isinstance(m, ADAPTER_MODULES))
 
     def _token_wrappers(self) -> list[TrainableTokensWrapper]:
         return [m for m in self.model.modules() if isinstance(m, TrainableTokensWrapper)]
@@ -156,11 +162,7 @@ class LoraModel(nn.Module):
 
         A merged layer is unmerged first, with PEFT's warning, so W never holds an adapter that is not active.
         """
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(explain(f"unknown adapter(s) {unknown}", got=unknown,
-                                     expected=f"one of {list(self.peft_config)}"))
+        names = self._known(adapter_name)
         check_one_saved_copy(self.model, names)
         trainable = not inference_mode
         for module in self._adapter_modules() if _modules is None else _modules:
@@ -172,6 +174,19 @@ class LoraModel(nn.Module):
         self._set_bias_trainable(names, trainable)
         self.active_adapter = adapter_name
 
+    def _known(self, adapter_names: str | list[str]) -> list[str]:
+        """``adapter_names`` as a list.
+
+        Raises:
+            ValueError: a name that is not an adapter of this model.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(explain(f"unknown adapter(s) {unknown}", got=unknown,
+                                     expected=f"one of {list(self.peft_config)}"))
+        return names
+
     def _inference_only(self, names: list[str]) -> bool:
         """True when any of ``names`` was created for inference (a load without ``is_trainable``)."""
         return any(self.peft_config[name].inference_mode for name in names)
@@ -182,10 +197,7 @@ class LoraModel(nn.Module):
         Raises:
             ValueError: an unknown adapter name.
         """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(explain(f"unknown adapter(s) {unknown}", expected=f"names among {list(self.peft_config)}"))
+        names = self._known(adapter_names)
         for module in self._adapter_modules():
             for name in names:
                 params = (module.trainable_parameters(name) if isinstance(module, LoraLayer) else
@@ -232,14 +244,10 @@ class LoraModel(nn.Module):
         # innermost first: a layer nested in another's base (MultiheadAttention's out_proj) goes back to its base
         # while its owner's path still leads to it
         for path, module in reversed(list(self.model.named_modules())):
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
+            if isinstance(module, ADAPTER_MODULES):
                 module.delete_adapter(adapter_name)
-                if isinstance(module, LoraLayer) and not module.r:
-                    self.model.set_submodule(path, module.base_layer)
-                elif isinstance(module, ModulesToSaveWrapper) and not len(module.modules_to_save):
-                    self.model.set_submodule(path, module.original_module)
-                elif isinstance(module, TrainableTokensWrapper) and not module._adapters:
-                    self.model.set_submodule(path, module.original_module)
+                if not (module.r if isinstance(module, LoraLayer) else module._adapters):  # its last adapter went
+                    self.model.set_submodule(path, _plain(module))
         del self.peft_config[adapter_name]
         alive = {p for p, m in self.model.named_modules() if isinstance(m, LoraLayer)}
         self.targeted_module_names = [p for p in self.targeted_module_names if p in alive]
@@ -315,13 +323,15 @@ class LoraModel(nn.Module):
         if not names:
             return
 
+        chosen = names if adapter_names is not None else None  # None: each layer merges its own active adapters
+
         def merge() -> None:
             # trainable tokens first (E <- E', trainable_tokens.py): a LoRA layer around a tied head's wrapper then
             # reads and writes the wrapper's real weight, not the computed E'
             for wrapper in self._token_wrappers():
-                wrapper.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
-            for layer in self.lora_layers():  # default: each layer merges its own active adapters
-                layer.merge(safe_merge=safe_merge, adapter_names=names if adapter_names is not None else None)
+                wrapper.merge(safe_merge=safe_merge, adapter_names=chosen)
+            for layer in self.lora_layers():
+                layer.merge(safe_merge=safe_merge, adapter_names=chosen)
 
         merge_reporting_rounding(self.lora_layers(), merge)  # a quantized base is requantized: say how much
 
@@ -348,8 +358,7 @@ class LoraModel(nn.Module):
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 else:
                     module.unmerge()
-                plain = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-                self.model.set_submodule(path, plain)
+                self.model.set_submodule(path, _plain(module))
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -376,11 +385,4 @@ class LoraModel(nn.Module):
         return self._unload(merge=False)
 
     # ---- combining adapters --------------------------------------------------------------------------------
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
-                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
-                             svd_driver: str | None = None, density: float | None = None,
-                             majority_sign_method: str = "total") -> None:
-        """Add ``adapter_name`` combining ``adapters`` with ``weights``; see ``combine.add_weighted_adapter``."""
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-                             svd_full_matrices, svd_driver, density, majority_sign_method)
+    add_weighted_adapter = combine.add_weighted_adapter  # PEFT's method: combine.py with this tuner

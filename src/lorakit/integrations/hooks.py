@@ -91,11 +91,6 @@ def when_imported(name: str, hook: Hook) -> None:
     _run(module, [hook])
 
 
-def original_of(function: Any) -> Any:
-    """The object ``replace`` swapped out (the argument itself when it was never replaced)."""
-    return getattr(function, "__lorakit_original__", function)
-
-
 def replace(owner: ModuleType | type, name: str, wrap: Callable[[Any], Callable[..., Any]]) -> None:
     """Swap ``owner.name`` for ``wrap(original)`` (classmethods stay classmethods); idempotent."""
     raw = vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name)

@@ -29,6 +29,7 @@ from torch import nn
 from ..io import read_weights, load_adapter_weights
 from ..model import PeftModel
 from .hooks import replace
+from .transformers import lorakit_of
 
 
 def lorakit_model(trainer: Any, model: nn.Module | None = None) -> PeftModel | None:
@@ -38,7 +39,7 @@ def lorakit_model(trainer: Any, model: nn.Module | None = None) -> PeftModel | N
     accelerator = getattr(trainer, "accelerator", None)
     if accelerator is not None:
         model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    return model if isinstance(model, PeftModel) else vars(model).get("_lorakit_peft")
+    return model if isinstance(model, PeftModel) else lorakit_of(model)
 
 
 def register_trainer_utils(module: ModuleType) -> None:
@@ -110,5 +111,5 @@ def _load_best_model(original: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-TRAINER_METHODS: dict[str, Callable[[Callable[..., None]], Callable[..., None]]] = {"_save": _save, "_load_from_checkpoint": _load_from_checkpoint,
-                   "_load_best_model": _load_best_model}
+TRAINER_METHODS: dict[str, Callable[[Callable[..., None]], Callable[..., None]]] = {
+    "_save": _save, "_load_from_checkpoint": _load_from_checkpoint, "_load_best_model": _load_best_model}

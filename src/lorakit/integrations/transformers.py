@@ -111,13 +111,13 @@ def load_adapter(self: nn.Module, peft_model_id: str | None = None, adapter_name
                              "adapter name.")
         _hotswap(managed(self), name, peft_model_id, peft_config, adapter_state_dict, adapter_kwargs)
         return _load_info()
-    if peft_model is not None and name in peft_model.peft_config:
+    if loaded:
         raise ValueError(f"Adapter with name {name} already exists. Please use a different name.")
     _refuse_mixing(self)
     if peft_config is not None or adapter_state_dict is not None:
         _load_state_dict(self, name, peft_config, adapter_state_dict, is_trainable)
     else:
-        folder = _local_folder(peft_model_id, (adapter_kwargs or {}).get("subfolder"))
+        folder = _local_folder(peft_model_id, adapter_kwargs)
         if peft_model is None:
             _attach(self, PeftModel.from_pretrained(self, folder, adapter_name=name, is_trainable=is_trainable))
         else:
@@ -140,14 +140,14 @@ def _hotswap(peft_model: PeftModel, name: str, model_id: str | None, config: Any
     """transformers' ``load_adapter(hotswap=True)``: the weights (and scalings) of adapter ``name`` are replaced in
     place by lorakit.hotswap, so a compiled model does not recompile."""
     if tensors is None:
-        hotswap_adapter(peft_model, _local_folder(model_id, (adapter_kwargs or {}).get("subfolder")), name)
+        hotswap_adapter(peft_model, _local_folder(model_id, adapter_kwargs), name)
         return
     config = LoraConfig.from_dict(config) if isinstance(config, dict) else config
     if not isinstance(config, LoraConfig):
         raise ValueError(explain("load_adapter(hotswap=True, adapter_state_dict=...) needs the adapter's peft_config",
                                  got=type(config).__name__, expected="a lorakit.LoraConfig"))
     check_hotswap_configs_compatible(peft_model.peft_config[name], config)
-    keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
+    keyed = _file_keys(tensors)
     mapping, _ = decode(list(keyed), layout_of(peft_model.base_model.model), name)
     state = {mapping.get(key, key): value for key, value in keyed.items()}
     hotswap_adapter_from_state_dict(peft_model, state, name, config)
@@ -155,15 +155,14 @@ def _hotswap(peft_model: PeftModel, name: str, model_id: str | None, config: Any
 
 def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict[str, Tensor] | None, is_trainable: bool) -> None:
     """transformers' ``load_adapter(peft_config=..., adapter_state_dict=...)``: PEFT file keys, validated."""
-    if isinstance(config, dict):
-        config = LoraConfig.from_dict(config)
+    config = LoraConfig.from_dict(config) if isinstance(config, dict) else config
     if not isinstance(config, LoraConfig) or tensors is None:
         raise ValueError(explain("load_adapter without a folder needs both peft_config and adapter_state_dict",
                                  got=f"peft_config={type(config).__name__}, adapter_state_dict="
                                      f"{type(tensors).__name__}",
                                  expected="a lorakit.LoraConfig and a dict of tensors"))
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    keyed = {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
+    keyed = _file_keys(tensors)
     peft_model = lorakit_of(model)
     if peft_model is None:  # plan, check, apply, copy (PeftModel.from_tensors): a misfit changes nothing
         _attach(model, PeftModel.from_tensors(model, config, keyed, name, "adapter_state_dict", is_trainable))
@@ -174,7 +173,14 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict[str
         model.eval()
 
 
-def _local_folder(model_id: str | os.PathLike[str] | None, subfolder: str | None) -> str:
+def _file_keys(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers' adapter keys (PEFT's file keys without ``base_model.model.``) as PEFT's file keys."""
+    return {key if key.startswith(PREFIX) else PREFIX + key: value for key, value in tensors.items()}
+
+
+def _local_folder(model_id: str | os.PathLike[str] | None, adapter_kwargs: dict[str, Any] | None) -> str:
+    """The local adapter folder ``model_id`` (in ``adapter_kwargs["subfolder"]`` when given)."""
+    subfolder = (adapter_kwargs or {}).get("subfolder")
     folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
     if model_id is None or not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise ValueError(explain(f"no {CONFIG_NAME} in {folder!r}", where="load_adapter (lorakit)",
