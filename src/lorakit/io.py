@@ -199,15 +199,6 @@ def _non_finite(tensors: dict[str, Tensor]) -> list[str]:
     return sorted(k for (k, _), finite in zip(floats, torch.isfinite(sums).tolist(), strict=True) if not finite)
 
 
-def validate(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, source: str) -> dict[str, str]:
-    """{file key: model key} after checking every key and shape; one error lists every problem.
-
-    Raises:
-        AdapterLoadError: unexpected keys, missing adapter tensors, shape mismatches or non-float tensors.
-    """
-    return check_tensors(tensors, layout, adapter_name, source, strict=True)[0]
-
-
 def check_tensors(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, source: str,
                   strict: bool) -> tuple[dict[str, str], list[str]]:
     """({file key: model key}, [file keys with no place in the model]); ``strict``: those keys and missing adapter
@@ -288,7 +279,7 @@ def check_against_plan(model: nn.Module, plan: Plan, tensors: dict[str, Tensor],
     other_base = base_model_mismatch(model, plan.config)
     layout = planned_layout(model, plan.targets, plan.adapter_name, dict(plan.tokens))
     try:
-        mapping = validate(tensors, layout, plan.adapter_name, str(folder))
+        mapping = check_tensors(tensors, layout, plan.adapter_name, str(folder), strict=True)[0]
     except AdapterLoadError as error:
         raise AdapterLoadError(f"{error}\n  {other_base}" if other_base else str(error)) from None
     if other_base:
@@ -307,7 +298,7 @@ def load_tensors(model: nn.Module, tensors: dict[str, Tensor], adopt: bool = Fal
         for key, value in tensors.items():
             module_path, _, name = key.rpartition(".")
             module = model.get_submodule(module_path)
-            target = getattr(module, name)  # validate() guarantees it exists
+            target = getattr(module, name)  # check_tensors() guarantees it exists
             if target.is_meta:  # created empty (low_cpu_mem_usage): the loaded tensor becomes the parameter
                 value = value.to(dtype=target.dtype, device=_home_device(model, module_path, value.device))
                 if name in module._buffers:  # a variant's buffer (VeLoRA's v, MonteCLoRA's sampler) stays a buffer
