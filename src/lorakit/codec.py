@@ -41,20 +41,18 @@ from .variants import resolve_variant, variant_containers
 
 PREFIX = "base_model.model."
 FACTOR_CONTAINERS = ("lora_A", "lora_B")  # modules: the key goes on with .weight / .bias
-PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")  # bare Parameters
+# bare Parameters: model key <container>.<name>, file key <container>
+PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")
 MAGNITUDE = "lora_magnitude_vector"  # a module holding .weight, written without ".weight"
 ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,)
 WRAPPER_PARTS = ("original_module", "modules_to_save")
 
 
-def _bare() -> tuple[str, ...]:
-    """Containers whose per-adapter entry is a bare tensor: key ``<container>.<name>``, file key ``<container>``."""
-    return PARAMETER_CONTAINERS
-
-
 def _containers() -> tuple[str, ...]:
     """Every per-adapter container of a LoRA layer, the registered variants' (Variant.containers) included."""
     return ADAPTER_CONTAINERS + variant_containers()
+
+
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
 
 
@@ -234,7 +232,7 @@ def _strip(key: str, adapter_name: str) -> str:
 def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: Sequence[str] = ()) -> dict[str, str]:
     """{model key: file key} of everything PEFT writes for ``adapter_name``."""
     mapping: dict[str, str] = {}
-    bare, containers = _bare(), _containers()
+    containers = _containers()
     for key in layout.shapes:
         tokens = _token_part(key, layout)
         if tokens is not None:  # a tied head's D is the embedding's: written once, under the embedding
@@ -246,7 +244,7 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: Sequen
         if adapter is not None:
             path, container, name, rest = adapter
             if name == adapter_name:
-                tail = "" if container in bare or container == MAGNITUDE or not rest else "." + rest
+                tail = "" if container in PARAMETER_CONTAINERS or container == MAGNITUDE or not rest else "." + rest
                 mapping[key] = f"{PREFIX}{path}.{container}{tail}"
         elif saved is not None and saved[1] == adapter_name:
             mapping[key] = f"{PREFIX}{saved[0]}.{saved[2]}"
@@ -297,7 +295,7 @@ def decode(file_keys: list[str], layout: Layout, adapter_name: str) -> tuple[dic
     """({file key: model key}, [file keys with no place in the model]) for loading into ``adapter_name``."""
     mapping, unexpected = {}, []
     containers = _containers()
-    bare = (*_bare(), *variant_containers())  # <container>.<name>, no tail
+    bare = (*PARAMETER_CONTAINERS, *variant_containers())  # <container>.<name>, no tail
     for key in file_keys:
         model_key = _decode_one(key, layout, adapter_name, containers, bare) if key.startswith(PREFIX) else None
         if model_key is None:
@@ -336,4 +334,4 @@ def _decode_one(key: str, layout: Layout, adapter_name: str, containers: tuple[s
 
 def required_keys(layout: Layout, adapter_name: str) -> set[str]:
     """Model keys an adapter file must provide: every LoRA tensor and modules_to_save copy of the adapter."""
-    return {key for key in encode(layout, adapter_name, bias="none")}
+    return set(encode(layout, adapter_name, bias="none"))
