@@ -105,8 +105,9 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
-def _in_list(name: str, names: Iterable[str]) -> bool:
-    return any(name == entry or name.endswith("." + entry) for entry in names)
+def in_list(name: str, entries: Iterable[str] | None) -> bool:
+    """``name`` is one of ``entries`` or ends with "." + one (exclude_modules' lists, ties.py's config entries)."""
+    return any(name == entry or name.endswith("." + entry) for entry in entries or ())
 
 
 def _excluded(name: str, exclude: Targets | None) -> bool:
@@ -114,7 +115,7 @@ def _excluded(name: str, exclude: Targets | None) -> bool:
         return False
     if isinstance(exclude, str):
         return re.fullmatch(exclude, name) is not None
-    return _in_list(name, exclude)
+    return in_list(name, exclude)
 
 
 def layer_index(name: str, patterns: list[str] | str | None) -> int | None:
