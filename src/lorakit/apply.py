@@ -117,7 +117,7 @@ def _touched_paths(model: nn.Module, plan: Plan) -> list[str]:
     """Every path ``_inject`` may replace or extend (companions of a layer too), outermost first."""
     targets = plan.targets
     companions = [f"{path}.{attribute}" for path, kind in targets.kinds.items() if kind.companions is not None
-                  for attribute in kind.companions(_base(model.get_submodule(path)))]
+                  for attribute in kind.companions(unwrapped(model.get_submodule(path)))]
     paths = [*targets.layers, *companions, *(t.path for t in targets.parameters), *targets.modules_to_save,
              *plan.tokens]
     return sorted(dict.fromkeys(paths), key=lambda path: path.count("."))
@@ -139,13 +139,8 @@ def _residual_weights(modules: Iterable[nn.Module], plan: Plan) -> dict[Tensor, 
     CorDA, LoRA-GA); an init that only reads W (MiCA) leaves nothing to restore."""
     if not INITS[plan.config.init_method.name].residual:
         return {}
-    weights = (getattr(_base(module), "weight", None) for module in modules)
+    weights = (getattr(unwrapped(module), "weight", None) for module in modules)
     return {weight: weight.detach().clone() for weight in weights if isinstance(weight, Tensor)}
-
-
-def _base(module: nn.Module) -> nn.Module:
-    base = unwrapped(module)
-    return module if base is None else base
 
 
 def _rollback(model: nn.Module, before: dict[str, nn.Module], adapter_name: str, weights: dict[Tensor, Tensor],
