@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .errors import explain
+from .inits import split_svd
 from .layer import LoraLayer
 from .quant import dense_weight
 
@@ -113,8 +114,7 @@ def _default_path(peft_model: PeftModel) -> str:
 def loftq_factors(W: Tensor, W_quantized: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """(A (r, in), B (out, r)) with B A the best rank-r approximation of W − deq(Q) (module docstring)."""
     U, S, Vh = torch.linalg.svd(W.float() - W_quantized.float(), full_matrices=False)
-    root = S[:r].sqrt()
-    return root[:, None] * Vh[:r], U[:, :r] * root
+    return split_svd(U, S, Vh, r, 1.0)  # no 1/s in the factors, as PEFT (module docstring)
 
 
 @torch.no_grad()
