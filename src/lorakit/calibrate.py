@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .config import EvaConfig, InitMethod, LoraConfig
 from .errors import explain, warn
+from .kinds import Kind
 from .layer import LoraLayer
 from .targeting import layer_spec, resolve_targets
 if TYPE_CHECKING:
@@ -188,12 +189,18 @@ def _move(inputs: Any, device: torch.device | None) -> Any:
     return inputs
 
 
+def calibrated_targets(model: nn.Module, config: LoraConfig) -> dict[str, Kind]:
+    """{module name: Kind} of ``config``'s targets in the plain ``model`` that EVA, CorDA and LoRA-GA calibrate
+    (``Kind.calibrated``: Linear / Conv1D; PEFT skips Embedding and convolution targets too)."""
+    plan = resolve_targets(model, config)
+    return {n: plan.kinds[n] for n in plan.layers if plan.kinds[n].calibrated}
+
+
 def _eva_targets(model: nn.Module, peft_config: LoraConfig, is_peft: bool) -> list[str]:
     """Module names to calibrate: LoRA layers of a Linear-like kind, or (plain model) the config's targets."""
     if is_peft:
         return [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and m.kind.calibrated]
-    plan = resolve_targets(model, peft_config)
-    return [n for n in plan.layers if plan.kinds[n].calibrated]  # Kind.calibrated: PEFT skips Embedding/Conv too
+    return list(calibrated_targets(model, peft_config))
 
 
 @torch.no_grad()

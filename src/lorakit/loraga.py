@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
+from .calibrate import calibrated_targets
 from .config import register_subconfig
 from .errors import explain
 from .inits import InitRequest, InitResult, default, register_init
@@ -124,18 +125,6 @@ def lora_ga(request: InitRequest) -> InitResult | None:
 
 
 # ---- preprocess: the average gradient of each targeted weight ------------------------------------------------
-def loraga_targets(model: nn.Module, lora_config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the config's Linear / Conv1D targets in the plain model (other kinds are skipped)."""
-    from .targeting import resolve_targets
-
-    try:
-        plan = resolve_targets(model, lora_config)
-    except ValueError:  # nothing matched: reported as "no supported layers" by the caller
-        return []
-    modules = dict(model.named_modules())
-    return [(name, modules[name]) for name in plan.layers if plan.kinds[name].calibrated]
-
-
 def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], train_step: Callable[[], None]) -> None:
     """Attach G = Σ ∂L/∂W / n to each target, n = the backward passes through it during ``train_step``."""
     was_training = model.training
@@ -193,7 +182,10 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
 
         defaults = _default_targets(model)
         lora_config.target_modules = set(defaults) if not isinstance(defaults, str) else defaults
-    targets = loraga_targets(model, lora_config)
+    try:  # the config's Linear / Conv1D targets (other kinds are skipped)
+        targets = [(name, model.get_submodule(name)) for name in calibrated_targets(model, lora_config)]
+    except ValueError:  # nothing matched: reported below as "no supported layers"
+        targets = []
     for name, module in targets:
         if hasattr(module, "quant_state") or not cast(Tensor, module.weight).is_floating_point():
             raise ValueError(f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. "
