@@ -139,7 +139,8 @@ def recorded_config(config: LoraConfig, targets: TargetPlan) -> LoraConfig:
 def check_adapter_name(name: object, model: nn.Module | None = None, candidates: Candidates | None = None) -> None:
     """Adapter names become module keys, state-dict key segments and folder names: refuse what breaks any.
 
-    ``candidates``: the model's ``candidate_modules`` (walked here when only ``model`` is given).
+    ``candidates``: the model's ``candidate_modules`` (``plan_adapter`` passes them with ``model``, which the
+    message names); without them only the name itself is checked.
 
     Raises:
         ValueError: not a non-empty string of letters, digits, '_' and '-'; '__base__'; an attribute name of
@@ -154,8 +155,6 @@ def check_adapter_name(name: object, model: nn.Module | None = None, candidates:
                              "attribute of torch.nn.ModuleDict",
                     fix="e.g. adapter_name='default' or 'my_task'")
         )
-    if model is not None and candidates is None:
-        candidates = candidate_modules(model)
     if candidates is not None and any(name in path.split(".") for path, _ in candidates):
         raise ValueError(explain(f"adapter_name {name!r} is also a module name in {type(model).__name__}",
                                  fix="pick a name that is not part of any module path, e.g. 'task_a'"))
