@@ -121,14 +121,12 @@ def _excluded(name: str, exclude: Targets | None) -> bool:
 def layer_index(name: str, patterns: list[str] | str | None) -> int | None:
     """The layer number in ``name``: the ``.<digits>.`` after a layers_pattern (or after any segment)."""
     if not patterns:
-        match = re.match(r".*\.[^.]*\.(\d+)\.", name)
-    else:
-        match = None
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf".*\.{pattern}\.(\d+)\.", name)
-            if match:
-                break
-    return int(match.group(1)) if match else None
+        patterns = r"[^.]*"  # no layers_pattern: the index after any segment
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        match = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def _selected_layer(name: str, config: LoraConfig) -> bool:
