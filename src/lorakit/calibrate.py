@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from .codec import PREFIX
 from .config import EvaConfig, InitMethod, LoraConfig
 from .errors import explain, warn
 from .kinds import Kind
@@ -46,7 +47,6 @@ from .targeting import layer_spec, resolve_targets
 if TYPE_CHECKING:
     from .model import PeftModel
 
-_PREFIX = "base_model.model."
 _RHO_THRESHOLD = 1000
 
 # the three hooks of get_eva_state_dict, PEFT's signatures: (model, batch) -> anything; (batch, config) -> what the
@@ -247,11 +247,8 @@ def get_eva_state_dict(
     if prepare_model_inputs_fn is None and prepare_layer_inputs_fn is prepare_layer_inputs_fn_language_modeling:
         prepare_layer_inputs_fn = _default_layer_inputs
 
-    max_components, ranks = {}, {}
-    for name in names:
-        spec = layer_spec(name.removeprefix(_PREFIX), peft_config)
-        ranks[name] = spec.r
-        max_components[name] = round(spec.r * rho)
+    ranks = {name: layer_spec(name.removeprefix(PREFIX), peft_config).r for name in names}
+    max_components = {name: round(r * rho) for name, r in ranks.items()}
     budget = sum(ranks.values())
 
     params = [p for p in model.parameters() if p.device.type != "meta"]
@@ -392,7 +389,7 @@ def _load_eva_state_dict(model: PeftModel, eva_state_dict: dict[str, Tensor], ad
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer) or adapter_name not in module.r:
             continue
-        path = name.removeprefix(_PREFIX)
+        path = name.removeprefix(PREFIX)
         spec = layer_spec(path, config)
         r, alpha = spec.r, spec.lora_alpha
         if name in eva_state_dict:
