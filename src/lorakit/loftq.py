@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .codec import PREFIX
 from .errors import explain
 from .inits import split_svd
 from .layer import LoraLayer
@@ -35,7 +36,6 @@ from .quant import dense_weight
 if TYPE_CHECKING:
     from .model import PeftModel
 
-PREFIX = "base_model.model."
 SAFETENSORS = "model.safetensors"
 
 
