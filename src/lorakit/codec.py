@@ -194,21 +194,15 @@ def _move_under(shapes: Shapes, stem: str, child: str) -> None:
 
 
 # ---- classifying a model key ----------------------------------------------------------------------------------
-def _adapter_part(key: str, layout: Layout, containers: tuple[str, ...]) -> tuple[str, str, str, str] | None:
-    """(path, container, adapter, rest) when ``key`` is a LoRA tensor (one of ``containers``), else None."""
+def _split_at(key: str, paths: frozenset[str], containers: tuple[str, ...], rest_needed: bool
+              ) -> tuple[str, str, str, str] | None:
+    """(path, container, adapter, rest) at the first ``<path>.<container>.<adapter>[.<rest>]`` in ``key`` whose
+    path is one of ``paths``: a LoRA tensor (``lora_paths``, a LoRA container), or a modules_to_save copy
+    (``saved_paths``, "modules_to_save", ``rest_needed``: a copy's key goes on past the adapter name); else None."""
     parts = key[len(PREFIX):].split(".")
     for i, part in enumerate(parts):
-        if part in containers and ".".join(parts[:i]) in layout.lora_paths and i + 1 < len(parts):
+        if part in containers and ".".join(parts[:i]) in paths and i + (2 if rest_needed else 1) < len(parts):
             return ".".join(parts[:i]), part, parts[i + 1], ".".join(parts[i + 2:])
-    return None
-
-
-def _saved_part(key: str, layout: Layout) -> tuple[str, str, str] | None:
-    """(wrapper path, adapter, rest) when ``key`` is a modules_to_save copy, else None."""
-    parts = key[len(PREFIX):].split(".")
-    for i, part in enumerate(parts):
-        if part == "modules_to_save" and ".".join(parts[:i]) in layout.saved_paths and i + 2 < len(parts):
-            return ".".join(parts[:i]), parts[i + 1], ".".join(parts[i + 2:])
     return None
 
 
@@ -239,16 +233,16 @@ def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: Sequen
             if tokens[1] == adapter_name and tokens[0] in layout.token_paths:
                 mapping[key] = f"{PREFIX}{tokens[0]}.{DELTA}"
             continue
-        adapter = _adapter_part(key, layout, containers)
-        saved = _saved_part(key, layout) if adapter is None else None
+        adapter = _split_at(key, layout.lora_paths, containers, rest_needed=False)
+        saved = _split_at(key, layout.saved_paths, ("modules_to_save",), rest_needed=True) if adapter is None else None
         if adapter is not None:
             path, container, name, rest = adapter
             if name == adapter_name:
                 tail = "" if container in PARAMETER_CONTAINERS or container == MAGNITUDE or not rest else "." + rest
                 mapping[key] = f"{PREFIX}{path}.{container}{tail}"
-        elif saved is not None and saved[1] == adapter_name:
-            mapping[key] = f"{PREFIX}{saved[0]}.{saved[2]}"
-        elif bias == "all" and "bias" in key and (saved is None or saved[1] == adapter_name):
+        elif saved is not None and saved[2] == adapter_name:
+            mapping[key] = f"{PREFIX}{saved[0]}.{saved[3]}"
+        elif bias == "all" and "bias" in key and (saved is None or saved[2] == adapter_name):
             mapping[key] = _strip(key, adapter_name)
     if bias == "lora_only":
         for path in layout.lora_paths:
