@@ -17,13 +17,10 @@ from torch import Tensor, nn
 from .inits import INITS
 from .kinds_param import inject_parameters
 from .layer import LoraLayer
-from .plan import Plan, holders
+from .plan import AdapterModule as AdapterModule, Plan, holders, holds  # AdapterModule: re-exported for tuner.py
 from .saved_modules import ModulesToSaveWrapper
 from .ties import Ties, unwrapped
 from .token_plan import inject_tokens
-from .trainable_tokens import TrainableTokensWrapper
-
-AdapterModule = LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper  # what holds an adapter's tensors
 
 
 def apply(model: nn.Module, plan: Plan, active_adapters: list[str], autocast_adapter_dtype: bool = True
@@ -152,11 +149,7 @@ def _rollback(model: nn.Module, before: dict[str, nn.Module], adapter_name: str,
         if path in kept:
             continue  # held this adapter name before the injection (another PeftModel's): not ours to drop
         for layer in _wrappers(module):
-            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
-                layer.delete_adapter(adapter_name)
-            elif isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
-                del layer.modules_to_save[adapter_name]
-            elif isinstance(layer, TrainableTokensWrapper) and adapter_name in layer._adapters:
+            if holds(layer, adapter_name):
                 layer.delete_adapter(adapter_name)
     with torch.no_grad():
         for weight, copy in weights.items():
