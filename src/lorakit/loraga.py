@@ -60,19 +60,21 @@ class LoraGAConfig:
 register_subconfig("lora_ga_config", LoraGAConfig, lambda values: LoraGAConfig(**values))  # unknown keys refused
 
 
+# LoraGAConfig.direction -> r -> (I_A, I_B) among the first 2r singular triplets (module docstring)
+DIRECTIONS: dict[str, Callable[[int], tuple[Tensor | slice, Tensor | slice]]] = {
+    "ArB2r": lambda r: (slice(0, r), slice(r, 2 * r)),
+    "A2rBr": lambda r: (slice(r, 2 * r), slice(0, r)),
+    "ArBr": lambda r: (slice(1, 2 * r, 2), slice(0, 2 * r, 2)),
+    "random": lambda r: (torch.randperm(2 * r)[:r],) * 2,  # the same r random indices for A and B
+}
+
+
 def _indices(direction: str, r: int) -> tuple[Tensor | slice, Tensor | slice]:
-    """(I_A, I_B) among the first 2r singular triplets (module docstring)."""
-    if direction == "ArB2r":
-        return slice(0, r), slice(r, 2 * r)
-    if direction == "A2rBr":
-        return slice(r, 2 * r), slice(0, r)
-    if direction == "ArBr":
-        return slice(1, 2 * r, 2), slice(0, 2 * r, 2)
-    if direction == "random":
-        chosen = torch.randperm(2 * r)[:r]
-        return chosen, chosen
-    raise ValueError(explain("invalid LoraGAConfig.direction", got=direction,
-                             expected="'ArBr', 'A2rBr', 'ArB2r' or 'random'"))
+    """(I_A, I_B) for ``direction`` (``DIRECTIONS``)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(explain("invalid LoraGAConfig.direction", got=direction,
+                                 expected="'ArBr', 'A2rBr', 'ArB2r' or 'random'"))
+    return DIRECTIONS[direction](r)
 
 
 def loraga_factors(G: Tensor, W: Tensor, r: int, s: float, config: dict[str, Any],
