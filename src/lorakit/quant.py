@@ -251,17 +251,16 @@ def _bnb4_requantize(module: Base, W: Tensor) -> None:
     module.quant_state = module.weight.quant_state
 
 
-def _bnb8_codes(module: Base) -> tuple[Tensor, Tensor]:
-    """(CB (out, in) int8, SCB (out,)): on the weight until the first forward, on ``module.state`` after."""
+def _bnb8_dequantize(module: Base) -> Tensor:
+    """deq(Q) of a bnb Linear8bitLt: W = CB · SCB_row / 127 (LLM.int8() row-wise absmax, arXiv:2208.07339).
+
+    CB (out, in) int8 is the weight's data; SCB (out,) is on the weight until the first forward, on
+    ``module.state`` after.
+    """
     weight = module.weight
     SCB = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-    return weight.data, SCB
-
-
-def _bnb8_dequantize(module: Base) -> Tensor:
-    """deq(Q) of a bnb Linear8bitLt: W = CB · SCB_row / 127 (LLM.int8() row-wise absmax, arXiv:2208.07339)."""
-    CB, SCB = _bnb8_codes(module)
-    return CB.float() * SCB.float()[:, None] / 127
+    W: Tensor = weight.data.float() * SCB.float()[:, None] / 127
+    return W
 
 
 def _bnb8_requantize(module: Base, W: Tensor) -> None:
