@@ -147,7 +147,7 @@ class _Recorder:
         self.moments = _Moments()
         self.active = True
         self.first: Tensor | None = None  # the first batch's inputs, kept only to find layers with equal inputs
-        self.keep_first = False
+        self.keep_first = True  # until get_eva_state_dict has compared the first batch's inputs
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -277,8 +277,6 @@ def get_eva_state_dict(
             first = next(batches, None)
             if first is None:
                 raise ValueError("dataloader is empty")
-            for recorder in recorders.values():
-                recorder.keep_first = True
             feed(first)
             unreached = [name for name in names if recorders[name].first is None]
             if unreached:
