@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import explain, warn
-from .init_registry import INITS, Init, InitFn, InitRequest, InitResult, add_init
+from .init_registry import INITS, Init, InitFn, InitRequest, InitResult
 from .nf4 import fake_quantize
 
 __all__ = ["INITS", "Init", "InitFn", "InitRequest", "InitResult", "register_init",
@@ -40,7 +40,7 @@ def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
                   data_driven: bool = False, repeatable: bool = True, named: bool = True,
                   zeroes_bias: bool = True) -> Callable[[Method], Method]:
     """Decorator: register an init method under the name ``config.parse_init`` produces, with its facts
-    (``init_registry.Init`` says what each means).
+    (``init_registry.Init`` says what each means); a later registration of a name replaces the earlier one.
 
     ``fresh=True`` promises that A and B are newly made and referenced nowhere else, so ``write_factor``
     may take their storage instead of copying (no second pass over fresh memory at injection); the other
@@ -48,9 +48,9 @@ def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
     """
 
     def decorate(fn: Method) -> Method:
-        add_init(Init(name, fn if fresh else _after_peft_draws(fn), needs_weight=needs_weight, residual=residual,
-                      exact=exact, data_driven=data_driven, repeatable=repeatable, named=named,
-                      zeroes_bias=zeroes_bias, fresh=fresh, attached=MappingProxyType(dict(attached or {}))))
+        INITS[name] = Init(name, fn if fresh else _after_peft_draws(fn), needs_weight=needs_weight, residual=residual,
+                           exact=exact, data_driven=data_driven, repeatable=repeatable, named=named,
+                           zeroes_bias=zeroes_bias, fresh=fresh, attached=MappingProxyType(dict(attached or {})))
         return fn
 
     return decorate
