@@ -259,7 +259,7 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: Ca
         heads = _output_head_names(model, candidates)
         task = getattr(config.task_type, "value", config.task_type)
         if not heads and task == TaskType.SEQ_CLS.value:  # a classifier head is trained in full, not adapted
-            heads = {name for name, _ in candidates if name.rsplit(".", 1)[-1] in ("classifier", "score")}
+            heads = {name for name, _ in candidates if name.rsplit(".", 1)[-1] in TASK_MODULES_TO_SAVE[task]}
         return {name for name, module in candidates if is_linear_like(_unwrapped(module)) and name not in heads}
     return targets
 
