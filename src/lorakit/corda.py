@@ -101,7 +101,8 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
 
 
 def _corda_eigens(W: Tensor, C: Tensor, r: int, method: str) -> CordaEigens:
-    """Steps 2-3 above for one layer: W (out, in), C (in, in) -> the r largest ("ipm") or smallest ("kpm")."""
+    """Steps 2-3 above for one layer: W (out, in), C (in, in) -> the r largest ("ipm") or smallest ("kpm"),
+    new float32 tensors on C's device."""
     n = C.shape[0]
     C32 = C.float()
     damp = 0.01
@@ -152,8 +153,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Calla
         module = model.get_submodule(name)
         W = kind.matrix(module).detach()  # (out, in)
         r = layer_spec(name, lora_config).r
-        eigens = _corda_eigens(W, covariances[name].to(W.device), r, corda.corda_method)
-        setattr(module, "eigens", CordaEigens(*(t.to(W.device) for t in dataclasses.astuple(eigens))))
+        setattr(module, "eigens", _corda_eigens(W, covariances[name].to(W.device), r, corda.corda_method))
         if not corda.prune_temporary_fields:  # PEFT's leftovers, for code that reads them
             for field, value in (("covariance_matrix", covariances[name]), ("corda_method", corda.corda_method),
                                  ("rank", r)):
