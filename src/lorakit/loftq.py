@@ -39,14 +39,6 @@ if TYPE_CHECKING:
 SAFETENSORS = "model.safetensors"
 
 
-def _is_bnb_4bit(module: nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(module, bnb.nn.Linear4bit)  # type: ignore[attr-defined]  # bnb.nn re-exports it implicitly
-
-
 class SafetensorWeights:
     """Tensors read one at a time from a model's ``model.safetensors`` or its shards (``*.index.json``).
 
@@ -133,11 +125,12 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | None = N
         FileNotFoundError / KeyError: the checkpoint lacks the file or a layer's weight.
     """
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes as bnb
     except ImportError as error:
         raise ValueError("bitsandbytes must be installed and the model must be quantized in 4bits.") from error
+    linear4bit = bnb.nn.Linear4bit  # type: ignore[attr-defined]  # bnb.nn re-exports it implicitly
     layers = [(name, module) for name, module in peft_model.named_modules()
-              if isinstance(module, LoraLayer) and _is_bnb_4bit(module.base_layer)]
+              if isinstance(module, LoraLayer) and isinstance(module.base_layer, linear4bit)]
     if not layers:
         raise ValueError("No bnb LoRA module found on the model")
     if any(not name.startswith(PREFIX) for name, _ in layers):
