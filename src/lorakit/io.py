@@ -26,6 +26,7 @@ from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, p
 from .config import PEFT_VERSION_WRITTEN, LoraConfig
 from .errors import AdapterLoadError as AdapterLoadError, explain, warn  # re-exported: lorakit.io.AdapterLoadError
 from .functional import IncompatibleKeys
+from .hub import ADAPTER_FILES
 from .layer import LoraLayer
 from .load_options import LoadOptions, remap_keys
 from .plan import Plan
@@ -34,9 +35,7 @@ from .save_checks import embedding_layers_to_save, verify_saved
 if TYPE_CHECKING:
     from .model import PeftModel
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
+CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME = ADAPTER_FILES  # PEFT's names: adapter_config.json, adapter_model.*
 # PEP 440 local label: PEFT reads it as its own version, and the file still says who wrote it.
 PEFT_VERSION_TAG = f"{PEFT_VERSION_WRITTEN}+lorakit.{_lorakit_version}"
 
