@@ -134,11 +134,15 @@ def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], 
     requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    counts = dict.fromkeys((name for name, _ in targets), 0)
+    counts = dict.fromkeys((module for _, module in targets), 0)
+
+    def count(module: nn.Module, *_: object) -> None:  # backward hook: one more pass through this target
+        counts[module] += 1
+
     handles = []
-    for name, module in targets:
+    for _, module in targets:
         module.weight.requires_grad_(True)
-        handles.append(module.register_full_backward_hook(_counter(counts, name)))
+        handles.append(module.register_full_backward_hook(count))
     try:
         with torch.enable_grad():
             train_step()
@@ -148,18 +152,11 @@ def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], 
         for name, param in model.named_parameters():
             param.requires_grad_(requires_grad.get(name, param.requires_grad))
         model.train(was_training)
-    for name, module in targets:
+    for _, module in targets:
         weight = cast(Tensor, module.weight)  # a Linear / Conv1D target's
-        if counts[name] > 0 and weight.grad is not None:
-            setattr(module, GRAD_ATTRIBUTE, weight.grad.detach() / counts[name])
+        if counts[module] > 0 and weight.grad is not None:
+            setattr(module, GRAD_ATTRIBUTE, weight.grad.detach() / counts[module])
         weight.grad = None
-
-
-def _counter(counts: dict[str, int], name: str) -> Callable[..., None]:
-    """A backward hook that counts the passes through target ``name`` in ``counts``."""
-    def hook(*_: object) -> None:
-        counts[name] += 1
-    return hook
 
 
 @torch.no_grad()
