@@ -111,8 +111,6 @@ def in_list(name: str, entries: Iterable[str] | None) -> bool:
 
 
 def _excluded(name: str, exclude: Targets | None) -> bool:
-    if exclude is None:
-        return False
     if isinstance(exclude, str):
         return re.fullmatch(exclude, name) is not None
     return in_list(name, exclude)
