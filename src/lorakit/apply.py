@@ -17,13 +17,10 @@ from torch import Tensor, nn
 from .inits import INITS
 from .kinds_param import inject_parameters
 from .layer import LoraLayer
-from .plan import Plan, holders
+from .plan import AdapterModule as AdapterModule, Plan, holders, holds  # AdapterModule: re-exported for tuner.py
 from .saved_modules import ModulesToSaveWrapper
 from .ties import Ties, unwrapped
 from .token_plan import inject_tokens
-from .trainable_tokens import TrainableTokensWrapper
-
-AdapterModule = LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper  # what holds an adapter's tensors
 
 
 def apply(model: nn.Module, plan: Plan, active_adapters: list[str], autocast_adapter_dtype: bool = True
@@ -117,7 +114,7 @@ def _touched_paths(model: nn.Module, plan: Plan) -> list[str]:
     """Every path ``_inject`` may replace or extend (companions of a layer too), outermost first."""
     targets = plan.targets
     companions = [f"{path}.{attribute}" for path, kind in targets.kinds.items() if kind.companions is not None
-                  for attribute in kind.companions(_base(model.get_submodule(path)))]
+                  for attribute in kind.companions(unwrapped(model.get_submodule(path)))]
     paths = [*targets.layers, *companions, *(t.path for t in targets.parameters), *targets.modules_to_save,
              *plan.tokens]
     return sorted(dict.fromkeys(paths), key=lambda path: path.count("."))
@@ -139,13 +136,8 @@ def _residual_weights(modules: Iterable[nn.Module], plan: Plan) -> dict[Tensor, 
     CorDA, LoRA-GA); an init that only reads W (MiCA) leaves nothing to restore."""
     if not INITS[plan.config.init_method.name].residual:
         return {}
-    weights = (getattr(_base(module), "weight", None) for module in modules)
+    weights = (getattr(unwrapped(module), "weight", None) for module in modules)
     return {weight: weight.detach().clone() for weight in weights if isinstance(weight, Tensor)}
-
-
-def _base(module: nn.Module) -> nn.Module:
-    base = unwrapped(module)
-    return module if base is None else base
 
 
 def _rollback(model: nn.Module, before: dict[str, nn.Module], adapter_name: str, weights: dict[Tensor, Tensor],
@@ -157,11 +149,7 @@ def _rollback(model: nn.Module, before: dict[str, nn.Module], adapter_name: str,
         if path in kept:
             continue  # held this adapter name before the injection (another PeftModel's): not ours to drop
         for layer in _wrappers(module):
-            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
-                layer.delete_adapter(adapter_name)
-            elif isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
-                del layer.modules_to_save[adapter_name]
-            elif isinstance(layer, TrainableTokensWrapper) and adapter_name in layer._adapters:
+            if holds(layer, adapter_name):
                 layer.delete_adapter(adapter_name)
     with torch.no_grad():
         for weight, copy in weights.items():

@@ -181,14 +181,11 @@ def follow_modes(staging: Path, old: Path | None) -> None:
     for folder, folders, files in os.walk(staging):
         here = Path(folder)
         twin_folder = None if old is None else old / here.relative_to(staging)
-        for name in folders:
-            if not (here / name).is_symlink():  # chmod would follow the link out of the folder
-                _match(here / name, twin_folder / name if twin_folder is not None else None, None)
-        for name in files:
+        for name in [*folders, *files]:
             path = here / name
-            if not path.is_symlink():
-                _match(path, twin_folder / name if twin_folder is not None else None,
-                       (_mode(path) | 0o666) & ~umask)
+            if not path.is_symlink():  # chmod would follow the link out of the folder
+                fresh_mode = None if name in folders else (_mode(path) | 0o666) & ~umask  # a new folder keeps mkdir's
+                _match(path, twin_folder / name if twin_folder is not None else None, fresh_mode)
 
 
 def _match(path: Path, twin: Path | None, fresh_mode: int | None) -> None:

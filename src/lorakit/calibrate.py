@@ -38,14 +38,15 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from .codec import PREFIX
 from .config import EvaConfig, InitMethod, LoraConfig
 from .errors import explain, warn
+from .kinds import Kind
 from .layer import LoraLayer
 from .targeting import layer_spec, resolve_targets
 if TYPE_CHECKING:
     from .model import PeftModel
 
-_PREFIX = "base_model.model."
 _RHO_THRESHOLD = 1000
 
 # the three hooks of get_eva_state_dict, PEFT's signatures: (model, batch) -> anything; (batch, config) -> what the
@@ -146,7 +147,7 @@ class _Recorder:
         self.moments = _Moments()
         self.active = True
         self.first: Tensor | None = None  # the first batch's inputs, kept only to find layers with equal inputs
-        self.keep_first = False
+        self.keep_first = True  # until get_eva_state_dict has compared the first batch's inputs
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -188,12 +189,18 @@ def _move(inputs: Any, device: torch.device | None) -> Any:
     return inputs
 
 
+def calibrated_targets(model: nn.Module, config: LoraConfig) -> dict[str, Kind]:
+    """{module name: Kind} of ``config``'s targets in the plain ``model`` that EVA, CorDA and LoRA-GA calibrate
+    (``Kind.calibrated``: Linear / Conv1D; PEFT skips Embedding and convolution targets too)."""
+    plan = resolve_targets(model, config)
+    return {n: plan.kinds[n] for n in plan.layers if plan.kinds[n].calibrated}
+
+
 def _eva_targets(model: nn.Module, peft_config: LoraConfig, is_peft: bool) -> list[str]:
     """Module names to calibrate: LoRA layers of a Linear-like kind, or (plain model) the config's targets."""
     if is_peft:
         return [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and m.kind.calibrated]
-    plan = resolve_targets(model, peft_config)
-    return [n for n in plan.layers if plan.kinds[n].calibrated]  # Kind.calibrated: PEFT skips Embedding/Conv too
+    return list(calibrated_targets(model, peft_config))
 
 
 @torch.no_grad()
@@ -240,11 +247,8 @@ def get_eva_state_dict(
     if prepare_model_inputs_fn is None and prepare_layer_inputs_fn is prepare_layer_inputs_fn_language_modeling:
         prepare_layer_inputs_fn = _default_layer_inputs
 
-    max_components, ranks = {}, {}
-    for name in names:
-        spec = layer_spec(name.removeprefix(_PREFIX), peft_config)
-        ranks[name] = spec.r
-        max_components[name] = round(spec.r * rho)
+    ranks = {name: layer_spec(name.removeprefix(PREFIX), peft_config).r for name in names}
+    max_components = {name: round(r * rho) for name, r in ranks.items()}
     budget = sum(ranks.values())
 
     params = [p for p in model.parameters() if p.device.type != "meta"]
@@ -273,8 +277,6 @@ def get_eva_state_dict(
             first = next(batches, None)
             if first is None:
                 raise ValueError("dataloader is empty")
-            for recorder in recorders.values():
-                recorder.keep_first = True
             feed(first)
             unreached = [name for name in names if recorders[name].first is None]
             if unreached:
@@ -385,7 +387,7 @@ def _load_eva_state_dict(model: PeftModel, eva_state_dict: dict[str, Tensor], ad
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer) or adapter_name not in module.r:
             continue
-        path = name.removeprefix(_PREFIX)
+        path = name.removeprefix(PREFIX)
         spec = layer_spec(path, config)
         r, alpha = spec.r, spec.lora_alpha
         if name in eva_state_dict:

@@ -41,20 +41,18 @@ from .variants import resolve_variant, variant_containers
 
 PREFIX = "base_model.model."
 FACTOR_CONTAINERS = ("lora_A", "lora_B")  # modules: the key goes on with .weight / .bias
-PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")  # bare Parameters
+# bare Parameters: model key <container>.<name>, file key <container>
+PARAMETER_CONTAINERS = ("lora_embedding_A", "lora_embedding_B")
 MAGNITUDE = "lora_magnitude_vector"  # a module holding .weight, written without ".weight"
 ADAPTER_CONTAINERS = FACTOR_CONTAINERS + PARAMETER_CONTAINERS + (MAGNITUDE,)
 WRAPPER_PARTS = ("original_module", "modules_to_save")
 
 
-def _bare() -> tuple[str, ...]:
-    """Containers whose per-adapter entry is a bare tensor: key ``<container>.<name>``, file key ``<container>``."""
-    return PARAMETER_CONTAINERS
-
-
 def _containers() -> tuple[str, ...]:
     """Every per-adapter container of a LoRA layer, the registered variants' (Variant.containers) included."""
     return ADAPTER_CONTAINERS + variant_containers()
+
+
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
 
 
@@ -196,21 +194,15 @@ def _move_under(shapes: Shapes, stem: str, child: str) -> None:
 
 
 # ---- classifying a model key ----------------------------------------------------------------------------------
-def _adapter_part(key: str, layout: Layout, containers: tuple[str, ...]) -> tuple[str, str, str, str] | None:
-    """(path, container, adapter, rest) when ``key`` is a LoRA tensor (one of ``containers``), else None."""
+def _split_at(key: str, paths: frozenset[str], containers: tuple[str, ...], rest_needed: bool
+              ) -> tuple[str, str, str, str] | None:
+    """(path, container, adapter, rest) at the first ``<path>.<container>.<adapter>[.<rest>]`` in ``key`` whose
+    path is one of ``paths``: a LoRA tensor (``lora_paths``, a LoRA container), or a modules_to_save copy
+    (``saved_paths``, "modules_to_save", ``rest_needed``: a copy's key goes on past the adapter name); else None."""
     parts = key[len(PREFIX):].split(".")
     for i, part in enumerate(parts):
-        if part in containers and ".".join(parts[:i]) in layout.lora_paths and i + 1 < len(parts):
+        if part in containers and ".".join(parts[:i]) in paths and i + (2 if rest_needed else 1) < len(parts):
             return ".".join(parts[:i]), part, parts[i + 1], ".".join(parts[i + 2:])
-    return None
-
-
-def _saved_part(key: str, layout: Layout) -> tuple[str, str, str] | None:
-    """(wrapper path, adapter, rest) when ``key`` is a modules_to_save copy, else None."""
-    parts = key[len(PREFIX):].split(".")
-    for i, part in enumerate(parts):
-        if part == "modules_to_save" and ".".join(parts[:i]) in layout.saved_paths and i + 2 < len(parts):
-            return ".".join(parts[:i]), parts[i + 1], ".".join(parts[i + 2:])
     return None
 
 
@@ -234,23 +226,23 @@ def _strip(key: str, adapter_name: str) -> str:
 def encode(layout: Layout, adapter_name: str, bias: str, embedding_paths: Sequence[str] = ()) -> dict[str, str]:
     """{model key: file key} of everything PEFT writes for ``adapter_name``."""
     mapping: dict[str, str] = {}
-    bare, containers = _bare(), _containers()
+    containers = _containers()
     for key in layout.shapes:
         tokens = _token_part(key, layout)
         if tokens is not None:  # a tied head's D is the embedding's: written once, under the embedding
             if tokens[1] == adapter_name and tokens[0] in layout.token_paths:
                 mapping[key] = f"{PREFIX}{tokens[0]}.{DELTA}"
             continue
-        adapter = _adapter_part(key, layout, containers)
-        saved = _saved_part(key, layout) if adapter is None else None
+        adapter = _split_at(key, layout.lora_paths, containers, rest_needed=False)
+        saved = _split_at(key, layout.saved_paths, ("modules_to_save",), rest_needed=True) if adapter is None else None
         if adapter is not None:
             path, container, name, rest = adapter
             if name == adapter_name:
-                tail = "" if container in bare or container == MAGNITUDE or not rest else "." + rest
+                tail = "" if container in PARAMETER_CONTAINERS or container == MAGNITUDE or not rest else "." + rest
                 mapping[key] = f"{PREFIX}{path}.{container}{tail}"
-        elif saved is not None and saved[1] == adapter_name:
-            mapping[key] = f"{PREFIX}{saved[0]}.{saved[2]}"
-        elif bias == "all" and "bias" in key and (saved is None or saved[1] == adapter_name):
+        elif saved is not None and saved[2] == adapter_name:
+            mapping[key] = f"{PREFIX}{saved[0]}.{saved[3]}"
+        elif bias == "all" and "bias" in key and (saved is None or saved[2] == adapter_name):
             mapping[key] = _strip(key, adapter_name)
     if bias == "lora_only":
         for path in layout.lora_paths:
@@ -297,7 +289,7 @@ def decode(file_keys: list[str], layout: Layout, adapter_name: str) -> tuple[dic
     """({file key: model key}, [file keys with no place in the model]) for loading into ``adapter_name``."""
     mapping, unexpected = {}, []
     containers = _containers()
-    bare = (*_bare(), *variant_containers())  # <container>.<name>, no tail
+    bare = (*PARAMETER_CONTAINERS, *variant_containers())  # <container>.<name>, no tail
     for key in file_keys:
         model_key = _decode_one(key, layout, adapter_name, containers, bare) if key.startswith(PREFIX) else None
         if model_key is None:
@@ -336,4 +328,4 @@ def _decode_one(key: str, layout: Layout, adapter_name: str, containers: tuple[s
 
 def required_keys(layout: Layout, adapter_name: str) -> set[str]:
     """Model keys an adapter file must provide: every LoRA tensor and modules_to_save copy of the adapter."""
-    return {key for key in encode(layout, adapter_name, bias="none")}
+    return set(encode(layout, adapter_name, bias="none"))

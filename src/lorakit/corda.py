@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from .config import CordaConfig, LoraConfig
 from .errors import explain
-from .targeting import layer_spec, resolve_targets
-from .calibrate import _first_tensor
+from .targeting import layer_spec
+from .calibrate import _first_tensor, calibrated_targets
 
 
 @dataclasses.dataclass
@@ -38,12 +38,6 @@ class CordaEigens:
     S_WC: Tensor
     U_WC: Tensor
     V_WC: Tensor
-
-
-def _corda_targets(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
-    """{module name: Kind} of the config's Linear / Conv1D targets in the plain model (PEFT's CorDA targets)."""
-    plan = resolve_targets(model, config)
-    return {n: plan.kinds[n] for n in plan.layers if plan.kinds[n].calibrated}
 
 
 class _CovarianceRecorder:
@@ -107,7 +101,8 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
 
 
 def _corda_eigens(W: Tensor, C: Tensor, r: int, method: str) -> CordaEigens:
-    """Steps 2-3 above for one layer: W (out, in), C (in, in) -> the r largest ("ipm") or smallest ("kpm")."""
+    """Steps 2-3 above for one layer: W (out, in), C (in, in) -> the r largest ("ipm") or smallest ("kpm"),
+    new float32 tensors on C's device."""
     n = C.shape[0]
     C32 = C.float()
     damp = 0.01
@@ -140,7 +135,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Calla
             covariance file, or a targeted layer that run_model() never reached.
     """
     corda = lora_config.corda_config or CordaConfig()
-    targets = _corda_targets(model, lora_config)
+    targets = calibrated_targets(model, lora_config)
     if not targets:
         raise ValueError(explain("CorDA found no Linear or Conv1D layer to decompose", got=lora_config.target_modules))
     cache = corda.cache_file
@@ -158,8 +153,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Calla
         module = model.get_submodule(name)
         W = kind.matrix(module).detach()  # (out, in)
         r = layer_spec(name, lora_config).r
-        eigens = _corda_eigens(W, covariances[name].to(W.device), r, corda.corda_method)
-        setattr(module, "eigens", CordaEigens(*(t.to(W.device) for t in dataclasses.astuple(eigens))))
+        setattr(module, "eigens", _corda_eigens(W, covariances[name].to(W.device), r, corda.corda_method))
         if not corda.prune_temporary_fields:  # PEFT's leftovers, for code that reads them
             for field, value in (("covariance_matrix", covariances[name]), ("corda_method", corda.corda_method),
                                  ("rank", r)):

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import AdapterLoadError, explain, unknown_argument
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # io.CONFIG_NAME, ...
 
 
 def _hub() -> Any:

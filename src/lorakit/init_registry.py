@@ -106,13 +106,7 @@ class Init:
         return self.fn(request)
 
 
-INITS: dict[str, Init] = {}
-
-
-def add_init(entry: Init) -> Init:
-    """Register ``entry`` under its name (a later entry of the same name replaces the earlier one)."""
-    INITS[entry.name] = entry
-    return entry
+INITS: dict[str, Init] = {}  # name -> entry, filled by inits.register_init
 
 
 def named_inits() -> list[str]:

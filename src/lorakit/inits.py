@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import explain, warn
-from .init_registry import INITS, Init, InitFn, InitRequest, InitResult, add_init
+from .init_registry import INITS, Init, InitFn, InitRequest, InitResult
 from .nf4 import fake_quantize
 
 __all__ = ["INITS", "Init", "InitFn", "InitRequest", "InitResult", "register_init",
@@ -40,7 +40,7 @@ def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
                   data_driven: bool = False, repeatable: bool = True, named: bool = True,
                   zeroes_bias: bool = True) -> Callable[[Method], Method]:
     """Decorator: register an init method under the name ``config.parse_init`` produces, with its facts
-    (``init_registry.Init`` says what each means).
+    (``init_registry.Init`` says what each means); a later registration of a name replaces the earlier one.
 
     ``fresh=True`` promises that A and B are newly made and referenced nowhere else, so ``write_factor``
     may take their storage instead of copying (no second pass over fresh memory at injection); the other
@@ -48,9 +48,9 @@ def register_init(name: str, *, needs_weight: bool = False, fresh: bool = False,
     """
 
     def decorate(fn: Method) -> Method:
-        add_init(Init(name, fn if fresh else _after_peft_draws(fn), needs_weight=needs_weight, residual=residual,
-                      exact=exact, data_driven=data_driven, repeatable=repeatable, named=named,
-                      zeroes_bias=zeroes_bias, fresh=fresh, attached=MappingProxyType(dict(attached or {}))))
+        INITS[name] = Init(name, fn if fresh else _after_peft_draws(fn), needs_weight=needs_weight, residual=residual,
+                           exact=exact, data_driven=data_driven, repeatable=repeatable, named=named,
+                           zeroes_bias=zeroes_bias, fresh=fresh, attached=MappingProxyType(dict(attached or {})))
         return fn
 
     return decorate
@@ -161,8 +161,11 @@ def _matrix(request: InitRequest, method: str) -> Tensor:
     return W
 
 
-def _split(U: Tensor, S: Tensor, Vh: Tensor, r: int, s: float) -> tuple[Tensor, Tensor]:
-    """(A, B) with s·B A = U_r S_r V_rᵀ: B = U_r √(S_r/s)  (out, r),  A = √(S_r/s) V_rᵀ  (r, in)."""
+def split_svd(U: Tensor, S: Tensor, Vh: Tensor, r: int, s: float) -> tuple[Tensor, Tensor]:
+    """(A, B) with s·B A = U_r S_r V_rᵀ: B = U_r √(S_r/s)  (out, r),  A = √(S_r/s) V_rᵀ  (r, in).
+
+    PiSSA, LoftQ and CorDA split their triplets this way; ``loftq.replace_lora_weights_loftq`` with s = 1.
+    """
     root = torch.sqrt(S[:r] / s)
     return root[:, None] * Vh[:r], U[:, :r] * root
 
@@ -211,7 +214,7 @@ def pissa(request: InitRequest) -> InitResult:
     else:
         U, S, V = torch.svd_lowrank(W, q=request.r, niter=niter)
         Vh = V.T
-    A, B = _split(U, S, Vh, request.r, request.scaling)
+    A, B = split_svd(U, S, Vh, request.r, request.scaling)
     return InitResult(A=A.contiguous(), B=B.contiguous(), base_weight=W - request.scaling * B @ A)
 
 
@@ -258,7 +261,7 @@ def loftq(request: InitRequest) -> InitResult:
     for _ in range(request.options.get("iters", 1)):
         quantized = fake_quantize(target, request.options.get("bits", 4))
         U, S, Vh = torch.linalg.svd(W - quantized, full_matrices=False)
-        A, B = _split(U, S, Vh, request.r, request.scaling)
+        A, B = split_svd(U, S, Vh, request.r, request.scaling)
         target = W - request.scaling * B @ A
     return InitResult(A=A.contiguous(), B=B.contiguous(), base_weight=quantized)
 
@@ -309,6 +312,5 @@ def corda(request: InitRequest) -> InitResult:
     if not all(torch.isfinite(t).all() for t in (S, U, V)):
         raise ValueError(explain("the CorDA decomposition holds NaN or inf", where=_layer_name(request),
                                  fix="check the calibration data that run_model feeds"))
-    root = torch.sqrt(S / request.scaling)
-    A, B = (root[:, None] * V.T).contiguous(), (U * root).contiguous()
+    A, B = (factor.contiguous() for factor in split_svd(U, S, V.T, request.r, request.scaling))
     return InitResult(A=A, B=B, base_weight=W - request.scaling * B @ A)

@@ -26,6 +26,7 @@ from .codec import PREFIX, Layout, decode, embedding_paths, encode, layout_of, p
 from .config import PEFT_VERSION_WRITTEN, LoraConfig
 from .errors import AdapterLoadError as AdapterLoadError, explain, warn  # re-exported: lorakit.io.AdapterLoadError
 from .functional import IncompatibleKeys
+from .hub import ADAPTER_FILES
 from .layer import LoraLayer
 from .load_options import LoadOptions, remap_keys
 from .plan import Plan
@@ -34,9 +35,7 @@ from .save_checks import embedding_layers_to_save, verify_saved
 if TYPE_CHECKING:
     from .model import PeftModel
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
+CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME = ADAPTER_FILES  # PEFT's names: adapter_config.json, adapter_model.*
 # PEP 440 local label: PEFT reads it as its own version, and the file still says who wrote it.
 PEFT_VERSION_TAG = f"{PEFT_VERSION_WRITTEN}+lorakit.{_lorakit_version}"
 
@@ -199,15 +198,6 @@ def _non_finite(tensors: dict[str, Tensor]) -> list[str]:
     return sorted(k for (k, _), finite in zip(floats, torch.isfinite(sums).tolist(), strict=True) if not finite)
 
 
-def validate(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, source: str) -> dict[str, str]:
-    """{file key: model key} after checking every key and shape; one error lists every problem.
-
-    Raises:
-        AdapterLoadError: unexpected keys, missing adapter tensors, shape mismatches or non-float tensors.
-    """
-    return check_tensors(tensors, layout, adapter_name, source, strict=True)[0]
-
-
 def check_tensors(tensors: dict[str, Tensor], layout: Layout, adapter_name: str, source: str,
                   strict: bool) -> tuple[dict[str, str], list[str]]:
     """({file key: model key}, [file keys with no place in the model]); ``strict``: those keys and missing adapter
@@ -288,7 +278,7 @@ def check_against_plan(model: nn.Module, plan: Plan, tensors: dict[str, Tensor],
     other_base = base_model_mismatch(model, plan.config)
     layout = planned_layout(model, plan.targets, plan.adapter_name, dict(plan.tokens))
     try:
-        mapping = validate(tensors, layout, plan.adapter_name, str(folder))
+        mapping = check_tensors(tensors, layout, plan.adapter_name, str(folder), strict=True)[0]
     except AdapterLoadError as error:
         raise AdapterLoadError(f"{error}\n  {other_base}" if other_base else str(error)) from None
     if other_base:
@@ -307,7 +297,7 @@ def load_tensors(model: nn.Module, tensors: dict[str, Tensor], adopt: bool = Fal
         for key, value in tensors.items():
             module_path, _, name = key.rpartition(".")
             module = model.get_submodule(module_path)
-            target = getattr(module, name)  # validate() guarantees it exists
+            target = getattr(module, name)  # check_tensors() guarantees it exists
             if target.is_meta:  # created empty (low_cpu_mem_usage): the loaded tensor becomes the parameter
                 value = value.to(dtype=target.dtype, device=_home_device(model, module_path, value.device))
                 if name in module._buffers:  # a variant's buffer (VeLoRA's v, MonteCLoRA's sampler) stays a buffer

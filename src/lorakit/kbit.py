@@ -25,6 +25,10 @@ from .quant import is_quantized
 from .targeting import _output_head_names
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# (method, its keyword for gradient_checkpointing_kwargs), the first the model has wins: transformers 5's name
+# first (no FutureWarning), then the older one
+CHECKPOINTING_METHODS = (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                         ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs"))
 
 
 def is_kbit(model: nn.Module) -> bool:
@@ -52,19 +56,15 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     if not (use_gradient_checkpointing and is_kbit(model)):
         return model
     kwargs = dict(gradient_checkpointing_kwargs or {})
-    activation = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name, no FutureWarning
-    gradient = getattr(model, "gradient_checkpointing_enable", None)
-    if callable(activation):
-        _enable_input_grads(model)  # a frozen embedding would cut the graph that checkpointed blocks re-run
-        activation(activation_checkpointing_kwargs=kwargs)
-    elif callable(gradient):
-        _enable_input_grads(model)
-        gradient(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ValueError(explain("use_gradient_checkpointing=True but the model cannot checkpoint",
-                                 where=type(model).__name__, expected="a transformers PreTrainedModel",
-                                 fix="pass use_gradient_checkpointing=False"))
-    return model
+    for method, keyword in CHECKPOINTING_METHODS:
+        enable = getattr(model, method, None)
+        if callable(enable):
+            _enable_input_grads(model)  # a frozen embedding would cut the graph that checkpointed blocks re-run
+            enable(**{keyword: kwargs})
+            return model
+    raise ValueError(explain("use_gradient_checkpointing=True but the model cannot checkpoint",
+                             where=type(model).__name__, expected="a transformers PreTrainedModel",
+                             fix="pass use_gradient_checkpointing=False"))
 
 
 def _enable_input_grads(model: nn.Module) -> None:

@@ -27,23 +27,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .codec import PREFIX
 from .errors import explain
+from .inits import split_svd
 from .layer import LoraLayer
 from .quant import dense_weight
 
 if TYPE_CHECKING:
     from .model import PeftModel
 
-PREFIX = "base_model.model."
 SAFETENSORS = "model.safetensors"
-
-
-def _is_bnb_4bit(module: nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(module, bnb.nn.Linear4bit)  # type: ignore[attr-defined]  # bnb.nn re-exports it implicitly
 
 
 class SafetensorWeights:
@@ -113,8 +106,7 @@ def _default_path(peft_model: PeftModel) -> str:
 def loftq_factors(W: Tensor, W_quantized: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """(A (r, in), B (out, r)) with B A the best rank-r approximation of W − deq(Q) (module docstring)."""
     U, S, Vh = torch.linalg.svd(W.float() - W_quantized.float(), full_matrices=False)
-    root = S[:r].sqrt()
-    return root[:, None] * Vh[:r], U[:, :r] * root
+    return split_svd(U, S, Vh, r, 1.0)  # no 1/s in the factors, as PEFT (module docstring)
 
 
 @torch.no_grad()
@@ -133,11 +125,12 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | None = N
         FileNotFoundError / KeyError: the checkpoint lacks the file or a layer's weight.
     """
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes as bnb
     except ImportError as error:
         raise ValueError("bitsandbytes must be installed and the model must be quantized in 4bits.") from error
+    linear4bit = bnb.nn.Linear4bit  # type: ignore[attr-defined]  # bnb.nn re-exports it implicitly
     layers = [(name, module) for name, module in peft_model.named_modules()
-              if isinstance(module, LoraLayer) and _is_bnb_4bit(module.base_layer)]
+              if isinstance(module, LoraLayer) and isinstance(module.base_layer, linear4bit)]
     if not layers:
         raise ValueError("No bnb LoRA module found on the model")
     if any(not name.startswith(PREFIX) for name, _ in layers):

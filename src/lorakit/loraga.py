@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
+from .calibrate import calibrated_targets
 from .config import register_subconfig
 from .errors import explain
 from .inits import InitRequest, InitResult, default, register_init
@@ -59,19 +60,21 @@ class LoraGAConfig:
 register_subconfig("lora_ga_config", LoraGAConfig, lambda values: LoraGAConfig(**values))  # unknown keys refused
 
 
+# LoraGAConfig.direction -> r -> (I_A, I_B) among the first 2r singular triplets (module docstring)
+DIRECTIONS: dict[str, Callable[[int], tuple[Tensor | slice, Tensor | slice]]] = {
+    "ArB2r": lambda r: (slice(0, r), slice(r, 2 * r)),
+    "A2rBr": lambda r: (slice(r, 2 * r), slice(0, r)),
+    "ArBr": lambda r: (slice(1, 2 * r, 2), slice(0, 2 * r, 2)),
+    "random": lambda r: (torch.randperm(2 * r)[:r],) * 2,  # the same r random indices for A and B
+}
+
+
 def _indices(direction: str, r: int) -> tuple[Tensor | slice, Tensor | slice]:
-    """(I_A, I_B) among the first 2r singular triplets (module docstring)."""
-    if direction == "ArB2r":
-        return slice(0, r), slice(r, 2 * r)
-    if direction == "A2rBr":
-        return slice(r, 2 * r), slice(0, r)
-    if direction == "ArBr":
-        return slice(1, 2 * r, 2), slice(0, 2 * r, 2)
-    if direction == "random":
-        chosen = torch.randperm(2 * r)[:r]
-        return chosen, chosen
-    raise ValueError(explain("invalid LoraGAConfig.direction", got=direction,
-                             expected="'ArBr', 'A2rBr', 'ArB2r' or 'random'"))
+    """(I_A, I_B) for ``direction`` (``DIRECTIONS``)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(explain("invalid LoraGAConfig.direction", got=direction,
+                                 expected="'ArBr', 'A2rBr', 'ArB2r' or 'random'"))
+    return DIRECTIONS[direction](r)
 
 
 def loraga_factors(G: Tensor, W: Tensor, r: int, s: float, config: dict[str, Any],
@@ -124,18 +127,6 @@ def lora_ga(request: InitRequest) -> InitResult | None:
 
 
 # ---- preprocess: the average gradient of each targeted weight ------------------------------------------------
-def loraga_targets(model: nn.Module, lora_config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the config's Linear / Conv1D targets in the plain model (other kinds are skipped)."""
-    from .targeting import resolve_targets
-
-    try:
-        plan = resolve_targets(model, lora_config)
-    except ValueError:  # nothing matched: reported as "no supported layers" by the caller
-        return []
-    modules = dict(model.named_modules())
-    return [(name, modules[name]) for name in plan.layers if plan.kinds[name].calibrated]
-
-
 def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], train_step: Callable[[], None]) -> None:
     """Attach G = Σ ∂L/∂W / n to each target, n = the backward passes through it during ``train_step``."""
     was_training = model.training
@@ -143,11 +134,15 @@ def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], 
     requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    counts = dict.fromkeys((name for name, _ in targets), 0)
+    counts = dict.fromkeys((module for _, module in targets), 0)
+
+    def count(module: nn.Module, *_: object) -> None:  # backward hook: one more pass through this target
+        counts[module] += 1
+
     handles = []
-    for name, module in targets:
+    for _, module in targets:
         module.weight.requires_grad_(True)
-        handles.append(module.register_full_backward_hook(_counter(counts, name)))
+        handles.append(module.register_full_backward_hook(count))
     try:
         with torch.enable_grad():
             train_step()
@@ -157,18 +152,11 @@ def _estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]], 
         for name, param in model.named_parameters():
             param.requires_grad_(requires_grad.get(name, param.requires_grad))
         model.train(was_training)
-    for name, module in targets:
+    for _, module in targets:
         weight = cast(Tensor, module.weight)  # a Linear / Conv1D target's
-        if counts[name] > 0 and weight.grad is not None:
-            setattr(module, GRAD_ATTRIBUTE, weight.grad.detach() / counts[name])
+        if counts[module] > 0 and weight.grad is not None:
+            setattr(module, GRAD_ATTRIBUTE, weight.grad.detach() / counts[module])
         weight.grad = None
-
-
-def _counter(counts: dict[str, int], name: str) -> Callable[..., None]:
-    """A backward hook that counts the passes through target ``name`` in ``counts``."""
-    def hook(*_: object) -> None:
-        counts[name] += 1
-    return hook
 
 
 @torch.no_grad()
@@ -193,7 +181,10 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
 
         defaults = _default_targets(model)
         lora_config.target_modules = set(defaults) if not isinstance(defaults, str) else defaults
-    targets = loraga_targets(model, lora_config)
+    try:  # the config's Linear / Conv1D targets (other kinds are skipped)
+        targets = [(name, model.get_submodule(name)) for name in calibrated_targets(model, lora_config)]
+    except ValueError:  # nothing matched: reported below as "no supported layers"
+        targets = []
     for name, module in targets:
         if hasattr(module, "quant_state") or not cast(Tensor, module.weight).is_floating_point():
             raise ValueError(f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. "

@@ -44,10 +44,6 @@ def card_metadata(peft_model: Any) -> dict[str, Any]:
     return data
 
 
-def framework_line() -> str:
-    return f"- lorakit {__version__} (PEFT {PEFT_VERSION_WRITTEN} adapter format)"
-
-
 def create_or_update_model_card(peft_model: Any, output_dir: str | os.PathLike[str]) -> None:
     """Write or update ``<output_dir>/README.md`` (see the module docstring)."""
     path = Path(output_dir) / CARD_NAME
@@ -71,19 +67,21 @@ def _updated_text(text: str, quantization: list[str]) -> str:
     """The card's body with the quantization block and the framework line added once each."""
     lines = text.splitlines()
     if quantization and QUANTIZATION_PREFIX not in lines:
-        block = "\n".join(["", QUANTIZATION_PREFIX, *quantization, ""])
-        heading = "## Training procedure"
-        if heading in lines:
-            lines.insert(lines.index(heading) + 2, block)
-        else:
-            lines.append(f"{heading}\n{block}")
-    heading, line = "### Framework versions", framework_line()
+        block = "\n".join([QUANTIZATION_PREFIX, *quantization, ""])
+        _add_under(lines, "## Training procedure", block, blank_first=True)
+    line = f"- lorakit {__version__} (PEFT {PEFT_VERSION_WRITTEN} adapter format)"
     if line not in lines:
-        if heading in lines:
-            lines.insert(lines.index(heading) + 2, line)
-        else:
-            lines.append(f"{heading}\n\n{line}")
+        _add_under(lines, "### Framework versions", line)
     return "\n".join(lines)
+
+
+def _add_under(lines: list[str], heading: str, text: str, blank_first: bool = False) -> None:
+    """Insert ``text`` two lines below ``heading`` (after a blank line when ``blank_first``), or append the
+    heading, a blank line and ``text`` when the card has no such heading."""
+    if heading in lines:
+        lines.insert(lines.index(heading) + 2, "\n" + text if blank_first else text)
+    else:
+        lines.append(f"{heading}\n\n{text}")
 
 
 def _write_plain_card(peft_model: Any, path: Path) -> None:

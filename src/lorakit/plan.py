@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
+from typing import TypeGuard
 
 from torch import nn
 
@@ -32,6 +33,7 @@ from .token_plan import TokenTarget, plan_tokens
 from .trainable_tokens import TrainableTokensWrapper
 from .variants import check_new_adapter
 
+AdapterModule = LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper  # what holds an adapter's tensors
 RESERVED_ADAPTER_NAMES = {"__base__"}  # "__base__" means "no adapter" in mixed batches (issue 3)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 PEFT_SECOND_TIME = ("You are trying to modify a model with PEFT for a second time. If you want to reload the model "
@@ -139,7 +141,8 @@ def recorded_config(config: LoraConfig, targets: TargetPlan) -> LoraConfig:
 def check_adapter_name(name: object, model: nn.Module | None = None, candidates: Candidates | None = None) -> None:
     """Adapter names become module keys, state-dict key segments and folder names: refuse what breaks any.
 
-    ``candidates``: the model's ``candidate_modules`` (walked here when only ``model`` is given).
+    ``candidates``: the model's ``candidate_modules`` (``plan_adapter`` passes them with ``model``, which the
+    message names); without them only the name itself is checked.
 
     Raises:
         ValueError: not a non-empty string of letters, digits, '_' and '-'; '__base__'; an attribute name of
@@ -154,19 +157,21 @@ def check_adapter_name(name: object, model: nn.Module | None = None, candidates:
                              "attribute of torch.nn.ModuleDict",
                     fix="e.g. adapter_name='default' or 'my_task'")
         )
-    if model is not None and candidates is None:
-        candidates = candidate_modules(model)
     if candidates is not None and any(name in path.split(".") for path, _ in candidates):
         raise ValueError(explain(f"adapter_name {name!r} is also a module name in {type(model).__name__}",
                                  fix="pick a name that is not part of any module path, e.g. 'task_a'"))
 
 
+def holds(module: nn.Module, adapter_name: str) -> TypeGuard[AdapterModule]:
+    """``module`` is a LoRA layer or a modules_to_save / trainable-token wrapper that holds ``adapter_name``."""
+    return ((isinstance(module, LoraLayer) and adapter_name in module.r)
+            or (isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save)
+            or (isinstance(module, TrainableTokensWrapper) and adapter_name in module._adapters))
+
+
 def holders(candidates: Candidates, adapter_name: str) -> set[str]:
     """Paths of the LoRA layers and modules_to_save / trainable-token wrappers that hold ``adapter_name``."""
-    return {path for path, module in candidates
-            if (isinstance(module, LoraLayer) and adapter_name in module.r)
-            or (isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save)
-            or (isinstance(module, TrainableTokensWrapper) and adapter_name in module._adapters)}
+    return {path for path, module in candidates if holds(module, adapter_name)}
 
 
 def check_second_injection(adapter_name: str, candidates: Candidates) -> None:

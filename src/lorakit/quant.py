@@ -44,7 +44,7 @@ class QuantBackend:
 
     Attributes:
         name: the Kind name (PEFT prints ``lora.<name>``).
-        dequantize: module -> W (out, in) float32.
+        dequantize: module -> deq(Q) (out, in), in any float dtype; ``dense`` detaches it and casts to float32.
         requantize: (module, W (out, in)) -> None; quantizes W into the module in place, in its own format.
         bits: bits per weight, for messages.
         stored: module -> the tensor that holds the codes, whose version keys DoRA's norm cache
@@ -59,6 +59,10 @@ class QuantBackend:
     bits: int
     keeps_dtype: bool = False
     stored: Callable[[Base], Tensor] = lambda m: m.weight
+
+    def dense(self, module: Base) -> Tensor:
+        """deq(Q) of ``module``: (out, in) float32, detached."""
+        return self.dequantize(module).detach().float()
 
 
 QUANT_BACKENDS: dict[str, QuantBackend] = {}  # "module.QualName" of the layer class -> backend
@@ -126,7 +130,7 @@ def dense_weight(module: nn.Module, kind: Kind | None = None) -> Tensor:
     """
     backend = find_backend(module)
     if backend is not None:
-        return backend.dequantize(module)
+        return backend.dense(module)
     return (base_weight(module) if kind is None else kind.weight(module)).detach().float()
 
 
@@ -145,7 +149,7 @@ def write_weight(module: nn.Module, W: Tensor, kind: Kind | None = None) -> floa
     with torch.no_grad():
         target = W.detach().float()
         backend.requantize(module, target)
-        dequantized = backend.dequantize(module)
+        dequantized = backend.dense(module)
         error = dequantized - target.to(dequantized.device)  # (out, in)
         probe = torch.randn(PROBE_ROWS, error.shape[1], generator=torch.Generator().manual_seed(0))
         return (probe.to(error.device) @ error.T).abs().max().item()
@@ -191,7 +195,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         backend = find_backend(module)
         if backend is None:
             continue
-        W = backend.dequantize(module)  # (out, in)
+        W = backend.dense(module)  # (out, in)
         bias = getattr(module, "bias", None)
         linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device=W.device)
         with torch.no_grad():
@@ -217,7 +221,7 @@ def _bnb4_dequantize(module: Base) -> Tensor:
     import bitsandbytes.functional as bnb_functional
 
     data, state = _bnb4_unpacked(module)
-    return bnb_functional.dequantize_4bit(data, state).float()
+    return bnb_functional.dequantize_4bit(data, state)
 
 
 def _bnb4_unpacked(module: Base) -> tuple[Tensor, Any]:  # (codes, bnb QuantState)
@@ -247,17 +251,16 @@ def _bnb4_requantize(module: Base, W: Tensor) -> None:
     module.quant_state = module.weight.quant_state
 
 
-def _bnb8_codes(module: Base) -> tuple[Tensor, Tensor]:
-    """(CB (out, in) int8, SCB (out,)): on the weight until the first forward, on ``module.state`` after."""
+def _bnb8_dequantize(module: Base) -> Tensor:
+    """deq(Q) of a bnb Linear8bitLt: W = CB · SCB_row / 127 (LLM.int8() row-wise absmax, arXiv:2208.07339).
+
+    CB (out, in) int8 is the weight's data; SCB (out,) is on the weight until the first forward, on
+    ``module.state`` after.
+    """
     weight = module.weight
     SCB = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-    return weight.data, SCB
-
-
-def _bnb8_dequantize(module: Base) -> Tensor:
-    """deq(Q) of a bnb Linear8bitLt: W = CB · SCB_row / 127 (LLM.int8() row-wise absmax, arXiv:2208.07339)."""
-    CB, SCB = _bnb8_codes(module)
-    return CB.float() * SCB.float()[:, None] / 127
+    W: Tensor = weight.data.float() * SCB.float()[:, None] / 127
+    return W
 
 
 def _bnb8_requantize(module: Base, W: Tensor) -> None:

@@ -7,6 +7,4 @@ them imports this module, and quant.py imports none of them.
 
 from __future__ import annotations
 
-from . import quant_gptq, quant_hqq, quant_torchao
-
-BACKEND_MODULES = (quant_torchao, quant_hqq, quant_gptq)
+from . import quant_gptq, quant_hqq, quant_torchao  # noqa: F401  (each registers its backend on import)

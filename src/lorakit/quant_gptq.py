@@ -13,19 +13,13 @@ layers only, as in PEFT.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import explain
 from .kinds import Base
 from .quant import QuantBackend, register_quant_backend
 
 KIND_NAME = "GPTQLoraLinear"  # PEFT prints lora.GPTQLoraLinear
-
-
-def _dequantize(module: Base) -> Tensor:
-    """deq(Q) as float32 in the (out, in) layout (gptqmodel returns (in, out))."""
-    W: Tensor = module.dequantize_weight().detach().float().T
-    return W
 
 
 def _requantize(module: Base, W: Tensor) -> None:
@@ -37,4 +31,5 @@ def _requantize(module: Base, W: Tensor) -> None:
 
 
 register_quant_backend("gptqmodel.nn_modules.qlinear.BaseQuantLinear",
-                       QuantBackend(KIND_NAME, _dequantize, _requantize, bits=4, stored=lambda m: m.qweight))
+                       QuantBackend(KIND_NAME, lambda m: m.dequantize_weight().T,  # deq(Q), gptqmodel's (in, out)
+                                    _requantize, bits=4, stored=lambda m: m.qweight))

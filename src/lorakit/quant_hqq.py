@@ -18,16 +18,10 @@ from __future__ import annotations
 
 import copy
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .kinds import Base
 from .quant import QuantBackend, register_quant_backend
-
-
-def _dequantize(module: Base) -> Tensor:
-    """deq(Q) as float32, (out, in)."""
-    W: Tensor = module.dequantize().detach().float()
-    return W
 
 
 def _requantize(module: Base, W: Tensor) -> None:
@@ -38,5 +32,5 @@ def _requantize(module: Base, W: Tensor) -> None:
 
 
 register_quant_backend("hqq.core.quantize.HQQLinear",
-                       QuantBackend("HqqLoraLinear", _dequantize, _requantize, bits=4,
-                                                    stored=lambda m: m.W_q))
+                       QuantBackend("HqqLoraLinear", lambda m: m.dequantize(), _requantize, bits=4,  # deq(Q) (out, in)
+                                    stored=lambda m: m.W_q))

@@ -29,12 +29,6 @@ from .kinds import Base
 from .quant import QuantBackend, register_weight_backend
 
 
-def _dequantize(module: Base) -> Tensor:
-    """deq(Q) as float32, (out, in)."""
-    W: Tensor = module.weight.dequantize().detach().float()
-    return W
-
-
 def _int8(old: Any, W: Tensor) -> Tensor:  # old: a torchao Int8Tensor
     """Int8Tensor.from_hp(W) with the old weight's granularity (per row, or per group of block_size[-1])."""
     from torchao.quantization import Int8Tensor
@@ -82,4 +76,5 @@ def _requantize(module: Base, W: Tensor) -> None:
 
 
 register_weight_backend("torchao.utils.TorchAOBaseTensor",
-                        QuantBackend("TorchaoLoraLinear", _dequantize, _requantize, bits=8, keeps_dtype=True))
+                        QuantBackend("TorchaoLoraLinear", lambda m: m.weight.dequantize(),  # deq(Q) (out, in)
+                                     _requantize, bits=8, keeps_dtype=True))

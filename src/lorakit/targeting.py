@@ -105,29 +105,26 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
-def _in_list(name: str, names: Iterable[str]) -> bool:
-    return any(name == entry or name.endswith("." + entry) for entry in names)
+def in_list(name: str, entries: Iterable[str] | None) -> bool:
+    """``name`` is one of ``entries`` or ends with "." + one (exclude_modules' lists, ties.py's config entries)."""
+    return any(name == entry or name.endswith("." + entry) for entry in entries or ())
 
 
 def _excluded(name: str, exclude: Targets | None) -> bool:
-    if exclude is None:
-        return False
     if isinstance(exclude, str):
         return re.fullmatch(exclude, name) is not None
-    return _in_list(name, exclude)
+    return in_list(name, exclude)
 
 
 def layer_index(name: str, patterns: list[str] | str | None) -> int | None:
     """The layer number in ``name``: the ``.<digits>.`` after a layers_pattern (or after any segment)."""
     if not patterns:
-        match = re.match(r".*\.[^.]*\.(\d+)\.", name)
-    else:
-        match = None
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf".*\.{pattern}\.(\d+)\.", name)
-            if match:
-                break
-    return int(match.group(1)) if match else None
+        patterns = r"[^.]*"  # no layers_pattern: the index after any segment
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        match = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def _selected_layer(name: str, config: LoraConfig) -> bool:
@@ -260,7 +257,7 @@ def _resolve_target_modules(model: nn.Module, config: LoraConfig, candidates: Ca
         heads = _output_head_names(model, candidates)
         task = getattr(config.task_type, "value", config.task_type)
         if not heads and task == TaskType.SEQ_CLS.value:  # a classifier head is trained in full, not adapted
-            heads = {name for name, _ in candidates if name.rsplit(".", 1)[-1] in ("classifier", "score")}
+            heads = {name for name, _ in candidates if name.rsplit(".", 1)[-1] in TASK_MODULES_TO_SAVE[task]}
         return {name for name, module in candidates if is_linear_like(_unwrapped(module)) and name not in heads}
     return targets
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from torch import nn
 
@@ -14,13 +15,16 @@ from .config import LoraConfig
 from .errors import warn
 from .layer import LoraLayer
 from .saved_modules import ModulesToSaveWrapper
-from .targeting import TargetPlan, resolve_targets
+from .targeting import TargetPlan, in_list, resolve_targets
 from .trainable_tokens import TrainableTokensWrapper
 
 Candidates = Sequence[tuple[str, nn.Module]]
 
 
-def unwrapped(module: nn.Module | None) -> nn.Module | None:
+MaybeModule = TypeVar("MaybeModule", bound=nn.Module | None)  # a module in, a module out; None stays None
+
+
+def unwrapped(module: MaybeModule) -> MaybeModule | nn.Module:
     """The user's module inside a lorakit wrapper (LoraLayer, modules_to_save, trainable tokens), else itself."""
     if isinstance(module, LoraLayer):
         return module.base_layer
@@ -58,13 +62,9 @@ class Ties:
     output_path: str
 
 
-def _names(path: str, entries: Iterable[str] | None) -> bool:
-    return any(path == e or path.endswith("." + e) for e in (entries or ()))
-
-
 def _retarget(entries: Iterable[str], ties_input: str, ties_output: str) -> list[str]:
     """PEFT's rewrite: drop entries naming the output embedding, add the input embedding's path."""
-    kept = [e for e in entries if not (ties_output == e or ties_output.endswith("." + e))]
+    kept = [e for e in entries if not in_list(ties_output, [e])]
     return kept + ([ties_input] if ties_input not in kept else [])
 
 
@@ -78,9 +78,9 @@ def resolve_with_ties(model: nn.Module, config: LoraConfig, candidates: Candidat
     """
     listed = list(candidates)
     tied = tied_embeddings(model, listed)
-    saved = tied is not None and any(_names(path, config.modules_to_save) for path in tied)
+    saved = tied is not None and any(in_list(path, config.modules_to_save) for path in tied)
     targeted = tied is not None and not isinstance(config.target_modules, str) and any(
-        _names(path, config.target_modules) for path in tied)
+        in_list(path, config.target_modules) for path in tied)
     how = "modules_to_save" if saved else "target_modules" if targeted else None
     say = (lambda message: None) if quiet else warn
     if not config.ensure_weight_tying or how is None or tied is None:
