@@ -29,7 +29,7 @@ from lorakit.app.cli.inspect import read_model_config
 from lorakit.app.cli.plan import PRESETS, build_model, choose_base, default_task, parse_memory, preset_config, \
     recommend_lora
 from lorakit.app.memory import Setup, estimate_memory
-from lorakit.model import count_parameters
+from lorakit.status import count_parameters
 from lorakit.app.lm_loss import causal_lm_loss
 from lorakit.app.training import TrainSettings, make_optimizer
 
