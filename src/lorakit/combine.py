@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from .config import LoraConfig
 from .errors import explain, warn
 from .inits import INITS
-from .layer import LoraLayer
+from .layer import LoraLayer, named_lora_layers
 from .saved_modules import ModulesToSaveWrapper
 
 
@@ -341,7 +341,7 @@ def check_modules_to_save(tuner: LoraModel, adapters: Sequence[str]) -> None:
 def check_layers(tuner: LoraModel, adapters: Sequence[str], combination: CombinationType) -> None:
     """Raises ValueError listing every layer whose source factors the combination cannot use."""
     problems = []
-    for path, layer in named_lora_layers(tuner):
+    for path, layer in named_lora_layers(tuner.model):
         factors = {name: factor_weights(layer, name) for name in adapters if name in layer.r}
         problem = LAYER_CHECKS[combination.build](factors)
         if problem:
@@ -414,10 +414,6 @@ def combined_config(tuner: LoraModel, adapters: Sequence[str], rank: int) -> Lor
     )
 
 
-def named_lora_layers(tuner: LoraModel) -> list[tuple[str, LoraLayer]]:
-    return [(path, module) for path, module in tuner.model.named_modules() if isinstance(module, LoraLayer)]
-
-
 def factor_weights(layer: LoraLayer, adapter_name: str) -> tuple[Tensor, Tensor]:
     """(A, B) of one adapter as tensors in PEFT's storage layout (the weights of lora_A/B, or the embedding factors)."""
     return layer.kind.factor_weights(*layer.factors(adapter_name))
@@ -463,7 +459,7 @@ def fill_bias(layer: LoraLayer, adapter_name: str, adapters: Sequence[str], weig
 
 def warn_uncovered(tuner: LoraModel, adapters: Sequence[str], adapter_name: str) -> None:
     """Warn when source layers are outside the new adapter (its layer filters are the first adapter's)."""
-    left_out = [path for path, layer in named_lora_layers(tuner)
+    left_out = [path for path, layer in named_lora_layers(tuner.model)
                 if adapter_name not in layer.r and any(name in layer.r for name in adapters)]
     if left_out:
         warn(f"add_weighted_adapter: {len(left_out)} layer(s) adapted by {list(adapters)} are not targeted by the new "
@@ -498,7 +494,7 @@ def add_weighted_adapter(tuner: LoraModel, adapters: Sequence[str], weights: Seq
     tuner.inject_adapter(adapter_name, config)
     options = CombineOptions(combination.combiner, rank, density, majority_sign_method, svd_clamp,
                              svd_full_matrices, svd_driver)
-    for _, layer in named_lora_layers(tuner):
+    for _, layer in named_lora_layers(tuner.model):
         if adapter_name in layer.r:
             fill_layer(layer, adapter_name, adapters, weights, combination, options)
     warn_uncovered(tuner, adapters, adapter_name)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .codec import decode, layout_of, parse_key, with_adapter_name
 from .config import LoraConfig
 from .io import load_peft_weights, read_config
-from .layer import LoraLayer
+from .layer import LoraLayer, named_lora_layers
 from .load_options import LoadOptions
 from .targeting import layer_spec
 
@@ -246,9 +246,8 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, Tens
         for key, value in state_dict.items():
             _copy_into(attrgetter(key)(model), value, key, _groups(model, key))
         user_model = cast("PeftModel", model).base_model.model if hasattr(model, "base_model") else model
-        for path, module in user_model.named_modules():
-            if isinstance(module, LoraLayer) and adapter_name in module.scaling:
-                _set_scaling(module, adapter_name, layer_spec(path, config).scaling)
+        for path, layer in named_lora_layers(user_model, adapter_name):
+            _set_scaling(layer, adapter_name, layer_spec(path, config).scaling)
 
 
 def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str], adapter_name: str,

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .combine import factor_weights
 from .errors import explain
-from .layer import LoraLayer
+from .layer import LoraLayer, named_lora_layers
 from .quant import dense_weight, is_quantized
 
 if TYPE_CHECKING:
@@ -76,8 +76,7 @@ def _check(peft_model: PeftModel, old_adapter_name: str) -> list[tuple[str, Lora
     if old_adapter_name not in peft_model.peft_config:
         raise ValueError(explain(f"reduce_intruder_dimension: no adapter {old_adapter_name!r}",
                                  expected=f"one of {list(peft_model.peft_config)}"))
-    layers = [(name, m) for name, m in peft_model.named_modules()
-              if isinstance(m, LoraLayer) and old_adapter_name in m.r]
+    layers = named_lora_layers(peft_model, old_adapter_name)
     for name, layer in layers:
         if old_adapter_name in layer._variants or cast(Tensor, layer.base_layer.weight).dim() != 2:
             raise NotImplementedError(explain(

@@ -616,6 +616,12 @@ class LoraLayer(nn.Module):
             child.unmerge()
 
 
+def named_lora_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, LoraLayer]]:
+    """(path, layer) of every LoraLayer in ``model``, in module order; with ``adapter_name``, those holding it."""
+    return [(path, module) for path, module in model.named_modules()
+            if isinstance(module, LoraLayer) and (adapter_name is None or adapter_name in module.r)]
+
+
 class BaseAttribute:
     """A base-layer attribute read through the wrapper (``Kind.attributes``); a nested LoRA layer is shown unwrapped.
 

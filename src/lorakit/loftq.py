@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .codec import PREFIX
 from .errors import explain
 from .inits import split_svd
-from .layer import LoraLayer
+from .layer import named_lora_layers
 from .quant import dense_weight
 
 if TYPE_CHECKING:
@@ -129,8 +129,7 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | None = N
     except ImportError as error:
         raise ValueError("bitsandbytes must be installed and the model must be quantized in 4bits.") from error
     linear4bit = bnb.nn.Linear4bit  # type: ignore[attr-defined]  # bnb.nn re-exports it implicitly
-    layers = [(name, module) for name, module in peft_model.named_modules()
-              if isinstance(module, LoraLayer) and isinstance(module.base_layer, linear4bit)]
+    layers = [(name, layer) for name, layer in named_lora_layers(peft_model) if isinstance(layer.base_layer, linear4bit)]
     if not layers:
         raise ValueError("No bnb LoRA module found on the model")
     if any(not name.startswith(PREFIX) for name, _ in layers):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .combine import factor_weights
 from .errors import warn
-from .layer import LoraLayer
+from .layer import LoraLayer, named_lora_layers
 
 if TYPE_CHECKING:
     from .model import PeftModel
@@ -69,9 +69,7 @@ def check_training(model: nn.Module, steps: int | None = None) -> list[str]:
     never reach the layer. Warns (LoraWarning) when the list is not empty.
     """
     found = []
-    for path, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
+    for path, layer in named_lora_layers(model):
         for name in layer.r:
             factors = factor_weights(layer, name)  # lora_A/B's weights, or the embedding factors
             if any(f.requires_grad for f in factors) and any(not f.detach().any() for f in factors):

@@ -259,15 +259,13 @@ def _expert_layout(model: PeftModel, names: list[str]) -> tuple[list[str], int]:
         ValueError: the experts differ in rank, factor shapes or targeted modules (PEFT's sentences first).
         TypeError: an expert targets a layer that is not linear (PEFT's sentence first).
     """
-    from ..layer import LoraLayer
+    from ..layer import named_lora_layers
 
     reference: tuple[Any, ...] | None = None
     offenders = []
     for name in names:
         modules, r, shapes = set(), None, None
-        for path, layer in model.named_modules():
-            if not isinstance(layer, LoraLayer) or name not in layer.r:
-                continue
+        for path, layer in named_lora_layers(model, name):
             if not (layer.kind.linear_like or layer.kind.name == "Conv1d"):  # PEFT's list also names nn.Conv1d
                 offenders.append((name, path, type(layer.base_layer).__name__))
             if name in layer.lora_A:
