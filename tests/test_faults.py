@@ -369,8 +369,8 @@ def test_key_faults_listed_in_one_error(adapter, how, fault):
 # ---- non-finite weights -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_weights_are_loaded_as_stored(adapter, value):
-    """Documents today's behaviour, not a policy: the load check (io.check_tensors) checks keys, shapes and dtypes, not values, so a
-    NaN/inf adapter loads (as PEFT's does) and the values arrive bit for bit."""
+    """Documents today's behaviour, not a policy: the load check (io.check_tensors) checks keys, shapes and
+    dtypes, not values, so a NaN/inf adapter loads (as PEFT's does) and the values arrive bit for bit."""
     tensors = load_file(adapter / WEIGHTS)
     key = min(k for k in tensors if "lora_B" in k)
     tensors[key][0, 0] = value

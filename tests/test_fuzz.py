@@ -395,8 +395,8 @@ def test_fuzz_adapter_files(good, mutations, into_existing):
 @pytest.mark.parametrize("into_existing", [True, False], ids=["load_adapter", "from_pretrained"])
 def test_keys_the_config_does_not_plan_are_unexpected(good, tmp_path, edit, into_existing):
     """A file key that decodes to a tensor this adapter's config does not plan (a LoRA layer of another adapter,
-    or a modules_to_save copy of a LoRA target) raised KeyError from the load check (then io.validate); it is now one of the
-    unexpected keys in the aggregated error."""
+    or a modules_to_save copy of a LoRA target) raised KeyError from the load check (then io.validate); it is
+    now one of the unexpected keys in the aggregated error."""
     folder = tmp_path / "adapter"
     shutil.copytree(good, folder)
     data = json.loads((folder / CONFIG).read_text())
