@@ -324,3 +324,48 @@ def test_peft_model_load_adapter_hotswap(folders: Path) -> None:
                                    rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="To hotswap an adapter, there must already be an existing adapter"):
         model.load_adapter(folders / "r2", adapter_name="other", hotswap=True)
+
+
+class WithBackbone(nn.Module):
+    """A transformers-like model: its own ``base_model`` attribute is its backbone, not a lorakit wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = net()
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+@pytest.mark.parametrize("build", [net, WithBackbone], ids=["plain", "with backbone attribute"])
+def test_state_dict_hotswap_on_a_model_holding_the_layers_as_peft(build) -> None:
+    """inject_adapter_in_model puts the layers into the user's model itself (diffusers' use of PEFT's hotswap):
+    the swap takes the tensors and the new config's scaling, with the same output as peft. A model whose own
+    ``base_model`` is its backbone (every transformers model) is not mistaken for a PeftModel."""
+    old = dict(target_modules=["lin0", "lin1"], r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for library in (peft, lorakit):
+        model = library.inject_adapter_in_model(library.LoraConfig(**old), build(), "default")
+        state = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(len(k)))
+                 for k, v in model.state_dict().items() if "lora_" in k}
+        HOTSWAP[library].hotswap_adapter_from_state_dict(model, state, "default",
+                                                         library.LoraConfig(**dict(old, lora_alpha=16)))
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        outputs[library] = model(x)
+    torch.testing.assert_close(outputs[lorakit], outputs[peft], atol=1e-6, rtol=1e-6)
+
+
+def test_state_dict_hotswap_reads_alpha_pattern_against_module_paths() -> None:
+    """The new config's alpha_pattern names modules, as at injection: s = 2 / 4 on lin1, 16 / 4 on lin0. (peft
+    0.21.2 matches the patterns against full state-dict keys, so "lin1" never matches there: README, differences.)"""
+    config = dict(target_modules=["lin0", "lin1"], r=4, lora_alpha=8, init_lora_weights=False)
+    model = lorakit.inject_adapter_in_model(lorakit.LoraConfig(**config), WithBackbone(), "default")
+    state = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    new = lorakit.LoraConfig(**dict(config, lora_alpha=16, alpha_pattern={"lin1": 2}))
+    lorakit.hotswap.hotswap_adapter_from_state_dict(model, state, "default", new)
+    assert (model.model.lin0.scaling["default"], model.model.lin1.scaling["default"]) == (4.0, 0.5)

@@ -33,6 +33,7 @@ from .io import load_peft_weights, read_config
 from .layer import LoraLayer, named_lora_layers
 from .load_options import LoadOptions
 from .targeting import layer_spec
+from .tuner import LoraModel
 
 if TYPE_CHECKING:
     from .model import PeftModel
@@ -216,6 +217,14 @@ def _set_scaling(layer: LoraLayer, adapter_name: str, scaling: float) -> None:
         layer.scaling[adapter_name] = scaling
 
 
+def _user_model(model: nn.Module) -> nn.Module:
+    """The user's model, whose module paths rank_pattern / alpha_pattern name: inside a PeftModel or a LoraModel,
+    else ``model`` itself (it holds the LoRA layers: inject_adapter_in_model, transformers' add_adapter). A
+    transformers model's own ``base_model`` (its backbone) is not a lorakit wrapper."""
+    tuner = getattr(model, "base_model", model)
+    return tuner.model if isinstance(tuner, LoraModel) else model
+
+
 def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str,
                                     config: LoraConfig, parameter_prefix: str = "lora_") -> None:
     """Swap ``adapter_name``'s tensors for those of ``state_dict`` (keys of the PeftModel's own state dict, with the
@@ -245,8 +254,7 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, Tens
                 own[key].data.zero_()
         for key, value in state_dict.items():
             _copy_into(attrgetter(key)(model), value, key, _groups(model, key))
-        user_model = cast("PeftModel", model).base_model.model if hasattr(model, "base_model") else model
-        for path, layer in named_lora_layers(user_model, adapter_name):
+        for path, layer in named_lora_layers(_user_model(model), adapter_name):
             _set_scaling(layer, adapter_name, layer_spec(path, config).scaling)
 
 
