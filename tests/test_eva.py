@@ -49,12 +49,13 @@ def calibrated():
     return model, state, before
 
 
-def masked_inputs(name: str, data: list[dict]) -> torch.Tensor:
-    """The label- and attention-masked inputs of module ``name`` of the plain model, concatenated."""
+def masked_inputs(name: str, data: list[dict], every_row: bool = False) -> torch.Tensor:
+    """The label- and attention-masked inputs of module ``name`` of the plain model, concatenated (with
+    ``every_row``: all of them, padding and label positions included)."""
     model, rows = tiny_llama(), []
 
     def hook(module, args, output, keep=None):
-        rows.append(args[0][hook.mask])
+        rows.append(args[0].flatten(0, 1) if every_row else args[0][hook.mask])
 
     handle = model.get_submodule(name).register_forward_hook(hook)
     with torch.no_grad():
@@ -63,7 +64,6 @@ def masked_inputs(name: str, data: list[dict]) -> torch.Tensor:
             model(**b)
     handle.remove()
     return torch.cat(rows).double()
-
 
 def test_init_before_calibration_is_peft_eva():
     with warnings.catch_warnings():
@@ -85,6 +85,24 @@ def test_components_are_svd_of_centred_masked_inputs(calibrated):
         torch.testing.assert_close(cos, torch.ones(k, dtype=torch.float64), atol=1e-5, rtol=0)
         layer = model.get_submodule("base_model.model." + name)
         torch.testing.assert_close(layer.lora_A["default"].weight, state["base_model.model." + name].float())
+
+
+def test_layers_a_prepare_layer_inputs_mapping_leaves_out_take_every_row():
+    """prepare_layer_inputs_fn as a dict: a layer it does not name gets PEFT's default, every row of its input
+    flattened (padding and label positions included), not the language-modelling mask."""
+    named, other = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_llama(), eva_config())
+        fn = lorakit.calibrate.prepare_layer_inputs_fn_language_modeling
+        state = get_eva_state_dict(model, batches(), prepare_layer_inputs_fn={"base_model.model." + named: fn})
+    for name, every_row in ((named, False), (other, True)):
+        x = masked_inputs(name, batches(), every_row)
+        _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+        a = state["base_model.model." + name].double()
+        k = min(3, a.shape[0])
+        torch.testing.assert_close((a[:k] * vh[:k]).sum(1).abs(), torch.ones(k, dtype=torch.float64), atol=1e-5,
+                                   rtol=0)
 
 
 def test_rank_budget_and_patterns(calibrated):

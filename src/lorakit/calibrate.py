@@ -219,7 +219,9 @@ def get_eva_state_dict(
 
     ``model`` is a PeftModel (names then start with "base_model.model.") or a plain model with
     ``peft_config``. Arguments as in PEFT; ``gather_distributed_inputs`` and ``show_progress_bar`` are
-    accepted and ignored (single process, no progress bar). See the module docstring for the method.
+    accepted and ignored (single process, no progress bar). A ``prepare_layer_inputs_fn`` mapping gives the layers
+    it does not name PEFT's default: every row of the input, flattened to (tokens, in). See the module docstring
+    for the method.
 
     Raises:
         ValueError: an empty dataloader, no peft_config for a plain model, no calibrated layer, or a
@@ -256,7 +258,7 @@ def get_eva_state_dict(
     recorders: dict[str, _Recorder] = {}
     handles = []
     for name in names:
-        fn = prepare_layer_inputs_fn.get(name, prepare_layer_inputs_fn_language_modeling) \
+        fn = prepare_layer_inputs_fn.get(name, _default_layer_inputs) \
             if isinstance(prepare_layer_inputs_fn, Mapping) else prepare_layer_inputs_fn
         recorders[name] = _Recorder(name, fn or _default_layer_inputs)
         handles.append(model.get_submodule(name).register_forward_hook(recorders[name]))
