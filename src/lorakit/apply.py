@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .inits import INITS
 from .kinds_param import inject_parameters
 from .layer import LoraLayer
-from .plan import AdapterModule as AdapterModule, Plan, holders, holds  # AdapterModule: re-exported for tuner.py
+from .plan import AdapterModule, Plan, holders, holds
 from .saved_modules import ModulesToSaveWrapper
 from .ties import Ties, unwrapped
 from .token_plan import inject_tokens

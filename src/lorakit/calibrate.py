@@ -42,7 +42,7 @@ from .codec import PREFIX
 from .config import EvaConfig, InitMethod, LoraConfig
 from .errors import explain, warn
 from .kinds import Kind
-from .layer import LoraLayer
+from .layer import named_lora_layers
 from .targeting import layer_spec, resolve_targets
 if TYPE_CHECKING:
     from .model import PeftModel
@@ -199,7 +199,7 @@ def calibrated_targets(model: nn.Module, config: LoraConfig) -> dict[str, Kind]:
 def _eva_targets(model: nn.Module, peft_config: LoraConfig, is_peft: bool) -> list[str]:
     """Module names to calibrate: LoRA layers of a Linear-like kind, or (plain model) the config's targets."""
     if is_peft:
-        return [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and m.kind.calibrated]
+        return [n for n, layer in named_lora_layers(model) if layer.kind.calibrated]
     return list(calibrated_targets(model, peft_config))
 
 
@@ -386,9 +386,7 @@ def _load_eva_state_dict(model: PeftModel, eva_state_dict: dict[str, Tensor], ad
     missing: list[str] = []
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, LoraLayer) or adapter_name not in module.r:
-            continue
+    for name, module in named_lora_layers(model, adapter_name):
         path = name.removeprefix(PREFIX)
         spec = layer_spec(path, config)
         r, alpha = spec.r, spec.lora_alpha
@@ -423,8 +421,7 @@ def _load_eva_state_dict(model: PeftModel, eva_state_dict: dict[str, Tensor], ad
             alpha_pattern[path] = alpha
     tuner.peft_config[adapter_name] = dataclasses.replace(
         config, target_modules=calibrated + missing, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    alive = {n for n, m in tuner.model.named_modules() if isinstance(m, LoraLayer)}
-    tuner.targeted_module_names = [n for n in tuner.targeted_module_names if n in alive]
+    tuner.drop_removed_targets()
     tuner.set_adapter(tuner.active_adapter, inference_mode=tuner._inference_only(tuner.active_adapters))
     if missing:
         warn(f"EVA does not calibrate Embedding or convolution layers; these got init_lora_weights=True instead: "

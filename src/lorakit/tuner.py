@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from .adapter_rules import adapters_to_merge, check_not_merged, check_one_saved_copy
-from .apply import AdapterModule, apply
+from .apply import apply
 from . import combine
 from .config import LoraConfig
 from .errors import explain, warn
 from .merge_check import checked_merge
-from .layer import LoraLayer
-from .plan import Plan, check_adapter_name, plan_adapter
+from .layer import LoraLayer, named_lora_layers
+from .plan import AdapterModule, Plan, check_adapter_name, plan_adapter
 from .quant import dequantize_model, merge_reporting_rounding
 from .replication import replicated
 from .saved_modules import ModulesToSaveWrapper
@@ -33,8 +33,6 @@ from .trainable_tokens import TrainableTokensWrapper
 from .variants import model_method
 
 __all__ = ["LoraModel", "check_adapter_name", "planned"]
-
-ADAPTER_MODULES = (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)  # what holds an adapter's tensors
 
 
 @contextlib.contextmanager
@@ -63,7 +61,7 @@ def planned(model: nn.Module, config: LoraConfig, adapter_name: str, existing: d
         yield plan_adapter(model, config, adapter_name, existing, **options)
 
 
-def _plain(module: LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper) -> nn.Module:
+def _plain(module: AdapterModule) -> nn.Module:
     """The module an adapter wrapper stands in for: a LoraLayer's base_layer, a wrapper's original_module."""
     return module.base_layer if isinstance(module, LoraLayer) else module.original_module
 
@@ -145,8 +143,8 @@ class LoraModel(nn.Module):
     def lora_layers(self) -> Iterator[LoraLayer]:
         return (m for m in self.model.modules() if isinstance(m, LoraLayer))
 
-    def _adapter_modules(self) -> Iterator[LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper]:
-        return (m for m in self.model.modules() if isinstance(m, ADAPTER_MODULES))
+    def _adapter_modules(self) -> Iterator[AdapterModule]:
+        return (m for m in self.model.modules() if isinstance(m, AdapterModule))
 
     def _token_wrappers(self) -> list[TrainableTokensWrapper]:
         return [m for m in self.model.modules() if isinstance(m, TrainableTokensWrapper)]
@@ -228,6 +226,12 @@ class LoraModel(nn.Module):
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(trainable)
 
+    def drop_removed_targets(self) -> None:
+        """Keep in ``targeted_module_names`` only the paths that still hold a LoRA layer (after a delete, or EVA's
+        rank-0 removals)."""
+        alive = {path for path, _ in named_lora_layers(self.model)}
+        self.targeted_module_names = [p for p in self.targeted_module_names if p in alive]
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` everywhere; layers left without adapters go back to their base module.
 
@@ -244,13 +248,12 @@ class LoraModel(nn.Module):
         # innermost first: a layer nested in another's base (MultiheadAttention's out_proj) goes back to its base
         # while its owner's path still leads to it
         for path, module in reversed(list(self.model.named_modules())):
-            if isinstance(module, ADAPTER_MODULES):
+            if isinstance(module, AdapterModule):
                 module.delete_adapter(adapter_name)
                 if not (module.r if isinstance(module, LoraLayer) else module._adapters):  # its last adapter went
                     self.model.set_submodule(path, _plain(module))
         del self.peft_config[adapter_name]
-        alive = {p for p, m in self.model.named_modules() if isinstance(m, LoraLayer)}
-        self.targeted_module_names = [p for p in self.targeted_module_names if p in alive]
+        self.drop_removed_targets()
         if not self.peft_config:
             self.active_adapter = []
             return

@@ -169,8 +169,6 @@ def _load_state_dict(model: nn.Module, name: str, config: Any, tensors: dict[str
     else:
         peft_model.add_from_tensors(config, keyed, name, "adapter_state_dict", is_trainable)
     managed(model).set_adapter(name, inference_mode=not is_trainable)  # active, as transformers' add_adapter
-    if not is_trainable:
-        model.eval()
 
 
 def _file_keys(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
