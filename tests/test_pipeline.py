@@ -73,13 +73,18 @@ def test_get_peft_model_walks_the_model_at_most_twice(name: str) -> None:
     assert 1 <= walks[0] <= 2, walks[0]
 
 
+def _saved_then_fresh(name: str, folder) -> tuple[nn.Module, LoraConfig]:
+    """Save case ``name``'s adapter to ``folder``; return a fresh copy of its base model and its config."""
+    model, config = _build(name)
+    get_peft_model(model, config).save_pretrained(folder)
+    return _build(name)[0], config
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_from_pretrained_walks_the_model_at_most_twice(name: str, tmp_path) -> None:
-    model, config = _build(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        get_peft_model(model, config).save_pretrained(tmp_path)
-        fresh, _ = _build(name)
+        fresh, _ = _saved_then_fresh(name, tmp_path)
         with counted_walks(fresh) as walks:
             PeftModel.from_pretrained(fresh, tmp_path)
     assert 1 <= walks[0] <= 2, walks[0]
@@ -87,11 +92,9 @@ def test_from_pretrained_walks_the_model_at_most_twice(name: str, tmp_path) -> N
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_add_and_load_adapter_walk_the_model_at_most_twice(name: str, tmp_path) -> None:
-    model, config = _build(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        get_peft_model(model, config).save_pretrained(tmp_path)
-        fresh, _ = _build(name)
+        fresh, config = _saved_then_fresh(name, tmp_path)
         peft_model = get_peft_model(fresh, CASES[name][1]())
         user_model = peft_model.get_base_model()
         second = CASES[name][1]()
